@@ -1,0 +1,3 @@
+from moxy.cli import main
+
+raise SystemExit(main())
