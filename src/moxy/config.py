@@ -1,0 +1,405 @@
+"""Moxy's configuration: one TOML file turned into frozen attrs values, validated once at start.
+
+Each section is an attrs class whose fields carry their own parser, so one declaration gives a
+key its name, default and check. `load_config` walks those declarations, collects every problem
+as "section.key: message" and raises them all together as `ConfigError`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import ipaddress
+import math
+import re
+import socket
+import tomllib
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import attrs
+
+DEFAULT_CONFIG_PATH = Path("/etc/moxy/moxy.toml")
+
+BareNewlines = Literal["refuse", "normalise"]
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; `errors` holds one "section.key: message" per problem.
+
+    `path` is the file it came from; problems with the file as a whole (unreadable, not TOML)
+    carry no key.
+    """
+
+    def __init__(self, errors: list[str], path: Path | None = None) -> None:
+        super().__init__("\n".join(errors))
+        self.errors = errors
+        self.path = path
+
+
+class _Invalid(Exception):
+    """A parser rejected a value; each argument is one message saying what was expected."""
+
+
+@attrs.frozen
+class _Context:
+    """What parsers may need besides the value: relative paths resolve against `base_dir`."""
+
+    base_dir: Path
+
+
+_Parser = Callable[[object, _Context], object]
+_Check = Callable[[Any], list[tuple[str, str]]]
+
+_PARSER = "moxy.config.parser"
+_SECTION = "moxy.config.section"
+_CHECK = "moxy.config.check"
+
+
+def _key(parser: _Parser) -> dict[str, object]:
+    """Field metadata for a key of a section: the parser its TOML value goes through."""
+    return {_PARSER: parser}
+
+
+def _table(cls: type[Any], check: _Check | None = None) -> dict[str, object]:
+    """Field metadata for a sub-table of class `cls`; `check` adds problems spanning keys."""
+    return {_SECTION: cls, _CHECK: check}
+
+
+# --- value parsers ------------------------------------------------------------------------
+
+
+def _show(value: object) -> str:
+    """A TOML-ish rendering of a rejected value for error messages."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return repr(value)
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "a table"
+    return str(value)
+
+
+def _integer(minimum: int, *, zero_means: str = "", why: str = "") -> _Parser:
+    wanted = {0: "a non-negative integer", 1: "a positive integer"}.get(
+        minimum, f"an integer of at least {minimum}"
+    )
+    if zero_means:
+        wanted = f"0 ({zero_means}) or {wanted}"
+    if why:
+        wanted = f"{wanted} ({why})"
+
+    def parse(value: object, ctx: _Context) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _Invalid(f"expected {wanted}, got {_show(value)}")
+        if value < minimum and not (zero_means and value == 0):
+            raise _Invalid(f"expected {wanted}, got {_show(value)}")
+        return value
+
+    return parse
+
+
+def _seconds(*, zero_ok: bool = False) -> _Parser:
+    wanted = "a non-negative number of seconds" if zero_ok else "a positive number of seconds"
+
+    def parse(value: object, ctx: _Context) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise _Invalid(f"expected {wanted}, got {_show(value)}")
+        if not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
+            raise _Invalid(f"expected {wanted}, got {_show(value)}")
+        return float(value)
+
+    return parse
+
+
+def _boolean(value: object, ctx: _Context) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise _Invalid(f"expected true or false, got {_show(value)}")
+
+
+def _choice(*options: str, aliases: Mapping[str, str] | None = None) -> _Parser:
+    known = {o: o for o in options} | dict(aliases or {})
+    wanted = "one of " + ", ".join(repr(o) for o in options)
+
+    def parse(value: object, ctx: _Context) -> str:
+        if isinstance(value, str) and value.lower() in known:
+            return known[value.lower()]
+        raise _Invalid(f"expected {wanted}, got {_show(value)}")
+
+    return parse
+
+
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _text(value: object, ctx: _Context) -> str:
+    """Free text that ends up in SMTP replies: a CR or LF in it would forge extra reply lines."""
+    if not isinstance(value, str):
+        raise _Invalid(f"expected a string, got {_show(value)}")
+    if _CONTROL_RE.search(value):
+        raise _Invalid("must not contain control characters (CR, LF, tab, ...)")
+    return value
+
+
+_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+_DOMAIN_RE = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\.?")
+
+
+def _domain(*, empty_ok: bool = False) -> _Parser:
+    def parse(value: object, ctx: _Context) -> str:
+        if not isinstance(value, str):
+            raise _Invalid(f"expected a host name, got {_show(value)}")
+        if value == "" and empty_ok:
+            return value
+        if len(value) > 253 or not _DOMAIN_RE.fullmatch(value):
+            raise _Invalid(f"expected a host name such as 'mx.example.org', got {_show(value)}")
+        return value.rstrip(".")
+
+    return parse
+
+
+def _path(value: object, ctx: _Context) -> Path:
+    if not isinstance(value, str) or not value:
+        raise _Invalid(f"expected a file path, got {_show(value)}")
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else ctx.base_dir / path
+
+
+# --- listen addresses ---------------------------------------------------------------------
+
+
+@attrs.frozen
+class ListenAddress:
+    """A local address to accept SMTP connections on; port 0 asks the kernel for a free port."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        if ":" in self.host:
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+    @classmethod
+    def parse(cls, text: str) -> ListenAddress:
+        """Parse `host:port` or `[IPv6]:port`; raises ValueError saying what is wrong."""
+        if text.startswith("["):
+            host, sep, port_text = text[1:].partition("]:")
+            if not sep:
+                raise ValueError(f"{text!r}: expected [IPv6]:port")
+            try:
+                host = str(ipaddress.IPv6Address(host))
+            except ValueError:
+                raise ValueError(f"{text!r}: {host!r} is not an IPv6 address") from None
+        else:
+            host, sep, port_text = text.rpartition(":")
+            if not sep:
+                raise ValueError(f"{text!r}: expected host:port")
+            if ":" in host:
+                raise ValueError(f"{text!r}: write IPv6 addresses as [address]:port")
+            if not host:
+                raise ValueError(f"{text!r}: missing host (all interfaces: 0.0.0.0 or [::])")
+            if not _DOMAIN_RE.fullmatch(host):
+                raise ValueError(f"{text!r}: {host!r} is not an IP address or host name")
+        if not (port_text.isascii() and port_text.isdigit()) or int(port_text) > 65535:
+            raise ValueError(f"{text!r}: port must be a number from 0 to 65535")
+        return cls(host, int(port_text))
+
+
+def _listen(value: object, ctx: _Context) -> tuple[ListenAddress, ...]:
+    if not isinstance(value, list) or not value:
+        raise _Invalid(f'expected a non-empty array such as ["127.0.0.1:25"], got {_show(value)}')
+    problems: list[str] = []
+    addresses: list[ListenAddress] = []
+    for entry in value:
+        if not isinstance(entry, str):
+            problems.append(f"expected strings such as '127.0.0.1:25', got {_show(entry)}")
+            continue
+        try:
+            address = ListenAddress.parse(entry)
+        except ValueError as exc:
+            problems.append(str(exc))
+            continue
+        if address in addresses and address.port != 0:
+            problems.append(f"{entry!r} is listed twice")
+        addresses.append(address)
+    if problems:
+        raise _Invalid(*problems)
+    return tuple(addresses)
+
+
+# --- sections -----------------------------------------------------------------------------
+
+_fqdn = functools.cache(socket.getfqdn)
+_COUNT = _key(_integer(1))
+_SECONDS = _key(_seconds())
+
+
+@attrs.frozen
+class ServerSettings:
+    """[server]: where Moxy listens and how it names itself to clients."""
+
+    listen: tuple[ListenAddress, ...] = attrs.field(
+        default=(ListenAddress("127.0.0.1", 2525), ListenAddress("::1", 2525)),
+        metadata=_key(_listen),
+    )
+    hostname: str = attrs.field(factory=_fqdn, metadata=_key(_domain()))
+    banner: str = attrs.field(default="ESMTP Moxy", metadata=_key(_text))
+
+
+@attrs.frozen
+class ProxySettings:
+    """[proxy]: how transactions are relayed to destinations."""
+
+    split_destinations: bool = attrs.field(default=False, metadata=_key(_boolean))
+    bare_newlines: BareNewlines = attrs.field(
+        default="refuse",
+        metadata=_key(_choice("refuse", "normalise", aliases={"normalize": "normalise"})),
+    )
+    helo_name: str = attrs.field(default="", metadata=_key(_domain(empty_ok=True)))
+
+
+@attrs.frozen
+class RoutesSettings:
+    """[routes]: the DomainDB sources.
+
+    Later sources (`[routes.gdbm]`, `[routes.ldap]`, `[routes.redis]`, `[routes.cache]`) are
+    sub-tables declared here with `_table`, and `chain` a key; `_check_routes` then
+    accepts any configured source.
+    """
+
+    file: Path | None = attrs.field(default=None, metadata=_key(_path))
+    reload_interval: float = attrs.field(default=1.0, metadata=_key(_seconds(zero_ok=True)))
+
+
+def _check_routes(routes: RoutesSettings) -> list[tuple[str, str]]:
+    if routes.file is None:
+        return [("file", "required: without a route source Moxy would refuse all mail")]
+    return []
+
+
+@attrs.frozen
+class LogSettings:
+    """[log]: the per-message text log and the level of operational messages."""
+
+    file: Path | None = attrs.field(default=None, metadata=_key(_path))
+    level: str = attrs.field(
+        default="info", metadata=_key(_choice("debug", "info", "warning", "error"))
+    )
+
+
+@attrs.frozen
+class Limits:
+    """[limits]: sizes in octets (lines include CRLF) and counts; RFC 5321 §4.5.3.1 minimums."""
+
+    command_line: int = attrs.field(
+        default=512, metadata=_key(_integer(512, why="RFC 5321 §4.5.3.1.4"))
+    )
+    text_line: int = attrs.field(
+        default=1000,
+        metadata=_key(_integer(1000, zero_means="unlimited", why="RFC 5321 §4.5.3.1.6")),
+    )
+    recipients: int = attrs.field(default=100, metadata=_COUNT)
+    message_size: int = attrs.field(default=52_428_800, metadata=_COUNT)
+    errors: int = attrs.field(default=20, metadata=_COUNT)
+    reply_line: int = attrs.field(
+        default=2048, metadata=_key(_integer(512, why="RFC 5321 §4.5.3.1.5"))
+    )
+    data_chunk: int = attrs.field(default=65_536, metadata=_COUNT)
+    connections: int = attrs.field(default=1000, metadata=_COUNT)
+
+
+@attrs.frozen
+class Timeouts:
+    """[timeouts]: seconds; the upstream ones are RFC 5321 §4.5.3.2's client timeouts."""
+
+    client_command: float = attrs.field(default=300.0, metadata=_SECONDS)
+    client_data: float = attrs.field(default=180.0, metadata=_SECONDS)
+    upstream_connect: float = attrs.field(default=30.0, metadata=_SECONDS)
+    upstream_greeting: float = attrs.field(default=300.0, metadata=_SECONDS)
+    upstream_command: float = attrs.field(default=300.0, metadata=_SECONDS)
+    upstream_mail: float = attrs.field(default=300.0, metadata=_SECONDS)
+    upstream_rcpt: float = attrs.field(default=300.0, metadata=_SECONDS)
+    upstream_data_init: float = attrs.field(default=120.0, metadata=_SECONDS)
+    upstream_data_block: float = attrs.field(default=180.0, metadata=_SECONDS)
+    upstream_data_end: float = attrs.field(default=600.0, metadata=_SECONDS)
+
+
+@attrs.frozen
+class Config:
+    """The whole configuration; `path` is the file it was loaded from (None when built in code)."""
+
+    server: ServerSettings = attrs.field(factory=ServerSettings, metadata=_table(ServerSettings))
+    proxy: ProxySettings = attrs.field(factory=ProxySettings, metadata=_table(ProxySettings))
+    routes: RoutesSettings = attrs.field(
+        factory=RoutesSettings, metadata=_table(RoutesSettings, check=_check_routes)
+    )
+    log: LogSettings = attrs.field(factory=LogSettings, metadata=_table(LogSettings))
+    limits: Limits = attrs.field(factory=Limits, metadata=_table(Limits))
+    timeouts: Timeouts = attrs.field(factory=Timeouts, metadata=_table(Timeouts))
+    path: Path | None = None
+
+
+# --- loading ------------------------------------------------------------------------------
+
+
+def load_config(path: str | Path) -> Config:
+    """Read, parse and validate a config file; raises `ConfigError` listing every problem."""
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise ConfigError([f"cannot read: {exc.strerror or exc}"], path) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"not UTF-8 text (byte {exc.start})"], path) from None
+    try:
+        table = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"invalid TOML: {exc}"], path) from None
+    errors: list[str] = []
+    config: Config = _load_table(Config, table, "", _Context(path.absolute().parent), errors)
+    if errors:
+        raise ConfigError(errors, path)
+    return attrs.evolve(config, path=path.absolute())
+
+
+def _load_table(
+    cls: type[Any], table: Mapping[str, object], prefix: str, ctx: _Context, errors: list[str]
+) -> Any:
+    """Build `cls` from one TOML table, appending "prefix.key: message" for each problem."""
+    fields = {f.name: f for f in attrs.fields(cls) if f.metadata.keys() & {_PARSER, _SECTION}}
+    for key, value in table.items():
+        if key not in fields:
+            kind = "section" if isinstance(value, dict) else "key"
+            hint = difflib.get_close_matches(key, fields, n=1)
+            suffix = f" (did you mean {hint[0]!r}?)" if hint else ""
+            errors.append(f"{prefix}{key}: unknown {kind}{suffix}")
+    values: dict[str, object] = {}
+    for name, field in fields.items():
+        if _SECTION in field.metadata:
+            values[name] = _load_section(field, table.get(name, {}), f"{prefix}{name}", ctx, errors)
+        elif name in table:
+            try:
+                values[name] = field.metadata[_PARSER](table[name], ctx)
+            except _Invalid as exc:
+                errors.extend(f"{prefix}{name}: {msg}" for msg in exc.args)
+    return cls(**values)
+
+
+def _load_section(
+    field: attrs.Attribute[Any], table: object, name: str, ctx: _Context, errors: list[str]
+) -> Any:
+    """One sub-table; its cross-key check runs only when its keys themselves were valid."""
+    if not isinstance(table, dict):
+        errors.append(f"{name}: expected a table [{name}], got {_show(table)}")
+        table = {}
+    before = len(errors)
+    section = _load_table(field.metadata[_SECTION], table, f"{name}.", ctx, errors)
+    check = field.metadata[_CHECK]
+    if check is not None and len(errors) == before:
+        errors.extend(f"{name}.{key}: {msg}" for key, msg in check(section))
+    return section

@@ -1,0 +1,184 @@
+"""The routing vocabulary shared by every DomainDB source.
+
+A recipient resolves to a `Route`: an ordered tuple of `DestinationGroup`s. Every group receives
+the message (mirroring); inside a group the `Destination`s are failover alternatives tried in order.
+Sources only map one lookup key to groups; `lookup_keys` fixes the order keys are tried in, the same
+for every source (full address, domain, each parent as `.parent`, then `*`).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Protocol
+
+import attrs
+
+DEFAULT_PORT = 25
+
+
+class RouteError(Exception):
+    """Base class for routing failures; every one maps to a temporary SMTP reply."""
+
+
+class BadRouteData(RouteError):
+    """A source holds a destination value that does not parse (451 4.3.0 for that recipient)."""
+
+
+class LookupFailed(RouteError):
+    """A source could not answer, e.g. its backend is down or slow (451 4.4.3 / 4.3.0)."""
+
+
+def _check_port(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
+    if not 1 <= value <= 65535:
+        raise ValueError(f"port {value} out of range 1-65535")
+
+
+@attrs.frozen(order=True)
+class Destination:
+    """One upstream SMTP server: a host name or IP literal, and a TCP port."""
+
+    host: str
+    port: int = attrs.field(default=DEFAULT_PORT, validator=_check_port)
+
+    def __str__(self) -> str:
+        if ":" in self.host:
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+
+@attrs.frozen
+class DestinationGroup:
+    """Failover alternatives (`a|b|c`): the first that accepts the connection and greets wins."""
+
+    alternatives: tuple[Destination, ...] = attrs.field(
+        validator=attrs.validators.min_len(1)
+    )
+
+    def __str__(self) -> str:
+        return "|".join(str(d) for d in self.alternatives)
+
+
+@attrs.frozen
+class Route:
+    """Where one recipient goes, and which source and key said so (for logs and `moxy lookup`)."""
+
+    groups: tuple[DestinationGroup, ...] = attrs.field(validator=attrs.validators.min_len(1))
+    key: str = ""
+    source: str = ""
+
+    def __str__(self) -> str:
+        return " ".join(str(g) for g in self.groups)
+
+
+class RouteSource(Protocol):
+    """A DomainDB: answers one lookup key at a time.
+
+    Returns None when the key is absent, raises `LookupFailed` when it cannot answer and
+    `BadRouteData` when the stored value is malformed. Must not block the event loop.
+    """
+
+    name: str
+
+    async def lookup(self, key: str) -> tuple[DestinationGroup, ...] | None: ...
+
+
+class Router(Protocol):
+    """What a session asks at RCPT: the route for one recipient address, or None (no relay)."""
+
+    async def route(self, recipient: str) -> Route | None: ...
+
+
+# --- destination syntax -------------------------------------------------------------------
+
+_HOST_RE = re.compile(r"^[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,252})$")
+
+
+def parse_destination(text: str) -> Destination:
+    """Parse `host`, `host:port`, `[IPv6]` or `[IPv6]:port` (also `[IPv4]`).
+
+    Host names are lower-cased without a trailing dot and address literals written in canonical
+    form, so two spellings of one server compare equal (and share one upstream leg).
+    """
+    if not text:
+        raise ValueError("empty destination")
+    port_text: str | None = None
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise ValueError(f"{text!r}: missing ']'")
+        rest = text[end + 1 :]
+        if rest:
+            if not rest.startswith(":"):
+                raise ValueError(f"{text!r}: expected ':port' after ']'")
+            port_text = rest[1:]
+        try:
+            host = str(ipaddress.ip_address(text[1:end]))
+        except ValueError:
+            raise ValueError(f"{text!r}: bad address literal") from None
+    else:
+        host, sep, port_text_raw = text.partition(":")
+        if sep:
+            if ":" in port_text_raw:
+                raise ValueError(f"{text!r}: IPv6 addresses must be written as [addr]:port")
+            port_text = port_text_raw
+        if not _HOST_RE.fullmatch(host) or ".." in host:
+            raise ValueError(f"{text!r}: bad host name")
+        host = host.rstrip(".").lower()
+    port = DEFAULT_PORT
+    if port_text is not None:
+        if not port_text.isdigit() or not port_text.isascii():
+            raise ValueError(f"{text!r}: bad port {port_text!r}")
+        port = int(port_text)
+        if not 1 <= port <= 65535:
+            raise ValueError(f"{text!r}: port {port} out of range 1-65535")
+    return Destination(host, port)
+
+
+def parse_group(text: str) -> DestinationGroup:
+    """Parse `a|b|c` into a group of failover alternatives."""
+    return DestinationGroup(tuple(parse_destination(part) for part in text.split("|")))
+
+
+def parse_destinations(text: str) -> tuple[DestinationGroup, ...]:
+    """Parse a whole destination value: whitespace-separated groups (each receives the mail)."""
+    words = text.split()
+    if not words:
+        raise ValueError("no destinations")
+    return tuple(parse_group(word) for word in words)
+
+
+# --- lookup keys -------------------------------------------------------------------------
+
+def lookup_keys(recipient: str) -> list[str]:
+    """The keys tried for a recipient, most specific first.
+
+    `User@Sub.Example.ORG.` → `user@sub.example.org`, `sub.example.org`, `.example.org`, `.org`,
+    `*`. A bare local part (e.g. `postmaster`) tries itself, then `*`. Address literals
+    (`[192.0.2.1]`) have no parents.
+    """
+    address = recipient.lower()
+    local, at, domain = address.rpartition("@")
+    if not at:
+        return [address, "*"] if address else ["*"]
+    domain = domain.rstrip(".")
+    keys = [f"{local}@{domain}", domain]
+    if not domain.startswith("["):
+        labels = domain.split(".")
+        keys.extend("." + ".".join(labels[i:]) for i in range(1, len(labels)))
+    keys.append("*")
+    return keys
+
+
+@attrs.frozen
+class SourceRouter:
+    """A Router over one source: tries `lookup_keys` in order, first hit wins."""
+
+    source: RouteSource
+
+    async def route(self, recipient: str) -> Route | None:
+        for key in lookup_keys(recipient):
+            groups = await self.source.lookup(key)
+            if groups is not None:
+                return Route(groups, key=key, source=self.source.name)
+        return None

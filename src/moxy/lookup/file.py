@@ -1,0 +1,241 @@
+"""The flat-file DomainDB: a routes file of `key  destinations` lines, reloaded when it changes.
+
+`parse_routes` is the grammar alone (text → table, every bad line reported as FILE:LINE).
+`FileSource` answers lookups from the table in memory and, at most once per reload interval,
+re-reads the file off the event loop when its stat changed, keeping the old table on any failure.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from types import MappingProxyType
+
+import attrs
+import trio
+
+from moxy.lookup.base import DestinationGroup, parse_group
+
+log = logging.getLogger("moxy.routes")
+
+RouteTable = Mapping[str, tuple[DestinationGroup, ...]]
+
+
+class RoutesFileError(Exception):
+    """A routes file cannot be used; `errors` holds one "FILE:LINE: message" per problem."""
+
+    def __init__(self, errors: list[str]) -> None:
+        super().__init__("\n".join(errors))
+        self.errors = errors
+
+
+# --- grammar ------------------------------------------------------------------------------
+
+_LABEL = r"[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?"
+_DOMAIN_RE = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
+_LITERAL_RE = re.compile(r"\[[0-9a-f:.]+\]|\[ipv6:[0-9a-f:.]+\]")
+_CONTROL_RE = re.compile(r"[\x00-\x20\x7f]")
+
+
+def _domain(text: str) -> str:
+    """A key's domain part in the form `lookup_keys` produces: no trailing dot."""
+    domain = text[:-1] if text.endswith(".") else text
+    if not (_DOMAIN_RE.fullmatch(domain) or _LITERAL_RE.fullmatch(domain)):
+        raise ValueError(f"bad domain {text!r}")
+    return domain
+
+
+def parse_key(text: str) -> str:
+    """Normalise one key (`user@domain`, `domain`, `.parent`, `*`, or a bare local part)."""
+    key = text.lower()
+    if key == "*":
+        return key
+    if key.startswith("*."):
+        raise ValueError(f"bad key {text!r}: a parent domain is written {text[1:]!r}")
+    if key.startswith("."):
+        return "." + _domain(key[1:])
+    if _CONTROL_RE.search(key):
+        raise ValueError(f"bad key {text!r}: control character")
+    local, at, domain = key.rpartition("@")
+    if at:
+        if not local:
+            raise ValueError(f"bad key {text!r}: empty local part")
+        return f"{local}@{_domain(domain)}"
+    # No '@': a domain, or a bare local part such as `postmaster`; a dot makes it a domain.
+    return _domain(key) if "." in key else key
+
+
+def parse_routes(text: str, filename: str) -> dict[str, tuple[DestinationGroup, ...]]:
+    """Parse a whole routes file; raises `RoutesFileError` naming every bad line."""
+    table: dict[str, tuple[DestinationGroup, ...]] = {}
+    first_line: dict[str, int] = {}
+    errors: list[str] = []
+    # split("\n"), not splitlines(): form feeds and the like must not shift line numbers.
+    for lineno, line in enumerate(text.split("\n"), start=1):
+        words = line.partition("#")[0].split()
+        if not words:
+            continue
+        try:
+            key, groups = _parse_route(words)
+        except ValueError as exc:
+            errors.append(f"{filename}:{lineno}: {exc}")
+            continue
+        if key in first_line:
+            errors.append(
+                f"{filename}:{lineno}: duplicate key {key!r} (first at line {first_line[key]})"
+            )
+            continue
+        first_line[key] = lineno
+        table[key] = groups
+    if errors:
+        raise RoutesFileError(errors)
+    return table
+
+
+def _parse_route(words: list[str]) -> tuple[str, tuple[DestinationGroup, ...]]:
+    key = parse_key(words[0])
+    if len(words) == 1:
+        raise ValueError(f"key {key!r} has no destinations")
+    groups = tuple(parse_group(word) for word in words[1:])
+    seen: set[DestinationGroup] = set()
+    for group in groups:
+        if group in seen:
+            raise ValueError(f"destination {str(group)!r} listed twice")
+        seen.add(group)
+    return key, groups
+
+
+# --- the source ---------------------------------------------------------------------------
+
+
+@attrs.frozen
+class _Signature:
+    """What identifies one version of the file: a rename, rewrite or truncation changes it."""
+
+    device: int
+    inode: int
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> _Signature:
+        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+@attrs.frozen
+class _Snapshot:
+    """One successfully parsed version of the file."""
+
+    table: RouteTable
+    signature: _Signature
+
+
+class _Unsettled(Exception):
+    """The file changed while it was being read; try again at the next check."""
+
+
+def _read(path: Path) -> _Snapshot:
+    """Read and parse the file (blocking); the signature is that of the bytes actually read."""
+    try:
+        with path.open("rb") as f:
+            signature = _Signature.of(os.fstat(f.fileno()))
+            data = f.read()
+        if _Signature.of(path.stat()) != signature:
+            raise _Unsettled
+    except OSError as exc:
+        raise RoutesFileError([f"{path}: cannot read: {exc.strerror or exc}"]) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        lineno = data.count(b"\n", 0, exc.start) + 1
+        raise RoutesFileError([f"{path}:{lineno}: not UTF-8 text"]) from None
+    return _Snapshot(MappingProxyType(parse_routes(text, str(path))), signature)
+
+
+def _stat(path: Path) -> _Signature | None:
+    try:
+        return _Signature.of(path.stat())
+    except OSError:
+        return None
+
+
+class FileSource:
+    """A `RouteSource` over a routes file, kept in memory and reloaded when the file changes.
+
+    Lookups never wait for a reload: the check runs in the lookup that finds the interval
+    elapsed, and concurrent lookups meanwhile answer from the current table. A new version that
+    is broken, missing or still being written leaves the current table in place; each such
+    version is logged once.
+    """
+
+    name = "file"
+
+    def __init__(self, path: Path, reload_interval: float, snapshot: _Snapshot) -> None:
+        self.path = path
+        self.reload_interval = reload_interval
+        self._snapshot = snapshot
+        self._seen: _Signature | None = snapshot.signature  # last version looked at
+        self._next_check = -math.inf
+        self._checking = False
+
+    @classmethod
+    def open(cls, path: str | Path, reload_interval: float = 1.0) -> FileSource:
+        """Load the file now (blocking, before serving); raises `RoutesFileError`."""
+        path = Path(path)
+        for _attempt in range(5):
+            try:
+                return cls(path, reload_interval, _read(path))
+            except _Unsettled:
+                continue
+        raise RoutesFileError([f"{path}: keeps changing while being read"])
+
+    @property
+    def routes(self) -> RouteTable:
+        """The table currently served (read-only)."""
+        return self._snapshot.table
+
+    async def lookup(self, key: str) -> tuple[DestinationGroup, ...] | None:
+        await self._maybe_reload()
+        return self._snapshot.table.get(key.lower())
+
+    async def _maybe_reload(self) -> None:
+        now = trio.current_time()
+        if self._checking or now < self._next_check:
+            return
+        self._checking = True
+        try:
+            await self._check()
+        finally:
+            self._next_check = trio.current_time() + self.reload_interval
+            self._checking = False
+
+    async def _check(self) -> None:
+        signature = await trio.to_thread.run_sync(_stat, self.path)
+        if signature == self._seen:
+            return
+        if signature is None:
+            self._seen = None
+            log.error("routes file %s is missing; keeping the %d routes loaded before",
+                      self.path, len(self.routes))
+            return
+        try:
+            snapshot = await trio.to_thread.run_sync(_read, self.path)
+        except _Unsettled:
+            return  # being written: look again at the next check
+        except RoutesFileError as exc:
+            self._seen = signature
+            log.error("routes file %s not reloaded, keeping the %d routes loaded before: %s",
+                      self.path, len(self.routes), "; ".join(exc.errors))
+            return
+        self._seen = snapshot.signature
+        if not snapshot.table and self.routes and snapshot.signature.size == 0:
+            # An editor or `>` truncates before writing; serving that instant would refuse all mail.
+            log.warning("routes file %s is empty; keeping the %d routes loaded before",
+                        self.path, len(self.routes))
+            return
+        self._snapshot = snapshot
+        log.info("routes file %s reloaded: %d routes", self.path, len(snapshot.table))

@@ -1,0 +1,405 @@
+"""TOML configuration: defaults, every key's type check, errors that name the key, and paths."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import attrs
+import pytest
+
+from moxy.config import (
+    Config,
+    ConfigError,
+    Limits,
+    ListenAddress,
+    LogSettings,
+    ProxySettings,
+    RoutesSettings,
+    ServerSettings,
+    Timeouts,
+    load_config,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+ROUTES = '[routes]\nfile = "routes"\n'  # the one required key
+
+
+def with_routes(toml: str) -> str:
+    """`toml` plus the required routes file (merged into its [routes] section, if any)."""
+    if "[routes]" in toml:
+        return toml.replace("[routes]", ROUTES)
+    return f"{toml}\n{ROUTES}"
+
+
+def load(tmp_path: Path, text: str) -> Config:
+    path = tmp_path / "moxy.toml"
+    path.write_text(text)
+    return load_config(path)
+
+
+def errors(tmp_path: Path, text: str) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        load(tmp_path, text)
+    return info.value.errors
+
+
+# --- defaults -----------------------------------------------------------------------------
+
+
+def test_minimal_file_gives_defaults(tmp_path: Path) -> None:
+    config = load(tmp_path, ROUTES)
+    assert config == Config(routes=RoutesSettings(file=tmp_path / "routes"), path=config.path)
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "default"),
+    [
+        (Limits, "command_line", 512),
+        (Limits, "text_line", 1000),
+        (Limits, "recipients", 100),
+        (Limits, "message_size", 50 * 1024 * 1024),
+        (Limits, "reply_line", 2048),
+        (Timeouts, "upstream_greeting", 300.0),
+        (Timeouts, "upstream_mail", 300.0),
+        (Timeouts, "upstream_rcpt", 300.0),
+        (Timeouts, "upstream_data_init", 120.0),
+        (Timeouts, "upstream_data_block", 180.0),
+        (Timeouts, "upstream_data_end", 600.0),
+        (Timeouts, "client_command", 300.0),
+        (ServerSettings, "banner", "ESMTP Moxy"),
+        (ProxySettings, "split_destinations", False),
+        (ProxySettings, "bare_newlines", "refuse"),
+        (ProxySettings, "helo_name", ""),
+        (RoutesSettings, "reload_interval", 1.0),
+        (LogSettings, "file", None),
+        (LogSettings, "level", "info"),
+    ],
+)
+def test_default(section: type, key: str, default: object) -> None:
+    assert getattr(section(), key) == default
+
+
+def test_default_listen_is_loopback_port_2525() -> None:
+    assert [str(a) for a in ServerSettings().listen] == ["127.0.0.1:2525", "[::1]:2525"]
+
+
+def test_default_hostname_is_not_empty() -> None:
+    assert ServerSettings().hostname
+
+
+def test_config_remembers_its_absolute_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    Path("moxy.toml").write_text(ROUTES)
+    assert load_config("moxy.toml").path == tmp_path / "moxy.toml"
+
+
+# --- accepted values ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("toml", "attribute", "value"),
+    [
+        ('[server]\nhostname = "mx1.example.org"', "server.hostname", "mx1.example.org"),
+        ('[server]\nhostname = "mx1.example.org."', "server.hostname", "mx1.example.org"),
+        ('[server]\nbanner = "ESMTP ready"', "server.banner", "ESMTP ready"),
+        ('[server]\nbanner = ""', "server.banner", ""),
+        ("[proxy]\nsplit_destinations = true", "proxy.split_destinations", True),
+        ('[proxy]\nbare_newlines = "normalise"', "proxy.bare_newlines", "normalise"),
+        ('[proxy]\nbare_newlines = "normalize"', "proxy.bare_newlines", "normalise"),
+        ('[proxy]\nbare_newlines = "Refuse"', "proxy.bare_newlines", "refuse"),
+        ('[proxy]\nhelo_name = "relay.example.org"', "proxy.helo_name", "relay.example.org"),
+        ("[routes]\nreload_interval = 5", "routes.reload_interval", 5.0),
+        ("[routes]\nreload_interval = 0", "routes.reload_interval", 0.0),
+        ('[log]\nlevel = "DEBUG"', "log.level", "debug"),
+        ('[log]\nlevel = "warning"', "log.level", "warning"),
+        ("[limits]\ncommand_line = 2048", "limits.command_line", 2048),
+        ("[limits]\ntext_line = 0", "limits.text_line", 0),
+        ("[limits]\ntext_line = 4096", "limits.text_line", 4096),
+        ("[limits]\nrecipients = 1000", "limits.recipients", 1000),
+        ("[limits]\nmessage_size = 1_000", "limits.message_size", 1000),
+        ("[limits]\nerrors = 5", "limits.errors", 5),
+        ("[limits]\nreply_line = 512", "limits.reply_line", 512),
+        ("[limits]\ndata_chunk = 4096", "limits.data_chunk", 4096),
+        ("[limits]\nconnections = 10", "limits.connections", 10),
+        ("[timeouts]\nclient_command = 60", "timeouts.client_command", 60.0),
+        ("[timeouts]\nclient_data = 0.5", "timeouts.client_data", 0.5),
+        ("[timeouts]\nupstream_connect = 10", "timeouts.upstream_connect", 10.0),
+        ("[timeouts]\nupstream_greeting = 10", "timeouts.upstream_greeting", 10.0),
+        ("[timeouts]\nupstream_command = 10", "timeouts.upstream_command", 10.0),
+        ("[timeouts]\nupstream_mail = 10", "timeouts.upstream_mail", 10.0),
+        ("[timeouts]\nupstream_rcpt = 10", "timeouts.upstream_rcpt", 10.0),
+        ("[timeouts]\nupstream_data_init = 10", "timeouts.upstream_data_init", 10.0),
+        ("[timeouts]\nupstream_data_block = 10", "timeouts.upstream_data_block", 10.0),
+        ("[timeouts]\nupstream_data_end = 10", "timeouts.upstream_data_end", 10.0),
+    ],
+)
+def test_value_is_accepted(tmp_path: Path, toml: str, attribute: str, value: object) -> None:
+    section, key = attribute.split(".")
+    config = load(tmp_path, with_routes(toml))
+    assert getattr(getattr(config, section), key) == value
+
+
+@pytest.mark.parametrize(
+    ("entries", "expected"),
+    [
+        ('["127.0.0.1:25"]', ["127.0.0.1:25"]),
+        ('["[::1]:2525"]', ["[::1]:2525"]),
+        ('["[2001:DB8::1]:25"]', ["[2001:db8::1]:25"]),
+        ('["0.0.0.0:25", "[::]:25"]', ["0.0.0.0:25", "[::]:25"]),
+        ('["localhost:2525"]', ["localhost:2525"]),
+        ('["127.0.0.1:0", "127.0.0.1:0"]', ["127.0.0.1:0", "127.0.0.1:0"]),
+    ],
+)
+def test_listen_addresses(tmp_path: Path, entries: str, expected: list[str]) -> None:
+    config = load(tmp_path, with_routes(f"[server]\nlisten = {entries}\n"))
+    assert [str(a) for a in config.server.listen] == expected
+
+
+def test_listen_address_keeps_host_without_brackets() -> None:
+    assert ListenAddress.parse("[::1]:2525") == ListenAddress("::1", 2525)
+
+
+# --- rejected values ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("toml", "error"),
+    [
+        (
+            '[limits]\nrecipients = "ten"',
+            "limits.recipients: expected a positive integer, got 'ten'",
+        ),
+        ("[limits]\nrecipients = 0", "limits.recipients: expected a positive integer, got 0"),
+        ("[limits]\nrecipients = true", "limits.recipients: expected a positive integer, got true"),
+        ("[limits]\nrecipients = 1.5", "limits.recipients: expected a positive integer, got 1.5"),
+        (
+            "[limits]\ncommand_line = 100",
+            "limits.command_line: expected an integer of at least 512 (RFC 5321 §4.5.3.1.4), "
+            "got 100",
+        ),
+        (
+            "[limits]\ntext_line = 80",
+            "limits.text_line: expected 0 (unlimited) or an integer of at least 1000 "
+            "(RFC 5321 §4.5.3.1.6), got 80",
+        ),
+        ("[limits]\nmessage_size = -1", "limits.message_size: expected a positive integer, got -1"),
+        (
+            "[timeouts]\nupstream_connect = 0",
+            "timeouts.upstream_connect: expected a positive number of seconds, got 0",
+        ),
+        (
+            '[timeouts]\nclient_data = "3m"',
+            "timeouts.client_data: expected a positive number of seconds, got '3m'",
+        ),
+        (
+            "[timeouts]\nclient_data = inf",
+            "timeouts.client_data: expected a positive number of seconds, got inf",
+        ),
+        (
+            "[timeouts]\nclient_data = nan",
+            "timeouts.client_data: expected a positive number of seconds, got nan",
+        ),
+        (
+            "[timeouts]\nupstream_rcpt = false",
+            "timeouts.upstream_rcpt: expected a positive number of seconds, got false",
+        ),
+        (
+            "[routes]\nreload_interval = -1",
+            "routes.reload_interval: expected a non-negative number of seconds, got -1",
+        ),
+        (
+            "[proxy]\nsplit_destinations = 1",
+            "proxy.split_destinations: expected true or false, got 1",
+        ),
+        (
+            '[proxy]\nsplit_destinations = "yes"',
+            "proxy.split_destinations: expected true or false, got 'yes'",
+        ),
+        (
+            '[proxy]\nbare_newlines = "strip"',
+            "proxy.bare_newlines: expected one of 'refuse', 'normalise', got 'strip'",
+        ),
+        (
+            '[log]\nlevel = "verbose"',
+            "log.level: expected one of 'debug', 'info', 'warning', 'error', got 'verbose'",
+        ),
+        ("[log]\nfile = 3", "log.file: expected a file path, got 3"),
+        ('[log]\nfile = ""', "log.file: expected a file path, got ''"),
+        (
+            '[server]\nhostname = "mx 1"',
+            "server.hostname: expected a host name such as 'mx.example.org', got 'mx 1'",
+        ),
+        (
+            '[server]\nhostname = ""',
+            "server.hostname: expected a host name such as 'mx.example.org', got ''",
+        ),
+        (
+            '[server]\nbanner = "hi\\r\\n250 forged"',
+            "server.banner: must not contain control characters (CR, LF, tab, ...)",
+        ),
+        ("[server]\nbanner = 42", "server.banner: expected a string, got 42"),
+        (
+            "[server]\nlisten = []",
+            'server.listen: expected a non-empty array such as ["127.0.0.1:25"], got an array',
+        ),
+        (
+            '[server]\nlisten = "127.0.0.1:25"',
+            'server.listen: expected a non-empty array such as ["127.0.0.1:25"], '
+            "got '127.0.0.1:25'",
+        ),
+        (
+            "[server]\nlisten = [25]",
+            "server.listen: expected strings such as '127.0.0.1:25', got 25",
+        ),
+        ('[server]\nlisten = ["127.0.0.1"]', "server.listen: '127.0.0.1': expected host:port"),
+        (
+            '[server]\nlisten = ["::1:25"]',
+            "server.listen: '::1:25': write IPv6 addresses as [address]:port",
+        ),
+        ('[server]\nlisten = ["[::1]"]', "server.listen: '[::1]': expected [IPv6]:port"),
+        (
+            '[server]\nlisten = ["[::g]:25"]',
+            "server.listen: '[::g]:25': '::g' is not an IPv6 address",
+        ),
+        (
+            '[server]\nlisten = [":25"]',
+            "server.listen: ':25': missing host (all interfaces: 0.0.0.0 or [::])",
+        ),
+        (
+            '[server]\nlisten = ["127.0.0.1:70000"]',
+            "server.listen: '127.0.0.1:70000': port must be a number from 0 to 65535",
+        ),
+        (
+            '[server]\nlisten = ["127.0.0.1:smtp"]',
+            "server.listen: '127.0.0.1:smtp': port must be a number from 0 to 65535",
+        ),
+        (
+            '[server]\nlisten = ["127.0.0.1:25", "127.0.0.1:25"]',
+            "server.listen: '127.0.0.1:25' is listed twice",
+        ),
+        ("[limits]\nrecipent = 5", "limits.recipent: unknown key (did you mean 'recipients'?)"),
+        ("[limits]\nbogus = 5", "limits.bogus: unknown key"),
+        ("[limit]\nrecipients = 5", "limit: unknown section (did you mean 'limits'?)"),
+        ("[limits.sub]\nx = 1", "limits.sub: unknown section"),
+        ("limits = 5", "limits: expected a table [limits], got 5"),
+        ("path = 'x'", "path: unknown key"),
+    ],
+)
+def test_bad_value_is_an_error_naming_the_key(tmp_path: Path, toml: str, error: str) -> None:
+    assert errors(tmp_path, with_routes(toml)) == [error]
+
+
+def test_every_error_is_reported(tmp_path: Path) -> None:
+    text = with_routes('[limits]\nrecipients = "ten"\nerrors = 0\n[timeouts]\nbogus = 1\n')
+    assert [e.split(":")[0] for e in errors(tmp_path, text)] == [
+        "limits.recipients",
+        "limits.errors",
+        "timeouts.bogus",
+    ]
+
+
+def test_routes_file_is_required(tmp_path: Path) -> None:
+    assert errors(tmp_path, "[server]\nbanner = 'x'\n") == [
+        "routes.file: required: without a route source Moxy would refuse all mail"
+    ]
+
+
+def test_bad_routes_file_value_is_not_also_reported_missing(tmp_path: Path) -> None:
+    assert errors(tmp_path, "[routes]\nfile = 5\n") == ["routes.file: expected a file path, got 5"]
+
+
+# --- the file itself ----------------------------------------------------------------------
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path / "nope.toml")
+    assert info.value.errors == ["cannot read: No such file or directory"]
+    assert info.value.path == tmp_path / "nope.toml"
+
+
+def test_directory_instead_of_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path)
+    assert info.value.errors == ["cannot read: Is a directory"]
+
+
+def test_invalid_toml_gives_line_and_column(tmp_path: Path) -> None:
+    [error] = errors(tmp_path, "[server]\nbanner = \n")
+    assert re.fullmatch(r"invalid TOML: .*\(at line 2, column \d+\)", error)
+
+
+def test_not_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "moxy.toml"
+    path.write_bytes(b'[server]\nbanner = "caf\xe9"\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.errors == ["not UTF-8 text (byte 22)"]
+
+
+# --- paths --------------------------------------------------------------------------------
+
+
+def test_relative_paths_are_relative_to_the_config_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc" / "moxy.toml").write_text(
+        '[routes]\nfile = "routes"\n[log]\nfile = "../log/moxy.log"\n'
+    )
+    monkeypatch.chdir(tmp_path)
+    config = load_config("etc/moxy.toml")
+    assert config.routes.file == tmp_path / "etc" / "routes"
+    assert config.log.file == tmp_path / "etc" / ".." / "log" / "moxy.log"
+
+
+def test_absolute_paths_are_kept(tmp_path: Path) -> None:
+    config = load(tmp_path, '[routes]\nfile = "/etc/moxy/routes"\n')
+    assert config.routes.file == Path("/etc/moxy/routes")
+
+
+def test_home_is_expanded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", "/home/mail")
+    config = load(tmp_path, '[routes]\nfile = "~/routes"\n')
+    assert config.routes.file == Path("/home/mail/routes")
+
+
+# --- the example and the docs ---------------------------------------------------------------
+
+SECTIONS = {
+    "server": ServerSettings,
+    "proxy": ProxySettings,
+    "routes": RoutesSettings,
+    "log": LogSettings,
+    "limits": Limits,
+    "timeouts": Timeouts,
+}
+ALL_KEYS = [(s, f.name) for s, cls in SECTIONS.items() for f in attrs.fields(cls)]
+
+
+def test_sections_are_the_config_fields() -> None:
+    assert [f.name for f in attrs.fields(Config)] == [*SECTIONS, "path"]
+
+
+def test_example_config_loads() -> None:
+    config = load_config(REPO / "examples" / "moxy.toml")
+    assert [str(a) for a in config.server.listen] == ["127.0.0.1:2525"]
+    assert config.routes.file == REPO / "examples" / "routes"
+    assert config.log.file is None
+
+
+@pytest.mark.parametrize(("section", "key"), ALL_KEYS)
+def test_example_config_shows_every_key(section: str, key: str) -> None:
+    text = (REPO / "examples" / "moxy.toml").read_text()
+    body = text.split(f"[{section}]\n", 1)[1].split("\n[", 1)[0]
+    assert re.search(rf"^(# )?{key} = ", body, re.MULTILINE)
+
+
+@pytest.mark.parametrize(("section", "key"), ALL_KEYS)
+def test_configuration_doc_describes_every_key(section: str, key: str) -> None:
+    text = (REPO / "docs" / "configuration.md").read_text()
+    body = text.split(f"## `[{section}]`\n", 1)[1].split("\n## ", 1)[0]
+    assert f"| `{key}` |" in body
