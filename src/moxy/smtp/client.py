@@ -1,0 +1,129 @@
+"""The client side, sans I/O, for Moxy's upstream legs: read a server's replies, write commands.
+
+Upstream servers are trusted less than their reply codes suggest, so the reader has hard limits
+and turns anything malformed into `UpstreamProtocolError`; the leg treats that as a broken peer.
+"""
+
+from __future__ import annotations
+
+import re
+
+from moxy.smtp.replies import Reply
+
+# What follows the last body chunk: the chunks already end with the CRLF that opens CRLF.CRLF.
+END_OF_DATA = b".\r\n"
+
+_REPLY_LINE = re.compile(rb"([2-5][0-9][0-9])(?:([ -])(.*))?", re.DOTALL)
+_ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}(?: |$)")
+# Control characters in a peer's text would travel on to our client inside our own replies.
+_CONTROLS = {c: "?" for c in (*range(0x00, 0x09), *range(0x0A, 0x20), 0x7F)}
+
+
+class UpstreamProtocolError(Exception):
+    """The upstream server sent something that is not an SMTP reply, or closed mid-reply."""
+
+
+class ReplyParser:
+    """Turns a server's bytes into `Reply`s, multi-line replies included.
+
+    Lenient where real servers are sloppy (bare LF line ends, "250" without text), strict where
+    it matters (code syntax, one code per reply, line and line-count limits).
+    """
+
+    def __init__(self, max_line: int = 2048, max_lines: int = 100) -> None:
+        self.max_line = max_line  # bytes per line, including CRLF
+        self.max_lines = max_lines
+        self._buf = bytearray()
+        self._code: int | None = None  # of the multi-line reply being read
+        self._lines: list[str] = []
+        self._eof = False
+        self._error: UpstreamProtocolError | None = None
+
+    def receive_data(self, data: bytes) -> None:
+        """Bytes from the server; b"" means it closed the connection."""
+        if data:
+            self._buf += data
+        else:
+            self._eof = True
+
+    def next_reply(self) -> Reply | None:
+        """The next complete reply, or None when more bytes are needed.
+
+        Raises `UpstreamProtocolError` on malformed input or a close before a complete reply;
+        once raised, it raises again on every call: the connection is beyond repair.
+        """
+        if self._error is not None:
+            raise self._error
+        try:
+            return self._next_reply()
+        except UpstreamProtocolError as error:
+            self._error = error
+            raise
+
+    def _next_reply(self) -> Reply | None:
+        while True:
+            lf = self._buf.find(b"\n")
+            if lf < 0:
+                if len(self._buf) >= self.max_line:
+                    raise UpstreamProtocolError("reply line too long")
+                if self._eof:
+                    partial = self._buf or self._lines
+                    raise UpstreamProtocolError(
+                        "connection closed in the middle of a reply" if partial
+                        else "connection closed"
+                    )
+                return None
+            if lf + 1 > self.max_line:
+                raise UpstreamProtocolError("reply line too long")
+            raw = bytes(self._buf[:lf])
+            del self._buf[: lf + 1]
+            reply = self._add_line(raw[:-1] if raw.endswith(b"\r") else raw)
+            if reply is not None:
+                return reply
+
+    def _add_line(self, raw: bytes) -> Reply | None:
+        m = _REPLY_LINE.fullmatch(raw)
+        if m is None:
+            raise UpstreamProtocolError(f"malformed reply line: {raw[:80]!r}")
+        code = int(m[1])
+        if self._code is not None and code != self._code:
+            raise UpstreamProtocolError(f"reply code changed from {self._code} to {code}")
+        if len(self._lines) >= self.max_lines:
+            raise UpstreamProtocolError(f"reply longer than {self.max_lines} lines")
+        self._code = code
+        self._lines.append((m[3] or b"").decode("utf-8", "replace").translate(_CONTROLS))
+        if m[2] == b"-":
+            return None
+        reply = Reply(code, tuple(self._lines))
+        self._code, self._lines = None, []
+        return reply
+
+
+def format_command(verb: str, arg: str = "") -> bytes:
+    """`format_command("MAIL", "FROM:<a@b> SIZE=10")` → b"MAIL FROM:<a@b> SIZE=10\\r\\n".
+
+    Raises ValueError for non-ASCII or line-breaking characters: those would let one command
+    smuggle another, and nothing Moxy forwards may contain them.
+    """
+    line = f"{verb} {arg}" if arg else verb
+    if any(c in line for c in "\r\n\0"):
+        raise ValueError(f"line break or NUL in SMTP command: {line!r}")
+    return line.encode("ascii") + b"\r\n"
+
+
+def parse_ehlo(reply: Reply) -> dict[str, str]:
+    """Extensions of a 250 EHLO reply: {"SIZE": "10240000", "PIPELINING": "", ...}.
+
+    Keywords are upper-cased; their parameters keep the server's text. The first line is the
+    server's name, not an extension. A reply other than 250 has no extensions.
+    """
+    extensions: dict[str, str] = {}
+    if reply.code != 250:
+        return extensions
+    for line in reply.lines[1:]:
+        if m := _ENHANCED.match(line):  # not allowed in EHLO replies, but some servers do it
+            line = line[m.end() :]
+        keyword, _, params = line.strip().partition(" ")
+        if keyword:
+            extensions[keyword.upper()] = " ".join(params.split())
+    return extensions

@@ -1,0 +1,183 @@
+"""The SMTP command grammar: one command line (without its CRLF) in, one event out.
+
+Pure syntax: whether a command may come *now* is the state machine's business (server.py).
+Anything malformed becomes an `Invalid` event carrying the reply; nothing here raises.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+from moxy.smtp.events import (
+    Data,
+    Event,
+    Hello,
+    Help,
+    Invalid,
+    MailFrom,
+    Noop,
+    Quit,
+    RcptTo,
+    Reset,
+    Verify,
+)
+from moxy.smtp.replies import Reply
+
+VERBS = frozenset({"EHLO", "HELO", "MAIL", "RCPT", "DATA", "RSET", "NOOP", "QUIT", "VRFY", "HELP"})
+# Verbs with a meaning in some SMTP extension or old RFC that Moxy does not offer: 502, not 500,
+# tells the client the command exists but is not available here.
+UNIMPLEMENTED = frozenset(
+    {"STARTTLS", "AUTH", "BDAT", "ETRN", "TURN", "ATRN", "EXPN", "SEND", "SOML", "SAML"}
+)
+
+
+def _invalid(code: int, enhanced: str, text: str) -> Invalid:
+    return Invalid(Reply.make(code, enhanced, text))
+
+
+UNKNOWN_COMMAND = _invalid(500, "5.5.2", "Error: command not recognized")
+EMPTY_COMMAND = _invalid(500, "5.5.2", "Error: bad syntax")
+NOT_IMPLEMENTED = _invalid(502, "5.5.1", "Error: command not implemented")
+BAD_CHARACTER = _invalid(501, "5.5.4", "Syntax error: invalid character in argument")
+BAD_SENDER = _invalid(501, "5.1.7", "Bad sender address syntax")
+BAD_RECIPIENT = _invalid(501, "5.1.3", "Bad recipient address syntax")
+BAD_PARAMETER = _invalid(501, "5.5.4", "Bad parameter syntax")
+BAD_SIZE = _invalid(501, "5.5.4", "Bad SIZE parameter syntax")
+BAD_BODY = _invalid(555, "5.5.4", "Unsupported BODY value")
+PARAMS_NEED_EHLO = _invalid(555, "5.5.4", "Error: parameters require EHLO")
+SIZE_TOO_BIG = _invalid(552, "5.3.4", "Message size exceeds fixed limit")
+
+# RFC 5321 §4.1.2, printable ASCII only: without SMTPUTF8 a non-ASCII or control byte in a path
+# is a syntax error, and refusing it here keeps it out of upstream commands and Received headers.
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
+_DOT_STRING = rf"(?:{_ATEXT}|\.)+"  # lenient about dot placement, like most MTAs
+_QUOTED = r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"'
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+_DOMAIN = rf"{_LABEL}(?:\.{_LABEL})*\.?"  # a trailing dot is harmless; routing ignores it
+_LITERAL = r"\[[\x21-\x5a\x5e-\x7e]+\]"
+_MAILBOX = rf"(?:{_DOT_STRING}|{_QUOTED})@(?:{_DOMAIN}|{_LITERAL})"
+_SOURCE_ROUTE = rf"@{_DOMAIN}(?:,@{_DOMAIN})*:"  # obsolete; must be accepted and ignored
+_PATH_AND_PARAMS = re.compile(
+    rf"<(?:{_SOURCE_ROUTE})?(?P<mailbox>{_MAILBOX})>(?: +(?P<params>.*))?", re.ASCII
+)
+_NULL_PATH_AND_PARAMS = re.compile(r"<>(?: +(?P<params>.*))?")
+_POSTMASTER_AND_PARAMS = re.compile(r"<(?P<mailbox>postmaster)>(?: +(?P<params>.*))?", re.I)
+_PARAM = re.compile(r"(?P<key>[A-Za-z0-9][A-Za-z0-9-]*)(?:=(?P<value>[\x21-\x3c\x3e-\x7e]+))?")
+_HOST = re.compile(r"[\x21-\x7e]+")
+_PRINTABLE = re.compile(r"[\x20-\x7e]*")
+
+
+def command_verb(line: bytes) -> str:
+    """The upper-cased verb of a command line, "" when it has none."""
+    return line.strip(b" \t").partition(b" ")[0].decode("ascii", "replace").upper()
+
+
+def parse_command(line: bytes, *, esmtp: bool = True, max_message_size: int = 0) -> Event:
+    """Turn one command line (CRLF removed) into an event, or an `Invalid` with its reply.
+
+    `esmtp` says whether the client greeted with EHLO (MAIL parameters need it);
+    `max_message_size` (0: no limit) is checked against a MAIL SIZE= parameter.
+    """
+    # latin-1 maps every byte to one character, so decoding cannot fail and the grammar
+    # regexes (printable ASCII only) reject whatever is not ASCII.
+    text = line.strip(b" \t").decode("latin-1")
+    verb, _, arg = text.partition(" ")
+    verb = verb.upper() if verb.isascii() else "?"  # "ß".upper() is "SS"
+    arg = arg.strip(" ")
+    if not verb:
+        return EMPTY_COMMAND
+    if verb not in VERBS:
+        return NOT_IMPLEMENTED if verb in UNIMPLEMENTED else UNKNOWN_COMMAND
+    if verb in ("EHLO", "HELO"):
+        if not _HOST.fullmatch(arg):
+            return _invalid(501, "5.5.4", f"Syntax: {verb} hostname")
+        return Hello(verb, arg)
+    if verb == "MAIL":
+        return _parse_mail(arg, esmtp, max_message_size)
+    if verb == "RCPT":
+        return _parse_rcpt(arg)
+    if not _PRINTABLE.fullmatch(arg):
+        return BAD_CHARACTER
+    if verb == "VRFY":
+        return Verify(arg) if arg else _invalid(501, "5.5.4", "Syntax: VRFY address")
+    if verb == "HELP":
+        return Help(arg)
+    if verb == "NOOP":  # RFC 5321 allows an argument and says to ignore it
+        return Noop()
+    if arg:
+        return _invalid(501, "5.5.4", f"Syntax: {verb}")
+    return Data() if verb == "DATA" else Reset() if verb == "RSET" else Quit()
+
+
+def _after_keyword(arg: str, keyword: str) -> str | None:
+    """What follows `FROM:`/`TO:`, tolerating one space after the colon as many clients send."""
+    if arg[: len(keyword)].upper() != keyword:
+        return None
+    rest = arg[len(keyword) :]
+    return rest[1:] if rest.startswith(" ") else rest
+
+
+def _parse_mail(arg: str, esmtp: bool, max_message_size: int) -> Event:
+    rest = _after_keyword(arg, "FROM:")
+    if rest is None:
+        return _invalid(501, "5.5.4", "Syntax: MAIL FROM:<address>")
+    if m := _NULL_PATH_AND_PARAMS.fullmatch(rest):
+        address = ""
+    elif m := _PATH_AND_PARAMS.fullmatch(rest):
+        address = m["mailbox"]
+    else:
+        return BAD_SENDER
+    params = parse_params(m["params"])
+    if isinstance(params, Invalid):
+        return params
+    if params and not esmtp:
+        return PARAMS_NEED_EHLO
+    size: int | None = None
+    body: str | None = None
+    for key, value in params.items():
+        if key == "SIZE":
+            if value is None or not value.isdigit() or len(value) > 20:
+                return BAD_SIZE
+            size = int(value)
+            if max_message_size and size > max_message_size:
+                return SIZE_TOO_BIG
+        elif key == "BODY":
+            body = (value or "").upper()
+            if body not in ("7BIT", "8BITMIME"):
+                return BAD_BODY
+        else:
+            return _invalid(555, "5.5.4", f"Unsupported parameter: {key}")
+    return MailFrom(address, params, size=size, body=body)
+
+
+def _parse_rcpt(arg: str) -> Event:
+    rest = _after_keyword(arg, "TO:")
+    if rest is None:
+        return _invalid(501, "5.5.4", "Syntax: RCPT TO:<address>")
+    m = _PATH_AND_PARAMS.fullmatch(rest) or _POSTMASTER_AND_PARAMS.fullmatch(rest)
+    if m is None:
+        return BAD_RECIPIENT
+    params = parse_params(m["params"])
+    if isinstance(params, Invalid):
+        return params
+    # Moxy advertises no extension with RCPT parameters (no DSN), so any is unexpected.
+    if params:
+        return _invalid(555, "5.5.4", f"Unsupported parameter: {next(iter(params))}")
+    return RcptTo(m["mailbox"])
+
+
+def parse_params(text: str | None) -> Mapping[str, str | None] | Invalid:
+    """`KEY=VALUE KEY2` → {"KEY": "VALUE", "KEY2": None}; keys upper-cased, duplicates refused."""
+    params: dict[str, str | None] = {}
+    for word in (text or "").split(" "):
+        if not word:
+            continue  # tolerate runs of spaces
+        m = _PARAM.fullmatch(word)
+        if m is None:
+            return BAD_PARAMETER
+        key = m["key"].upper()
+        if key in params:
+            return _invalid(555, "5.5.4", f"Duplicate parameter: {key}")
+        params[key] = m["value"]
+    return params

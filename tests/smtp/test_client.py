@@ -1,0 +1,178 @@
+"""The upstream side: reading a server's replies, writing commands, reading EHLO extensions."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from moxy.smtp.client import ReplyParser, UpstreamProtocolError, format_command, parse_ehlo
+from moxy.smtp.replies import Reply
+
+from .splits import split_at
+
+
+def parse(*pieces: bytes, **options: int) -> list[Reply]:
+    parser = ReplyParser(**options)
+    replies = []
+    for piece in pieces:
+        parser.receive_data(piece)
+        while (reply := parser.next_reply()) is not None:
+            replies.append(reply)
+    return replies
+
+
+@pytest.mark.parametrize(
+    ("wire", "reply"),
+    [
+        (b"220 mx.example ESMTP\r\n", Reply(220, ("mx.example ESMTP",))),
+        (b"250 2.1.0 Ok\r\n", Reply(250, ("2.1.0 Ok",))),
+        (
+            b"250-mx.example\r\n250-PIPELINING\r\n250 SIZE 10240000\r\n",
+            Reply(250, ("mx.example", "PIPELINING", "SIZE 10240000")),
+        ),
+        (b"250\r\n", Reply(250, ("",))),
+        (b"250 \r\n", Reply(250, ("",))),
+        (b"250-\r\n250 last\r\n", Reply(250, ("", "last"))),
+        (b"550 5.7.1 Relaying denied\n", Reply(550, ("5.7.1 Relaying denied",))),
+        (b"451-4.3.0 one\n451 4.3.0 two\r\n", Reply(451, ("4.3.0 one", "4.3.0 two"))),
+        (b"250 caf\xc3\xa9\r\n", Reply(250, ("café",))),
+        (b"250 a\x00b\x1bc\td\r\n", Reply(250, ("a?b?c\td",))),
+        (b"250 a\rb\r\n", Reply(250, ("a?b",))),
+    ],
+)
+def test_reply_is_read_with_the_peer_text(wire: bytes, reply: Reply) -> None:
+    assert parse(wire) == [reply]
+
+
+def test_parsed_enhanced_code_is_the_peers() -> None:
+    (reply,) = parse(b"550 5.1.1 <x@y>: Recipient address rejected\r\n")
+    assert (reply.enhanced, reply.text) == ("5.1.1", "<x@y>: Recipient address rejected")
+
+
+def test_several_replies_in_one_packet_come_out_in_order() -> None:
+    assert [r.code for r in parse(b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 Go\r\n")] == [250, 250, 354]
+
+
+MULTI = b"250-mx.example\r\n250-8BITMIME\r\n250 SIZE 100\r\n"
+
+
+@pytest.mark.parametrize("point", range(len(MULTI) + 1))
+def test_reply_split_anywhere_is_one_reply(point: int) -> None:
+    replies = parse(*split_at(MULTI, point))
+    assert replies == [Reply(250, ("mx.example", "8BITMIME", "SIZE 100"))]
+
+
+def test_incomplete_reply_needs_more_data() -> None:
+    parser = ReplyParser()
+    parser.receive_data(b"250-first\r\n250 sec")
+    assert parser.next_reply() is None
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        Reply(220, ("mx.example ESMTP",)),
+        Reply(250, ("mx.example", "PIPELINING", "SIZE 10")),
+        Reply.make(550, "5.7.1", "Relaying denied", "see the docs"),
+    ],
+)
+def test_our_replies_read_back_unchanged(reply: Reply) -> None:
+    assert parse(reply.to_bytes()) == [reply]
+
+
+@pytest.mark.parametrize(
+    ("wire", "options"),
+    [
+        (b"hello\r\n", {}),
+        (b"25\r\n", {}),
+        (b"2500 x\r\n", {}),
+        (b"250x\r\n", {}),
+        (b"150 x\r\n", {}),
+        (b"650 x\r\n", {}),
+        (b" 250 x\r\n", {}),
+        (b"\r\n", {}),
+        (b"250-a\r\n251 b\r\n", {}),
+        (b"250 " + b"x" * 100 + b"\r\n", {"max_line": 50}),
+        (b"250 " + b"x" * 100, {"max_line": 50}),
+        (b"250-a\r\n" * 5 + b"250 b\r\n", {"max_lines": 5}),
+    ],
+)
+def test_malformed_reply_raises(wire: bytes, options: dict[str, int]) -> None:
+    with pytest.raises(UpstreamProtocolError):
+        parse(wire, **options)
+
+
+@pytest.mark.parametrize("partial", [b"", b"250-a\r\n", b"250 unterminated"])
+def test_close_before_a_complete_reply_raises(partial: bytes) -> None:
+    parser = ReplyParser()
+    parser.receive_data(partial)
+    parser.receive_data(b"")
+    with pytest.raises(UpstreamProtocolError):
+        parser.next_reply()
+
+
+def test_complete_reply_before_the_close_is_still_read() -> None:
+    parser = ReplyParser()
+    parser.receive_data(b"221 2.0.0 Bye\r\n")
+    parser.receive_data(b"")
+    assert parser.next_reply() == Reply(221, ("2.0.0 Bye",))
+
+
+def test_error_is_permanent() -> None:
+    parser = ReplyParser()
+    parser.receive_data(b"junk\r\n")
+    for _ in range(2):
+        with pytest.raises(UpstreamProtocolError):
+            parser.next_reply()
+    parser.receive_data(b"250 ok\r\n")
+    with pytest.raises(UpstreamProtocolError):
+        parser.next_reply()
+
+
+@given(st.lists(st.binary(min_size=1, max_size=200), max_size=10))
+def test_any_bytes_give_replies_or_the_protocol_error(packets: list[bytes]) -> None:
+    parser = ReplyParser(max_line=100, max_lines=5)
+    try:
+        for packet in [*packets, b""]:
+            parser.receive_data(packet)
+            while (reply := parser.next_reply()) is not None:
+                assert 200 <= reply.code < 600 and 1 <= len(reply.lines) <= 5
+    except UpstreamProtocolError:
+        pass
+
+
+@pytest.mark.parametrize(
+    ("verb", "arg", "wire"),
+    [
+        ("EHLO", "moxy.example", b"EHLO moxy.example\r\n"),
+        ("MAIL", "FROM:<a@b.example> SIZE=10", b"MAIL FROM:<a@b.example> SIZE=10\r\n"),
+        ("DATA", "", b"DATA\r\n"),
+        ("QUIT", "", b"QUIT\r\n"),
+    ],
+)
+def test_format_command(verb: str, arg: str, wire: bytes) -> None:
+    assert format_command(verb, arg) == wire
+
+
+@pytest.mark.parametrize("arg", ["TO:<a@b>\r\nRCPT TO:<evil@x>", "TO:<a@b>\n", "x\x00", "café"])
+def test_format_command_refuses_what_could_smuggle_a_command(arg: str) -> None:
+    with pytest.raises(ValueError):
+        format_command("RCPT", arg)
+
+
+@pytest.mark.parametrize(
+    ("reply", "extensions"),
+    [
+        (
+            Reply(250, ("mx.example greets you", "PIPELINING", "SIZE 10240000", "8BITMIME")),
+            {"PIPELINING": "", "SIZE": "10240000", "8BITMIME": ""},
+        ),
+        (Reply(250, ("mx", "auth  PLAIN   LOGIN", "size")), {"AUTH": "PLAIN LOGIN", "SIZE": ""}),
+        (Reply(250, ("mx", "2.0.0 PIPELINING")), {"PIPELINING": ""}),
+        (Reply(250, ("mx.example",)), {}),
+        (Reply(502, ("5.5.1 EHLO not implemented",)), {}),
+    ],
+)
+def test_parse_ehlo(reply: Reply, extensions: dict[str, str]) -> None:
+    assert parse_ehlo(reply) == extensions

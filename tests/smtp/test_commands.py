@@ -1,0 +1,194 @@
+"""The command grammar: one line in, one event (or the reply refusing it) out."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from moxy.smtp.commands import parse_command
+from moxy.smtp.events import (
+    Data,
+    Event,
+    Hello,
+    Help,
+    Invalid,
+    MailFrom,
+    Noop,
+    Quit,
+    RcptTo,
+    Reset,
+    Verify,
+)
+
+
+def refusal(event: Event) -> tuple[int, str | None]:
+    assert isinstance(event, Invalid), event
+    return event.reply.code, event.reply.enhanced
+
+
+@pytest.mark.parametrize(
+    ("line", "event"),
+    [
+        (b"EHLO client.example", Hello("EHLO", "client.example")),
+        (b"HELO client.example", Hello("HELO", "client.example")),
+        (b"ehlo [192.0.2.1]", Hello("EHLO", "[192.0.2.1]")),
+        (b"EHLO client.example ", Hello("EHLO", "client.example")),
+        (b"MAIL FROM:<a@example.org>", MailFrom("a@example.org")),
+        (b"mail from:<a@example.org>", MailFrom("a@example.org")),
+        (b"MAIL FROM: <a@example.org>", MailFrom("a@example.org")),
+        (b"MAIL FROM:<>", MailFrom("")),
+        (b"MAIL FROM:<@relay.example,@b.example:a@example.org>", MailFrom("a@example.org")),
+        (b'MAIL FROM:<"john doe"@example.org>', MailFrom('"john doe"@example.org')),
+        (b'MAIL FROM:<"a\\"b"@example.org>', MailFrom('"a\\"b"@example.org')),
+        (b"MAIL FROM:<a@[192.0.2.1]>", MailFrom("a@[192.0.2.1]")),
+        (b"MAIL FROM:<a@[IPv6:2001:db8::1]>", MailFrom("a@[IPv6:2001:db8::1]")),
+        (b"MAIL FROM:<a@example.org.>", MailFrom("a@example.org.")),
+        (b"RCPT TO:<b@example.org>", RcptTo("b@example.org")),
+        (b"RCPT TO: <b@example.org>", RcptTo("b@example.org")),
+        (b"RCPT TO:<@hop.example:b@example.org>", RcptTo("b@example.org")),
+        (b"RCPT TO:<postmaster>", RcptTo("postmaster")),
+        (b"RCPT TO:<Postmaster>", RcptTo("Postmaster")),
+        (b"DATA", Data()),
+        (b"data", Data()),
+        (b"RSET", Reset()),
+        (b"NOOP", Noop()),
+        (b"NOOP anything at all", Noop()),
+        (b"QUIT", Quit()),
+        (b"VRFY postmaster", Verify("postmaster")),
+        (b"HELP", Help("")),
+        (b"HELP MAIL", Help("MAIL")),
+    ],
+)
+def test_valid_command_becomes_its_event(line: bytes, event: Event) -> None:
+    assert parse_command(line) == event
+
+
+@pytest.mark.parametrize(
+    ("line", "code", "enhanced"),
+    [
+        (b"", 500, "5.5.2"),
+        (b"   ", 500, "5.5.2"),
+        (b"FOO", 500, "5.5.2"),
+        (b"MAILFROM:<a@b>", 500, "5.5.2"),
+        (b"\x00MAIL FROM:<a@b>", 500, "5.5.2"),
+        (b"EHLO", 501, "5.5.4"),
+        (b"EHLO two words", 501, "5.5.4"),
+        (b"HELO caf\xc3\xa9.example", 501, "5.5.4"),
+        (b"EHLO a\x00b", 501, "5.5.4"),
+        (b"MAIL", 501, "5.5.4"),
+        (b"MAIL TO:<a@example.org>", 501, "5.5.4"),
+        (b"MAIL FROM:", 501, "5.1.7"),
+        (b"MAIL FROM:a@example.org", 501, "5.1.7"),
+        (b"MAIL FROM:<a@example.org", 501, "5.1.7"),
+        (b"MAIL FROM:  <a@example.org>", 501, "5.1.7"),
+        (b"MAIL FROM:<a>", 501, "5.1.7"),
+        (b"MAIL FROM:<@example.org>", 501, "5.1.7"),
+        (b"MAIL FROM:<a@>", 501, "5.1.7"),
+        (b"MAIL FROM:<a b@example.org>", 501, "5.1.7"),
+        (b"MAIL FROM:<caf\xc3\xa9@example.org>", 501, "5.1.7"),
+        (b"MAIL FROM:<a\x00@example.org>", 501, "5.1.7"),
+        (b"MAIL FROM:<a@exa\rmple.org>", 501, "5.1.7"),
+        (b"MAIL FROM:<a@-bad.example>", 501, "5.1.7"),
+        (b"MAIL FROM:<postmaster>", 501, "5.1.7"),
+        (b"RCPT", 501, "5.5.4"),
+        (b"RCPT FROM:<a@example.org>", 501, "5.5.4"),
+        (b"RCPT TO:<>", 501, "5.1.3"),
+        (b"RCPT TO:b@example.org", 501, "5.1.3"),
+        (b"RCPT TO:<b>", 501, "5.1.3"),
+        (b"RCPT TO:<b@exa mple.org>", 501, "5.1.3"),
+        (b"RCPT TO:<\xff@example.org>", 501, "5.1.3"),
+        (b"RCPT TO:<b@example.org\x00>", 501, "5.1.3"),
+        (b"DATA now", 501, "5.5.4"),
+        (b"RSET please", 501, "5.5.4"),
+        (b"QUIT now", 501, "5.5.4"),
+        (b"VRFY", 501, "5.5.4"),
+        (b"VRFY caf\xc3\xa9", 501, "5.5.4"),
+        (b"NOOP \x07", 501, "5.5.4"),
+        (b"HELP \x00", 501, "5.5.4"),
+    ],
+)
+def test_malformed_command_is_refused_with_its_code(line: bytes, code: int, enhanced: str) -> None:
+    assert refusal(parse_command(line)) == (code, enhanced)
+
+
+@pytest.mark.parametrize(
+    "verb",
+    [
+        "STARTTLS",
+        "AUTH PLAIN",
+        "BDAT 10 LAST",
+        "ETRN example.org",
+        "TURN",
+        "EXPN list",
+        "SEND FROM:<a@b>",
+        "SOML FROM:<a@b>",
+        "SAML FROM:<a@b>",
+        "starttls",
+    ],
+)
+def test_known_but_unoffered_command_is_not_implemented(verb: str) -> None:
+    assert refusal(parse_command(verb.encode())) == (502, "5.5.1")
+
+
+@pytest.mark.parametrize(
+    ("line", "params", "size", "body"),
+    [
+        (b"MAIL FROM:<a@b.example> SIZE=1000", {"SIZE": "1000"}, 1000, None),
+        (b"MAIL FROM:<a@b.example> size=1000", {"SIZE": "1000"}, 1000, None),
+        (b"MAIL FROM:<a@b.example> BODY=8BITMIME", {"BODY": "8BITMIME"}, None, "8BITMIME"),
+        (b"MAIL FROM:<a@b.example> BODY=7bit", {"BODY": "7bit"}, None, "7BIT"),
+        (b"MAIL FROM:<> SIZE=5  BODY=7BIT", {"SIZE": "5", "BODY": "7BIT"}, 5, "7BIT"),
+    ],
+)
+def test_mail_parameters_are_parsed_with_upper_case_keys(
+    line: bytes, params: dict[str, str], size: int | None, body: str | None
+) -> None:
+    event = parse_command(line, esmtp=True, max_message_size=10_000)
+    assert isinstance(event, MailFrom)
+    assert (dict(event.params), event.size, event.body) == (params, size, body)
+
+
+@pytest.mark.parametrize(
+    ("line", "code", "enhanced"),
+    [
+        (b"MAIL FROM:<a@b.example> SIZE=10001", 552, "5.3.4"),
+        (b"MAIL FROM:<a@b.example> SIZE=ten", 501, "5.5.4"),
+        (b"MAIL FROM:<a@b.example> SIZE", 501, "5.5.4"),
+        (b"MAIL FROM:<a@b.example> BODY=BINARYMIME", 555, "5.5.4"),
+        (b"MAIL FROM:<a@b.example> SMTPUTF8", 555, "5.5.4"),
+        (b"MAIL FROM:<a@b.example> RET=HDRS", 555, "5.5.4"),
+        (b"MAIL FROM:<a@b.example> SIZE=1 SIZE=2", 555, "5.5.4"),
+        (b"MAIL FROM:<a@b.example> =x", 501, "5.5.4"),
+        (b"MAIL FROM:<a@b.example> SIZE=1=2", 501, "5.5.4"),
+        (b"MAIL FROM:<a@b.example> BODY=\xff", 501, "5.5.4"),
+        (b"RCPT TO:<a@b.example> NOTIFY=NEVER", 555, "5.5.4"),
+    ],
+)
+def test_bad_parameter_is_refused(line: bytes, code: int, enhanced: str) -> None:
+    assert refusal(parse_command(line, esmtp=True, max_message_size=10_000)) == (code, enhanced)
+
+
+def test_mail_parameters_need_ehlo() -> None:
+    assert refusal(parse_command(b"MAIL FROM:<a@b.example> SIZE=10", esmtp=False)) == (555, "5.5.4")
+
+
+def test_size_parameter_is_unchecked_without_a_limit() -> None:
+    event = parse_command(b"MAIL FROM:<a@b.example> SIZE=99999999999", max_message_size=0)
+    assert isinstance(event, MailFrom) and event.size == 99999999999
+
+
+@given(st.binary(max_size=600))
+def test_any_line_gives_an_event_and_every_refusal_has_an_enhanced_code(line: bytes) -> None:
+    event = parse_command(line, esmtp=True, max_message_size=1000)
+    if isinstance(event, Invalid):
+        assert event.reply.enhanced is not None
+        assert 500 <= event.reply.code < 600
+
+
+@given(st.text(alphabet=st.characters(codec="ascii"), max_size=100))
+def test_any_address_the_grammar_accepts_is_printable_ascii(address: str) -> None:
+    event = parse_command(b"RCPT TO:<" + address.encode() + b">")
+    if isinstance(event, RcptTo):
+        assert all(0x20 <= ord(c) < 0x7F for c in event.address)
+        assert "<" not in event.address.split("@")[-1]
