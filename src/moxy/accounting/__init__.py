@@ -1,0 +1,1 @@
+"""Accounting: the events each delivery produces, and the sinks that record them."""

@@ -1,0 +1,144 @@
+"""Listeners and the server's lifetime: one nursery owns every session, signals stop it.
+
+`serve()` is the async entry point (tests start it with `nursery.start`); `run()` is what
+`moxy serve` calls: logging, signals, trio.run.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import signal
+import sys
+
+import trio
+
+from moxy.accounting.textlog import TextLog
+from moxy.config import Config
+from moxy.lookup.base import Router, SourceRouter
+from moxy.lookup.file import FileSource, RoutesFileError
+from moxy.session import ServerContext, Session
+from moxy.smtp.replies import Reply
+from moxy.upstream import UpstreamSettings
+
+logger = logging.getLogger("moxy")
+
+
+def build_router(config: Config) -> Router:
+    if config.routes.file is None:
+        raise ValueError("routes.file is not set")
+    return SourceRouter(FileSource.open(config.routes.file, config.routes.reload_interval))
+
+
+def _peer_ip(stream: trio.SocketStream) -> str:
+    try:
+        peer = stream.socket.getpeername()
+    except OSError:
+        return "unknown"
+    return str(peer[0]) if isinstance(peer, tuple) else str(peer)
+
+
+async def serve(
+    config: Config,
+    *,
+    router: Router | None = None,
+    task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Bind every listen address, report what was bound, and serve until cancelled."""
+    router = router or build_router(config)
+    textlog = TextLog(config.log.file)
+    ctx = ServerContext(
+        config=config,
+        router=router,
+        emit=textlog.emit,
+        upstream=UpstreamSettings(
+            helo_name=config.proxy.helo_name or config.server.hostname,
+            timeouts=config.timeouts,
+            reply_line=config.limits.reply_line,
+        ),
+    )
+    listeners: list[trio.SocketListener] = []
+    for address in config.server.listen:
+        try:
+            listeners += await trio.open_tcp_listeners(address.port, host=address.host)
+        except OSError as exc:
+            for listener in listeners:
+                await listener.aclose()
+            raise OSError(exc.errno, f"cannot listen on {address}: {exc.strerror}") from None
+    bound: list[tuple[str, int]] = []
+    for listener in listeners:
+        name = listener.socket.getsockname()
+        bound.append((str(name[0]), int(name[1])))
+    active = 0
+
+    async def handle(stream: trio.SocketStream) -> None:
+        nonlocal active
+        client_ip = _peer_ip(stream)
+        if active >= config.limits.connections:
+            logger.warning("connection limit %d reached; refusing %s",
+                           config.limits.connections, client_ip)
+            with trio.move_on_after(5):
+                try:
+                    reply = Reply.make(421, "4.3.2", f"{config.server.hostname} Too many "
+                                       "connections; try again later")
+                    await stream.send_all(reply.to_bytes())
+                except (trio.BrokenResourceError, OSError):
+                    pass
+            await trio.aclose_forcefully(stream)
+            return
+        active += 1
+        try:
+            await Session(stream, client_ip, ctx).run()
+        except Exception:
+            logger.exception("session from %s failed", client_ip)
+        finally:
+            active -= 1
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(textlog.run)
+        await nursery.start(trio.serve_listeners, handle, listeners)
+        logger.info("moxy listening on %s", ", ".join(_fmt(b) for b in bound))
+        task_status.started(bound)
+
+
+def _fmt(address: tuple[str, int]) -> str:
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s moxy[%(process)d] %(levelname)s %(name)s: %(message)s",
+    )
+
+
+async def _main(config: Config, router: Router) -> None:
+    async with trio.open_nursery() as nursery:
+        await nursery.start(functools.partial(serve, config, router=router))
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                logger.info("received %s, stopping", signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
+                break
+
+
+def run(config: Config) -> int:
+    """`moxy serve`: serve until SIGTERM/SIGINT. Messages in DATA at that moment are aborted
+    upstream (no partial delivery) and the clients, which got no 250, retry."""
+    configure_logging(config.log.level)
+    try:
+        router = build_router(config)
+    except (RoutesFileError, ValueError) as exc:
+        for line in getattr(exc, "errors", None) or [str(exc)]:
+            print(f"moxy: {line}", file=sys.stderr)
+        return 2
+    status = 0
+    try:
+        trio.run(_main, config, router)
+    except* OSError as group:
+        for error in group.exceptions:
+            print(f"moxy: {getattr(error, 'strerror', None) or error}", file=sys.stderr)
+        status = 1
+    return status

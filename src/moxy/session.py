@@ -1,0 +1,325 @@
+"""One client connection: moves bytes between the socket and the protocol core, owns the
+transaction and the pool of upstream legs, and turns the legs' answers into client replies.
+
+Every way a session can end (QUIT, client gone, timeout, server shutdown, bug) passes through
+`Session.close()`, which drops any leg inside DATA before anything else: no partial message
+can be delivered upstream because the end-of-data sequence is only sent on a complete body.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import itertools
+import logging
+import secrets
+import time
+from collections.abc import Callable
+
+import attrs
+import trio
+
+from moxy.accounting.events import DeliveryEvent
+from moxy.config import Config
+from moxy.lookup.base import BadRouteData, DestinationGroup, LookupFailed, Router
+from moxy.smtp import events as ev
+from moxy.smtp.replies import Reply
+from moxy.smtp.server import ServerConnection
+from moxy.transaction import Transaction, decide_final
+from moxy.upstream import Envelope, Leg, UpstreamSettings
+
+logger = logging.getLogger("moxy.session")
+
+_ids = itertools.count(1)
+
+
+def new_session_id() -> str:
+    """Short, unique enough across restarts and nodes: random prefix + counter."""
+    return f"{secrets.token_hex(3).upper()}{next(_ids):06X}"
+
+
+@attrs.frozen
+class ServerContext:
+    """What every session of one server shares."""
+
+    config: Config
+    router: Router
+    emit: Callable[[DeliveryEvent], None]
+    upstream: UpstreamSettings
+
+
+def received_header(
+    helo: str, client_ip: str, hostname: str, protocol: str, message_id: str,
+    recipients: list[str], when: float | None = None,
+) -> bytes:
+    """The RFC 5321 §4.4 trace header that destinations see (folded onto three lines)."""
+    ip = f"IPv6:{client_ip}" if ":" in client_ip else client_ip
+    date = email.utils.formatdate(when, localtime=False, usegmt=False)
+    for_clause = f"\r\n\tfor <{recipients[0]}>" if len(recipients) == 1 else ""
+    text = (
+        f"Received: from {helo or 'unknown'} ([{ip}])\r\n"
+        f"\tby {hostname} (Moxy) with {protocol} id {message_id}{for_clause};\r\n"
+        f"\t{date}\r\n"
+    )
+    return text.encode("utf-8", "replace")
+
+
+class ClientGone(Exception):
+    pass
+
+
+class Session:
+    def __init__(self, stream: trio.abc.Stream, client_ip: str, ctx: ServerContext) -> None:
+        self.stream = stream
+        self.client_ip = client_ip
+        self.ctx = ctx
+        cfg = ctx.config
+        self.id = new_session_id()
+        self.smtp = ServerConnection(
+            max_command_line=cfg.limits.command_line,
+            max_text_line=cfg.limits.text_line,
+            max_recipients=cfg.limits.recipients,
+            max_message_size=cfg.limits.message_size,
+            max_errors=cfg.limits.errors,
+            bare_newlines=cfg.proxy.bare_newlines,
+            hostname=cfg.server.hostname,
+        )
+        self.legs: dict[DestinationGroup, Leg] = {}
+        self.transaction: Transaction | None = None
+        self.helo = ""
+        self.protocol = "SMTP"
+        self.messages = 0
+        self.message_id = ""
+        self.data_started = 0.0
+        self.received_bytes = 0
+        self.body_refusal: Reply | None = None
+
+    # -- I/O with the client ---------------------------------------------------------------
+
+    async def reply(self, reply: Reply) -> None:
+        data = self.smtp.send(reply)
+        try:
+            await self.stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            raise ClientGone from None
+
+    async def next_event(self) -> ev.Event:
+        while True:
+            event = self.smtp.next_event()
+            if event is ev.NEED_DATA:
+                in_data = self.transaction is not None and bool(self.transaction.streaming)
+                timeout = (
+                    self.ctx.config.timeouts.client_data if in_data
+                    else self.ctx.config.timeouts.client_command
+                )
+                data = b""
+                with trio.move_on_after(timeout) as scope:
+                    try:
+                        size = self.ctx.config.limits.data_chunk
+                        data = bytes(await self.stream.receive_some(size))
+                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                        data = b""
+                if scope.cancelled_caught:
+                    await self.abort_transaction()
+                    await self.reply(Reply.make(421, "4.4.2", f"{self.hostname} Timeout, closing"))
+                    raise ClientGone
+                self.smtp.receive_data(data)
+                continue
+            assert event is not ev.PAUSED, "a command was left without a reply"
+            return event  # type: ignore[return-value]
+
+    @property
+    def hostname(self) -> str:
+        return self.ctx.config.server.hostname
+
+    # -- the session -----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        logger.debug("session %s from %s", self.id, self.client_ip)
+        try:
+            banner = f"{self.hostname} {self.ctx.config.server.banner}".strip()
+            await self.reply(Reply(220, (banner,)))
+            while await self.handle(await self.next_event()):
+                pass
+        except ClientGone:
+            pass
+        finally:
+            await self.close()
+
+    async def handle(self, event: ev.Event) -> bool:
+        """Answer one event; False ends the session."""
+        match event:
+            case ev.BodyChunk(data=data):
+                assert self.transaction is not None
+                self.received_bytes += len(data)
+                await self.transaction.send(data)
+            case ev.BodyRefused(reply=reply):
+                self.body_refusal = reply
+                await self.abort_transaction(keep=True)
+            case ev.BodyEnd():
+                await self.end_of_data()
+            case ev.Hello(verb=verb, domain=domain):
+                await self.end_transaction()
+                self.helo = domain
+                self.protocol = "ESMTP" if verb == "EHLO" else "SMTP"
+                await self.reply(self.hello_reply(verb, domain))
+            case ev.MailFrom():
+                await self.mail(event)
+            case ev.RcptTo(address=address):
+                await self.reply(await self.rcpt(address))
+            case ev.Data():
+                await self.data()
+            case ev.Reset():
+                await self.end_transaction()
+                await self.reply(Reply.make(250, "2.0.0", "Ok"))
+            case ev.Noop():
+                await self.reply(Reply.make(250, "2.0.0", "Ok"))
+            case ev.Verify():
+                await self.reply(Reply.make(252, "2.5.0", "Cannot VRFY user; try RCPT"))
+            case ev.Help():
+                await self.reply(Reply.make(
+                    214, "2.0.0",
+                    "Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP",
+                ))
+            case ev.Quit():
+                await self.reply(Reply.make(221, "2.0.0", f"{self.hostname} Bye"))
+                return False
+            case ev.Invalid(reply=reply):
+                await self.reply(reply)
+                return reply.code != 421
+            case ev.ConnectionClosed():
+                return False
+        return True
+
+    def hello_reply(self, verb: str, domain: str) -> Reply:
+        greeting = f"{self.hostname} greets {domain}"
+        if verb != "EHLO":
+            return Reply(250, (greeting,))
+        limits = self.ctx.config.limits
+        return Reply(250, (
+            greeting, "PIPELINING", f"SIZE {limits.message_size}", "8BITMIME",
+            "ENHANCEDSTATUSCODES",
+        ))
+
+    async def mail(self, event: ev.MailFrom) -> None:
+        await self.end_transaction()
+        envelope = Envelope(event.address, event.size, event.body)
+        self.transaction = Transaction(
+            self.legs, self.ctx.upstream, envelope, self.ctx.config.proxy.split_destinations
+        )
+        self.messages += 1
+        self.message_id = f"{self.id}.{self.messages}"
+        await self.reply(Reply.make(250, "2.1.0", "Ok"))
+
+    async def rcpt(self, address: str) -> Reply:
+        assert self.transaction is not None
+        try:
+            route = await self.ctx.router.route(address)
+        except BadRouteData as exc:
+            logger.error("bad route data for <%s>: %s", address, exc)
+            return Reply.make(451, "4.3.0", "Routing data error; try again later")
+        except LookupFailed as exc:
+            logger.warning("route lookup for <%s> failed: %s", address, exc)
+            return Reply.make(451, "4.4.3", "Routing temporarily unavailable; try again later")
+        if route is None:
+            return Reply.make(550, "5.7.1", f"<{address}>: Relaying denied")
+        return await self.transaction.add_recipient(address, route)
+
+    async def data(self) -> None:
+        assert self.transaction is not None
+        self.body_refusal = None
+        self.received_bytes = 0
+        self.data_started = time.monotonic()
+        header = received_header(
+            self.helo, self.client_ip, self.hostname, self.protocol, self.message_id,
+            self.transaction.recipients,
+        )
+        reply = await self.transaction.start_data(header)
+        if reply.code != 354:
+            self.log_message(reply, "data", 0)
+        await self.reply(reply)
+
+    async def end_of_data(self) -> None:
+        transaction = self.transaction
+        assert transaction is not None
+        if self.body_refusal is not None:
+            reply = self.body_refusal
+            self.log_message(reply, "body", self.received_bytes)
+        else:
+            results = await transaction.finish()
+            reply = decide_final([r.outcome for r in results], self.message_id)
+            for r in results:
+                self.log_leg(r.leg, r.destination, r.outcome)
+            self.log_message(reply, "end-of-data", self.received_bytes)
+            if reply.klass != 2 and any(
+                isinstance(r.outcome, Reply) and r.outcome.klass == 2 for r in results
+            ):
+                logger.warning(
+                    "message %s: some destinations accepted, client told %s: duplicate possible",
+                    self.message_id, reply.code,
+                )
+        await self.end_transaction()
+        await self.reply(reply)
+
+    # -- ending things ---------------------------------------------------------------------
+
+    async def abort_transaction(self, keep: bool = False) -> None:
+        """Drop legs inside DATA (no partial delivery). With `keep`, the transaction stays
+        until its end-of-data so the final reply can still be given."""
+        if self.transaction is not None:
+            await self.transaction.abort()
+            if not keep:
+                self.transaction.close()
+                self.transaction = None
+
+    async def end_transaction(self) -> None:
+        if self.transaction is not None:
+            await self.transaction.abort()
+            self.transaction.close()
+            self.transaction = None
+
+    async def close(self) -> None:
+        with trio.CancelScope(shield=True):
+            # First, before anything that may wait: no leg may stay inside DATA.
+            for leg in self.legs.values():
+                if leg.in_data:
+                    await leg.drop()
+            with trio.move_on_after(5):
+                for leg in self.legs.values():
+                    await leg.quit()
+            for leg in self.legs.values():
+                await leg.drop()
+            await trio.aclose_forcefully(self.stream)
+
+    # -- logging -----------------------------------------------------------------------------
+
+    def _event(self, kind: str, **fields: object) -> DeliveryEvent:
+        t = self.transaction
+        envelope = t.envelope if t is not None else None
+        return DeliveryEvent(
+            kind=kind,
+            session_id=self.id,
+            message_id=self.message_id,
+            client_ip=self.client_ip,
+            helo=self.helo,
+            mail_from=envelope.mail_from if envelope else "",
+            duration=time.monotonic() - self.data_started,
+            **fields,  # type: ignore[arg-type]
+        )
+
+    def log_leg(self, leg: Leg, destination: str, outcome: Reply | Exception) -> None:
+        if isinstance(outcome, Reply):
+            code, text, stage = outcome.code, str(outcome), "end-of-data"
+        else:
+            code, text, stage = 0, str(outcome), getattr(outcome, "stage", "?")
+        self.ctx.emit(self._event(
+            "leg", recipients=tuple(leg.accepted), destination=destination,
+            route=str(leg.group), size=leg.sent, code=code, reply=text, stage=stage,
+        ))
+
+    def log_message(self, reply: Reply, stage: str, size: int) -> None:
+        t = self.transaction
+        self.ctx.emit(self._event(
+            "message", recipients=tuple(t.recipients) if t else (), destination="-",
+            route=" ".join(str(g) for g in t.legs) if t else "", size=size,
+            code=reply.code, reply=str(reply), stage=stage,
+        ))

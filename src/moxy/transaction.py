@@ -1,0 +1,215 @@
+"""One mail transaction fanned out over legs: which legs, what the client hears, and when.
+
+The reply rules (docs/semantics.md) live here as pure functions over the legs' answers, so the
+decision table is tested cell by cell without sockets. `Transaction` applies them: legs of one
+recipient talk concurrently, the body goes to every leg with the slowest pacing the client, and
+the end-of-data sequence goes out only when every leg has the whole message.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+
+import attrs
+import trio
+
+from moxy.lookup.base import DestinationGroup, Route
+from moxy.smtp.replies import Reply
+from moxy.upstream import Envelope, Leg, LegError, UpstreamSettings
+
+logger = logging.getLogger("moxy.transaction")
+
+Outcome = Reply | LegError
+
+_CLASS_ORDER = {2: 0, 3: 0, 4: 1, 5: 2}  # worse is larger
+
+
+def leg_error_reply(exc: LegError) -> Reply:
+    """What a client hears for a leg that could not carry on: always temporary."""
+    if exc.reply is not None and exc.reply.code == 421:
+        return Reply.make(451, "4.4.2", f"Destination closing at {exc.stage}; try again later")
+    if exc.stage in ("connect", "greeting", "ehlo", "helo"):
+        return Reply.make(451, "4.4.1", f"Destination unavailable at {exc.stage}; try again later")
+    return Reply.make(451, "4.4.2", f"Destination failed at {exc.stage}; try again later")
+
+
+def _as_reply(outcome: Outcome, default_enhanced: str) -> Reply:
+    if isinstance(outcome, LegError):
+        return leg_error_reply(outcome)
+    return outcome.with_enhanced(f"{outcome.klass}{default_enhanced[1:]}")
+
+
+def merge_rcpt(outcomes: Sequence[Outcome]) -> Reply:
+    """One recipient, several destination groups: the client hears the worst class; among
+    replies of that class, the first group's (its own code, enhanced code and text)."""
+    replies = [_as_reply(o, "2.1.5") for o in outcomes]
+    worst = max(_CLASS_ORDER.get(r.klass, 2) for r in replies)
+    return next(r for r in replies if _CLASS_ORDER.get(r.klass, 2) == worst)
+
+
+def decide_data(outcomes: Sequence[Outcome]) -> Reply:
+    """The DATA command: 354 only when every leg said 354."""
+    replies = [_as_reply(o, "2.0.0") for o in outcomes]
+    if all(r.code == 354 for r in replies):
+        return Reply(354, ("End data with <CR><LF>.<CR><LF>",))
+    return _refusal(replies, accepted_code=354, stage="DATA")
+
+
+def decide_final(outcomes: Sequence[Outcome], message_id: str) -> Reply:
+    """After end-of-data: 250 only when every leg accepted; same-class refusals pass through;
+    anything mixed is 451 so the sender retries (a duplicate is possible, a loss is not)."""
+    replies = [_as_reply(o, "2.0.0") for o in outcomes]
+    if all(r.klass == 2 for r in replies):
+        if len(replies) == 1:
+            return replies[0]
+        return Reply.make(250, "2.0.0", f"Ok: {message_id} accepted by {len(replies)} destinations")
+    return _refusal(replies, accepted_code=None, stage="end of data")
+
+
+def _refusal(replies: list[Reply], accepted_code: int | None, stage: str) -> Reply:
+    def accepted(r: Reply) -> bool:
+        return r.code == accepted_code if accepted_code is not None else r.klass == 2
+
+    refused = [r for r in replies if not accepted(r)]
+    if len(refused) == len(replies) and len({r.klass for r in refused}) == 1:
+        return refused[0]
+    return Reply.make(
+        451,
+        "4.3.0",
+        f"Destinations disagreed at {stage} ({len(replies) - len(refused)} of {len(replies)}"
+        " accepted); try again later",
+    )
+
+
+async def gather(calls: Sequence[Callable[[], Awaitable[Reply]]]) -> list[Outcome]:
+    """Run calls concurrently; each ends in a Reply or a LegError (other errors propagate)."""
+    results: list[Outcome | None] = [None] * len(calls)
+
+    async def one(i: int) -> None:
+        try:
+            results[i] = await calls[i]()
+        except LegError as exc:
+            results[i] = exc
+
+    if len(calls) == 1:
+        await one(0)
+    else:
+        async with trio.open_nursery() as nursery:
+            for i in range(len(calls)):
+                nursery.start_soon(one, i)
+    return [r for r in results if r is not None]
+
+
+@attrs.frozen
+class LegResult:
+    leg: Leg
+    destination: str
+    outcome: Outcome
+
+
+class Transaction:
+    """MAIL … RCPT … DATA of one client message, over the session's pool of legs."""
+
+    def __init__(
+        self,
+        pool: dict[DestinationGroup, Leg],
+        settings: UpstreamSettings,
+        envelope: Envelope,
+        split_destinations: bool = False,
+    ) -> None:
+        self.pool = pool
+        self.settings = settings
+        self.envelope = envelope
+        self.split_destinations = split_destinations
+        self.legs: dict[DestinationGroup, Leg] = {}
+        self.recipients: list[str] = []
+        self.destination_set: frozenset[DestinationGroup] | None = None
+        self.body_failure: LegError | None = None
+        self.streaming: list[Leg] = []
+
+    def _leg(self, group: DestinationGroup) -> Leg:
+        leg = self.pool.get(group)
+        if leg is None:
+            leg = self.pool[group] = Leg(group, self.settings)
+        if group not in self.legs:
+            leg.begin(self.envelope)
+            self.legs[group] = leg
+        return leg
+
+    async def add_recipient(self, recipient: str, route: Route) -> Reply:
+        groups = tuple(dict.fromkeys(route.groups))  # a group listed twice is one leg
+        if (
+            self.split_destinations
+            and self.destination_set is not None
+            and frozenset(groups) != self.destination_set
+        ):
+            return Reply.make(
+                452, "4.5.3", "Recipient has other destinations; send it in a new transaction"
+            )
+        legs = [self._leg(g) for g in groups]
+        outcomes = await gather([functools.partial(leg.rcpt, recipient) for leg in legs])
+        reply = merge_rcpt(outcomes)
+        if reply.klass == 2:
+            for leg in legs:
+                leg.accepted.append(recipient)
+            self.recipients.append(recipient)
+            if self.destination_set is None:
+                self.destination_set = frozenset(groups)
+        else:
+            for leg, outcome in zip(legs, outcomes, strict=True):
+                if isinstance(outcome, Reply) and outcome.klass == 2:
+                    leg.unaccept(recipient)
+        return reply
+
+    @property
+    def active_legs(self) -> list[Leg]:
+        return [leg for leg in self.legs.values() if leg.accepted]
+
+    async def start_data(self, header: bytes) -> Reply:
+        legs = self.active_legs
+        outcomes = await gather([leg.data for leg in legs])
+        reply = decide_data(outcomes)
+        if reply.code != 354:
+            for leg in legs:
+                await leg.abort()
+            return reply
+        self.streaming = legs
+        await self.send(header)
+        return reply
+
+    async def send(self, data: bytes) -> None:
+        """Forward body bytes to every leg; the slowest leg paces the caller. A leg failing
+        here fails the message for all legs (none gets the end-of-data sequence)."""
+        if self.body_failure is not None or not data:
+            return
+        for leg in self.streaming:
+            try:
+                await leg.send_body(data)
+            except LegError as exc:
+                logger.warning("leg %s failed during data: %s", leg.group, exc)
+                self.body_failure = exc
+                await self.abort()
+                return
+
+    async def finish(self) -> list[LegResult]:
+        """End of data from the client: commit on every leg at once (or report the failure)."""
+        if self.body_failure is not None:
+            return [LegResult(leg, leg.destination, self.body_failure) for leg in self.streaming]
+        legs = self.streaming
+        destinations = [leg.destination for leg in legs]
+        outcomes = await gather([leg.finish for leg in legs])
+        return [
+            LegResult(leg, dest, outcome)
+            for leg, dest, outcome in zip(legs, destinations, outcomes, strict=True)
+        ]
+
+    async def abort(self) -> None:
+        """Drop every leg that is inside DATA: a partial message is never delivered."""
+        for leg in self.legs.values():
+            await leg.abort()
+
+    def close(self) -> None:
+        for leg in self.legs.values():
+            leg.end_transaction()
