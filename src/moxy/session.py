@@ -14,6 +14,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 
 import attrs
 import trio
@@ -53,7 +54,8 @@ def received_header(
 ) -> bytes:
     """The RFC 5321 §4.4 trace header that destinations see (folded onto three lines)."""
     ip = f"IPv6:{client_ip}" if ":" in client_ip else client_ip
-    date = email.utils.formatdate(when, localtime=False, usegmt=False)
+    moment = datetime.fromtimestamp(time.time() if when is None else when, UTC)
+    date = email.utils.format_datetime(moment)  # "+0000": UTC, not the "-0000" of unknown zone
     for_clause = f"\r\n\tfor <{recipients[0]}>" if len(recipients) == 1 else ""
     text = (
         f"Received: from {helo or 'unknown'} ([{ip}])\r\n"
