@@ -1,0 +1,234 @@
+"""Mail goes where the routes say, once per destination, byte for byte, with a trace header."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import trio
+
+from peers.client import smtplib_send
+from peers.moxy import StartMoxy
+from peers.recorder import Recorder
+from peers.sink import SmtpSink
+from peers.waiting import eventually
+
+from .helpers import (
+    BODY,
+    SENDER,
+    UPSTREAM_HELO,
+    body_of,
+    check_received,
+    open_session,
+    send_one,
+    split_received,
+)
+
+MakeRecorder = Callable[..., Recorder]
+
+
+async def test_one_domain_one_destination_gets_the_exact_bytes_after_a_received_header(
+    moxy: StartMoxy, make_recorder: MakeRecorder
+) -> None:
+    upstream = make_recorder()
+    server = await moxy({"example.org": upstream})
+    outcome = await send_one(server, ["user@example.org"])
+    assert outcome.final is not None and outcome.final.code == 250, outcome.transcript
+    [message] = upstream.messages
+    assert message.accepted
+    assert message.helo == UPSTREAM_HELO
+    assert message.mail_from == SENDER
+    assert message.rcpts == ["user@example.org"]
+    assert message.data is not None
+    header, rest = split_received(message.data)
+    check_received(header)
+    assert rest == BODY  # dot-stuffing preserved on the wire
+
+
+async def test_one_domain_one_destination_through_smtp_sink(
+    moxy: StartMoxy, smtp_sink: SmtpSink
+) -> None:
+    server = await moxy({"example.org": smtp_sink})
+    message = b"Subject: via smtp-sink\r\n\r\nHello sink.\r\n.dot line\r\n"
+    refused = await trio.to_thread.run_sync(
+        smtplib_send, server.host, server.port, SENDER, ["user@example.org"], message
+    )
+    assert refused == {}
+    [dumped] = smtp_sink.wait_for_messages(1)
+    assert dumped.helo == UPSTREAM_HELO
+    assert dumped.mail_from.startswith(f"<{SENDER}>")
+    assert dumped.rcpts == ("<user@example.org>",)
+    assert dumped.text.startswith(b"Received: from smtplib.test ")
+    assert dumped.text.endswith(b"\nSubject: via smtp-sink\n\nHello sink.\n.dot line\n")
+
+
+async def test_two_domains_to_the_same_destination_share_one_leg_and_one_copy(
+    moxy: StartMoxy, make_recorder: MakeRecorder
+) -> None:
+    upstream = make_recorder()
+    server = await moxy({"example.org": upstream, "example.net": upstream})
+    outcome = await send_one(server, ["a@example.org", "b@example.net"])
+    assert outcome.final is not None and outcome.final.code == 250, outcome.transcript
+    assert len(upstream.connections) == 1
+    [message] = upstream.messages
+    assert message.rcpts == ["a@example.org", "b@example.net"]
+    assert upstream.verbs()[:5] == ["EHLO", "MAIL", "RCPT", "RCPT", "DATA"]
+
+
+async def test_two_domains_to_the_same_smtp_sink_arrive_as_one_message(
+    moxy: StartMoxy, smtp_sink: SmtpSink
+) -> None:
+    server = await moxy({"example.org": smtp_sink, "example.net": smtp_sink})
+    outcome = await send_one(server, ["a@example.org", "b@example.net"])
+    assert outcome.final is not None and outcome.final.code == 250, outcome.transcript
+    # A second copy would have been committed before the client's 250, so it would be here.
+    [dumped] = smtp_sink.wait_for_messages(1)
+    assert dumped.rcpts == ("<a@example.org>", "<b@example.net>")
+
+
+async def test_one_domain_to_two_destinations_both_get_identical_bytes(
+    moxy: StartMoxy, make_recorder: MakeRecorder
+) -> None:
+    first, second = make_recorder(), make_recorder()
+    server = await moxy({"example.org": [first, second]})
+    outcome = await send_one(server, ["user@example.org"])
+    assert outcome.final is not None and outcome.final.code == 250, outcome.transcript
+    [a], [b] = first.messages, second.messages
+    assert a.data == b.data
+    assert body_of(a) == BODY
+    assert a.rcpts == b.rcpts == ["user@example.org"]
+
+
+async def test_one_domain_to_a_recorder_and_smtp_sink_both_receive_it(
+    moxy: StartMoxy, make_recorder: MakeRecorder, smtp_sink: SmtpSink
+) -> None:
+    upstream = make_recorder()
+    server = await moxy({"example.org": [upstream, smtp_sink]})
+    outcome = await send_one(server, ["user@example.org"])
+    assert outcome.final is not None and outcome.final.code == 250, outcome.transcript
+    [recorded] = upstream.messages
+    [dumped] = smtp_sink.wait_for_messages(1)
+    assert recorded.data is not None
+    # smtp-sink stores LF line endings and undoes dot-stuffing.
+    unstuffed = recorded.data.replace(b"\r\n..", b"\r\n.").replace(b"\r\n", b"\n")
+    assert dumped.text == unstuffed
+
+
+async def test_recipients_of_different_destinations_each_reach_only_their_own(
+    moxy: StartMoxy, make_recorder: MakeRecorder
+) -> None:
+    org, net = make_recorder(), make_recorder()
+    server = await moxy({"example.org": org, "example.net": net})
+    outcome = await send_one(server, ["a@example.org", "b@example.net", "c@example.org"])
+    assert outcome.final is not None and outcome.final.code == 250, outcome.transcript
+    [to_org], [to_net] = org.messages, net.messages
+    assert to_org.rcpts == ["a@example.org", "c@example.org"]
+    assert to_net.rcpts == ["b@example.net"]
+    assert to_org.data == to_net.data
+
+
+async def test_unknown_domain_is_refused_as_relaying_denied(
+    moxy: StartMoxy, make_recorder: MakeRecorder
+) -> None:
+    upstream = make_recorder()
+    server = await moxy({"example.org": upstream})
+    outcome = await send_one(server, ["user@unknown.example"])
+    [rcpt] = outcome.rcpt
+    assert (rcpt.code, rcpt.enhanced) == (550, "5.7.1"), outcome.transcript
+    assert outcome.final is None
+    assert upstream.connections == []
+
+
+async def test_the_routes_lookup_order_reaches_parent_and_wildcard_routes(
+    moxy: StartMoxy, make_recorder: MakeRecorder
+) -> None:
+    parent, wildcard, boss = make_recorder(), make_recorder(), make_recorder()
+    server = await moxy(
+        f"# routes\n.example.org  {parent.address}\n*  {wildcard.address}\n"
+        f"Boss@Example.ORG  {boss.address}\n"
+    )
+    outcome = await send_one(
+        server, ["user@sub.example.org", "someone@elsewhere.test", "boss@example.org."]
+    )
+    assert outcome.final is not None and outcome.final.code == 250, outcome.transcript
+    assert parent.messages[0].rcpts == ["user@sub.example.org"]
+    assert wildcard.messages[0].rcpts == ["someone@elsewhere.test"]
+    assert len(boss.messages) == 1
+
+
+async def test_second_transaction_in_a_session_reuses_the_upstream_connection(
+    moxy: StartMoxy, make_recorder: MakeRecorder
+) -> None:
+    upstream = make_recorder()
+    server = await moxy({"example.org": upstream})
+    async with await open_session(server) as client:
+        for n in range(2):
+            _, final = await client.send_message(SENDER, [f"user{n}@example.org"], BODY)
+            assert final is not None and final.code == 250, client.dump()
+        await client.command("QUIT")
+    assert len(upstream.connections) == 1
+    assert [m.rcpts for m in upstream.delivered] == [["user0@example.org"], ["user1@example.org"]]
+    assert {m.connection for m in upstream.delivered} == {0}
+
+
+async def test_client_quit_sends_quit_to_every_leg(
+    moxy: StartMoxy, make_recorder: MakeRecorder
+) -> None:
+    first, second = make_recorder(), make_recorder()
+    server = await moxy({"example.org": first, "example.net": second})
+    outcome = await send_one(server, ["a@example.org", "b@example.net"])
+    assert outcome.final is not None and outcome.final.code == 250, outcome.transcript
+    await eventually(lambda: first.connections[0].quit and second.connections[0].quit, what="QUIT")
+
+
+async def test_helo_fallback_when_the_upstream_refuses_ehlo(
+    moxy: StartMoxy, make_recorder: MakeRecorder
+) -> None:
+    upstream = make_recorder(esmtp=False)
+    server = await moxy({"example.org": upstream})
+    outcome = await send_one(server, ["user@example.org"])
+    assert outcome.final is not None and outcome.final.code == 250, outcome.transcript
+    assert upstream.verbs()[:3] == ["EHLO", "HELO", "MAIL"]
+    [message] = upstream.messages
+    assert message.helo == UPSTREAM_HELO
+    assert message.mail_params == ""  # no ESMTP parameters to a plain SMTP server
+    assert body_of(message) == BODY
+
+
+async def test_mail_parameters_are_passed_on_when_the_upstream_supports_them(
+    moxy: StartMoxy, make_recorder: MakeRecorder
+) -> None:
+    upstream = make_recorder()
+    server = await moxy({"example.org": upstream})
+    async with await open_session(server) as client:
+        assert (await client.command(f"MAIL FROM:<{SENDER}> SIZE=500 BODY=8BITMIME")).code == 250
+        assert (await client.command("RCPT TO:<user@example.org>")).code == 250
+        assert (await client.command("DATA")).code == 354
+        await client.send(b"Subject: 8bit\r\n\r\n\xc3\xa9t\xc3\xa9\r\n.\r\n")
+        assert (await client.reply()).code == 250, client.dump()
+    [message] = upstream.messages
+    params = message.mail_params.upper().split()
+    assert "BODY=8BITMIME" in params
+    assert any(p.startswith("SIZE=") for p in params)
+    assert body_of(message) == b"Subject: 8bit\r\n\r\n\xc3\xa9t\xc3\xa9\r\n"
+
+
+async def test_log_file_has_a_line_for_the_message_and_for_each_leg(
+    moxy: StartMoxy, make_recorder: MakeRecorder
+) -> None:
+    first, second = make_recorder(), make_recorder()
+    server = await moxy({"example.org": [first, second]})
+    outcome = await send_one(server, ["user@example.org"])
+    assert outcome.final is not None and outcome.final.code == 250, outcome.transcript
+
+    def lines_about(text: str) -> list[str]:
+        return [line for line in server.log_lines() if text in line]
+
+    await eventually(
+        lambda: lines_about(" message ") and lines_about(f"dest={second.address}"),
+        what="log lines",
+    )
+    for upstream in (first, second):
+        [line] = lines_about(f"dest={upstream.address}")
+        assert "user@example.org" in line and SENDER in line and "code=250" in line, line
+    [line] = lines_about(" message ")
+    assert "user@example.org" in line and "code=250" in line, line
