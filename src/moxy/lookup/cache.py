@@ -1,0 +1,224 @@
+"""The router a session asks at RCPT: a chain of route sources behind one TTL cache.
+
+The cache holds one answer per lookup key (a route, "no route" or "bad data"), shares one backend
+call between concurrent lookups of a key, and keeps routing from stale answers while a backend is
+briefly down. It logs a backend's outage once, and its recovery once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+
+import attrs
+import trio
+
+from moxy.lookup.base import (
+    BadRouteData,
+    DestinationGroup,
+    LookupFailed,
+    Route,
+    RouteSource,
+    lookup_keys,
+)
+
+log = logging.getLogger("moxy.lookup")
+
+
+@attrs.frozen
+class CacheSettings:
+    """[routes.cache]: seconds and a count.
+
+    `ttl` is how long a found route is trusted, `negative_ttl` the same for "no route here" (and
+    for a malformed value, so bad data is logged once per `negative_ttl`, not once per recipient).
+    After expiry an answer may still be used for `stale_grace` seconds, but only while the chain
+    cannot answer. `max_entries` bounds memory: least recently used keys are dropped first.
+    """
+
+    ttl: float = 60.0
+    negative_ttl: float = 30.0
+    stale_grace: float = 300.0
+    max_entries: int = 100_000
+
+
+@attrs.frozen
+class _Answer:
+    """What the chain said about one key: groups and the source that had them, or no route."""
+
+    groups: tuple[DestinationGroup, ...] | None
+    source: str = ""
+    bad: BadRouteData | None = None
+
+
+@attrs.define
+class _Entry:
+    answer: _Answer
+    expires: float
+
+
+@attrs.define
+class _Flight:
+    """One backend call in progress for a key; later callers wait for it instead of calling."""
+
+    done: trio.Event = attrs.field(factory=trio.Event)
+    answer: _Answer | None = None
+    failure: LookupFailed | None = None
+    # Set when the key is invalidated mid-flight: the answer may predate the change, so it is
+    # handed to the callers already waiting but never stored.
+    outdated: bool = False
+
+
+class CachedRouter:
+    """A `Router` over an ordered chain of sources, with a per-key cache in front.
+
+    Lookup is key-major: for each key of `lookup_keys(recipient)`, most specific first, the
+    sources are asked in chain order and the first that knows the key wins. So an address-level
+    entry in a later source beats a `*` in an earlier one: specificity decides, the chain only
+    breaks ties between sources holding the same key. This keeps a catch-all in a fast source
+    from hiding every specific route kept in a slower one.
+
+    A source that fails (`LookupFailed`) makes the whole key fail, because a source later in the
+    chain cannot know whether the failed one would have overridden it. Then a cached answer up to
+    `stale_grace` past its expiry is used; without one the lookup raises `LookupFailed` (the
+    session answers 451 4.4.3), even when a less specific key is cached: the key that cannot be
+    answered might hold an override for this very recipient. A malformed value raises
+    `BadRouteData` (451 4.3.0) for the recipients that reach that key, and is logged naming
+    source and key.
+    """
+
+    def __init__(
+        self,
+        sources: Sequence[RouteSource],
+        settings: CacheSettings | None = None,
+        *,
+        clock: Callable[[], float] = trio.current_time,
+    ) -> None:
+        if not sources:
+            raise ValueError("CachedRouter needs at least one route source")
+        self.sources = tuple(sources)
+        self.settings = settings if settings is not None else CacheSettings()
+        self._clock = clock
+        self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        self._flights: dict[str, _Flight] = {}
+        self._failing: set[str] = set()  # names of sources in an outage
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    async def route(self, recipient: str) -> Route | None:
+        for key in lookup_keys(recipient):
+            answer = await self._answer(key)
+            if answer.groups is not None:
+                return Route(answer.groups, key=key, source=answer.source)
+        return None
+
+    def invalidate(self, key: str) -> None:
+        """Forget `key` at once (e.g. a Redis change notice): the next lookup asks the chain."""
+        self._entries.pop(key, None)
+        flight = self._flights.pop(key, None)
+        if flight is not None:
+            flight.outdated = True
+
+    def clear(self) -> None:
+        """Forget every key, e.g. after change notices may have been missed."""
+        self._entries.clear()
+        for flight in self._flights.values():
+            flight.outdated = True
+        self._flights.clear()
+
+    # --- one key ------------------------------------------------------------------------------
+
+    async def _answer(self, key: str) -> _Answer:
+        while True:
+            entry = self._entries.get(key)
+            if entry is not None and self._clock() < entry.expires:
+                self._entries.move_to_end(key)
+                return _unwrap(entry.answer)
+            flight = self._flights.get(key)
+            if flight is None:
+                return _unwrap(await self._lead(key))
+            await flight.done.wait()
+            if flight.failure is not None:
+                raise LookupFailed(*flight.failure.args)
+            if flight.answer is not None:
+                return _unwrap(flight.answer)
+            # The leader was cancelled before it had an answer: try again, maybe as leader.
+
+    async def _lead(self, key: str) -> _Answer:
+        flight = _Flight()
+        self._flights[key] = flight
+        try:
+            try:
+                answer = await self._ask_chain(key)
+            except LookupFailed as exc:
+                stale = self._stale(key)
+                if stale is None:
+                    flight.failure = exc
+                    raise
+                answer = stale
+            else:
+                if not flight.outdated:
+                    self._store(key, answer)
+            flight.answer = answer
+            return answer
+        finally:
+            if self._flights.get(key) is flight:
+                del self._flights[key]
+            flight.done.set()
+
+    async def _ask_chain(self, key: str) -> _Answer:
+        for source in self.sources:
+            try:
+                groups = await source.lookup(key)
+            except LookupFailed as exc:
+                self._note_failure(source.name, exc)
+                raise LookupFailed(f"route source {source.name} failed for {key!r}: {exc}") from exc
+            except BadRouteData as exc:
+                self._note_success(source.name)
+                bad = BadRouteData(f"bad route data in source {source.name} for {key!r}: {exc}")
+                log.warning("%s", bad)
+                return _Answer(None, source.name, bad=bad)
+            self._note_success(source.name)
+            if groups is not None:
+                return _Answer(groups, source.name)
+        return _Answer(None)
+
+    def _stale(self, key: str) -> _Answer | None:
+        entry = self._entries.get(key)
+        if entry is None or self._clock() >= entry.expires + self.settings.stale_grace:
+            return None
+        return entry.answer
+
+    def _store(self, key: str, answer: _Answer) -> None:
+        ttl = self.settings.ttl if answer.groups is not None else self.settings.negative_ttl
+        if ttl <= 0 or self.settings.max_entries <= 0:
+            return
+        self._entries[key] = _Entry(answer, self._clock() + ttl)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.settings.max_entries:
+            self._entries.popitem(last=False)
+
+    # --- outage bookkeeping: one log line when a source goes down, one when it is back -------
+
+    def _note_failure(self, source: str, exc: LookupFailed) -> None:
+        if source not in self._failing:
+            self._failing.add(source)
+            log.error(
+                "route source %s is failing: %s (serving cached routes for up to %gs past "
+                "expiry, otherwise 451)",
+                source,
+                exc,
+                self.settings.stale_grace,
+            )
+
+    def _note_success(self, source: str) -> None:
+        if source in self._failing:
+            self._failing.discard(source)
+            log.warning("route source %s answers again", source)
+
+
+def _unwrap(answer: _Answer) -> _Answer:
+    if answer.bad is not None:
+        raise BadRouteData(*answer.bad.args)
+    return answer

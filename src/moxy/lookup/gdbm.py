@@ -1,0 +1,167 @@
+"""GDBM routes (`dbm.gnu`): key = lookup key, value = destinations in the routes-file syntax.
+
+`make_db` builds the database from a routes file the way Postfix's postmap does: validate every
+line, write a temporary file beside the target, fsync, rename over it. `GdbmSource` reads it and
+reopens it when it has been replaced, so a running Moxy follows `moxy makedb` without a restart.
+"""
+
+from __future__ import annotations
+
+import dbm.gnu
+import functools
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from moxy.lookup.base import BadRouteData, DestinationGroup, LookupFailed, parse_destinations
+from moxy.lookup.blocking import run_blocking
+from moxy.lookup.file import FileSource
+
+log = logging.getLogger("moxy.lookup")
+
+# What identifies one version of the file: a rename gives a new inode, an in-place rewrite a new
+# mtime or size.
+_FileIdentity = tuple[int, int, int, int]
+
+
+def _identity(st: os.stat_result) -> _FileIdentity:
+    return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+class GdbmSource:
+    """A `RouteSource` reading a GDBM file opened read-only.
+
+    At most every `reload_interval` seconds a lookup first stats the path; when the file was
+    replaced (inode, mtime or size changed) the new one is opened and the old handle closed. If
+    the new file cannot be opened the old one keeps serving (and that is logged). A missing or
+    unreadable file with nothing open makes lookups fail (`LookupFailed`).
+
+    Every dbm call runs in a worker thread. The default limiter has one token: a gdbm handle is
+    not safe to share between threads, and closing it under a reader would crash.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        name: str = "gdbm",
+        reload_interval: float = 1.0,
+        timeout: float = 5.0,
+        limiter: trio.CapacityLimiter | None = None,
+        clock: Callable[[], float] = trio.current_time,
+    ) -> None:
+        self.name = name
+        self.path = Path(path)
+        self.reload_interval = reload_interval
+        self.timeout = timeout
+        self._limiter = limiter if limiter is not None else trio.CapacityLimiter(1)
+        self._clock = clock
+        self._next_check = float("-inf")
+        # Touched only in worker threads, one at a time (see the limiter above).
+        self._db: Any = None  # dbm.gnu's handle type is private (_gdbm.gdbm)
+        self._identity: _FileIdentity | None = None
+        self._rejected: _FileIdentity | None = None
+
+    async def lookup(self, key: str) -> tuple[DestinationGroup, ...] | None:
+        now = self._clock()
+        check = now >= self._next_check
+        if check:
+            self._next_check = now + self.reload_interval
+        raw = await run_blocking(
+            functools.partial(self._fetch, key, check),
+            limiter=self._limiter,
+            timeout=self.timeout,
+            what=f"GDBM file {self.path}",
+        )
+        if raw is None:
+            return None
+        try:
+            return parse_destinations(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise BadRouteData(f"{self.path}: value {raw!r}: {exc}") from None
+
+    async def aclose(self) -> None:
+        await trio.to_thread.run_sync(self._close, limiter=self._limiter)
+
+    # --- in worker threads --------------------------------------------------------------------
+
+    def _fetch(self, key: str, check: bool) -> bytes | None:
+        if check or self._db is None:
+            self._reopen_if_replaced()
+        value: bytes | None = self._db.get(key.encode("utf-8"))
+        return value
+
+    def _reopen_if_replaced(self) -> None:
+        try:
+            before = _identity(os.stat(self.path))
+        except OSError as exc:
+            if self._db is None:
+                raise LookupFailed(f"cannot open {self.path}: {exc.strerror}") from None
+            return  # keep what is open: the file is being replaced, or was removed by mistake
+        if before == self._identity or before == self._rejected:
+            if self._db is None:
+                raise LookupFailed(f"cannot open {self.path}: not a usable GDBM file")
+            return
+        try:
+            db = dbm.gnu.open(str(self.path), "ru")  # noqa: SIM115 (kept open until replaced)
+        except (dbm.gnu.error, OSError) as exc:
+            self._rejected = before
+            if self._db is None:
+                raise LookupFailed(f"cannot open {self.path}: {exc}") from None
+            log.error("cannot open replaced %s, still using the previous file: %s", self.path, exc)
+            return
+        old, self._db, self._identity = self._db, db, before
+        if old is not None:
+            old.close()
+            log.info("reopened replaced GDBM file %s", self.path)
+        # A file replaced again between the stat and the open shows up as changed next time.
+
+    def _close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+            self._identity = None
+
+
+def make_db(routes_path: str | os.PathLike[str], db_path: str | os.PathLike[str]) -> int:
+    """Build the GDBM file `db_path` from the routes file `routes_path`; return the entry count.
+
+    The routes file is read and validated first (`RoutesFileError` names every bad line, or the
+    file that cannot be read; nothing is written then). The database is written to a temporary
+    file in the target's directory, flushed to disk and renamed over `db_path`, so readers see
+    the old file or the new one, never a partial one. Values are stored in canonical form
+    (`host:port`, groups separated by spaces); the file is made mode 0644.
+    """
+    db_path = Path(db_path)
+    routes = FileSource.open(Path(routes_path)).routes
+    directory = db_path.parent
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{db_path.name}.", suffix=".tmp", dir=directory)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        # "n": a new, empty database over the placeholder; "f": no sync per write (done below).
+        with dbm.gnu.open(tmp_name, "nf") as db:
+            for key, groups in routes.items():
+                db[key.encode("utf-8")] = " ".join(str(g) for g in groups).encode("utf-8")
+            db.sync()
+        _fsync_path(tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, db_path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_path(directory)  # make the rename itself durable
+    return len(routes)
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,346 @@
+"""Redis routes (redis-py): `<prefix>route:<key>` holds the destinations in routes-file syntax.
+
+Besides the source, this module holds the operator's side (set, delete, list, import, each change
+announced on a pub/sub channel) and the listener that turns those announcements into cache
+invalidations on every node, so a route change is obeyed cluster-wide at once.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any, NoReturn
+
+import attrs
+import redis
+import trio
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+from redis.sentinel import Sentinel
+
+from moxy.lookup.base import (
+    BadRouteData,
+    DestinationGroup,
+    LookupFailed,
+    parse_destinations,
+)
+from moxy.lookup.blocking import run_blocking
+from moxy.lookup.file import FileSource, parse_key
+
+log = logging.getLogger("moxy.lookup")
+
+_IMPORT_BATCH = 1000
+
+
+def _check_url(instance: RedisSettings, attribute: object, value: str) -> None:
+    if not value.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError(f"url: {value!r} must start with redis://, rediss:// or unix://")
+
+
+def _strings(value: str | Iterable[str]) -> tuple[str, ...]:
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
+def _check_sentinels(instance: RedisSettings, attribute: object, value: tuple[str, ...]) -> None:
+    if bool(value) != bool(instance.sentinel_master):
+        raise ValueError("sentinels and sentinel_master go together: set both or neither")
+    for address in value:
+        _host_port(address)
+
+
+@attrs.frozen
+class RedisSettings:
+    """[routes.redis]: where Redis is, how keys are named, and where changes are announced.
+
+    `url` may carry a user and password (`redis://:secret@host:6379/0`) and ask for TLS
+    (`rediss://...`). With `sentinel_master` and `sentinels` ("host:port" each) the master is
+    found through Sentinel; `url` then only supplies password, database and TLS. `timeout`
+    (seconds) bounds each command, connecting included.
+    """
+
+    url: str = attrs.field(default="redis://127.0.0.1:6379/0", validator=_check_url)
+    key_prefix: str = "moxy:"
+    channel: str = "moxy:routes"
+    timeout: float = 2.0
+    sentinel_master: str | None = None
+    sentinels: tuple[str, ...] = attrs.field(
+        default=(), converter=_strings, validator=_check_sentinels
+    )
+
+    def route_key(self, key: str) -> str:
+        """The Redis key holding the destinations of lookup key `key`."""
+        return f"{self.key_prefix}route:{key}"
+
+
+def _host_port(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ValueError(f"sentinels: {address!r} is not host:port")
+    return host.strip("[]"), int(port)
+
+
+def connect(settings: RedisSettings, *, retries: int = 1) -> redis.Redis:
+    """A redis-py client for `settings` (its connection pool is thread-safe; no I/O yet).
+
+    `retries` is how often a command is retried on a fresh connection after a connection error:
+    once covers a pooled connection that died with a restarted server, without making callers
+    wait through a long backoff while Redis is really down.
+    """
+    options: dict[str, Any] = {
+        "socket_timeout": settings.timeout,
+        "socket_connect_timeout": settings.timeout,
+        "retry": Retry(NoBackoff(), retries),
+    }
+    if not settings.sentinel_master:
+        return redis.Redis.from_url(settings.url, **options)
+    from redis.connection import SSLConnection, parse_url
+
+    url_options = parse_url(settings.url)  # type: ignore[no-untyped-call]
+    url_options.pop("host", None)
+    url_options.pop("port", None)
+    if url_options.pop("connection_class", None) is SSLConnection:
+        url_options["ssl"] = True
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        [_host_port(a) for a in settings.sentinels],
+        sentinel_kwargs={k: v for k, v in options.items() if k.startswith("socket_")},
+    )
+    client: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
+        settings.sentinel_master, **url_options, **options
+    )
+    return client
+
+
+def _where(settings: RedisSettings) -> str:
+    """Where Redis is, for messages: the URL without its password."""
+    if settings.sentinel_master:
+        return f"Redis master {settings.sentinel_master!r} via {', '.join(settings.sentinels)}"
+    scheme, sep, rest = settings.url.partition("://")
+    _credentials, at, location = rest.rpartition("@")
+    return f"Redis {scheme}{sep}{location}" if at else f"Redis {settings.url}"
+
+
+# --- the source ------------------------------------------------------------------------------
+
+
+class RedisSource:
+    """A `RouteSource` reading `<key_prefix>route:<key>` with GET, in worker threads."""
+
+    def __init__(
+        self,
+        settings: RedisSettings,
+        *,
+        name: str = "redis",
+        client: redis.Redis | None = None,
+        limiter: trio.CapacityLimiter | None = None,
+    ) -> None:
+        self.name = name
+        self.settings = settings
+        self.client = client if client is not None else connect(settings)
+        self._limiter = limiter if limiter is not None else trio.CapacityLimiter(8)
+        self._where = _where(settings)
+
+    async def lookup(self, key: str) -> tuple[DestinationGroup, ...] | None:
+        raw = await run_blocking(
+            functools.partial(self._get, key),
+            limiter=self._limiter,
+            # The thread's socket timeout covers connect and read; a retry may double that.
+            timeout=self.settings.timeout * 2,
+            what=self._where,
+        )
+        if raw is None:
+            return None
+        try:
+            return parse_destinations(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise BadRouteData(f"{self.settings.route_key(key)} = {raw!r}: {exc}") from None
+
+    async def aclose(self) -> None:
+        await trio.to_thread.run_sync(self.client.close)
+
+    def _get(self, key: str) -> bytes | None:
+        try:
+            value = self.client.get(self.settings.route_key(key))
+        except redis.ResponseError as exc:
+            if str(exc).startswith("WRONGTYPE"):
+                raise BadRouteData(f"{self.settings.route_key(key)} is not a string") from None
+            raise LookupFailed(f"{self._where}: {exc}") from None
+        except redis.RedisError as exc:
+            raise LookupFailed(f"{self._where}: {exc}") from None
+        assert value is None or isinstance(value, bytes)  # decode_responses is off
+        return value
+
+
+# --- the operator's side: every change is published, so every node forgets the key ----------
+
+
+def _key(text: str) -> str:
+    """A key as a routes file would have it (lower case, no trailing dot); ValueError if bad."""
+    if not text.strip():
+        raise ValueError("empty key")
+    return parse_key(text.strip())
+
+
+def _canonical(groups: tuple[DestinationGroup, ...]) -> str:
+    return " ".join(str(g) for g in groups)
+
+
+def route_set(
+    client: redis.Redis, settings: RedisSettings, key: str, destinations: str
+) -> tuple[DestinationGroup, ...]:
+    """Store `destinations` (routes-file syntax, validated) for `key` and announce the change.
+
+    Raises ValueError for a bad key or destination, before anything is written. The key is
+    normalised as in a routes file (lower case, no trailing dot). The value is
+    stored in canonical form; set and announcement go in one MULTI/EXEC.
+    """
+    key = _key(key)
+    groups = parse_destinations(destinations)
+    with client.pipeline(transaction=True) as pipe:
+        pipe.set(settings.route_key(key), _canonical(groups))
+        pipe.publish(settings.channel, key)
+        pipe.execute()
+    return groups
+
+
+def route_del(client: redis.Redis, settings: RedisSettings, key: str) -> bool:
+    """Delete the route for `key` and announce it; False if there was none."""
+    key = _key(key)
+    with client.pipeline(transaction=True) as pipe:
+        pipe.delete(settings.route_key(key))
+        pipe.publish(settings.channel, key)
+        deleted, _ = pipe.execute()
+    return bool(deleted)
+
+
+def route_list(
+    client: redis.Redis, settings: RedisSettings, pattern: str = "*"
+) -> Iterator[tuple[str, str]]:
+    """Yield (key, stored value) for every route whose key matches the glob `pattern`.
+
+    Uses SCAN (never KEYS, which would stall Redis on a large database), so the order is
+    arbitrary, and a key changed during the scan may be missed or seen twice.
+    """
+    prefix = settings.route_key("")
+    match = _glob_escape(prefix) + pattern
+    batch: list[bytes] = []
+    for name in client.scan_iter(match=match, count=1000):
+        batch.append(name)
+        if len(batch) >= _IMPORT_BATCH:
+            yield from _fetch_values(client, prefix, batch)
+            batch = []
+    yield from _fetch_values(client, prefix, batch)
+
+
+def _fetch_values(
+    client: redis.Redis, prefix: str, names: list[bytes]
+) -> Iterator[tuple[str, str]]:
+    if not names:
+        return
+    for name, value in zip(names, client.mget(names), strict=True):
+        if value is None:  # deleted since the scan saw it
+            continue
+        key = name.decode("utf-8", "backslashreplace")[len(prefix) :]
+        text = value if isinstance(value, str) else value.decode("utf-8", "backslashreplace")
+        yield key, text
+
+
+def _glob_escape(text: str) -> str:
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
+def route_import(
+    client: redis.Redis, settings: RedisSettings, routes_file: str | os.PathLike[str]
+) -> int:
+    """Store every route of a routes file, announcing each key; return how many.
+
+    The whole file is read and validated first (`RoutesFileError` naming every bad line, or an
+    unreadable file; nothing is written then). Keys in Redis that
+    the file does not mention are left alone. Writes are pipelined in batches.
+    """
+    routes = list(FileSource.open(Path(routes_file)).routes.items())
+    for start in range(0, len(routes), _IMPORT_BATCH):
+        with client.pipeline(transaction=False) as pipe:
+            for key, groups in routes[start : start + _IMPORT_BATCH]:
+                pipe.set(settings.route_key(key), _canonical(groups))
+                pipe.publish(settings.channel, key)
+            pipe.execute()
+    return len(routes)
+
+
+# --- every node: route changes become cache invalidations ------------------------------------
+
+
+async def listen_for_changes(
+    settings: RedisSettings,
+    on_change: Callable[[str], object],
+    on_resync: Callable[[], object],
+    *,
+    retry_interval: float = 1.0,
+    poll_interval: float = 1.0,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> NoReturn:
+    """Call `on_change(key)` for every key announced on `settings.channel`, forever.
+
+    Each time the subscription is (re)established, `on_resync()` is called first: announcements
+    made while this node was not subscribed are lost, so everything cached must be forgotten.
+    A lost connection is logged once, retried every `retry_interval` seconds, and its recovery
+    logged. Reports started after the first subscription attempt, successful or not, so a node
+    whose Redis is down still starts.
+
+    The subscriber blocks in a worker thread for at most `poll_interval` per call, and returns
+    as soon as a message arrives; on cancellation that thread is abandoned and ends by itself.
+    """
+    client = connect(settings, retries=0)
+    pubsub = client.pubsub()  # type: ignore[no-untyped-call]
+    limiter = trio.CapacityLimiter(1)  # its own: never competes with lookups for threads
+    where = _where(settings)
+
+    async def in_thread(call: Callable[[], Any]) -> Any:
+        return await trio.to_thread.run_sync(call, limiter=limiter, abandon_on_cancel=True)
+
+    started = False
+    failing = False
+    try:
+        while True:
+            try:
+                if not pubsub.subscribed:
+                    await in_thread(functools.partial(pubsub.subscribe, settings.channel))
+                message = await in_thread(
+                    functools.partial(pubsub.get_message, timeout=poll_interval)
+                )
+            except redis.RedisError as exc:
+                if not failing:
+                    log.error(
+                        "route change channel on %s unavailable, retrying every %gs: %s",
+                        where,
+                        retry_interval,
+                        exc,
+                    )
+                    failing = True
+                if not started:
+                    task_status.started()
+                    started = True
+                await trio.sleep(retry_interval)
+                continue
+            if message is None:
+                continue
+            if message["type"] == "subscribe":
+                # A first subscription, or redis-py's resubscription after reconnecting.
+                on_resync()
+                if failing:
+                    log.warning("route change channel on %s is back; route cache cleared", where)
+                    failing = False
+                if not started:
+                    task_status.started()
+                    started = True
+            elif message["type"] == "message":
+                on_change(message["data"].decode("utf-8", "backslashreplace"))
+    finally:
+        # Not through `limiter`: an abandoned get_message may still hold it for a moment.
+        with trio.move_on_after(1) as cleanup:
+            cleanup.shield = True
+            await trio.to_thread.run_sync(pubsub.close, abandon_on_cancel=True)
+            await trio.to_thread.run_sync(client.close, abandon_on_cancel=True)

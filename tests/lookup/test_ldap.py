@@ -1,0 +1,307 @@
+"""LDAP routes against a real slapd serving the shipped schema and deploy/ldap/example.ldif."""
+
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from moxy.lookup.base import BadRouteData, LookupFailed, SourceRouter, parse_destinations
+from moxy.lookup.cache import CachedRouter
+from moxy.lookup.ldap import LdapSettings, LdapSource, _render_filter
+from peers.example_routes import assert_answers_like_the_routes_file
+from peers.sink import free_port, require_binary
+from peers.slapd import DEPLOY, ROOT_DN, ROOT_PASSWORD, ROUTES_BASE, Slapd
+
+
+def source(slapd: Slapd, **settings: object) -> LdapSource:
+    options: dict[str, object] = {"uri": (slapd.uri,), "base": ROUTES_BASE, "timeout": 2.0}
+    options.update(settings)
+    return LdapSource(LdapSettings(**options))  # type: ignore[arg-type]
+
+
+async def test_ldap_answers_like_the_routes_file(slapd: Slapd, routes_file: Path) -> None:
+    await assert_answers_like_the_routes_file(source(slapd), routes_file)
+
+
+async def test_each_attribute_value_is_one_destination_group(slapd: Slapd) -> None:
+    groups = await source(slapd).lookup("example.org")
+    assert groups == parse_destinations("10.0.0.5:2525 mx2.example.org")
+    assert await source(slapd).lookup("shop.example") == parse_destinations(
+        "203.0.113.7:2600|198.51.100.9"
+    )
+
+
+# --- filter escaping ---------------------------------------------------------------------------
+
+
+def test_filter_placeholders_are_escaped() -> None:
+    template = "(&(k={key})(d={domain})(l={local}))"
+    assert _render_filter(template, "a*(b)\\c\x00@x*.example") == (
+        r"(&(k=a\2a\28b\29\5cc\00@x\2a.example)(d=x\2a.example)(l=a\2a\28b\29\5cc\00))"
+    )
+    assert _render_filter(template, ".example.org") == "(&(k=.example.org)(d=.example.org)(l=))"
+    assert _render_filter(template, "*") == r"(&(k=\2a)(d=\2a)(l=))"
+
+
+@pytest.mark.parametrize(
+    "local",
+    ["*", "bo*", "*)(moxyRouteKey=*", "boss)", "(boss", "\\2a", "b\\", "boss\x00", "\x00"],
+)
+async def test_filter_metacharacters_in_an_address_match_only_literally(
+    slapd: Slapd, local: str
+) -> None:
+    # Unescaped, `*@example.org` would be a substring filter matching boss@example.org, and the
+    # others would be broken or widened filters. Escaped, none matches an entry: the domain does.
+    route = await SourceRouter(source(slapd)).route(f"{local}@example.org")
+    assert route is not None
+    assert (route.key, route.groups) == (
+        "example.org",
+        parse_destinations("10.0.0.5:2525 mx2.example.org"),
+    )
+
+
+async def test_an_address_holding_metacharacters_matches_its_own_entry(slapd: Slapd) -> None:
+    weird = "we(ir)d*\\x@example.org"
+    slapd.add_route(weird, "weird.example.net")
+    route = await SourceRouter(source(slapd)).route(weird)
+    assert route is not None and route.key == weird
+    assert route.groups == parse_destinations("weird.example.net")
+
+
+async def test_a_catch_all_entry_is_found_by_the_star_key(slapd: Slapd) -> None:
+    slapd.add_route("*", "fallback.example.net:2525")
+    route = await SourceRouter(source(slapd)).route("x@unknown.example")
+    assert route is not None and (route.key, str(route)) == ("*", "fallback.example.net:2525")
+
+
+# --- search settings ---------------------------------------------------------------------------
+
+
+async def test_domain_and_local_placeholders(slapd: Slapd) -> None:
+    # A directory that keys routes by domain only: every key of a domain finds its entry.
+    by_domain = source(slapd, filter="(&(objectClass=moxyRoute)(moxyRouteKey={domain}))")
+    assert await by_domain.lookup("anyone@shop.example") == parse_destinations(
+        "203.0.113.7:2600|198.51.100.9"
+    )
+    by_local = source(slapd, filter="(moxyRouteKey={local}@example.org)")
+    assert await by_local.lookup("boss@elsewhere.example") == parse_destinations("[2001:db8::25]")
+
+
+@pytest.mark.parametrize(
+    ("scope", "base", "found"),
+    [
+        ("sub", "dc=example,dc=net", True),
+        ("one", ROUTES_BASE, True),
+        ("one", "dc=example,dc=net", False),
+        ("base", f"moxyRouteKey=example.com,{ROUTES_BASE}", True),
+        ("base", f"moxyRouteKey=example.org,{ROUTES_BASE}", False),
+    ],
+)
+async def test_scope_and_base(slapd: Slapd, scope: str, base: str, found: bool) -> None:
+    groups = await source(slapd, scope=scope, base=base).lookup("example.com")
+    assert (groups is not None) == found
+
+
+async def test_an_entry_without_the_attribute_is_no_route(slapd: Slapd) -> None:
+    # An ISP's tree, say, where only some customer entries carry a route.
+    assert await source(slapd, attribute="seeAlso").lookup("example.org") is None
+
+
+async def test_a_missing_base_fails_the_lookup(slapd: Slapd) -> None:
+    with pytest.raises(LookupFailed, match="does not exist"):
+        await source(slapd, base="ou=nowhere,dc=example,dc=net").lookup("example.org")
+
+
+async def test_several_entries_for_one_key_are_bad_data(slapd: Slapd) -> None:
+    slapd.add(
+        f"moxyRouteKey=alias.example,{ROUTES_BASE}",
+        {
+            "objectClass": ["moxyRoute"],
+            "moxyRouteKey": ["alias.example", "example.com"],
+            "moxyDestination": ["other.example.net"],
+        },
+    )
+    with pytest.raises(BadRouteData, match="several entries"):
+        await source(slapd).lookup("example.com")
+
+
+async def test_a_malformed_value_is_bad_data_naming_source_and_key(slapd: Slapd) -> None:
+    slapd.add_route("bad.example", "mx.example:0")
+    with pytest.raises(BadRouteData, match=r"source ldap for 'bad.example'.*mx.example:0"):
+        await CachedRouter([source(slapd)]).route("user@bad.example")
+
+
+# --- binding and TLS ---------------------------------------------------------------------------
+
+
+async def test_simple_bind(slapd: Slapd) -> None:
+    bound = source(slapd, bind_dn=ROOT_DN, password=ROOT_PASSWORD)
+    assert await bound.lookup("example.com") is not None
+    wrong = source(slapd, bind_dn=ROOT_DN, password="wrong")
+    with pytest.raises(
+        LookupFailed, match=r"bind as cn=admin,dc=example,dc=net .*invalidCredentials"
+    ):
+        await wrong.lookup("example.com")
+
+
+async def test_starttls_with_a_ca_file(slapd_tls: Slapd) -> None:
+    settings = {"uri": (f"ldap://localhost:{slapd_tls.port}",), "starttls": True}
+    assert slapd_tls.tls is not None
+    good = source(slapd_tls, **settings, ca_file=slapd_tls.tls.ca)
+    assert await good.lookup("example.com") == parse_destinations("mail.example.com:2525")
+    untrusted = source(slapd_tls, **settings)  # the system CAs do not know the test CA
+    with pytest.raises(LookupFailed):
+        await untrusted.lookup("example.com")
+
+
+def test_a_missing_ca_file_is_refused() -> None:
+    settings = LdapSettings(
+        uri=("ldaps://ldap.example",), base=ROUTES_BASE, ca_file="/nonexistent/ca.pem"
+    )
+    with pytest.raises(ValueError, match="ca_file"):
+        LdapSource(settings)
+
+
+async def test_ldaps_with_a_ca_file(slapd_tls: Slapd) -> None:
+    assert slapd_tls.tls is not None
+    ldaps = source(
+        slapd_tls, uri=(f"ldaps://localhost:{slapd_tls.ldaps_port}",), ca_file=slapd_tls.tls.ca
+    )
+    assert await ldaps.lookup("example.com") == parse_destinations("mail.example.com:2525")
+
+
+# --- servers going away ------------------------------------------------------------------------
+
+
+async def test_a_dead_server_in_the_pool_is_skipped(slapd: Slapd) -> None:
+    pool = source(slapd, uri=(f"ldap://127.0.0.1:{free_port()}", slapd.uri))
+    for _ in range(4):  # round robin lands on the dead one in turn
+        assert await pool.lookup("example.com") is not None
+
+
+async def test_lookups_fail_while_slapd_is_down_and_recover_after_restart(slapd: Slapd) -> None:
+    ldap = source(slapd)
+    assert await ldap.lookup("example.com") is not None
+    slapd.stop()
+    started = time.monotonic()
+    with pytest.raises(LookupFailed, match="unreachable"):
+        await ldap.lookup("example.com")
+    assert time.monotonic() - started < 1.5
+    slapd.start()
+    assert await ldap.lookup("example.com") is not None
+
+
+async def test_a_restarted_server_is_reconnected_transparently(slapd: Slapd) -> None:
+    ldap = source(slapd)
+    assert await ldap.lookup("example.com") is not None  # an idle connection is kept open
+    slapd.restart()
+    assert await ldap.lookup("example.com") is not None
+
+
+@pytest.fixture
+def silent_server() -> Iterator[int]:
+    """A port that accepts TCP connections and never says a word."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        yield listener.getsockname()[1]
+
+
+async def test_a_server_that_does_not_answer_times_out(silent_server: int) -> None:
+    ldap = LdapSource(
+        LdapSettings(uri=(f"ldap://127.0.0.1:{silent_server}",), base=ROUTES_BASE, timeout=0.3)
+    )
+    started = time.monotonic()
+    with pytest.raises(LookupFailed, match=r"no answer within 0.3s"):
+        await ldap.lookup("example.com")
+    assert time.monotonic() - started < 1.0
+
+
+# --- settings and shipped files ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"uri": ()}, "at least one"),
+        ({"uri": ("http://ldap.example",)}, "not an ldap"),
+        ({"uri": ("ldaps://ldap.example",), "starttls": True}, "already TLS"),
+        ({"scope": "subtree"}, "not one of base, one, sub"),
+        ({"filter": "(moxyRouteKey={address})"}, "bad placeholder"),
+        ({"filter": "moxyRouteKey={key}"}, "not an LDAP filter"),
+    ],
+)
+def test_settings_are_checked(settings: dict[str, object], message: str) -> None:
+    options: dict[str, object] = {"uri": ("ldap://ldap.example",), "base": "dc=example,dc=net"}
+    options.update(settings)
+    with pytest.raises(ValueError, match=message):
+        LdapSettings(**options)  # type: ignore[arg-type]
+
+
+def _schema_definitions(text: str) -> list[str]:
+    """The `( ... )` of each attributetype/objectclass in slapd.conf schema form, white space
+    normalised."""
+    lines = [line for line in text.splitlines() if not line.startswith("#")]
+    blocks = "\n".join(lines).split("\n\n")
+    return [" ".join(b.split()).split(" ", 1)[1] for b in blocks if b.strip()]
+
+
+def _ldif_definitions(text: str) -> list[str]:
+    unfolded = re.sub(r"\n ", "", text)  # RFC 2849 folding: newline and one space
+    values = re.findall(r"^olc(?:AttributeTypes|ObjectClasses): (.*)$", unfolded, re.M)
+    return [" ".join(v.split()) for v in values]
+
+
+def test_the_schema_and_its_cn_config_form_define_the_same_things() -> None:
+    from_schema = _schema_definitions((DEPLOY / "moxy.schema").read_text())
+    from_ldif = _ldif_definitions((DEPLOY / "moxy.ldif").read_text())
+    assert len(from_schema) == 3
+    assert from_schema == from_ldif
+
+
+# --- the commands of docs/ldap.md --------------------------------------------------------------
+
+
+def ldap_tool(tool: str, slapd: Slapd, *args: str, stdin: str | None = None) -> None:
+    """Run ldapadd/ldapmodify as docs/ldap.md does (-w instead of the prompting -W)."""
+    binary = require_binary(tool, "ldap-utils")
+    argv = [binary, "-x", "-H", slapd.uri, "-D", ROOT_DN, "-w", ROOT_PASSWORD, *args]
+    done = subprocess.run(argv, input=stdin, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+async def test_the_documented_ldapadd_and_ldapmodify_commands(tmp_path: Path) -> None:
+    empty = Slapd(tmp_path / "empty", data=())
+    empty.start()
+    try:
+        ldap_tool("ldapadd", empty, "-c", "-f", str(DEPLOY / "example.ldif"))
+        ldap = source(empty)
+        assert await ldap.lookup("example.org") == parse_destinations(
+            "10.0.0.5:2525 mx2.example.org"
+        )
+        ldap_tool("ldapadd", empty, stdin=DOCUMENTED_NEW_CUSTOMER)
+        assert await ldap.lookup("customer.example") == parse_destinations("192.0.2.44:2525")
+        ldap_tool("ldapmodify", empty, stdin=DOCUMENTED_MOVE)
+        assert await ldap.lookup("customer.example") == parse_destinations(
+            "192.0.2.45:2525|backup.customer.example"
+        )
+    finally:
+        empty.stop()
+
+
+def _documented(marker: str) -> str:
+    """The heredoc that follows `marker` in docs/ldap.md."""
+    text = (DEPLOY.parents[1] / "docs" / "ldap.md").read_text()
+    after = text[text.index(marker) :]
+    body = after[after.index("<<'EOF'\n") + len("<<'EOF'\n") :]
+    return body[: body.index("\nEOF\n") + 1]
+
+
+DOCUMENTED_NEW_CUSTOMER = _documented("A new customer:")
+DOCUMENTED_MOVE = _documented("The customer's server moved:")
