@@ -1,0 +1,156 @@
+#!/usr/bin/env python3
+"""Messages per second through Moxy against direct delivery, and Moxy's memory.
+
+Load generator: Postfix's `smtp-source`; destination: Postfix's `smtp-sink` (package `postfix`).
+Moxy runs as a subprocess (`python -m moxy serve`) with a route to the sink. Prints a table of
+msgs/s direct vs through Moxy and their ratio, then Moxy's resident memory idle, with many idle
+client connections, and after a large message.
+
+    .venv/bin/python benchmarks/bench_throughput.py [--messages 3000] [--sessions 20] ...
+
+Everything binds 127.0.0.1 and stops by itself. Results and how to read them: docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import smtplib
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+            return
+        time.sleep(0.05)
+    raise SystemExit(f"bench: nothing answers on 127.0.0.1:{port}")
+
+
+def need(tool: str) -> str:
+    path = shutil.which(tool) or shutil.which(tool, path="/usr/sbin:/usr/bin")
+    if path is None:
+        raise SystemExit(f"bench: {tool} not found; install it with: apt-get install postfix")
+    return path
+
+
+def rss_kib(pid: int, field: str = "VmRSS") -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+@contextlib.contextmanager
+def sink(port: int) -> Iterator[None]:
+    args = [need("smtp-sink")]
+    if os.geteuid() == 0:
+        args += ["-u", "nobody"]
+    proc = subprocess.Popen([*args, f"127.0.0.1:{port}", "1024"], stdout=subprocess.DEVNULL)
+    try:
+        wait_port(port)
+        yield
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+@contextlib.contextmanager
+def moxy(port: int, sink_port: int, workdir: Path) -> Iterator[subprocess.Popen[bytes]]:
+    (workdir / "routes").write_text(f"bench.test  127.0.0.1:{sink_port}\n")
+    (workdir / "moxy.toml").write_text(
+        f'[server]\nlisten = ["127.0.0.1:{port}"]\nhostname = "bench.moxy.test"\n'
+        '[routes]\nfile = "routes"\n[log]\nfile = "moxy.log"\nlevel = "warning"\n'
+        "[limits]\nmessage_size = 104857600\nconnections = 5000\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moxy", "serve", "-c", str(workdir / "moxy.toml")]
+    )
+    try:
+        wait_port(port)
+        yield proc
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+def source(port: int, messages: int, sessions: int, size: int, reuse: bool, rcpts: int) -> float:
+    args = [need("smtp-source"), "-m", str(messages), "-s", str(sessions), "-l", str(size),
+            "-r", str(rcpts), "-f", "bench@client.test", "-t", "user@bench.test"]
+    if reuse:
+        args.append("-d")
+    started = time.perf_counter()
+    subprocess.run([*args, f"127.0.0.1:{port}"], check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - started
+
+
+def idle_connections(port: int, count: int) -> list[socket.socket]:
+    conns = []
+    for _ in range(count):
+        s = socket.create_connection(("127.0.0.1", port))
+        s.recv(512)  # the greeting: the session exists
+        conns.append(s)
+    return conns
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--messages", type=int, default=3000)
+    ap.add_argument("--sessions", type=int, default=20)
+    ap.add_argument("--sizes", default="1024,10240,102400", help="message sizes in bytes")
+    ap.add_argument("--recipients", type=int, default=1)
+    ap.add_argument("--idle", type=int, default=1000, help="idle connections for the memory test")
+    ap.add_argument("--large", type=int, default=50_000_000, help="bytes of the large message")
+    args = ap.parse_args()
+
+    sink_port, moxy_port = free_port(), free_port()
+    with tempfile.TemporaryDirectory() as tmp, sink(sink_port), \
+            moxy(moxy_port, sink_port, Path(tmp)) as proc:
+        print(f"{'size':>8} {'conn':>6} {'direct msg/s':>13} {'moxy msg/s':>11} {'ratio':>6}")
+        for size in (int(s) for s in args.sizes.split(",")):
+            for reuse in (False, True):
+                common = (args.messages, args.sessions, size, reuse, args.recipients)
+                direct = args.messages / source(sink_port, *common)
+                proxied = args.messages / source(moxy_port, *common)
+                print(f"{size:>8} {'reuse' if reuse else 'new':>6} {direct:>13.0f}"
+                      f" {proxied:>11.0f} {proxied / direct:>6.2f}")
+
+        base = rss_kib(proc.pid)
+        print(f"\nmoxy RSS after the runs: {base / 1024:.1f} MiB")
+        conns = idle_connections(moxy_port, args.idle)
+        time.sleep(0.5)
+        with_idle = rss_kib(proc.pid)
+        per = (with_idle - base) / max(args.idle, 1)
+        print(f"with {args.idle} idle connections: {with_idle / 1024:.1f} MiB"
+              f" ({per:.1f} KiB per connection)")
+        for c in conns:
+            c.close()
+
+        before = rss_kib(proc.pid, "VmHWM")
+        body = b"Subject: large\r\n\r\n" + (b"x" * 76 + b"\r\n") * (args.large // 78)
+        started = time.perf_counter()
+        with smtplib.SMTP("127.0.0.1", moxy_port) as client:
+            client.sendmail("bench@client.test", ["user@bench.test"], body)
+        took = time.perf_counter() - started
+        after = rss_kib(proc.pid, "VmHWM")
+        print(f"{len(body) / 1e6:.0f} MB message: {len(body) / took / 1e6:.0f} MB/s;"
+              f" peak RSS {before / 1024:.1f} -> {after / 1024:.1f} MiB")
+
+
+if __name__ == "__main__":
+    main()
