@@ -94,11 +94,20 @@ class Session:
         self.data_started = 0.0
         self.received_bytes = 0
         self.body_refusal: Reply | None = None
+        self.output = bytearray()  # replies not yet written
 
     # -- I/O with the client ---------------------------------------------------------------
 
     async def reply(self, reply: Reply) -> None:
-        data = self.smtp.send(reply)
+        """Queue a reply. Replies go out when Moxy next waits for the client, so the answers to
+        a pipelined group of commands leave in one write (RFC 2920 §3.2)."""
+        self.output += self.smtp.send(reply)
+
+    async def flush(self) -> None:
+        if not self.output:
+            return
+        data = bytes(self.output)
+        self.output.clear()
         try:
             await self.stream.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
@@ -108,6 +117,7 @@ class Session:
         while True:
             event = self.smtp.next_event()
             if event is ev.NEED_DATA:
+                await self.flush()
                 in_data = self.transaction is not None and bool(self.transaction.streaming)
                 timeout = (
                     self.ctx.config.timeouts.client_data if in_data
@@ -123,6 +133,7 @@ class Session:
                 if scope.cancelled_caught:
                     await self.abort_transaction()
                     await self.reply(Reply.make(421, "4.4.2", f"{self.hostname} Timeout, closing"))
+                    await self.flush()
                     raise ClientGone
                 self.smtp.receive_data(data)
                 continue
@@ -142,6 +153,7 @@ class Session:
             await self.reply(Reply(220, (banner,)))
             while await self.handle(await self.next_event()):
                 pass
+            await self.flush()
         except ClientGone:
             pass
         finally:
@@ -222,6 +234,10 @@ class Session:
         except LookupFailed as exc:
             logger.warning("route lookup for <%s> failed: %s", address, exc)
             return Reply.make(451, "4.4.3", "Routing temporarily unavailable; try again later")
+        except Exception:
+            # A bug, not a routing answer: never accept what cannot be routed, keep the session.
+            logger.exception("route lookup for <%s> raised", address)
+            return Reply.make(451, "4.3.0", "Routing error; try again later")
         if route is None:
             return Reply.make(550, "5.7.1", f"<{address}>: Relaying denied")
         return await self.transaction.add_recipient(address, route)

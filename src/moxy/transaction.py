@@ -23,6 +23,8 @@ logger = logging.getLogger("moxy.transaction")
 
 Outcome = Reply | LegError
 
+COALESCE = 16384  # body bytes gathered before a write to the legs
+
 _CLASS_ORDER = {2: 0, 3: 0, 4: 1, 5: 2}  # worse is larger
 
 
@@ -128,6 +130,9 @@ class Transaction:
         self.destination_set: frozenset[DestinationGroup] | None = None
         self.body_failure: LegError | None = None
         self.streaming: list[Leg] = []
+        # Body bytes not yet written: small pieces are coalesced so that a small message goes to
+        # a leg as one write (header, body and end-of-data sequence together).
+        self.pending = bytearray()
 
     def _leg(self, group: DestinationGroup) -> Leg:
         leg = self.pool.get(group)
@@ -176,14 +181,22 @@ class Transaction:
                 await leg.abort()
             return reply
         self.streaming = legs
-        await self.send(header)
+        self.pending[:] = header
         return reply
 
     async def send(self, data: bytes) -> None:
         """Forward body bytes to every leg; the slowest leg paces the caller. A leg failing
-        here fails the message for all legs (none gets the end-of-data sequence)."""
+        here fails the message for all legs (none gets the end-of-data sequence).
+
+        Pieces smaller than COALESCE wait in `pending` (bounded by COALESCE plus one chunk)."""
         if self.body_failure is not None or not data:
             return
+        if self.pending or len(data) < COALESCE:
+            self.pending += data
+            if len(self.pending) < COALESCE:
+                return
+            data = bytes(self.pending)
+            self.pending.clear()
         for leg in self.streaming:
             try:
                 await leg.send_body(data)
@@ -199,7 +212,9 @@ class Transaction:
             return [LegResult(leg, leg.destination, self.body_failure) for leg in self.streaming]
         legs = self.streaming
         destinations = [leg.destination for leg in legs]
-        outcomes = await gather([leg.finish for leg in legs])
+        tail = bytes(self.pending)
+        self.pending.clear()
+        outcomes = await gather([functools.partial(leg.finish, tail) for leg in legs])
         return [
             LegResult(leg, dest, outcome)
             for leg, dest, outcome in zip(legs, destinations, outcomes, strict=True)
@@ -207,6 +222,7 @@ class Transaction:
 
     async def abort(self) -> None:
         """Drop every leg that is inside DATA: a partial message is never delivered."""
+        self.pending.clear()
         for leg in self.legs.values():
             await leg.abort()
 

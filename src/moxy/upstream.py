@@ -355,12 +355,14 @@ class Leg:
         await self.conn.send(data, "body", self.settings.timeouts.upstream_data_block)
         self.sent += len(data)
 
-    async def finish(self) -> Reply:
-        """Send the end-of-data sequence and read the verdict: the one commit point."""
+    async def finish(self, tail: bytes = b"") -> Reply:
+        """Send the rest of the body and the end-of-data sequence, in one write, and read the
+        verdict: the one commit point."""
         assert self.conn is not None and self.in_data
         t = self.settings.timeouts
         try:
-            await self.conn.send(b".\r\n", "end-of-data", t.upstream_data_block)
+            await self.conn.send(tail + b".\r\n", "end-of-data", t.upstream_data_block)
+            self.sent += len(tail)
             reply = await self.conn.read_reply("end-of-data", t.upstream_data_end)
         except LegError:
             await self.drop()
