@@ -252,7 +252,7 @@ class Leg:
     async def drop(self) -> None:
         """Close the connection hard (never sends the end-of-data sequence)."""
         conn, self.conn = self.conn, None
-        self.synced = self.needs_reset = self.in_data = False
+        self.synced = self.needs_reset = self.in_data = self.reused = False
         if conn is not None:
             await conn.close()
 
