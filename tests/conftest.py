@@ -7,8 +7,12 @@
 - `moxy_process(routes, **sections)`: `python -m moxy serve -c moxy.toml` as a subprocess on a
   free port; terminated at teardown.
 - `write_config(routes, **sections)`: the TOML file (and routes file) both of them use.
+- `redis_server`, `make_redis_server`, `redis_sentinel`, `slapd`, `slapd_tls`, `tls_files`:
+  real route backends on loopback ports (tests/peers/redis_server.py, slapd.py, tls.py).
 
-How `routes` and sections are written is in tests/peers/moxy.py.
+How `routes` and sections are written is in tests/peers/moxy.py. `routes` is positional, so
+`routes={"chain": [...]}` is the `[routes]` section; `**{"routes.ldap": {...}}` becomes a
+`[routes.ldap]` table; without "file" in a `chain` the routes file is left out of `[routes]`.
 """
 
 from __future__ import annotations
@@ -38,7 +42,19 @@ from peers.moxy import (  # noqa: E402
     toml_text,
 )
 from peers.recorder import Recorder  # noqa: E402
+from peers.redis_server import make_redis_server, redis_sentinel, redis_server  # noqa: E402
 from peers.sink import SmtpSink, free_port, wait_for_greeting  # noqa: E402
+from peers.slapd import slapd, slapd_tls  # noqa: E402
+from peers.tls import tls_files  # noqa: E402
+
+__all__ = [  # the backend fixtures, for every test module
+    "make_redis_server",
+    "redis_sentinel",
+    "redis_server",
+    "slapd",
+    "slapd_tls",
+    "tls_files",
+]
 
 WriteConfig = Callable[..., Path]
 
@@ -53,7 +69,11 @@ def write_config(tmp_path: Path) -> WriteConfig:
     written: list[Path] = []
 
     def write(
-        routes: Routes, *, listen: Sequence[str] = ("127.0.0.1:0",), **sections: Mapping[str, Any]
+        routes: Routes,
+        /,
+        *,
+        listen: Sequence[str] = ("127.0.0.1:0",),
+        **sections: Mapping[str, Any],
     ) -> Path:
         # Every call gets its own directory, so two servers in one test do not share files.
         directory = tmp_path / f"moxy{len(written)}"
@@ -64,8 +84,12 @@ def write_config(tmp_path: Path) -> WriteConfig:
             "routes": {"file": "routes"},  # relative to the config file
             "log": {"file": "moxy.log"},
         }
+        merged = merge_sections(base, DEFAULT_SECTIONS, sections)
+        chain = merged["routes"].get("chain")
+        if isinstance(chain, list) and "file" not in chain:
+            del merged["routes"]["file"]
         path = directory / "moxy.toml"
-        path.write_text(toml_text(merge_sections(base, DEFAULT_SECTIONS, sections)))
+        path.write_text(toml_text(merged))
         written.append(path)
         return path
 
@@ -120,7 +144,7 @@ async def moxy(write_config: WriteConfig) -> AsyncIterator[StartMoxy]:
     starts another server. All of them are cancelled at teardown."""
     async with trio.open_nursery() as nursery:
 
-        async def start(routes: Routes, **sections: Any) -> RunningMoxy:
+        async def start(routes: Routes, /, **sections: Any) -> RunningMoxy:
             from moxy.config import load_config
             from moxy.server import serve
 
@@ -139,7 +163,7 @@ def moxy_process(write_config: WriteConfig) -> Iterator[Callable[..., MoxyProces
     """moxy_process(routes, **sections) -> `python -m moxy serve -c moxy.toml` on a free port."""
     started: list[MoxyProcess] = []
 
-    def start(routes: Routes, **sections: Any) -> MoxyProcess:
+    def start(routes: Routes, /, **sections: Any) -> MoxyProcess:
         port = free_port()
         path = write_config(routes, listen=[f"127.0.0.1:{port}"], **sections)
         stderr_path = path.parent / "moxy.stderr"

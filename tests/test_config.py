@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import typing
 from pathlib import Path
 
 import attrs
@@ -20,6 +21,7 @@ from moxy.config import (
     Timeouts,
     load_config,
 )
+from moxy.lookup.settings import CacheSettings, GdbmSettings, LdapSettings, RedisSettings
 
 REPO = Path(__file__).resolve().parent.parent
 ROUTES = '[routes]\nfile = "routes"\n'  # the one required key
@@ -311,6 +313,218 @@ def test_bad_routes_file_value_is_not_also_reported_missing(tmp_path: Path) -> N
     assert errors(tmp_path, "[routes]\nfile = 5\n") == ["routes.file: expected a file path, got 5"]
 
 
+# --- route sources: [routes] chain and its tables ------------------------------------------
+
+LDAP = '[routes.ldap]\nuri = "ldap://ldap1.example.net"\nbase = "ou=routes,dc=example,dc=net"\n'
+REDIS = "[routes.redis]\n"
+GDBM = '[routes.gdbm]\npath = "routes.db"\n'
+
+
+def test_without_chain_the_routes_file_is_the_only_source(tmp_path: Path) -> None:
+    routes = load(tmp_path, ROUTES).routes
+    assert (routes.chain, routes.sources) == (None, ("file",))
+    assert (routes.gdbm, routes.ldap, routes.redis) == (None, None, None)
+    assert routes.cache == CacheSettings()
+
+
+def test_a_chain_of_every_source(tmp_path: Path) -> None:
+    text = '[routes]\nchain = ["redis", "LDAP", "gdbm", "file"]\nfile = "routes"\n'
+    routes = load(tmp_path, text + LDAP + REDIS + GDBM).routes
+    assert routes.sources == ("redis", "ldap", "gdbm", "file")
+    assert routes.gdbm == GdbmSettings(tmp_path / "routes.db")
+    assert routes.ldap == LdapSettings(uri=("ldap://ldap1.example.net",), base=LDAP.split('"')[3])
+    assert routes.redis == RedisSettings()
+
+
+def test_every_key_of_the_source_tables(tmp_path: Path) -> None:
+    text = """\
+[routes]
+chain = ["ldap", "redis", "gdbm"]
+
+[routes.gdbm]
+path = "db/routes.db"
+reload_interval = 0
+
+[routes.ldap]
+uri = ["ldaps://ldap1.example.net", "ldaps://ldap2.example.net"]
+base = "ou=routes,dc=example,dc=net"
+scope = "one"
+filter = "(&(objectClass=moxyRoute)(moxyRouteKey={domain}))"
+attribute = "mailRoutingAddress"
+bind_dn = "cn=moxy,ou=services,dc=example,dc=net"
+password = "secret"
+starttls = false
+ca_file = "ca.pem"
+timeout = 2
+
+[routes.redis]
+url = "rediss://:secret@redis1.example.net:6380/1"
+key_prefix = "isp1:"
+channel = "isp1:routes"
+timeout = 0.5
+sentinel_master = "moxy"
+sentinels = ["sentinel1.example.net:26379", "[2001:db8::1]:26379"]
+
+[routes.cache]
+ttl = 0
+negative_ttl = 5
+stale_grace = 0
+max_entries = 0
+"""
+    routes = load(tmp_path, text).routes
+    assert routes.gdbm == GdbmSettings(tmp_path / "db" / "routes.db", reload_interval=0.0)
+    assert routes.ldap == LdapSettings(
+        uri=("ldaps://ldap1.example.net", "ldaps://ldap2.example.net"),
+        base="ou=routes,dc=example,dc=net",
+        scope="one",
+        filter="(&(objectClass=moxyRoute)(moxyRouteKey={domain}))",
+        attribute="mailRoutingAddress",
+        bind_dn="cn=moxy,ou=services,dc=example,dc=net",
+        password="secret",
+        starttls=False,
+        ca_file=tmp_path / "ca.pem",
+        timeout=2.0,
+    )
+    assert routes.redis == RedisSettings(
+        url="rediss://:secret@redis1.example.net:6380/1",
+        key_prefix="isp1:",
+        channel="isp1:routes",
+        timeout=0.5,
+        sentinel_master="moxy",
+        sentinels=("sentinel1.example.net:26379", "[2001:db8::1]:26379"),
+    )
+    assert routes.cache == CacheSettings(ttl=0, negative_ttl=5, stale_grace=0, max_entries=0)
+
+
+def test_the_cache_table_alone_tunes_the_flat_file_setup(tmp_path: Path) -> None:
+    routes = load(tmp_path, ROUTES + "[routes.cache]\nttl = 5\n").routes
+    assert routes.sources == ("file",)
+    assert routes.cache == CacheSettings(ttl=5.0)
+
+
+@pytest.mark.parametrize(
+    ("toml", "expected"),
+    [
+        (
+            '[routes]\nchain = ["ldap"]\n',
+            ["routes.chain: 'ldap' needs a [routes.ldap] table"],
+        ),
+        (
+            '[routes]\nchain = ["redis", "gdbm"]\n',
+            [
+                "routes.chain: 'redis' needs a [routes.redis] table",
+                "routes.chain: 'gdbm' needs a [routes.gdbm] table",
+            ],
+        ),
+        (
+            '[routes]\nchain = ["file"]\n',
+            ["routes.chain: 'file' needs routes.file (the routes file)"],
+        ),
+        (
+            '[routes]\nchain = ["mysql", "redsi"]\n' + REDIS,
+            [
+                "routes.chain: unknown route source 'mysql' (known: redis, ldap, gdbm, file)",
+                "routes.chain: unknown route source 'redsi' (did you mean 'redis'?)",
+            ],
+        ),
+        (
+            '[routes]\nchain = ["redis", "redis"]\n' + REDIS,
+            ["routes.chain: 'redis' is listed twice"],
+        ),
+        (
+            "[routes]\nchain = []\n",
+            [
+                "routes.chain: expected a non-empty array such as "
+                '["redis", "ldap", "gdbm", "file"], got an array'
+            ],
+        ),
+        (
+            '[routes]\nchain = "redis"\n' + REDIS,
+            [
+                "routes.chain: expected a non-empty array such as "
+                """["redis", "ldap", "gdbm", "file"], got 'redis'"""
+            ],
+        ),
+        (
+            ROUTES + LDAP,
+            [
+                "routes.chain: required with a [routes.ldap] table: the sources in the order to "
+                'ask them, e.g. ["redis", "ldap", "gdbm", "file"]'
+            ],
+        ),
+        (
+            '[routes]\nchain = ["redis"]\nfile = "routes"\n' + REDIS + GDBM,
+            [
+                "routes.file: set, but 'file' is not in routes.chain",
+                "routes.gdbm: configured, but 'gdbm' is not in routes.chain",
+            ],
+        ),
+        (
+            '[routes]\nchain = ["ldap"]\n[routes.ldap]\n',
+            ["routes.ldap.uri: required", "routes.ldap.base: required"],
+        ),
+        (
+            '[routes]\nchain = ["gdbm"]\n[routes.gdbm]\nreload_interval = 1\n',
+            ["routes.gdbm.path: required"],
+        ),
+        (
+            '[routes]\nchain = ["ldap"]\n' + LDAP + 'scope = "subtree"\n',
+            ["routes.ldap.scope: 'subtree' is not one of base, one, sub"],
+        ),
+        (
+            '[routes]\nchain = ["ldap"]\n' + LDAP.replace("ldap://", "http://"),
+            ["routes.ldap.uri: 'http://ldap1.example.net' is not an ldap:// or ldaps:// URI"],
+        ),
+        (
+            '[routes]\nchain = ["ldap"]\n[routes.ldap]\nuri = 5\nbase = "o=x"\nstarttls = 1\n',
+            [
+                "routes.ldap.uri: expected a string or an array of strings, got 5",
+                "routes.ldap.starttls: expected true or false, got 1",
+            ],
+        ),
+        (
+            '[routes]\nchain = ["ldap"]\n' + LDAP + "timeout = 0\nfliter = '(x={key})'\n",
+            [
+                "routes.ldap.fliter: unknown key (did you mean 'filter'?)",
+                "routes.ldap.timeout: expected a positive number of seconds, got 0",
+            ],
+        ),
+        (
+            '[routes]\nchain = ["redis"]\n[routes.redis]\nurl = "127.0.0.1:6379"\n',
+            ["routes.redis.url: '127.0.0.1:6379' must start with redis://, rediss:// or unix://"],
+        ),
+        (
+            '[routes]\nchain = ["redis"]\n[routes.redis]\nurl = "redis://host:port/0"\n',
+            [
+                "routes.redis.url: 'redis://host:port/0': Port could not be cast to integer "
+                "value as 'port'"
+            ],
+        ),
+        (
+            '[routes]\nchain = ["redis"]\n[routes.redis]\nsentinel_master = "moxy"\n',
+            ["routes.redis: sentinels and sentinel_master go together: set both or neither"],
+        ),
+        (
+            ROUTES + "[routes.cache]\nttl = -1\nmax_entries = 1.5\n",
+            [
+                "routes.cache.ttl: expected a non-negative number of seconds, got -1",
+                "routes.cache.max_entries: expected a non-negative integer, got 1.5",
+            ],
+        ),
+        (
+            '[routes]\nchain = ["ldap"]\nldap = "ldap://ldap1.example.net"\n',
+            ["routes.ldap: expected a table [routes.ldap], got 'ldap://ldap1.example.net'"],
+        ),
+        (
+            ROUTES + "[routes.memcache]\nx = 1\n",
+            ["routes.memcache: unknown section (did you mean 'cache'?)"],
+        ),
+    ],
+)
+def test_route_source_errors_name_the_key(tmp_path: Path, toml: str, expected: list[str]) -> None:
+    assert errors(tmp_path, toml) == expected
+
+
 # --- the file itself ----------------------------------------------------------------------
 
 
@@ -377,11 +591,30 @@ SECTIONS = {
     "limits": Limits,
     "timeouts": Timeouts,
 }
-ALL_KEYS = [(s, f.name) for s, cls in SECTIONS.items() for f in attrs.fields(cls)]
+ROUTE_TABLES = {
+    "routes.gdbm": GdbmSettings,
+    "routes.ldap": LdapSettings,
+    "routes.redis": RedisSettings,
+    "routes.cache": CacheSettings,
+}
+ALL_KEYS = [
+    (section, f.name)
+    for section, cls in {**SECTIONS, **ROUTE_TABLES}.items()
+    for f in attrs.fields(cls)
+    if f"{section}.{f.name}" not in ROUTE_TABLES
+]
 
 
 def test_sections_are_the_config_fields() -> None:
     assert [f.name for f in attrs.fields(Config)] == [*SECTIONS, "path"]
+    hints = typing.get_type_hints(RoutesSettings)
+    tables = {
+        f"routes.{name}": cls
+        for name, hint in hints.items()
+        for cls in typing.get_args(hint) or (hint,)
+        if attrs.has(cls)
+    }
+    assert tables == ROUTE_TABLES
 
 
 def test_example_config_loads() -> None:
@@ -394,7 +627,8 @@ def test_example_config_loads() -> None:
 @pytest.mark.parametrize(("section", "key"), ALL_KEYS)
 def test_example_config_shows_every_key(section: str, key: str) -> None:
     text = (REPO / "examples" / "moxy.toml").read_text()
-    body = text.split(f"[{section}]\n", 1)[1].split("\n[", 1)[0]
+    # The route source tables are there commented out, as "# [routes.ldap]".
+    body = re.split(r"\n(?:# )?\[", text.split(f"[{section}]\n", 1)[1], maxsplit=1)[0]
     assert re.search(rf"^(# )?{key} = ", body, re.MULTILINE)
 
 

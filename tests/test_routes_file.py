@@ -343,3 +343,28 @@ async def test_docs_worked_example(
     route = await SourceRouter(FileSource.open(path)).route(recipient)
     assert route is not None
     assert (route.key, str(route)) == (key, destinations)
+
+
+# --- telling the route cache ----------------------------------------------------------------
+
+
+async def test_check_reloads_now_and_calls_on_change(routes_path: Path) -> None:
+    source = FileSource.open(routes_path, reload_interval=3600.0)
+    changes: list[str] = []
+    source.on_change = lambda: changes.append("changed")
+    await source.check()
+    assert changes == []  # the same file
+    write(routes_path, "example.org new.example\n")
+    await source.check()
+    assert changes == ["changed"]
+    assert source.routes["example.org"] == parse_destinations("new.example")
+
+
+async def test_a_version_that_is_not_loaded_calls_no_on_change(watched: Watched) -> None:
+    changes: list[str] = []
+    watched.source.on_change = lambda: changes.append("changed")
+    write(watched.path, "example.org new.example\nbroken.example\n")
+    await watched.source.check()
+    write(watched.path, "")  # truncated by an editor
+    await watched.source.check()
+    assert changes == []

@@ -1,8 +1,10 @@
 """Moxy's configuration: one TOML file turned into frozen attrs values, validated once at start.
 
 Each section is an attrs class whose fields carry their own parser, so one declaration gives a
-key its name, default and check. `load_config` walks those declarations, collects every problem
-as "section.key: message" and raises them all together as `ConfigError`.
+key its name, default and check. The route sources' tables (`[routes.ldap]` and the like) are
+read straight into the sources' own settings classes, their parsers chosen by field type.
+`load_config` walks those declarations, collects every problem as "section.key: message" and
+raises them all together as `ConfigError`.
 """
 
 from __future__ import annotations
@@ -14,11 +16,15 @@ import math
 import re
 import socket
 import tomllib
+import types
+import typing
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import attrs
+
+from moxy.lookup.settings import CacheSettings, GdbmSettings, LdapSettings, RedisSettings
 
 DEFAULT_CONFIG_PATH = Path("/etc/moxy/moxy.toml")
 
@@ -55,6 +61,8 @@ _Check = Callable[[Any], list[tuple[str, str]]]
 _PARSER = "moxy.config.parser"
 _SECTION = "moxy.config.section"
 _CHECK = "moxy.config.check"
+_KEYS = "moxy.config.keys"
+_OPTIONAL = "moxy.config.optional"
 
 
 def _key(parser: _Parser) -> dict[str, object]:
@@ -65,6 +73,21 @@ def _key(parser: _Parser) -> dict[str, object]:
 def _table(cls: type[Any], check: _Check | None = None) -> dict[str, object]:
     """Field metadata for a sub-table of class `cls`; `check` adds problems spanning keys."""
     return {_SECTION: cls, _CHECK: check}
+
+
+def _backend_table(
+    cls: type[Any], *, optional: bool = True, **parsers: _Parser
+) -> dict[str, object]:
+    """Field metadata for a sub-table read into a backend's own settings class.
+
+    Such a class knows nothing of TOML: its keys are its attrs fields, each parsed by what its
+    type calls for (`parsers` overrides that per key), its defaults are its own, and its
+    validators' `ValueError`s ("key: message") become errors naming the key. An `optional`
+    table that is absent is None; a present one must give every field without a default.
+    """
+    hints = typing.get_type_hints(cls)
+    keys = {f.name: parsers.get(f.name) or _parser_for(hints[f.name]) for f in attrs.fields(cls)}
+    return {_SECTION: cls, _CHECK: None, _KEYS: keys, _OPTIONAL: optional}
 
 
 # --- value parsers ------------------------------------------------------------------------
@@ -169,6 +192,44 @@ def _path(value: object, ctx: _Context) -> Path:
     return path if path.is_absolute() else ctx.base_dir / path
 
 
+def _string(value: object, ctx: _Context) -> str:
+    if not isinstance(value, str):
+        raise _Invalid(f"expected a string, got {_show(value)}")
+    return value
+
+
+def _strings(value: object, ctx: _Context) -> tuple[str, ...]:
+    """One string, or an array of them."""
+    if isinstance(value, str):
+        return (value,)
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise _Invalid(f"expected a string or an array of strings, got {_show(value)}")
+    return tuple(value)
+
+
+_PARSERS_BY_TYPE: Mapping[object, _Parser] = {
+    str: _string,
+    bool: _boolean,
+    int: _integer(0),
+    float: _seconds(),
+    Path: _path,
+    tuple[str, ...]: _strings,
+}
+
+
+def _parser_for(hint: object) -> _Parser:
+    """The parser for a backend settings field of type `hint`; `X | None` reads as X (TOML
+    has no null: an absent key keeps the default)."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        members = [h for h in typing.get_args(hint) if h is not type(None)]
+        if len(members) == 1:
+            hint = members[0]
+    try:
+        return _PARSERS_BY_TYPE[hint]
+    except KeyError:
+        raise TypeError(f"no configuration parser for fields of type {hint!r}") from None
+
+
 # --- listen addresses ---------------------------------------------------------------------
 
 
@@ -263,23 +324,95 @@ class ProxySettings:
     helo_name: str = attrs.field(default="", metadata=_key(_domain(empty_ok=True)))
 
 
+SOURCE_NAMES = ("redis", "ldap", "gdbm", "file")
+_CHAIN_EXAMPLE = '["redis", "ldap", "gdbm", "file"]'
+
+
+def _chain(value: object, ctx: _Context) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value:
+        raise _Invalid(f"expected a non-empty array such as {_CHAIN_EXAMPLE}, got {_show(value)}")
+    problems: list[str] = []
+    chain: list[str] = []
+    for entry in value:
+        if not isinstance(entry, str):
+            problems.append(f"expected source names such as 'redis', got {_show(entry)}")
+        elif entry.lower() not in SOURCE_NAMES:
+            hint = difflib.get_close_matches(entry.lower(), SOURCE_NAMES, n=1)
+            suffix = f"did you mean {hint[0]!r}?" if hint else "known: " + ", ".join(SOURCE_NAMES)
+            problems.append(f"unknown route source {entry!r} ({suffix})")
+        elif entry.lower() in chain:
+            problems.append(f"{entry!r} is listed twice")
+        else:
+            chain.append(entry.lower())
+    if problems:
+        raise _Invalid(*problems)
+    return tuple(chain)
+
+
+_ZERO_OK = _seconds(zero_ok=True)
+
+
 @attrs.frozen
 class RoutesSettings:
-    """[routes]: the DomainDB sources.
+    """[routes]: the DomainDB sources, asked in `chain` order, with one cache in front.
 
-    Later sources (`[routes.gdbm]`, `[routes.ldap]`, `[routes.redis]`, `[routes.cache]`) are
-    sub-tables declared here with `_table`, and `chain` a key; `_check_routes` then
-    accepts any configured source.
+    Without `chain` the routes file alone is used (the flat-file configuration of Moxy's first
+    releases). Each other source is a sub-table read into that backend's own settings class.
     """
 
+    chain: tuple[str, ...] | None = attrs.field(default=None, metadata=_key(_chain))
     file: Path | None = attrs.field(default=None, metadata=_key(_path))
-    reload_interval: float = attrs.field(default=1.0, metadata=_key(_seconds(zero_ok=True)))
+    reload_interval: float = attrs.field(default=1.0, metadata=_key(_ZERO_OK))
+    gdbm: GdbmSettings | None = attrs.field(
+        default=None, metadata=_backend_table(GdbmSettings, reload_interval=_ZERO_OK)
+    )
+    ldap: LdapSettings | None = attrs.field(default=None, metadata=_backend_table(LdapSettings))
+    redis: RedisSettings | None = attrs.field(
+        default=None, metadata=_backend_table(RedisSettings)
+    )
+    cache: CacheSettings = attrs.field(
+        factory=CacheSettings,
+        metadata=_backend_table(
+            CacheSettings,
+            optional=False,
+            ttl=_ZERO_OK,
+            negative_ttl=_ZERO_OK,
+            stale_grace=_ZERO_OK,
+        ),
+    )
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        """The source names in the order they are asked."""
+        return self.chain if self.chain is not None else ("file",)
+
+
+_TABLES = ("gdbm", "ldap", "redis")  # the sources configured by a sub-table
 
 
 def _check_routes(routes: RoutesSettings) -> list[tuple[str, str]]:
-    if routes.file is None:
-        return [("file", "required: without a route source Moxy would refuse all mail")]
-    return []
+    tables = [name for name in _TABLES if getattr(routes, name) is not None]
+    if routes.chain is None:
+        if tables:
+            return [("chain", f"required with a [routes.{tables[0]}] table: the sources in the "
+                              f"order to ask them, e.g. {_CHAIN_EXAMPLE}")]
+        if routes.file is None:
+            return [("file", "required: without a route source Moxy would refuse all mail")]
+        return []
+    problems: list[tuple[str, str]] = []
+    for name in routes.chain:
+        if name == "file" and routes.file is None:
+            problems.append(("chain", "'file' needs routes.file (the routes file)"))
+        elif name != "file" and getattr(routes, name) is None:
+            problems.append(("chain", f"{name!r} needs a [routes.{name}] table"))
+    if routes.file is not None and "file" not in routes.chain:
+        problems.append(("file", "set, but 'file' is not in routes.chain"))
+    problems.extend(
+        (name, f"configured, but {name!r} is not in routes.chain")
+        for name in tables
+        if name not in routes.chain
+    )
+    return problems
 
 
 @attrs.frozen
@@ -368,38 +501,80 @@ def load_config(path: str | Path) -> Config:
 
 
 def _load_table(
-    cls: type[Any], table: Mapping[str, object], prefix: str, ctx: _Context, errors: list[str]
+    cls: type[Any],
+    table: Mapping[str, object],
+    prefix: str,
+    ctx: _Context,
+    errors: list[str],
+    keys: Mapping[str, _Parser] | None = None,
 ) -> Any:
-    """Build `cls` from one TOML table, appending "prefix.key: message" for each problem."""
-    fields = {f.name: f for f in attrs.fields(cls) if f.metadata.keys() & {_PARSER, _SECTION}}
+    """Build `cls` from one TOML table, appending "prefix.key: message" for each problem.
+
+    `keys` are the parsers of a backend settings class (see `_backend_table`); without them the
+    keys and sub-tables are those of `cls`'s fields that carry config metadata.
+    """
+    if keys is not None:
+        fields = {name: attrs.fields_dict(cls)[name] for name in keys}
+    else:
+        fields = {f.name: f for f in attrs.fields(cls) if f.metadata.keys() & {_PARSER, _SECTION}}
     for key, value in table.items():
         if key not in fields:
             kind = "section" if isinstance(value, dict) else "key"
             hint = difflib.get_close_matches(key, fields, n=1)
             suffix = f" (did you mean {hint[0]!r}?)" if hint else ""
             errors.append(f"{prefix}{key}: unknown {kind}{suffix}")
+    before = len(errors)
     values: dict[str, object] = {}
     for name, field in fields.items():
         if _SECTION in field.metadata:
-            values[name] = _load_section(field, table.get(name, {}), f"{prefix}{name}", ctx, errors)
+            values[name] = _load_section(field, table.get(name), f"{prefix}{name}", ctx, errors)
         elif name in table:
+            parse = keys[name] if keys is not None else field.metadata[_PARSER]
             try:
-                values[name] = field.metadata[_PARSER](table[name], ctx)
+                values[name] = parse(table[name], ctx)
             except _Invalid as exc:
                 errors.extend(f"{prefix}{name}: {msg}" for msg in exc.args)
-    return cls(**values)
+        elif field.default is attrs.NOTHING:
+            errors.append(f"{prefix}{name}: required")
+    if keys is None:
+        return cls(**values)
+    if len(errors) > before:
+        return None
+    try:
+        return cls(**values)  # runs the backend's own validators
+    except ValueError as exc:
+        # Moxy's backends word them "key: message" when one key is at fault.
+        key, sep, message = str(exc).partition(": ")
+        if sep and key in fields:
+            errors.append(f"{prefix}{key}: {message}")
+        else:
+            errors.append(f"{prefix.rstrip('.')}: {exc}")
+        return None
 
 
 def _load_section(
     field: attrs.Attribute[Any], table: object, name: str, ctx: _Context, errors: list[str]
 ) -> Any:
-    """One sub-table; its cross-key check runs only when its keys themselves were valid."""
+    """One sub-table; its cross-key check runs only when its keys themselves were valid.
+
+    An absent optional table is None; an absent other one takes its defaults.
+    """
+    if table is None:
+        if field.metadata.get(_OPTIONAL):
+            return None
+        table = {}
     if not isinstance(table, dict):
         errors.append(f"{name}: expected a table [{name}], got {_show(table)}")
+        if field.metadata.get(_OPTIONAL):
+            return None
         table = {}
     before = len(errors)
-    section = _load_table(field.metadata[_SECTION], table, f"{name}.", ctx, errors)
+    section = _load_table(
+        field.metadata[_SECTION], table, f"{name}.", ctx, errors, field.metadata.get(_KEYS)
+    )
     check = field.metadata[_CHECK]
     if check is not None and len(errors) == before:
         errors.extend(f"{name}.{key}: {msg}" for key, msg in check(section))
+    if section is None and not field.metadata.get(_OPTIONAL):
+        return field.metadata[_SECTION]()  # only reached with errors reported: any value will do
     return section

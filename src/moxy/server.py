@@ -15,19 +15,13 @@ import trio
 
 from moxy.accounting.textlog import TextLog
 from moxy.config import Config
-from moxy.lookup.base import Router, SourceRouter
-from moxy.lookup.file import FileSource, RoutesFileError
+from moxy.lookup.base import Router
+from moxy.lookup.build import Routing
 from moxy.session import ServerContext, Session
 from moxy.smtp.replies import Reply
 from moxy.upstream import UpstreamSettings
 
 logger = logging.getLogger("moxy")
-
-
-def build_router(config: Config) -> Router:
-    if config.routes.file is None:
-        raise ValueError("routes.file is not set")
-    return SourceRouter(FileSource.open(config.routes.file, config.routes.reload_interval))
 
 
 def _peer_ip(stream: trio.SocketStream) -> str:
@@ -41,11 +35,19 @@ def _peer_ip(stream: trio.SocketStream) -> str:
 async def serve(
     config: Config,
     *,
+    routing: Routing | None = None,
     router: Router | None = None,
     task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Bind every listen address, report what was bound, and serve until cancelled."""
-    router = router or build_router(config)
+    """Bind every listen address, report what was bound, and serve until cancelled.
+
+    Recipients are routed by `routing` (built from `config.routes` when neither it nor `router`
+    is given), which is kept current while serving and whose backends are closed at the end.
+    A `router` is used as it is.
+    """
+    if router is None:
+        routing = routing or Routing.build(config)
+        router = routing.router
     textlog = TextLog(config.log.file)
     ctx = ServerContext(
         config=config,
@@ -96,6 +98,8 @@ async def serve(
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(textlog.run)
+        if routing is not None:
+            await nursery.start(routing.run)
         await nursery.start(trio.serve_listeners, handle, listeners)
         logger.info("moxy listening on %s", ", ".join(_fmt(b) for b in bound))
         task_status.started(bound)
@@ -114,9 +118,9 @@ def configure_logging(level: str) -> None:
     )
 
 
-async def _main(config: Config, router: Router) -> None:
+async def _main(config: Config, routing: Routing) -> None:
     async with trio.open_nursery() as nursery:
-        await nursery.start(functools.partial(serve, config, router=router))
+        await nursery.start(functools.partial(serve, config, routing=routing))
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
                 logger.info("received %s, stopping", signal.Signals(signum).name)
@@ -126,17 +130,15 @@ async def _main(config: Config, router: Router) -> None:
 
 def run(config: Config) -> int:
     """`moxy serve`: serve until SIGTERM/SIGINT. Messages in DATA at that moment are aborted
-    upstream (no partial delivery) and the clients, which got no 250, retry."""
+    upstream (no partial delivery) and the clients, which got no 250, retry.
+
+    A routes or GDBM file that cannot be used raises `RoutesFileError` or `ConfigError`
+    before anything listens."""
     configure_logging(config.log.level)
-    try:
-        router = build_router(config)
-    except (RoutesFileError, ValueError) as exc:
-        for line in getattr(exc, "errors", None) or [str(exc)]:
-            print(f"moxy: {line}", file=sys.stderr)
-        return 2
+    routing = Routing.build(config)
     status = 0
     try:
-        trio.run(_main, config, router)
+        trio.run(_main, config, routing)
     except* OSError as group:
         for error in group.exceptions:
             print(f"moxy: {getattr(error, 'strerror', None) or error}", file=sys.stderr)

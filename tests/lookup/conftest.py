@@ -1,5 +1,5 @@
-"""Fixtures for the route-source tests: a real redis-server and slapd (from tests/peers/), and
-the example routes as a routes file."""
+"""Fixtures for the route-source tests: the example routes as a routes file. (The real
+redis-server and slapd come from tests/conftest.py.)"""
 
 from __future__ import annotations
 
@@ -8,19 +8,6 @@ from pathlib import Path
 import pytest
 
 from peers.example_routes import ROUTES
-from peers.redis_server import make_redis_server, redis_sentinel, redis_server
-from peers.slapd import slapd, slapd_tls
-from peers.tls import tls_files
-
-__all__ = [
-    "make_redis_server",
-    "redis_sentinel",
-    "redis_server",
-    "routes_file",
-    "slapd",
-    "slapd_tls",
-    "tls_files",
-]
 
 
 @pytest.fixture

@@ -101,6 +101,13 @@ async def test_a_failing_source_fails_the_key_even_if_a_later_source_has_it() ->
         await router(first, second).route("user@example.org")
 
 
+async def test_route_keys_asks_the_given_keys_in_order() -> None:
+    source = TableSource("t", {".example.org": "relay.example:587", "*": "catchall.example:25"})
+    route = await router(source).route_keys(["sub.example.org", ".example.org", "*"])
+    assert route == Route(groups("relay.example:587"), key=".example.org", source="t")
+    assert source.calls == ["sub.example.org", ".example.org"]
+
+
 # --- cache hits, TTLs, LRU ---------------------------------------------------------------------
 
 

@@ -150,3 +150,28 @@ async def test_a_malformed_value_is_bad_route_data_naming_source_and_key(tmp_pat
         await chain.route("user@bad.example")
     with pytest.raises(BadRouteData, match=r"source gdbm for 'latin1.example'"):
         await chain.route("user@latin1.example")
+
+
+async def test_check_opens_a_replaced_file_and_calls_on_change(tmp_path: Path) -> None:
+    routes = tmp_path / "routes"
+    routes.write_text("example.org  old.example.net\n")
+    db_path = tmp_path / "routes.db"
+    make_db(routes, db_path)
+    source = GdbmSource(db_path, reload_interval=3600.0)
+    changes: list[str] = []
+    source.on_change = lambda: changes.append("changed")
+    await source.check()
+    assert changes == []  # opening the first file is no change
+    routes.write_text("example.org  new.example.net\n")
+    make_db(routes, db_path)
+    await source.check()
+    assert changes == ["changed"]
+    assert await source.lookup("example.org") == parse_destinations("new.example.net")
+    await source.aclose()
+
+
+async def test_check_of_a_missing_file_leaves_it_to_the_lookups(tmp_path: Path) -> None:
+    source = GdbmSource(tmp_path / "routes.db")
+    await source.check()  # no exception: a task watching the file carries on
+    with pytest.raises(LookupFailed):
+        await source.lookup("example.org")

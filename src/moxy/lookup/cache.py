@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import attrs
 import trio
@@ -22,24 +22,9 @@ from moxy.lookup.base import (
     RouteSource,
     lookup_keys,
 )
+from moxy.lookup.settings import CacheSettings as CacheSettings  # re-exported with its source
 
 log = logging.getLogger("moxy.lookup")
-
-
-@attrs.frozen
-class CacheSettings:
-    """[routes.cache]: seconds and a count.
-
-    `ttl` is how long a found route is trusted, `negative_ttl` the same for "no route here" (and
-    for a malformed value, so bad data is logged once per `negative_ttl`, not once per recipient).
-    After expiry an answer may still be used for `stale_grace` seconds, but only while the chain
-    cannot answer. `max_entries` bounds memory: least recently used keys are dropped first.
-    """
-
-    ttl: float = 60.0
-    negative_ttl: float = 30.0
-    stale_grace: float = 300.0
-    max_entries: int = 100_000
 
 
 @attrs.frozen
@@ -107,7 +92,12 @@ class CachedRouter:
         return len(self._entries)
 
     async def route(self, recipient: str) -> Route | None:
-        for key in lookup_keys(recipient):
+        return await self.route_keys(lookup_keys(recipient))
+
+    async def route_keys(self, keys: Iterable[str]) -> Route | None:
+        """The route of the first of `keys` that has one (e.g. a domain's keys, for `moxy
+        lookup example.org`)."""
+        for key in keys:
             answer = await self._answer(key)
             if answer.groups is not None:
                 return Route(answer.groups, key=key, source=answer.source)

@@ -11,7 +11,7 @@ import logging
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import MappingProxyType
 
@@ -169,7 +169,8 @@ class FileSource:
     Lookups never wait for a reload: the check runs in the lookup that finds the interval
     elapsed, and concurrent lookups meanwhile answer from the current table. A new version that
     is broken, missing or still being written leaves the current table in place; each such
-    version is logged once.
+    version is logged once. After a new version was loaded, `on_change()` is called (if set):
+    answers cached from the old one are void.
     """
 
     name = "file"
@@ -181,6 +182,7 @@ class FileSource:
         self._seen: _Signature | None = snapshot.signature  # last version looked at
         self._next_check = -math.inf
         self._checking = False
+        self.on_change: Callable[[], object] | None = None
 
     @classmethod
     def open(cls, path: str | Path, reload_interval: float = 1.0) -> FileSource:
@@ -203,8 +205,13 @@ class FileSource:
         return self._snapshot.table.get(key.lower())
 
     async def _maybe_reload(self) -> None:
-        now = trio.current_time()
-        if self._checking or now < self._next_check:
+        if trio.current_time() >= self._next_check:
+            await self.check()
+
+    async def check(self) -> None:
+        """Look at the file now and reload it if it changed, as a lookup does once per
+        `reload_interval`; for a task that watches the file while no lookup reaches it."""
+        if self._checking:
             return
         self._checking = True
         try:
@@ -239,3 +246,5 @@ class FileSource:
             return
         self._snapshot = snapshot
         log.info("routes file %s reloaded: %d routes", self.path, len(snapshot.table))
+        if self.on_change is not None:
+            self.on_change()

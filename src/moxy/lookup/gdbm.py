@@ -2,7 +2,8 @@
 
 `make_db` builds the database from a routes file the way Postfix's postmap does: validate every
 line, write a temporary file beside the target, fsync, rename over it. `GdbmSource` reads it and
-reopens it when it has been replaced, so a running Moxy follows `moxy makedb` without a restart.
+reopens it when it has been replaced, so a running Moxy follows `moxy makedb` without a restart;
+its `on_change` hook tells the route cache to forget what the old file said.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
@@ -23,6 +24,8 @@ from moxy.lookup.blocking import run_blocking
 from moxy.lookup.file import FileSource
 
 log = logging.getLogger("moxy.lookup")
+
+T = TypeVar("T")
 
 # What identifies one version of the file: a rename gives a new inode, an in-place rewrite a new
 # mtime or size.
@@ -39,7 +42,8 @@ class GdbmSource:
     At most every `reload_interval` seconds a lookup first stats the path; when the file was
     replaced (inode, mtime or size changed) the new one is opened and the old handle closed. If
     the new file cannot be opened the old one keeps serving (and that is logged). A missing or
-    unreadable file with nothing open makes lookups fail (`LookupFailed`).
+    unreadable file with nothing open makes lookups fail (`LookupFailed`). After a replaced file
+    was opened, `on_change()` is called (if set): answers cached from the old file are void.
 
     Every dbm call runs in a worker thread. The default limiter has one token: a gdbm handle is
     not safe to share between threads, and closing it under a reader would crash.
@@ -66,18 +70,16 @@ class GdbmSource:
         self._db: Any = None  # dbm.gnu's handle type is private (_gdbm.gdbm)
         self._identity: _FileIdentity | None = None
         self._rejected: _FileIdentity | None = None
+        self.on_change: Callable[[], object] | None = None
 
     async def lookup(self, key: str) -> tuple[DestinationGroup, ...] | None:
         now = self._clock()
         check = now >= self._next_check
         if check:
             self._next_check = now + self.reload_interval
-        raw = await run_blocking(
-            functools.partial(self._fetch, key, check),
-            limiter=self._limiter,
-            timeout=self.timeout,
-            what=f"GDBM file {self.path}",
-        )
+        raw, replaced = await self._in_thread(functools.partial(self._fetch, key, check))
+        if replaced:
+            self._changed()
         if raw is None:
             return None
         try:
@@ -85,28 +87,54 @@ class GdbmSource:
         except (UnicodeDecodeError, ValueError) as exc:
             raise BadRouteData(f"{self.path}: value {raw!r}: {exc}") from None
 
+    async def check(self) -> None:
+        """Look for a replaced file now, as a lookup does once per `reload_interval`.
+
+        For a task that watches the file while no lookup reaches it (the cache answers them).
+        A file that cannot be opened is not reported here: the lookups that need it fail.
+        """
+        self._next_check = self._clock() + self.reload_interval
+        try:
+            replaced = await self._in_thread(self._reopen_if_replaced)
+        except LookupFailed:
+            return
+        if replaced:
+            self._changed()
+
     async def aclose(self) -> None:
         await trio.to_thread.run_sync(self._close, limiter=self._limiter)
 
+    async def _in_thread(self, call: Callable[[], T]) -> T:
+        return await run_blocking(
+            call, limiter=self._limiter, timeout=self.timeout, what=f"GDBM file {self.path}"
+        )
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
+
     # --- in worker threads --------------------------------------------------------------------
 
-    def _fetch(self, key: str, check: bool) -> bytes | None:
+    def _fetch(self, key: str, check: bool) -> tuple[bytes | None, bool]:
+        """The stored value, and whether a replaced file was opened first."""
+        replaced = False
         if check or self._db is None:
-            self._reopen_if_replaced()
+            replaced = self._reopen_if_replaced()
         value: bytes | None = self._db.get(key.encode("utf-8"))
-        return value
+        return value, replaced
 
-    def _reopen_if_replaced(self) -> None:
+    def _reopen_if_replaced(self) -> bool:
+        """Open the file if it is new; True when it replaced one that was open."""
         try:
             before = _identity(os.stat(self.path))
         except OSError as exc:
             if self._db is None:
                 raise LookupFailed(f"cannot open {self.path}: {exc.strerror}") from None
-            return  # keep what is open: the file is being replaced, or was removed by mistake
+            return False  # keep what is open: the file is being replaced, or removed by mistake
         if before == self._identity or before == self._rejected:
             if self._db is None:
                 raise LookupFailed(f"cannot open {self.path}: not a usable GDBM file")
-            return
+            return False
         try:
             db = dbm.gnu.open(str(self.path), "ru")  # noqa: SIM115 (kept open until replaced)
         except (dbm.gnu.error, OSError) as exc:
@@ -114,12 +142,14 @@ class GdbmSource:
             if self._db is None:
                 raise LookupFailed(f"cannot open {self.path}: {exc}") from None
             log.error("cannot open replaced %s, still using the previous file: %s", self.path, exc)
-            return
+            return False
         old, self._db, self._identity = self._db, db, before
-        if old is not None:
-            old.close()
-            log.info("reopened replaced GDBM file %s", self.path)
         # A file replaced again between the stat and the open shows up as changed next time.
+        if old is None:
+            return False
+        old.close()
+        log.info("reopened replaced GDBM file %s", self.path)
+        return True
 
     def _close(self) -> None:
         if self._db is not None:

@@ -12,11 +12,8 @@ import functools
 import math
 import ssl
 import threading
-from collections.abc import Iterable
-from pathlib import Path
 from typing import Literal
 
-import attrs
 import ldap3
 import trio
 from ldap3.core.exceptions import LDAPCommunicationError, LDAPException
@@ -25,6 +22,7 @@ from ldap3.utils.conv import escape_filter_chars
 
 from moxy.lookup.base import BadRouteData, DestinationGroup, LookupFailed, parse_destinations
 from moxy.lookup.blocking import run_blocking
+from moxy.lookup.settings import LdapSettings as LdapSettings  # re-exported with its source
 
 SCOPES: dict[str, Literal["BASE", "LEVEL", "SUBTREE"]] = {
     "base": ldap3.BASE,
@@ -38,62 +36,19 @@ _SIZE_LIMIT_EXCEEDED = 4
 _NO_SUCH_OBJECT = 32
 
 
-def _strings(value: str | Iterable[str]) -> tuple[str, ...]:
-    return (value,) if isinstance(value, str) else tuple(value)
-
-
-def _check_uris(instance: LdapSettings, attribute: object, value: tuple[str, ...]) -> None:
-    if not value:
-        raise ValueError("uri: at least one LDAP server is needed")
-    for uri in value:
-        scheme = uri.partition("://")[0].lower()
-        if scheme not in ("ldap", "ldaps") or "://" not in uri:
-            raise ValueError(f"uri: {uri!r} is not an ldap:// or ldaps:// URI")
-        if scheme == "ldaps" and instance.starttls:
-            raise ValueError(f"uri: {uri!r} is already TLS; StartTLS needs ldap://")
-
-
-def _check_scope(instance: LdapSettings, attribute: object, value: str) -> None:
-    if value not in SCOPES:
-        raise ValueError(f"scope: {value!r} is not one of base, one, sub")
-
-
-def _check_filter(instance: LdapSettings, attribute: object, value: str) -> None:
+def check_filter(template: str) -> None:
+    """Raise ValueError ("filter: ...") unless `template` renders to a valid LDAP filter."""
     try:
-        rendered = _render_filter(value, "user@example.org")
+        rendered = _render_filter(template, "user@example.org")
     except (KeyError, IndexError, ValueError) as exc:
         raise ValueError(
-            f"filter: {value!r}: bad placeholder {exc} (use {{key}}, {{domain}}, {{local}}; "
+            f"filter: {template!r}: bad placeholder {exc} (use {{key}}, {{domain}}, {{local}}; "
             "write a literal brace as {{ or }})"
         ) from None
     try:
         parse_filter(rendered, None, True, True, None, False)  # type: ignore[no-untyped-call]
     except LDAPException as exc:
-        raise ValueError(f"filter: {value!r} is not an LDAP filter: {exc}") from None
-
-
-@attrs.frozen
-class LdapSettings:
-    """[routes.ldap]: where the directory is and how a key becomes a search.
-
-    `filter` may use `{key}` (the lookup key), `{domain}` (after the `@`, or the whole key when
-    it has none, like `example.org`, `.example.org` or `*`) and `{local}` (before the `@`, else
-    empty); each is escaped per RFC 4515 before substitution. `attribute` holds one destination
-    group per value. `timeout` (seconds) bounds a whole lookup, including connecting.
-    """
-
-    uri: tuple[str, ...] = attrs.field(converter=_strings, validator=_check_uris)
-    base: str
-    scope: str = attrs.field(default="sub", validator=_check_scope)
-    filter: str = attrs.field(
-        default="(&(objectClass=moxyRoute)(moxyRouteKey={key}))", validator=_check_filter
-    )
-    attribute: str = "moxyDestination"
-    bind_dn: str | None = None
-    password: str | None = None
-    starttls: bool = False
-    ca_file: Path | None = attrs.field(default=None, converter=attrs.converters.optional(Path))
-    timeout: float = 5.0
+        raise ValueError(f"filter: {template!r} is not an LDAP filter: {exc}") from None
 
 
 def _render_filter(template: str, key: str) -> str:
@@ -139,10 +94,15 @@ class LdapSource:
                 )
             except LDAPException as exc:  # e.g. a CA file that does not exist
                 raise ValueError(f"ca_file: {exc}") from None
-        servers = [
-            ldap3.Server(uri, connect_timeout=settings.timeout, tls=tls, get_info=ldap3.NONE)
-            for uri in settings.uri
-        ]
+        servers = []
+        for uri in settings.uri:
+            try:
+                server = ldap3.Server(
+                    uri, connect_timeout=settings.timeout, tls=tls, get_info=ldap3.NONE
+                )
+            except LDAPException as exc:  # e.g. a port that is not a number
+                raise ValueError(f"uri: {uri!r}: {exc}") from None
+            servers.append(server)
         # Not `active`: ldap3's own availability loop sleeps 10 s once every server failed.
         # `_open` below walks the pool once instead, so a dead server is simply skipped.
         self._pool = ldap3.ServerPool(servers, ldap3.ROUND_ROBIN, active=False)

@@ -10,11 +10,10 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
-import attrs
 import redis
 import trio
 from redis.backoff import NoBackoff
@@ -29,57 +28,12 @@ from moxy.lookup.base import (
 )
 from moxy.lookup.blocking import run_blocking
 from moxy.lookup.file import FileSource, parse_key
+from moxy.lookup.settings import RedisSettings as RedisSettings  # re-exported with its source
+from moxy.lookup.settings import host_port
 
 log = logging.getLogger("moxy.lookup")
 
 _IMPORT_BATCH = 1000
-
-
-def _check_url(instance: RedisSettings, attribute: object, value: str) -> None:
-    if not value.startswith(("redis://", "rediss://", "unix://")):
-        raise ValueError(f"url: {value!r} must start with redis://, rediss:// or unix://")
-
-
-def _strings(value: str | Iterable[str]) -> tuple[str, ...]:
-    return (value,) if isinstance(value, str) else tuple(value)
-
-
-def _check_sentinels(instance: RedisSettings, attribute: object, value: tuple[str, ...]) -> None:
-    if bool(value) != bool(instance.sentinel_master):
-        raise ValueError("sentinels and sentinel_master go together: set both or neither")
-    for address in value:
-        _host_port(address)
-
-
-@attrs.frozen
-class RedisSettings:
-    """[routes.redis]: where Redis is, how keys are named, and where changes are announced.
-
-    `url` may carry a user and password (`redis://:secret@host:6379/0`) and ask for TLS
-    (`rediss://...`). With `sentinel_master` and `sentinels` ("host:port" each) the master is
-    found through Sentinel; `url` then only supplies password, database and TLS. `timeout`
-    (seconds) bounds each command, connecting included.
-    """
-
-    url: str = attrs.field(default="redis://127.0.0.1:6379/0", validator=_check_url)
-    key_prefix: str = "moxy:"
-    channel: str = "moxy:routes"
-    timeout: float = 2.0
-    sentinel_master: str | None = None
-    sentinels: tuple[str, ...] = attrs.field(
-        default=(), converter=_strings, validator=_check_sentinels
-    )
-
-    def route_key(self, key: str) -> str:
-        """The Redis key holding the destinations of lookup key `key`."""
-        return f"{self.key_prefix}route:{key}"
-
-
-def _host_port(address: str) -> tuple[str, int]:
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit() or not host:
-        raise ValueError(f"sentinels: {address!r} is not host:port")
-    return host.strip("[]"), int(port)
 
 
 def connect(settings: RedisSettings, *, retries: int = 1) -> redis.Redis:
@@ -104,7 +58,7 @@ def connect(settings: RedisSettings, *, retries: int = 1) -> redis.Redis:
     if url_options.pop("connection_class", None) is SSLConnection:
         url_options["ssl"] = True
     sentinel = Sentinel(  # type: ignore[no-untyped-call]
-        [_host_port(a) for a in settings.sentinels],
+        [host_port(a) for a in settings.sentinels],
         sentinel_kwargs={k: v for k, v in options.items() if k.startswith("socket_")},
     )
     client: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
@@ -113,7 +67,7 @@ def connect(settings: RedisSettings, *, retries: int = 1) -> redis.Redis:
     return client
 
 
-def _where(settings: RedisSettings) -> str:
+def where(settings: RedisSettings) -> str:
     """Where Redis is, for messages: the URL without its password."""
     if settings.sentinel_master:
         return f"Redis master {settings.sentinel_master!r} via {', '.join(settings.sentinels)}"
@@ -140,7 +94,7 @@ class RedisSource:
         self.settings = settings
         self.client = client if client is not None else connect(settings)
         self._limiter = limiter if limiter is not None else trio.CapacityLimiter(8)
-        self._where = _where(settings)
+        self._where = where(settings)
 
     async def lookup(self, key: str) -> tuple[DestinationGroup, ...] | None:
         raw = await run_blocking(
@@ -296,7 +250,7 @@ async def listen_for_changes(
     client = connect(settings, retries=0)
     pubsub = client.pubsub()  # type: ignore[no-untyped-call]
     limiter = trio.CapacityLimiter(1)  # its own: never competes with lookups for threads
-    where = _where(settings)
+    location = where(settings)
 
     async def in_thread(call: Callable[[], Any]) -> Any:
         return await trio.to_thread.run_sync(call, limiter=limiter, abandon_on_cancel=True)
@@ -315,7 +269,7 @@ async def listen_for_changes(
                 if not failing:
                     log.error(
                         "route change channel on %s unavailable, retrying every %gs: %s",
-                        where,
+                        location,
                         retry_interval,
                         exc,
                     )
@@ -331,7 +285,7 @@ async def listen_for_changes(
                 # A first subscription, or redis-py's resubscription after reconnecting.
                 on_resync()
                 if failing:
-                    log.warning("route change channel on %s is back; route cache cleared", where)
+                    log.warning("route change channel on %s is back; route cache cleared", location)
                     failing = False
                 if not started:
                     task_status.started()
