@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dbm.gnu
 import re
 import subprocess
 import sys
@@ -11,6 +12,11 @@ import pytest
 
 from moxy import __version__
 from moxy.cli import main
+from moxy.lookup.gdbm import make_db
+from moxy.lookup.redis import RedisSettings, route_import, route_set
+from peers.example_routes import ROUTES
+from peers.redis_server import RedisServer
+from peers.slapd import ROUTES_BASE, Slapd
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -55,11 +61,12 @@ def test_check_config_accepts_short_option(tmp_path: Path) -> None:
     assert moxy("check-config", "-c", str(path)).returncode == 0
 
 
-def test_example_config_is_ok() -> None:
-    result = moxy("check-config", "-c", "examples/moxy.toml", cwd=REPO)
+@pytest.mark.parametrize("example", ["examples/moxy.toml", "examples/moxy-redis.toml"])
+def test_example_config_is_ok(example: str) -> None:
+    result = moxy("check-config", "-c", example, cwd=REPO)
     assert (result.returncode, result.stdout) == (
         0,
-        "moxy: configuration file examples/moxy.toml is OK\n",
+        f"moxy: configuration file {example} is OK\n",
     )
 
 
@@ -162,3 +169,290 @@ def test_main_returns_the_exit_status(
     argv: list[str], status: int, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert main(argv) == status
+
+
+# --- route sources in the configuration -------------------------------------------------------
+
+
+def test_check_config_opens_the_gdbm_file(tmp_path: Path) -> None:
+    path = write_config(tmp_path, '[routes.gdbm]\npath = "routes.db"\n')
+    path.write_text(path.read_text().replace("[routes]\n", '[routes]\nchain = ["gdbm", "file"]\n'))
+    result = moxy("check-config", "-c", str(path))
+    assert (result.returncode, result.stderr) == (
+        2,
+        f"moxy: {path}: routes.gdbm.path: cannot open {tmp_path / 'routes.db'}: No such file or "
+        "directory (build it with `moxy makedb`)\n",
+    )
+    assert moxy("makedb", str(tmp_path / "routes")).returncode == 0
+    assert moxy("check-config", "-c", str(path)).returncode == 0
+
+
+def test_serve_refuses_a_chain_naming_a_source_without_its_table(tmp_path: Path) -> None:
+    path = write_config(tmp_path)
+    path.write_text('[routes]\nchain = ["ldap", "file"]\nfile = "routes"\n')
+    result = moxy("serve", "-c", str(path))
+    assert (result.returncode, result.stderr) == (
+        2,
+        f"moxy: {path}: routes.chain: 'ldap' needs a [routes.ldap] table\n",
+    )
+
+
+def test_a_missing_ldap_ca_file_is_a_config_error(tmp_path: Path) -> None:
+    path = write_config(tmp_path)
+    path.write_text(
+        '[routes]\nchain = ["ldap"]\n[routes.ldap]\nuri = "ldap://127.0.0.1"\nbase = "o=x"\n'
+        'starttls = true\nca_file = "ca.pem"\n'
+    )
+    result = moxy("check-config", "-c", str(path))
+    assert result.returncode == 2
+    prefix = re.escape(f"moxy: {path}: routes.ldap.ca_file: ")
+    assert re.fullmatch(rf"{prefix}.*\n", result.stderr)
+
+
+def test_an_ldap_uri_that_ldap3_cannot_use_is_a_config_error(tmp_path: Path) -> None:
+    path = write_config(tmp_path)
+    path.write_text('[routes]\nchain = ["ldap"]\n[routes.ldap]\nuri = "ldap://h:x"\nbase = "o=x"\n')
+    result = moxy("check-config", "-c", str(path))
+    assert (result.returncode, result.stderr) == (
+        2,
+        f"moxy: {path}: routes.ldap.uri: 'ldap://h:x': port must be an integer\n",
+    )
+
+
+# --- moxy makedb ------------------------------------------------------------------------------
+
+
+def test_makedb_writes_routes_db_beside_the_routes_file(tmp_path: Path) -> None:
+    routes = tmp_path / "routes"
+    routes.write_text("example.org  10.0.0.5:2525 MX2.example.org\n*  fallback.example\n")
+    result = moxy("makedb", str(routes))
+    assert (result.returncode, result.stdout, result.stderr) == (
+        0,
+        f"moxy: {routes}.db: 2 routes from {routes}\n",
+        "",
+    )
+    with dbm.gnu.open(str(tmp_path / "routes.db"), "r") as db:
+        assert db[b"example.org"] == b"10.0.0.5:2525 mx2.example.org:25"
+
+
+def test_makedb_output_option(tmp_path: Path) -> None:
+    (tmp_path / "routes").write_text("example.org  10.0.0.5\n")
+    result = moxy("makedb", "routes", "-o", "out/custom.db", cwd=tmp_path)
+    assert result.returncode == 3  # the directory does not exist
+    assert result.stderr == "moxy: cannot write out/custom.db: No such file or directory\n"
+    (tmp_path / "out").mkdir()
+    result = moxy("makedb", "routes", "-o", "out/custom.db", cwd=tmp_path)
+    assert (result.returncode, result.stdout) == (0, "moxy: out/custom.db: 1 routes from routes\n")
+
+
+def test_makedb_reports_every_bad_line_and_writes_nothing(tmp_path: Path) -> None:
+    routes = tmp_path / "routes"
+    routes.write_text("example.org  mx:smtp\nok.example  mx\nbad.example\n")
+    result = moxy("makedb", str(routes))
+    assert (result.returncode, result.stdout, result.stderr) == (
+        2,
+        "",
+        f"moxy: {routes}:1: 'mx:smtp': bad port 'smtp'\n"
+        f"moxy: {routes}:3: key 'bad.example' has no destinations\n",
+    )
+    assert not (tmp_path / "routes.db").exists()
+
+
+def test_makedb_of_a_missing_file(tmp_path: Path) -> None:
+    result = moxy("makedb", str(tmp_path / "routes"))
+    assert (result.returncode, result.stderr) == (
+        2,
+        f"moxy: {tmp_path / 'routes'}: cannot read: No such file or directory\n",
+    )
+
+
+# --- moxy route -------------------------------------------------------------------------------
+
+
+def redis_config(directory: Path, server: RedisServer) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "moxy.toml"
+    path.write_text(f'[routes]\nchain = ["redis"]\n[routes.redis]\nurl = "{server.url}"\n')
+    return path
+
+
+def test_route_set_list_del(tmp_path: Path, redis_server: RedisServer) -> None:
+    config = str(redis_config(tmp_path, redis_server))
+    result = moxy("route", "set", "Example.ORG", "10.0.0.6:2525", "mx2.example.org", "-c", config)
+    assert (result.returncode, result.stdout, result.stderr) == (
+        0,
+        "moxy: example.org -> 10.0.0.6:2525 mx2.example.org:25\n",
+        "",
+    )
+    settings = RedisSettings(url=redis_server.url)
+    route_set(redis_server.client(), settings, ".example.org", "a|b:26")
+    route_set(redis_server.client(), settings, "example.net", "mx.example.net")
+    listed = moxy("route", "list", "-c", config)
+    assert (listed.returncode, sorted(listed.stdout.splitlines())) == (
+        0,
+        [".example.org  a:25|b:26", "example.net  mx.example.net:25",
+         "example.org  10.0.0.6:2525 mx2.example.org:25"],
+    )  # fmt: skip
+    listed = moxy("route", "list", "*.ORG", "-c", config)
+    assert sorted(listed.stdout.splitlines()) == [
+        ".example.org  a:25|b:26",
+        "example.org  10.0.0.6:2525 mx2.example.org:25",
+    ]
+    result = moxy("route", "del", "-c", config, "example.org")
+    assert (result.returncode, result.stdout) == (0, "moxy: example.org deleted\n")
+    result = moxy("route", "del", "-c", config, "example.org")
+    assert (result.returncode, result.stdout, result.stderr) == (
+        1,
+        "",
+        f"moxy: no route for example.org in Redis redis://127.0.0.1:{redis_server.port}/0\n",
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("example.org", "mx:smtp"), "'mx:smtp': bad port 'smtp'"),
+        (
+            ("*.example.org", "mx"),
+            "bad key '*.example.org': a parent domain is written '.example.org'",
+        ),
+        (("example.org", "[2001:db8::1"), "'[2001:db8::1': missing ']'"),
+    ],
+)
+def test_route_set_refuses_bad_input(
+    tmp_path: Path,
+    redis_server: RedisServer,
+    args: tuple[str, ...],
+    message: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    status = main(["route", "set", "-c", str(redis_config(tmp_path, redis_server)), *args])
+    assert (status, capsys.readouterr().err) == (2, f"moxy: {message}\n")
+    assert redis_server.client().dbsize() == 0
+
+
+def test_route_import(tmp_path: Path, redis_server: RedisServer) -> None:
+    config = str(redis_config(tmp_path, redis_server))
+    (tmp_path / "routes").write_text(ROUTES)
+    result = moxy("route", "import", "-c", config, str(tmp_path / "routes"))
+    assert (result.returncode, result.stdout) == (
+        0,
+        f"moxy: imported 5 routes from {tmp_path / 'routes'}\n",
+    )
+    assert redis_server.client().get("moxy:route:shop.example") == (
+        b"203.0.113.7:2600|198.51.100.9:25"
+    )
+    (tmp_path / "bad").write_text("a.example  mx\nb.example  mx:0\n")
+    result = moxy("route", "import", "-c", config, str(tmp_path / "bad"))
+    assert (result.returncode, result.stderr) == (
+        2,
+        f"moxy: {tmp_path / 'bad'}:2: 'mx:0': port 0 out of range 1-65535\n",
+    )
+
+
+def test_route_needs_a_redis_table(tmp_path: Path) -> None:
+    path = write_config(tmp_path)
+    result = moxy("route", "list", "-c", str(path))
+    assert (result.returncode, result.stderr) == (
+        2,
+        f"moxy: {path}: routes.redis: not configured; `moxy route` needs this table\n",
+    )
+
+
+def test_route_with_redis_down_is_one_line_and_status_3(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    config = str(redis_config(tmp_path, redis_server))
+    redis_server.stop()
+    result = moxy("route", "set", "-c", config, "example.org", "mx")
+    assert result.returncode == 3
+    assert re.fullmatch(
+        rf"moxy: Redis redis://127\.0\.0\.1:{redis_server.port}/0: .*Connection refused\.\n",
+        result.stderr,
+    )
+
+
+# --- moxy lookup ------------------------------------------------------------------------------
+
+
+def test_lookup_names_source_key_and_groups_in_every_source(
+    tmp_path: Path, redis_server: RedisServer, slapd: Slapd, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "routes").write_text(ROUTES)
+    make_db(tmp_path / "routes", tmp_path / "routes.db")
+    route_import(redis_server.client(), RedisSettings(url=redis_server.url), tmp_path / "routes")
+    tables = {
+        "file": 'file = "routes"\n',
+        "gdbm": '[routes.gdbm]\npath = "routes.db"\n',
+        "ldap": f'[routes.ldap]\nuri = "{slapd.uri}"\nbase = "{ROUTES_BASE}"\n',
+        "redis": f'[routes.redis]\nurl = "{redis_server.url}"\n',
+    }
+    for name, table in tables.items():
+        path = tmp_path / f"{name}.toml"
+        path.write_text(f'[routes]\nchain = ["{name}"]\n{table}')
+        status = main(["lookup", "-c", str(path), "Someone@Sub.Example.ORG"])
+        assert (status, *capsys.readouterr()) == (
+            0,
+            f"source: {name}\nkey: .example.org\ngroup 1: relay.example.org:587\n",
+            "",
+        )
+        assert main(["lookup", "example.org", "-c", str(path)]) == 0
+        assert capsys.readouterr().out == (
+            f"source: {name}\nkey: example.org\n"
+            "group 1: 10.0.0.5:2525\ngroup 2: mx2.example.org:25\n"
+        )
+
+
+def test_lookup_as_a_process(tmp_path: Path) -> None:
+    path = write_config(tmp_path, routes="example.test  127.0.0.1:2526|[::1]:2526 mx.example\n")
+    result = moxy("lookup", "-c", str(path), "user@example.test")
+    assert (result.returncode, result.stdout, result.stderr) == (
+        0,
+        "source: file\nkey: example.test\ngroup 1: 127.0.0.1:2526|[::1]:2526\n"
+        "group 2: mx.example:25\n",
+        "",
+    )
+
+
+def test_lookup_without_a_route_says_which_keys_were_tried(tmp_path: Path) -> None:
+    path = write_config(tmp_path)
+    result = moxy("lookup", "-c", str(path), "x@sub.unknown.example")
+    assert (result.returncode, result.stdout) == (
+        1,
+        "no route for x@sub.unknown.example (keys tried: x@sub.unknown.example, "
+        "sub.unknown.example, .unknown.example, .example, *)\n",
+    )
+
+
+def test_lookup_with_a_backend_down_is_one_line_and_status_3(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    config = redis_config(tmp_path, redis_server)
+    redis_server.stop()
+    result = moxy("lookup", "-c", str(config), "user@example.org")
+    assert (result.returncode, result.stdout) == (3, "")
+    assert re.fullmatch(
+        r"moxy: route source redis failed for 'user@example\.org': Redis redis://127\.0\.0\.1:"
+        r"\d+/0: .*Connection refused\.\n",
+        result.stderr,
+    )
+
+
+def test_lookup_of_a_malformed_value_is_status_4(tmp_path: Path, redis_server: RedisServer) -> None:
+    redis_server.client().set("moxy:route:example.org", "mx.example.org:0")
+    result = moxy("lookup", "-c", str(redis_config(tmp_path, redis_server)), "user@example.org")
+    assert (result.returncode, result.stderr) == (
+        4,
+        "moxy: bad route data in source redis for 'example.org': moxy:route:example.org = "
+        "b'mx.example.org:0': 'mx.example.org:0': port 0 out of range 1-65535\n",
+    )
+
+
+@pytest.mark.parametrize("target", ["", ".example.org", "user @example.org"])
+def test_lookup_refuses_what_is_no_address(
+    tmp_path: Path, target: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["lookup", "-c", str(write_config(tmp_path)), target]) == 2
+    assert capsys.readouterr().err == (
+        f"moxy: {target!r}: expected an address, a domain or a local part\n"
+    )
