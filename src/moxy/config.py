@@ -310,6 +310,7 @@ class ServerSettings:
     )
     hostname: str = attrs.field(factory=_fqdn, metadata=_key(_domain()))
     banner: str = attrs.field(default="ESMTP Moxy", metadata=_key(_text))
+    workers: int = attrs.field(default=1, metadata=_COUNT)
 
 
 @attrs.frozen

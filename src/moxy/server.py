@@ -1,7 +1,8 @@
 """Listeners and the server's lifetime: one nursery owns every session, signals stop it.
 
 `serve()` is the async entry point (tests start it with `nursery.start`); `run()` is what
-`moxy serve` calls: logging, signals, trio.run.
+`moxy serve` calls: logging, signals, trio.run — in this process, or in `[server] workers`
+processes under a master (src/moxy/workers.py).
 """
 
 from __future__ import annotations
@@ -9,10 +10,13 @@ from __future__ import annotations
 import functools
 import logging
 import signal
+import socket
 import sys
+from collections.abc import Sequence
 
 import trio
 
+from moxy import workers
 from moxy.accounting.textlog import TextLog
 from moxy.config import Config
 from moxy.lookup.base import Router
@@ -37,13 +41,15 @@ async def serve(
     *,
     routing: Routing | None = None,
     router: Router | None = None,
+    sockets: Sequence[socket.socket] | None = None,
     task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Bind every listen address, report what was bound, and serve until cancelled.
 
     Recipients are routed by `routing` (built from `config.routes` when neither it nor `router`
     is given), which is kept current while serving and whose backends are closed at the end.
-    A `router` is used as it is.
+    A `router` is used as it is. With `sockets` (listening sockets made by the master of
+    several workers) Moxy accepts on those instead of binding `config.server.listen`.
     """
     if router is None:
         routing = routing or Routing.build(config)
@@ -59,8 +65,10 @@ async def serve(
             reply_line=config.limits.reply_line,
         ),
     )
-    listeners: list[trio.SocketListener] = []
-    for address in config.server.listen:
+    listeners: list[trio.SocketListener] = [
+        trio.SocketListener(trio.socket.from_stdlib_socket(sock)) for sock in sockets or ()
+    ]
+    for address in config.server.listen if sockets is None else ():
         try:
             listeners += await trio.open_tcp_listeners(address.port, host=address.host)
         except OSError as exc:
@@ -118,9 +126,11 @@ def configure_logging(level: str) -> None:
     )
 
 
-async def _main(config: Config, routing: Routing) -> None:
+async def _main(
+    config: Config, routing: Routing, sockets: Sequence[socket.socket] | None = None
+) -> None:
     async with trio.open_nursery() as nursery:
-        await nursery.start(functools.partial(serve, config, routing=routing))
+        await nursery.start(functools.partial(serve, config, routing=routing, sockets=sockets))
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
                 logger.info("received %s, stopping", signal.Signals(signum).name)
@@ -136,11 +146,26 @@ def run(config: Config) -> int:
     before anything listens."""
     configure_logging(config.log.level)
     routing = Routing.build(config)
+    if config.server.workers > 1:
+        # Checked once here so that a broken routes file stops the start; every worker then
+        # builds its own sources after the fork (no connection is shared between processes).
+        del routing
+        return workers.supervise(config, functools.partial(_worker, config))
+    return _serve_here(config, routing)
+
+
+def _serve_here(
+    config: Config, routing: Routing, sockets: Sequence[socket.socket] | None = None
+) -> int:
     status = 0
     try:
-        trio.run(_main, config, routing)
+        trio.run(_main, config, routing, sockets)
     except* OSError as group:
         for error in group.exceptions:
             print(f"moxy: {getattr(error, 'strerror', None) or error}", file=sys.stderr)
         status = 1
     return status
+
+
+def _worker(config: Config, sockets: list[socket.socket]) -> int:
+    return _serve_here(config, Routing.build(config), sockets)

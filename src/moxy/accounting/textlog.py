@@ -8,9 +8,9 @@ are counted as dropped and reported, rather than stalling mail.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
-from typing import TextIO
 
 import trio
 
@@ -35,10 +35,7 @@ class TextLog:
 
     async def run(self) -> None:
         """Write events until cancelled; flushes what it has before returning."""
-        path = self.path
-        stream: TextIO = sys.stderr
-        if path is not None:
-            stream = await trio.to_thread.run_sync(_open_append, path)
+        fd = None if self.path is None else await trio.to_thread.run_sync(_open_append, self.path)
         try:
             async for event in self._receive:
                 batch = [event.to_log_line()]
@@ -47,8 +44,7 @@ class TextLog:
                         batch.append(self._receive.receive_nowait().to_log_line())
                     except trio.WouldBlock:
                         break
-                text = "\n".join(batch) + "\n"
-                await trio.to_thread.run_sync(_write, stream, text)
+                await trio.to_thread.run_sync(_write, fd, "\n".join(batch) + "\n")
         finally:
             with trio.CancelScope(shield=True):
                 rest = []
@@ -58,15 +54,22 @@ class TextLog:
                     except (trio.WouldBlock, trio.EndOfChannel):
                         break
                 if rest:
-                    await trio.to_thread.run_sync(_write, stream, "\n".join(rest) + "\n")
-                if stream is not sys.stderr:
-                    await trio.to_thread.run_sync(stream.close)
+                    await trio.to_thread.run_sync(_write, fd, "\n".join(rest) + "\n")
+                if fd is not None:
+                    os.close(fd)
 
 
-def _open_append(path: Path) -> TextIO:
-    return open(path, "a", encoding="utf-8", buffering=1 << 16)
+def _open_append(path: Path) -> int:
+    return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
 
 
-def _write(stream: TextIO, text: str) -> None:
-    stream.write(text)
-    stream.flush()
+def _write(fd: int | None, text: str) -> None:
+    """One write() per batch on an O_APPEND file: batches of several worker processes sharing
+    the file never interleave inside a line."""
+    if fd is None:
+        sys.stderr.write(text)
+        sys.stderr.flush()
+        return
+    data = memoryview(text.encode("utf-8", "replace"))
+    while data:
+        data = data[os.write(fd, data) :]
