@@ -445,6 +445,9 @@ class Limits:
     )
     data_chunk: int = attrs.field(default=65_536, metadata=_COUNT)
     connections: int = attrs.field(default=1000, metadata=_COUNT)
+    idle_upstreams: int = attrs.field(
+        default=0, metadata=_key(_integer(0, zero_means="no reuse across client sessions"))
+    )
 
 
 @attrs.frozen
@@ -461,6 +464,7 @@ class Timeouts:
     upstream_data_init: float = attrs.field(default=120.0, metadata=_SECONDS)
     upstream_data_block: float = attrs.field(default=180.0, metadata=_SECONDS)
     upstream_data_end: float = attrs.field(default=600.0, metadata=_SECONDS)
+    upstream_idle: float = attrs.field(default=10.0, metadata=_SECONDS)
 
 
 @attrs.frozen

@@ -23,7 +23,7 @@ from moxy.lookup.base import Router
 from moxy.lookup.build import Routing
 from moxy.session import ServerContext, Session
 from moxy.smtp.replies import Reply
-from moxy.upstream import UpstreamSettings
+from moxy.upstream import ConnectionPool, UpstreamSettings
 
 logger = logging.getLogger("moxy")
 
@@ -55,6 +55,9 @@ async def serve(
         routing = routing or Routing.build(config)
         router = routing.router
     textlog = TextLog(config.log.file)
+    pool = None
+    if config.limits.idle_upstreams:
+        pool = ConnectionPool(config.limits.idle_upstreams, config.timeouts.upstream_idle)
     ctx = ServerContext(
         config=config,
         router=router,
@@ -63,6 +66,7 @@ async def serve(
             helo_name=config.proxy.helo_name or config.server.hostname,
             timeouts=config.timeouts,
             reply_line=config.limits.reply_line,
+            pool=pool,
         ),
     )
     listeners: list[trio.SocketListener] = [
@@ -106,6 +110,8 @@ async def serve(
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(textlog.run)
+        if pool is not None:
+            nursery.start_soon(pool.run)
         if routing is not None:
             await nursery.start(routing.run)
         await nursery.start(trio.serve_listeners, handle, listeners)

@@ -303,7 +303,8 @@ class Session:
                     await leg.drop()
             with trio.move_on_after(5):
                 for leg in self.legs.values():
-                    await leg.quit()
+                    if not leg.release():
+                        await leg.quit()
             for leg in self.legs.values():
                 await leg.drop()
             await trio.aclose_forcefully(self.stream)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+from collections import deque
 
 import attrs
 import trio
@@ -69,6 +70,7 @@ class UpstreamSettings:
     helo_name: str
     timeouts: Timeouts
     reply_line: int = 2048
+    pool: ConnectionPool | None = attrs.field(default=None, eq=False)  # shared by sessions
 
 
 class Connection:
@@ -141,6 +143,73 @@ class Connection:
 
     async def close(self) -> None:
         await trio.aclose_forcefully(self.stream)
+
+    async def quit(self) -> None:
+        """QUIT politely (the caller bounds the wait), then close."""
+        with contextlib.suppress(LegError):
+            await self.command(b"QUIT\r\n", "quit", math.inf)
+        await self.close()
+
+
+class ConnectionPool:
+    """Idle upstream connections kept between client sessions, like Postfix's connection cache:
+    the next session's leg to that destination skips connect, greeting and EHLO.
+
+    Only connections in a clean state (no transaction open upstream) come back here. A pooled
+    connection the upstream has closed meanwhile is noticed at its first command, and the leg
+    then connects afresh (the transaction is replayed, nothing is lost)."""
+
+    def __init__(self, per_destination: int, idle_time: float) -> None:
+        self.per_destination = per_destination
+        self.idle_time = idle_time
+        self._idle: dict[Destination, deque[tuple[float, Connection]]] = {}
+        self._expired: list[Connection] = []
+
+    def take(self, destination: Destination) -> Connection | None:
+        idle = self._idle.get(destination)
+        now = trio.current_time()
+        while idle:
+            since, conn = idle.pop()  # the most recently used first: the likeliest alive
+            if now - since < self.idle_time:
+                return conn
+            self._expired.append(conn)
+        return None
+
+    def give(self, conn: Connection) -> bool:
+        """Keep `conn` for later; False when the pool for its destination is full."""
+        idle = self._idle.setdefault(conn.destination, deque())
+        if len(idle) >= self.per_destination or conn.parser.buffered:
+            return False
+        idle.append((trio.current_time(), conn))
+        return True
+
+    def __len__(self) -> int:
+        return sum(len(idle) for idle in self._idle.values())
+
+    async def run(self) -> None:
+        """Close connections idle for `idle_time` (with QUIT) until cancelled, then all."""
+        try:
+            while True:
+                await trio.sleep(min(max(self.idle_time / 2, 0.05), 5.0))
+                now = trio.current_time()
+                for destination, idle in list(self._idle.items()):
+                    while idle and now - idle[0][0] >= self.idle_time:
+                        self._expired.append(idle.popleft()[1])
+                    if not idle:
+                        del self._idle[destination]
+                expired, self._expired = self._expired, []
+                for conn in expired:
+                    with trio.move_on_after(min(self.idle_time, 5.0)):
+                        await conn.quit()
+        finally:
+            with trio.CancelScope(shield=True):
+                for idle in self._idle.values():
+                    for _, conn in idle:
+                        await conn.close()
+                for conn in self._expired:
+                    await conn.close()
+                self._idle.clear()
+                self._expired.clear()
 
 
 async def connect(destination: Destination, settings: UpstreamSettings) -> Connection:
@@ -228,7 +297,9 @@ class Leg:
 
     # -- I/O ---------------------------------------------------------------------------------
 
-    async def _open(self, skip: Destination | None = None) -> Connection:
+    async def _open(self, skip: Destination | None = None, fresh: bool = False) -> Connection:
+        """Connect to the first alternative that greets (an idle pooled connection to it counts,
+        unless `fresh`)."""
         errors: list[LegError] = []
         alternatives = list(self.group.alternatives)
         if skip is not None and skip in alternatives and len(alternatives) > 1:
@@ -236,7 +307,12 @@ class Leg:
             # first, then the ones before it.
             i = alternatives.index(skip)
             alternatives = alternatives[i + 1 :] + alternatives[:i]
+        pool = None if fresh else self.settings.pool
         for destination in alternatives:
+            pooled = pool.take(destination) if pool is not None else None
+            if pooled is not None:
+                self.conn, self.reused, self.synced, self.needs_reset = pooled, True, False, False
+                return pooled
             try:
                 conn = await connect(destination, self.settings)
             except LegError as exc:
@@ -311,7 +387,7 @@ class Leg:
             if failed is None and not was_reused:
                 raise  # could not open at all: _open already tried every alternative
             logger.info("leg %s lost at %s (%s); retrying", self.group, exc.stage, exc.detail)
-            await self._open(skip=None if was_reused else failed)
+            await self._open(skip=None if was_reused else failed, fresh=True)
             return await self._sync(recipient)
 
     async def rcpt(self, recipient: str) -> Reply:
@@ -375,6 +451,15 @@ class Leg:
         """Give up the current message: drop the connection so no partial message is delivered."""
         if self.in_data:
             await self.drop()
+
+    def release(self) -> bool:
+        """At the end of the client session: hand a clean connection to the pool."""
+        pool, conn = self.settings.pool, self.conn
+        clean = not (self.in_data or self.needs_reset or self.envelope or self.failure)
+        if pool is None or conn is None or not clean or not pool.give(conn):
+            return False
+        self.conn = None
+        return True
 
     async def quit(self) -> None:
         conn = self.conn

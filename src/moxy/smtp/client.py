@@ -39,6 +39,11 @@ class ReplyParser:
         self._eof = False
         self._error: UpstreamProtocolError | None = None
 
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet part of a returned reply (0 between replies)."""
+        return len(self._buf) + sum(len(line) for line in self._lines)
+
     def receive_data(self, data: bytes) -> None:
         """Bytes from the server; b"" means it closed the connection."""
         if data:
