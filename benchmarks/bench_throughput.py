@@ -71,10 +71,13 @@ def sink(port: int) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def moxy(port: int, sink_port: int, workdir: Path) -> Iterator[subprocess.Popen[bytes]]:
+def moxy(
+    port: int, sink_port: int, workdir: Path, workers: int
+) -> Iterator[subprocess.Popen[bytes]]:
     (workdir / "routes").write_text(f"bench.test  127.0.0.1:{sink_port}\n")
     (workdir / "moxy.toml").write_text(
         f'[server]\nlisten = ["127.0.0.1:{port}"]\nhostname = "bench.moxy.test"\n'
+        f"workers = {workers}\n"
         '[routes]\nfile = "routes"\n[log]\nfile = "moxy.log"\nlevel = "warning"\n'
         "[limits]\nmessage_size = 104857600\nconnections = 5000\n"
     )
@@ -114,13 +117,14 @@ def main() -> None:
     ap.add_argument("--sessions", type=int, default=20)
     ap.add_argument("--sizes", default="1024,10240,102400", help="message sizes in bytes")
     ap.add_argument("--recipients", type=int, default=1)
+    ap.add_argument("--workers", type=int, default=1, help="Moxy's [server] workers")
     ap.add_argument("--idle", type=int, default=1000, help="idle connections for the memory test")
     ap.add_argument("--large", type=int, default=50_000_000, help="bytes of the large message")
     args = ap.parse_args()
 
     sink_port, moxy_port = free_port(), free_port()
     with tempfile.TemporaryDirectory() as tmp, sink(sink_port), \
-            moxy(moxy_port, sink_port, Path(tmp)) as proc:
+            moxy(moxy_port, sink_port, Path(tmp), args.workers) as proc:
         print(f"{'size':>8} {'conn':>6} {'direct msg/s':>13} {'moxy msg/s':>11} {'ratio':>6}")
         for size in (int(s) for s in args.sizes.split(",")):
             for reuse in (False, True):
@@ -130,6 +134,8 @@ def main() -> None:
                 print(f"{size:>8} {'reuse' if reuse else 'new':>6} {direct:>13.0f}"
                       f" {proxied:>11.0f} {proxied / direct:>6.2f}")
 
+        if args.workers > 1:
+            return  # the memory figures below are for one process
         base = rss_kib(proc.pid)
         print(f"\nmoxy RSS after the runs: {base / 1024:.1f} MiB")
         conns = idle_connections(moxy_port, args.idle)
