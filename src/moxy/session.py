@@ -98,7 +98,7 @@ class Session:
 
     # -- I/O with the client ---------------------------------------------------------------
 
-    async def reply(self, reply: Reply) -> None:
+    def reply(self, reply: Reply) -> None:
         """Queue a reply. Replies go out when Moxy next waits for the client, so the answers to
         a pipelined group of commands leave in one write (RFC 2920 §3.2)."""
         self.output += self.smtp.send(reply)
@@ -108,10 +108,14 @@ class Session:
             return
         data = bytes(self.output)
         self.output.clear()
-        try:
-            await self.stream.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            raise ClientGone from None
+        # A client that stops reading must not hold the session forever.
+        with trio.move_on_after(self.ctx.config.timeouts.client_command):
+            try:
+                await self.stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                raise ClientGone from None
+            return
+        raise ClientGone
 
     async def next_event(self) -> ev.Event:
         while True:
@@ -132,7 +136,7 @@ class Session:
                         data = b""
                 if scope.cancelled_caught:
                     await self.abort_transaction()
-                    await self.reply(Reply.make(421, "4.4.2", f"{self.hostname} Timeout, closing"))
+                    self.reply(Reply.make(421, "4.4.2", f"{self.hostname} Timeout, closing"))
                     await self.flush()
                     raise ClientGone
                 self.smtp.receive_data(data)
@@ -150,7 +154,7 @@ class Session:
         logger.debug("session %s from %s", self.id, self.client_ip)
         try:
             banner = f"{self.hostname} {self.ctx.config.server.banner}".strip()
-            await self.reply(Reply(220, (banner,)))
+            self.reply(Reply(220, (banner,)))
             while await self.handle(await self.next_event()):
                 pass
             await self.flush()
@@ -175,30 +179,30 @@ class Session:
                 await self.end_transaction()
                 self.helo = domain
                 self.protocol = "ESMTP" if verb == "EHLO" else "SMTP"
-                await self.reply(self.hello_reply(verb, domain))
+                self.reply(self.hello_reply(verb, domain))
             case ev.MailFrom():
                 await self.mail(event)
             case ev.RcptTo(address=address):
-                await self.reply(await self.rcpt(address))
+                self.reply(await self.rcpt(address))
             case ev.Data():
                 await self.data()
             case ev.Reset():
                 await self.end_transaction()
-                await self.reply(Reply.make(250, "2.0.0", "Ok"))
+                self.reply(Reply.make(250, "2.0.0", "Ok"))
             case ev.Noop():
-                await self.reply(Reply.make(250, "2.0.0", "Ok"))
+                self.reply(Reply.make(250, "2.0.0", "Ok"))
             case ev.Verify():
-                await self.reply(Reply.make(252, "2.5.0", "Cannot VRFY user; try RCPT"))
+                self.reply(Reply.make(252, "2.5.0", "Cannot VRFY user; try RCPT"))
             case ev.Help():
-                await self.reply(Reply.make(
+                self.reply(Reply.make(
                     214, "2.0.0",
                     "Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP",
                 ))
             case ev.Quit():
-                await self.reply(Reply.make(221, "2.0.0", f"{self.hostname} Bye"))
+                self.reply(Reply.make(221, "2.0.0", f"{self.hostname} Bye"))
                 return False
             case ev.Invalid(reply=reply):
-                await self.reply(reply)
+                self.reply(reply)
                 return reply.code != 421
             case ev.ConnectionClosed():
                 return False
@@ -222,7 +226,7 @@ class Session:
         )
         self.messages += 1
         self.message_id = f"{self.id}.{self.messages}"
-        await self.reply(Reply.make(250, "2.1.0", "Ok"))
+        self.reply(Reply.make(250, "2.1.0", "Ok"))
 
     async def rcpt(self, address: str) -> Reply:
         assert self.transaction is not None
@@ -254,7 +258,7 @@ class Session:
         reply = await self.transaction.start_data(header)
         if reply.code != 354:
             self.log_message(reply, "data", 0)
-        await self.reply(reply)
+        self.reply(reply)
 
     async def end_of_data(self) -> None:
         transaction = self.transaction
@@ -276,7 +280,7 @@ class Session:
                     self.message_id, reply.code,
                 )
         await self.end_transaction()
-        await self.reply(reply)
+        self.reply(reply)
 
     # -- ending things ---------------------------------------------------------------------
 

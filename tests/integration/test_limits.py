@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import socket
 from collections.abc import Callable
 
 import trio
@@ -81,3 +82,25 @@ async def test_routing_failures_are_temporary_and_other_recipients_are_unaffecte
         nursery.cancel_scope.cancel()
     [message] = upstream.messages
     assert message.rcpts == ["fine@example.org"]
+
+
+def flood_without_reading(host: str, port: int) -> str:
+    """Pipeline NOOPs and never read a reply: how does it end?"""
+    with socket.create_connection((host, port)) as sock:
+        sock.settimeout(15)
+        try:
+            for _ in range(20_000):  # up to 120 MB of commands
+                sock.sendall(b"NOOP\r\n" * 1000)
+        except ConnectionError:
+            return "closed by moxy"
+        except TimeoutError:
+            return "stuck"
+    return "never blocked"
+
+
+async def test_a_client_that_never_reads_its_replies_is_dropped_after_client_command(
+    moxy: StartMoxy, make_recorder: MakeRecorder
+) -> None:
+    server = await moxy({"example.org": make_recorder()}, timeouts={"client_command": 1.0})
+    outcome = await trio.to_thread.run_sync(flood_without_reading, server.host, server.port)
+    assert outcome == "closed by moxy"
