@@ -465,6 +465,7 @@ class Timeouts:
     upstream_data_block: float = attrs.field(default=180.0, metadata=_SECONDS)
     upstream_data_end: float = attrs.field(default=600.0, metadata=_SECONDS)
     upstream_idle: float = attrs.field(default=10.0, metadata=_SECONDS)
+    shutdown_grace: float = attrs.field(default=30.0, metadata=_SECONDS)
 
 
 @attrs.frozen

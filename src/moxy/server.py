@@ -7,12 +7,13 @@ processes under a master (src/moxy/workers.py).
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import signal
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 
@@ -42,9 +43,11 @@ async def serve(
     routing: Routing | None = None,
     router: Router | None = None,
     sockets: Sequence[socket.socket] | None = None,
+    shutdown: trio.Event | None = None,
     task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Bind every listen address, report what was bound, and serve until cancelled.
+    """Bind every listen address, report what was bound, and serve until cancelled, or until
+    `shutdown` is set and the sessions have drained (see `drain`).
 
     Recipients are routed by `routing` (built from `config.routes` when neither it nor `router`
     is given), which is kept current while serving and whose backends are closed at the end.
@@ -84,6 +87,7 @@ async def serve(
         name = listener.socket.getsockname()
         bound.append((str(name[0]), int(name[1])))
     active = 0
+    drained = trio.Event()
 
     async def handle(stream: trio.SocketStream) -> None:
         nonlocal active
@@ -107,6 +111,33 @@ async def serve(
             logger.exception("session from %s failed", client_ip)
         finally:
             active -= 1
+            if active == 0 and ctx.drain.draining:
+                drained.set()
+
+    accepting = trio.CancelScope()
+
+    async def accept(nursery: trio.Nursery) -> None:
+        with accepting:
+            async with trio.open_nursery() as acceptors:
+                for listener in listeners:
+                    acceptors.start_soon(_accept_loop, listener, handle, nursery)
+
+    async def drain(shutdown: trio.Event, nursery: trio.Nursery) -> None:
+        """Graceful shutdown: stop accepting, let sessions finish the message they are busy
+        with (those waiting for a command get 421 at once), and stop when none is left or
+        `timeouts.shutdown_grace` has passed; legs still inside DATA then are dropped."""
+        await shutdown.wait()
+        grace = config.timeouts.shutdown_grace
+        logger.info("shutting down: %d sessions to finish, at most %gs", active, grace)
+        accepting.cancel()
+        for listener in listeners:
+            await listener.aclose()
+        ctx.drain.start()
+        if active == 0:
+            drained.set()
+        with trio.move_on_after(grace):
+            await drained.wait()
+        nursery.cancel_scope.cancel()
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(textlog.run)
@@ -114,9 +145,33 @@ async def serve(
             nursery.start_soon(pool.run)
         if routing is not None:
             await nursery.start(routing.run)
-        await nursery.start(trio.serve_listeners, handle, listeners)
+        nursery.start_soon(accept, nursery)
+        if shutdown is not None:
+            nursery.start_soon(drain, shutdown, nursery)
         logger.info("moxy listening on %s", ", ".join(_fmt(b) for b in bound))
         task_status.started(bound)
+
+
+# Accept errors that mean "out of resources for now", as trio.serve_listeners treats them.
+_RESOURCE_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+
+
+async def _accept_loop(
+    listener: trio.SocketListener,
+    handle: Callable[[trio.SocketStream], Awaitable[None]],
+    nursery: trio.Nursery,
+) -> None:
+    """Accept connections into `nursery`, so that they outlive this loop when it is stopped."""
+    while True:
+        try:
+            stream = await listener.accept()
+        except OSError as exc:
+            if exc.errno not in _RESOURCE_ERRORS:
+                raise
+            logger.error("accept: %s; pausing 100 ms", exc.strerror)
+            await trio.sleep(0.1)
+            continue
+        nursery.start_soon(handle, stream)
 
 
 def _fmt(address: tuple[str, int]) -> str:
@@ -135,18 +190,30 @@ def configure_logging(level: str) -> None:
 async def _main(
     config: Config, routing: Routing, sockets: Sequence[socket.socket] | None = None
 ) -> None:
+    """Serve until SIGTERM/SIGINT, then drain gracefully; a second signal stops at once."""
+    shutdown = trio.Event()
+
+    async def signals(stop_now: trio.CancelScope) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as received:
+            async for signum in received:
+                name = signal.Signals(signum).name
+                if not shutdown.is_set():
+                    logger.info("received %s, stopping (again to stop at once)", name)
+                    shutdown.set()
+                else:
+                    logger.info("received %s again, stopping now", name)
+                    stop_now.cancel()
+
     async with trio.open_nursery() as nursery:
-        await nursery.start(functools.partial(serve, config, routing=routing, sockets=sockets))
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async for signum in signals:
-                logger.info("received %s, stopping", signal.Signals(signum).name)
-                nursery.cancel_scope.cancel()
-                break
+        nursery.start_soon(signals, nursery.cancel_scope)
+        await serve(config, routing=routing, sockets=sockets, shutdown=shutdown)
+        nursery.cancel_scope.cancel()
 
 
 def run(config: Config) -> int:
-    """`moxy serve`: serve until SIGTERM/SIGINT. Messages in DATA at that moment are aborted
-    upstream (no partial delivery) and the clients, which got no 250, retry.
+    """`moxy serve`: serve until SIGTERM/SIGINT, then drain for up to
+    `timeouts.shutdown_grace`. Messages still in DATA after that (or at a second signal) are
+    aborted upstream (no partial delivery) and their clients, which got no 250, retry.
 
     A routes or GDBM file that cannot be used raises `RoutesFileError` or `ConfigError`
     before anything listens."""

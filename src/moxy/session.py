@@ -15,6 +15,7 @@ import secrets
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import NoReturn
 
 import attrs
 import trio
@@ -38,6 +39,20 @@ def new_session_id() -> str:
     return f"{secrets.token_hex(3).upper()}{next(_ids):06X}"
 
 
+class Drain:
+    """Graceful shutdown, as sessions see it: once started, a session waiting for the client's
+    next command is told 421 and closed; one busy with a message finishes it first."""
+
+    def __init__(self) -> None:
+        self.draining = False
+        self.waiting: set[trio.CancelScope] = set()  # sessions waiting for a command
+
+    def start(self) -> None:
+        self.draining = True
+        for scope in self.waiting:
+            scope.cancel()
+
+
 @attrs.frozen
 class ServerContext:
     """What every session of one server shares."""
@@ -46,6 +61,7 @@ class ServerContext:
     router: Router
     emit: Callable[[DeliveryEvent], None]
     upstream: UpstreamSettings
+    drain: Drain = attrs.field(factory=Drain)
 
 
 def received_header(
@@ -127,22 +143,39 @@ class Session:
                     self.ctx.config.timeouts.client_data if in_data
                     else self.ctx.config.timeouts.client_command
                 )
+                drain = self.ctx.drain
+                if drain.draining and not in_data:
+                    await self.say_goodbye(Reply.make(
+                        421, "4.3.2", f"{self.hostname} Service shutting down; try again later"
+                    ))
                 data = b""
                 with trio.move_on_after(timeout) as scope:
+                    if not in_data:
+                        drain.waiting.add(scope)
                     try:
                         size = self.ctx.config.limits.data_chunk
                         data = bytes(await self.stream.receive_some(size))
                     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                         data = b""
+                    finally:
+                        drain.waiting.discard(scope)
                 if scope.cancelled_caught:
-                    await self.abort_transaction()
-                    self.reply(Reply.make(421, "4.4.2", f"{self.hostname} Timeout, closing"))
-                    await self.flush()
-                    raise ClientGone
+                    if drain.draining and not in_data:
+                        continue  # say goodbye at the top of the loop
+                    await self.say_goodbye(
+                        Reply.make(421, "4.4.2", f"{self.hostname} Timeout, closing")
+                    )
                 self.smtp.receive_data(data)
                 continue
             assert event is not ev.PAUSED, "a command was left without a reply"
             return event  # type: ignore[return-value]
+
+    async def say_goodbye(self, reply: Reply) -> NoReturn:
+        """Give up the transaction, send a closing 421 and end the session."""
+        await self.abort_transaction()
+        self.reply(reply)
+        await self.flush()
+        raise ClientGone
 
     @property
     def hostname(self) -> str:

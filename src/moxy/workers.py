@@ -2,7 +2,8 @@
 
 The master binds the listening sockets, forks the workers, which all accept on them (the kernel
 spreads connections among them), restarts a worker that dies, and on SIGTERM/SIGINT passes the
-signal on and waits for every worker to finish. The master itself runs no event loop and holds
+signal on (the workers drain gracefully; a second signal stops them at once) and waits for
+every worker to finish. The master itself runs no event loop and holds
 no route source: fork and a running trio loop (or a live Redis/LDAP connection) do not mix.
 """
 
@@ -85,9 +86,11 @@ def supervise(config: Config, worker: Callable[[list[socket.socket]], int]) -> i
     try:
         while children:
             info = signal.sigtimedwait(_SIGNALS, 1.0)
-            if info is not None and info.si_signo != signal.SIGCHLD and not stopping:
+            if info is not None and info.si_signo != signal.SIGCHLD:
+                # The first signal makes the workers drain; a second one stops them at once.
+                logger.info("received %s, %s workers", signal.Signals(info.si_signo).name,
+                            "stopping" if stopping else "draining")
                 stopping = True
-                logger.info("received %s, stopping workers", signal.Signals(info.si_signo).name)
                 for pid in children:
                     _kill(pid, signal.SIGTERM)
             for pid, status in _reap():

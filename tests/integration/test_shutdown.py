@@ -1,0 +1,93 @@
+"""Graceful shutdown: no new connections, idle sessions get 421, a message in DATA is finished
+within `timeouts.shutdown_grace`, and one that is not is never delivered in part."""
+
+from __future__ import annotations
+
+import functools
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import trio
+
+from moxy.config import load_config
+from moxy.server import serve
+from peers.client import SmtpClient
+from peers.moxy import MoxyProcess
+from peers.recorder import Recorder
+
+from .helpers import SENDER, open_session
+
+MakeRecorder = Callable[..., Recorder]
+HEAD = b"Subject: shutdown\r\n\r\nfirst half\r\n"
+TAIL = b"second half\r\n.\r\n"
+
+
+async def start_in_data(address: tuple[str, int]) -> SmtpClient:
+    client = await open_session(address)
+    assert (await client.command(f"MAIL FROM:<{SENDER}>")).code == 250
+    assert (await client.command("RCPT TO:<user@example.org>")).code == 250
+    assert (await client.command("DATA")).code == 354
+    await client.send(HEAD)
+    return client
+
+
+async def test_shutdown_lets_a_message_in_data_finish_and_tells_idle_sessions_421(
+    write_config: Callable[..., Path], make_recorder: MakeRecorder
+) -> None:
+    upstream = make_recorder()
+    config = load_config(write_config({"example.org": upstream}, timeouts={"shutdown_grace": 20}))
+    shutdown = trio.Event()
+    async with trio.open_nursery() as nursery:
+        [address, *_] = await nursery.start(functools.partial(serve, config, shutdown=shutdown))
+        idle = await open_session(address)
+        busy = await start_in_data(address)
+        shutdown.set()
+
+        goodbye = await idle.reply()
+        assert (goodbye.code, goodbye.lines[0][:5]) == (421, "4.3.2")
+        with pytest.raises(OSError):  # the listener is closed: no new sessions
+            await SmtpClient.connect(*address)
+        await busy.send(TAIL)
+        assert (await busy.reply()).code == 250  # finished, and delivered
+        after = await busy.reply()
+        assert (after.code, after.lines[0][:5]) == (421, "4.3.2")
+        # serve() returns by itself once the sessions are gone, well within the grace time.
+        with trio.fail_after(10):
+            while nursery.child_tasks:
+                await trio.sleep(0.05)
+    [message] = upstream.messages
+    assert message.data is not None
+    assert message.data.endswith(b"Subject: shutdown\r\n\r\nfirst half\r\nsecond half\r\n")
+
+
+async def test_a_message_not_finished_within_the_grace_time_is_not_delivered(
+    write_config: Callable[..., Path], make_recorder: MakeRecorder
+) -> None:
+    upstream = make_recorder()
+    config = load_config(
+        write_config({"example.org": upstream}, timeouts={"shutdown_grace": 0.5})
+    )
+    shutdown = trio.Event()
+    async with trio.open_nursery() as nursery:
+        [address, *_] = await nursery.start(functools.partial(serve, config, shutdown=shutdown))
+        stalled = await start_in_data(address)
+        shutdown.set()
+        with trio.fail_after(10):
+            while nursery.child_tasks:
+                await trio.sleep(0.05)
+        with pytest.raises(trio.BrokenResourceError):
+            for _ in range(100):  # the session is gone: writes fail once the RST is back
+                await stalled.send(TAIL)
+                await trio.sleep(0.01)
+    upstream.wait_closed(0)
+    assert upstream.messages == []
+
+
+def test_sigterm_drains_and_the_process_exits_0(
+    moxy_process: Callable[..., MoxyProcess], make_recorder: MakeRecorder
+) -> None:
+    moxy = moxy_process({"example.org": make_recorder()})
+    assert moxy.stop(signal.SIGTERM) == 0
+    assert "stopping (again to stop at once)" in moxy.stderr()
