@@ -1,0 +1,59 @@
+"""A destination that never completes the TCP handshake: `timeouts.upstream_connect`, then the
+next alternative. The "black hole" is a loopback listener whose accept queue is full, so the
+kernel drops further SYNs (no address outside loopback is needed)."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from peers.moxy import StartMoxy
+from peers.recorder import Recorder
+
+from .helpers import send_one
+
+MakeRecorder = Callable[..., Recorder]
+
+
+@pytest.fixture
+def black_hole() -> Iterator[str]:
+    with contextlib.ExitStack() as stack:
+        listener = stack.enter_context(socket.socket())
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        address = listener.getsockname()
+        for _ in range(4):  # fill the accept queue; the listener never accepts
+            filler = stack.enter_context(socket.socket())
+            filler.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                filler.connect(address)
+        probe = stack.enter_context(socket.socket())
+        probe.settimeout(0.5)
+        with pytest.raises(TimeoutError):  # proof that connecting now hangs
+            probe.connect(address)
+        yield f"127.0.0.1:{address[1]}"
+
+
+async def test_a_connect_that_hangs_times_out_and_the_next_alternative_gets_the_mail(
+    moxy: StartMoxy, make_recorder: MakeRecorder, black_hole: str
+) -> None:
+    backup = make_recorder()
+    server = await moxy(
+        {"example.org": f"{black_hole}|{backup.address}"}, timeouts={"upstream_connect": 0.5}
+    )
+    outcome = await send_one(server, ["user@example.org"])
+    assert outcome.final is not None and outcome.final.code == 250, outcome.transcript
+    assert len(backup.messages) == 1
+
+
+async def test_a_connect_that_hangs_with_no_alternative_is_451_4_4_1(
+    moxy: StartMoxy, black_hole: str
+) -> None:
+    server = await moxy({"example.org": black_hole}, timeouts={"upstream_connect": 0.5})
+    outcome = await send_one(server, ["user@example.org"])
+    rcpt = outcome.envelope[1]
+    assert (rcpt.code, rcpt.lines[0][:5]) == (451, "4.4.1"), outcome.transcript
+    assert outcome.final is None
