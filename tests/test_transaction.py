@@ -115,3 +115,8 @@ def test_multi_leg_success_names_the_message() -> None:
 def test_leg_failures_are_always_temporary(error: LegError, enhanced: str) -> None:
     reply = leg_error_reply(error)
     assert reply.code == 451 and reply.enhanced == enhanced
+
+
+def test_no_legs_is_never_an_acceptance() -> None:
+    assert decide_data([]).code == 451
+    assert decide_final([], "ABC.1").code == 451

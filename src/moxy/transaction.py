@@ -54,6 +54,8 @@ def merge_rcpt(outcomes: Sequence[Outcome]) -> Reply:
 def decide_data(outcomes: Sequence[Outcome]) -> Reply:
     """The DATA command: 354 only when every leg said 354."""
     replies = [_as_reply(o, "2.0.0") for o in outcomes]
+    if not replies:  # cannot happen (DATA needs an accepted recipient); never accept to nowhere
+        return Reply.make(451, "4.3.0", "No destination for this message; try again later")
     if all(r.code == 354 for r in replies):
         return Reply(354, ("End data with <CR><LF>.<CR><LF>",))
     return _refusal(replies, accepted_code=354, stage="DATA")
@@ -63,6 +65,8 @@ def decide_final(outcomes: Sequence[Outcome], message_id: str) -> Reply:
     """After end-of-data: 250 only when every leg accepted; same-class refusals pass through;
     anything mixed is 451 so the sender retries (a duplicate is possible, a loss is not)."""
     replies = [_as_reply(o, "2.0.0") for o in outcomes]
+    if not replies:
+        return Reply.make(451, "4.3.0", "No destination took this message; try again later")
     if all(r.klass == 2 for r in replies):
         if len(replies) == 1:
             return replies[0]
