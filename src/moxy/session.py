@@ -245,11 +245,7 @@ class Session:
         greeting = f"{self.hostname} greets {domain}"
         if verb != "EHLO":
             return Reply(250, (greeting,))
-        limits = self.ctx.config.limits
-        return Reply(250, (
-            greeting, "PIPELINING", f"SIZE {limits.message_size}", "8BITMIME",
-            "ENHANCEDSTATUSCODES",
-        ))
+        return Reply(250, (greeting, *self.smtp.extensions))
 
     async def mail(self, event: ev.MailFrom) -> None:
         await self.end_transaction()
