@@ -185,6 +185,17 @@ def _domain(*, empty_ok: bool = False) -> _Parser:
     return parse
 
 
+_NODE_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+def _node(value: object, ctx: _Context) -> str:
+    """A node name goes into log fields and Redis members: no spaces, no separators."""
+    if not isinstance(value, str) or not _NODE_RE.fullmatch(value):
+        raise _Invalid(f"expected a name of 1 to 64 letters, digits, '.', '_' or '-', "
+                       f"got {_show(value)}")
+    return value
+
+
 def _path(value: object, ctx: _Context) -> Path:
     if not isinstance(value, str) or not value:
         raise _Invalid(f"expected a file path, got {_show(value)}")
@@ -311,6 +322,8 @@ class ServerSettings:
     hostname: str = attrs.field(factory=_fqdn, metadata=_key(_domain()))
     banner: str = attrs.field(default="ESMTP Moxy", metadata=_key(_text))
     workers: int = attrs.field(default=1, metadata=_COUNT)
+    # Which Moxy of a cluster saw an event (accounting); the short host name by default.
+    node: str = attrs.field(factory=socket.gethostname, metadata=_key(_node))
 
 
 @attrs.frozen

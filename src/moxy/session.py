@@ -355,6 +355,7 @@ class Session:
             helo=self.helo,
             mail_from=envelope.mail_from if envelope else "",
             duration=time.monotonic() - self.data_started,
+            node=self.ctx.config.server.node,
             **fields,  # type: ignore[arg-type]
         )
 
