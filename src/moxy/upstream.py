@@ -29,6 +29,7 @@ from moxy.smtp.replies import Reply
 logger = logging.getLogger("moxy.upstream")
 
 RECEIVE_SIZE = 65536
+_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)  # Linux only
 
 
 class LegError(Exception):
@@ -94,24 +95,41 @@ class Connection:
     def error(self, stage: str, detail: str, reply: Reply | None = None) -> LegError:
         return LegError(stage, str(self.destination), detail, reply)
 
-    async def read_reply(self, stage: str, timeout: float) -> Reply:
+    async def read_reply(self, stage: str, timeout: float, more: bool = False) -> Reply:
+        """The next reply. `more`: further replies to pipelined commands are still due."""
         with trio.move_on_after(timeout):
             try:
+                received = False
                 while True:
                     reply = self.parser.next_reply()
                     if reply is not None:
                         if reply.code == 421:
                             raise self.error(stage, f"service closing: {reply}", reply)
+                        if more and received and not self.parser.buffered:
+                            self._ack_now()
                         return reply
                     data = await self.stream.receive_some(RECEIVE_SIZE)
                     if not data:
                         raise self.error(stage, "connection closed by upstream")
                     self.parser.receive_data(bytes(data))
+                    received = True
             except UpstreamProtocolError as exc:
                 raise self.error(stage, f"malformed reply: {exc}") from None
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 raise self.error(stage, f"connection lost: {exc}") from None
         raise self.error(stage, f"no reply within {timeout:g}s")
+
+    def _ack_now(self) -> None:
+        """ACK what arrived at once instead of after the delayed-ACK timer (~40 ms on Linux).
+
+        A destination that leaves Nagle on and writes each pipelined reply separately holds
+        the next reply until its previous segment is ACKed; Moxy has nothing to send that the
+        ACK could ride on while it waits for that reply. Linux clears TCP_QUICKACK by itself,
+        so it is set again each time, and only when a reply arrived alone."""
+        sock = getattr(self.stream, "socket", None)
+        if sock is not None and _QUICKACK is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
 
     async def send(self, data: bytes, stage: str, timeout: float) -> None:
         with trio.move_on_after(timeout):
@@ -134,7 +152,11 @@ class Connection:
         """
         if self.pipelining:
             await self.send(b"".join(c[0] for c in commands), commands[0][1], commands[0][2])
-            return [await self.read_reply(stage, timeout) for _, stage, timeout in commands]
+            last = len(commands) - 1
+            return [
+                await self.read_reply(stage, timeout, more=i < last)
+                for i, (_, stage, timeout) in enumerate(commands)
+            ]
         replies = []
         for line, stage, timeout in commands:
             reply = await self.command(line, stage, timeout)
