@@ -8,7 +8,7 @@ RUN_DEBS    := python3 python3-venv python3-gdbm
 TEST_DEBS   := $(RUN_DEBS) postfix swaks redis-server slapd ldap-utils openssl
 PYTEST_ARGS ?=
 
-.PHONY: run test lint check-config run-debs test-debs clean
+.PHONY: run test lint check-config run-debs test-debs bench clean
 
 run: run-debs $(VENV)/.run-installed
 	$(VENV)/bin/moxy serve --config $(CONFIG)
@@ -19,6 +19,13 @@ test: test-debs $(VENV)/.test-installed lint
 lint: $(VENV)/.test-installed
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/mypy
+
+# Not part of `make test`: Moxy beside direct delivery, nginx's mail proxy and Haraka (from npm,
+# when Node.js 20+ is there); rewrites the "make bench" table in docs/benchmarks.md.
+BENCH_DEBS  := nginx-light libnginx-mod-mail
+bench: test-debs $(VENV)/.test-installed
+	@scripts/ensure-debs $(BENCH_DEBS)
+	$(VPY) benchmarks/bench_compare.py $(BENCH_ARGS)
 
 check-config: run-debs $(VENV)/.run-installed
 	$(VENV)/bin/moxy check-config --config $(CONFIG)

@@ -1,0 +1,382 @@
+#!/usr/bin/env python3
+"""`make bench`: Moxy beside direct delivery, nginx's mail proxy and Haraka, in one run.
+
+Load: Postfix's `smtp-source` (20 sessions); destination: Postfix's `smtp-sink`. For every
+proxy, message size and connection mode (a new client connection per message, or one reused
+per session) it reports messages per second and the proxy's CPU time per message (user+system
+of its whole process tree, from /proc), with ratios to nginx beside; then Moxy's fan-out cases
+(one route with two destinations; one message to ten domains sharing one destination), the
+latency each proxy adds per message at 20 sessions (p50/p99), and the RCPT time against a
+destination that leaves Nagle on. The table, with the machine and versions, replaces the
+"make bench" section of docs/benchmarks.md (`--no-docs` leaves it alone).
+
+    .venv/bin/python benchmarks/bench_compare.py [--messages 3000] [--sizes 100,10240,102400]
+
+Everything binds 127.0.0.1 on free ports, every loop is bounded, and every process started is
+stopped at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import attrs
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import proxies
+from proxies import Proxy, free_port, need
+
+DOCS = proxies.ROOT / "docs" / "benchmarks.md"
+START, END = "<!-- make bench: start -->", "<!-- make bench: end -->"
+SENDER, DOMAINS = "bench@client.test", [f"d{i}.bench.test" for i in range(10)]
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+# --- measuring ------------------------------------------------------------------------------
+
+
+def tree_cpu(root: int) -> float:
+    """CPU seconds (user + system) of `root` and every process below it."""
+    parents: dict[int, int] = {}
+    times: dict[int, float] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        parents[int(entry)] = int(fields[1])
+        times[int(entry)] = (int(fields[11]) + int(fields[12])) / CLK_TCK
+    total, todo = 0.0, [root]
+    while todo:
+        pid = todo.pop()
+        total += times.get(pid, 0.0)
+        todo += [child for child, parent in parents.items() if parent == pid]
+    return total
+
+
+@attrs.frozen
+class Cell:
+    rate: float  # messages per second
+    cpu_us: float | None  # proxy CPU per message, µs
+
+
+def smtp_source(port: int, messages: int, size: int, reuse: bool, to: str,
+                sessions: int = 20) -> float:
+    args = [need("smtp-source", "postfix"), "-m", str(messages), "-s", str(sessions),
+            "-l", str(size), "-f", SENDER, "-t", to]
+    if reuse:
+        args.append("-d")
+    started = time.perf_counter()
+    subprocess.run([*args, f"127.0.0.1:{port}"], check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - started
+
+
+def measure(proxy: Proxy | None, port: int, messages: int, send: Callable[[int], float]) -> Cell:
+    before = tree_cpu(proxy.pid) if proxy else 0.0
+    took = send(port)
+    cpu = (tree_cpu(proxy.pid) - before) / messages * 1e6 if proxy else None
+    return Cell(messages / took, cpu)
+
+
+# --- a pipelining client for the ten-domain case and the latency probe ---------------------
+
+
+class Client:
+    """One SMTP session over a raw socket, pipelining MAIL, RCPTs and DATA."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), 10)
+        self.sock.settimeout(30)
+        self.buf = b""
+        self.replies(1)
+        self.sock.sendall(b"EHLO client.test\r\n")
+        self.replies(1)
+
+    def replies(self, count: int) -> list[bytes]:
+        got: list[bytes] = []
+        while len(got) < count:
+            while b"\r\n" not in self.buf:
+                data = self.sock.recv(65536)
+                if not data:
+                    raise SystemExit("bench: a server closed the connection")
+                self.buf += data
+            line, self.buf = self.buf.split(b"\r\n", 1)
+            if line[3:4] != b"-":
+                got.append(line)
+        return got
+
+    def send(self, recipients: list[str], body: bytes) -> None:
+        head = f"MAIL FROM:<{SENDER}>\r\n" + "".join(f"RCPT TO:<{r}>\r\n" for r in recipients)
+        self.sock.sendall(head.encode() + b"DATA\r\n")
+        answers = self.replies(len(recipients) + 2)
+        if not answers[-1].startswith(b"354"):
+            raise SystemExit(f"bench: DATA refused: {answers}")
+        self.sock.sendall(body + b".\r\n")
+        final = self.replies(1)[0]
+        if not final.startswith(b"250"):
+            raise SystemExit(f"bench: message refused: {final!r}")
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.sendall(b"QUIT\r\n")
+            self.sock.close()
+
+
+def body_of(size: int) -> bytes:
+    line = b"x" * 76 + b"\r\n"
+    return b"Subject: bench\r\n\r\n" + line * max(size // len(line), 1)
+
+
+def ten_domains(port: int, messages: int, size: int, sessions: int = 20) -> float:
+    """`messages` messages, each to one user in each of ten domains, over `sessions` threads
+    reusing their connections."""
+    body, recipients = body_of(size), [f"user@{d}" for d in DOMAINS]
+    per = [messages // sessions + (i < messages % sessions) for i in range(sessions)]
+
+    def session(count: int) -> None:
+        client = Client(port)
+        for _ in range(count):
+            client.send(recipients, body)
+        client.close()
+
+    threads = [threading.Thread(target=session, args=(n,)) for n in per]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - started
+
+
+def latency(port: int, probes: int) -> tuple[float, float]:
+    """p50 and p99 (ms) of one message's MAIL-to-250 time, with 19 smtp-source sessions
+    loading the same server meanwhile."""
+    load = subprocess.Popen(
+        [need("smtp-source", "postfix"), "-m", "1000000", "-s", "19", "-d", "-l", "100",
+         "-f", SENDER, "-t", "user@bench.test", f"127.0.0.1:{port}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        time.sleep(0.5)
+        client, body, times = Client(port), body_of(100), []
+        for _ in range(probes):
+            started = time.perf_counter()
+            client.send(["user@bench.test"], body)
+            times.append((time.perf_counter() - started) * 1000)
+        client.close()
+    finally:
+        load.terminate()
+        load.wait()
+    times.sort()
+    return statistics.median(times), times[min(len(times) - 1, int(len(times) * 0.99))]
+
+
+def nagle_rcpt_ms(workdir: Path, count: int) -> float:
+    """Median RCPT time through Moxy to a destination with Nagle on (tests/peers/nagle_mta)."""
+    sys.path.insert(0, str(proxies.ROOT / "tests"))
+    from peers.nagle_mta import NagleMta
+
+    with NagleMta() as mta, proxies.moxy(workdir, f"bench.test  {mta.address}\n") as moxy:
+        client, times = Client(moxy.port), []
+        for _ in range(count):
+            client.sock.sendall(f"MAIL FROM:<{SENDER}>\r\n".encode())
+            client.replies(1)
+            started = time.perf_counter()
+            client.sock.sendall(b"RCPT TO:<user@bench.test>\r\n")
+            client.replies(1)
+            times.append((time.perf_counter() - started) * 1000)
+            client.sock.sendall(b"RSET\r\n")
+            client.replies(1)
+        client.close()
+    return statistics.median(times[1:])
+
+
+# --- the run ----------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def workdir(root: Path, name: str) -> Iterator[Path]:
+    path = root / name
+    path.mkdir()
+    os.chmod(path, 0o755)  # nginx's workers run as nobody
+    yield path
+
+
+def fmt_rate(cell: Cell | None) -> str:
+    return "–" if cell is None else f"{cell.rate:,.0f}"
+
+
+def fmt_cpu(cell: Cell | None, reference: Cell | None) -> str:
+    if cell is None or cell.cpu_us is None:
+        return "–"
+    text = f"{cell.cpu_us:,.0f} µs"
+    if reference is not None and reference.cpu_us:
+        text += f" (×{cell.cpu_us / reference.cpu_us:.2f})"
+    return text
+
+
+def size_name(size: int) -> str:
+    return f"{size} B" if size < 1024 else f"{size // 1024} KB"
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in
+                Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.machine())
+    debian = Path("/etc/debian_version").read_text().strip() \
+        if Path("/etc/debian_version").exists() else "?"
+    import trio
+
+    return (f"{os.cpu_count()} × {cpu}; Linux {platform.release()}, Debian {debian}; "
+            f"Python {platform.python_version()}, trio {trio.__version__}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--messages", type=int, default=3000, help="messages per cell")
+    ap.add_argument("--sizes", default="100,10240,102400", help="message sizes in bytes")
+    ap.add_argument("--probes", type=int, default=300, help="messages in the latency probe")
+    ap.add_argument("--no-haraka", action="store_true", help="leave Haraka out")
+    ap.add_argument("--no-docs", action="store_true", help="do not rewrite docs/benchmarks.md")
+    args = ap.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    workers = os.cpu_count() or 1
+    haraka_missing = "left out (--no-haraka)" if args.no_haraka else proxies.haraka_available()
+
+    rows: dict[str, dict[tuple[int, bool], Cell]] = {}
+    fanout: dict[str, dict[str, Cell]] = {}
+    lat: dict[str, tuple[float, float]] = {}
+    total_cells = (6 if haraka_missing is None else 5) * len(sizes) * 2
+    done = 0
+
+    def run_cells(name: str, proxy: Proxy | None, port: int) -> None:
+        nonlocal done
+        rows[name] = {}
+        for size in sizes:
+            for reuse in (False, True):
+                cell = measure(proxy, port, args.messages, lambda p, s=size, r=reuse:
+                               smtp_source(p, args.messages, s, r, "user@bench.test"))
+                rows[name][size, reuse] = cell
+                done += 1
+                print(f"[{done:>2}/{total_cells}] {name:<14} {size_name(size):>6} "
+                      f"{'reuse' if reuse else 'new':<5} {cell.rate:>8,.0f} msg/s"
+                      + (f" {cell.cpu_us:>7,.0f} µs/msg" if cell.cpu_us else ""), flush=True)
+
+    routes = "".join(f"{d}  127.0.0.1:{{sink}}\n" for d in ["bench.test", *DOMAINS])
+    with tempfile.TemporaryDirectory(prefix="moxy-bench-") as tmp:
+        root = Path(tmp)
+        os.chmod(root, 0o755)
+        sink_port, mirror_port = free_port(), free_port()
+        with proxies.smtp_sink(sink_port), proxies.smtp_sink(mirror_port):
+            run_cells("direct", None, sink_port)
+            lat["direct"] = latency(sink_port, args.probes)
+            the_routes = routes.format(sink=sink_port) + \
+                f"mirror.test  127.0.0.1:{sink_port}  127.0.0.1:{mirror_port}\n"
+            for name, options in [
+                ("moxy", {}),
+                ("moxy pool", {"idle_upstreams": 64}),
+                (f"moxy {workers}w+pool", {"idle_upstreams": 64, "workers": workers}),
+            ]:
+                with workdir(root, name.replace(" ", "-").replace("+", "-")) as wd, \
+                        proxies.moxy(wd, the_routes, name=name, **options) as moxy:
+                    run_cells(name, moxy, moxy.port)
+                    n = args.messages
+                    fanout[name] = {
+                        "mirror": measure(moxy, moxy.port, n, lambda p, n=n: smtp_source(
+                            p, n, sizes[0], True, "user@mirror.test")),
+                        "ten": measure(moxy, moxy.port, n, lambda p, n=n: ten_domains(
+                            p, n, sizes[0])),
+                    }
+                    print(f"      {name}: fan-out done", flush=True)
+                    lat[name] = latency(moxy.port, args.probes)
+            with workdir(root, "nginx") as wd, proxies.nginx(wd, sink_port) as ngx:
+                run_cells("nginx", ngx, ngx.port)
+                lat["nginx"] = latency(ngx.port, args.probes)
+            if haraka_missing is None:
+                with workdir(root, "haraka") as wd, \
+                        proxies.haraka(wd, sink_port, ["bench.test", *DOMAINS]) as har:
+                    run_cells("haraka", har, har.port)
+                    lat["haraka"] = latency(har.port, args.probes)
+        with workdir(root, "nagle") as wd:
+            nagle = nagle_rcpt_ms(wd, 200)
+
+    versions = [f"nginx {proxies.nginx_version()} (mail module, 1 worker, auth_http answered "
+                "by nginx itself)"]
+    if haraka_missing is None:
+        node = subprocess.run(["node", "--version"], capture_output=True, text=True).stdout
+        versions.append(f"Haraka {proxies.haraka_version()} on Node.js {node.strip()} "
+                        "(smtp_forward, 1 process)")
+    else:
+        versions.append(f"Haraka: not measured ({haraka_missing})")
+    report = render(rows, fanout, lat, nagle, sizes, args, versions)
+    print("\n" + report)
+    if not args.no_docs:
+        text = DOCS.read_text()
+        if START in text and END in text:
+            head, rest = text.split(START, 1)
+            text = head + START + "\n" + report + "\n" + END + rest.split(END, 1)[1]
+        else:
+            text += f"\n{START}\n{report}\n{END}\n"
+        DOCS.write_text(text)
+        print(f"bench: wrote the table into {DOCS.relative_to(proxies.ROOT)}")
+
+
+def render(rows: dict[str, dict[tuple[int, bool], Cell]], fanout: dict[str, dict[str, Cell]],
+           lat: dict[str, tuple[float, float]], nagle: float, sizes: list[int],
+           args: argparse.Namespace, versions: list[str]) -> str:
+    when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    out = [
+        f"Run {when} on {machine()}.",
+        "; ".join(versions) + ".",
+        f"{args.messages} messages per cell from `smtp-source -s 20` to `smtp-sink`; CPU is "
+        "the proxy's whole process tree (user + system) per message; × is the ratio to nginx.",
+        "",
+        "| path | size | conn | msgs/s | CPU per message |",
+        "|---|---|---|---|---|",
+    ]
+    for name, cells in rows.items():
+        for size in sizes:
+            for reuse in (False, True):
+                cell = cells.get((size, reuse))
+                ref = None if name == "nginx" else rows.get("nginx", {}).get((size, reuse))
+                out.append(f"| {name} | {size_name(size)} | {'reuse' if reuse else 'new'} | "
+                           f"{fmt_rate(cell)} | {fmt_cpu(cell, ref)} |")
+    out += ["", f"Fan-out ({size_name(sizes[0])}, connections reused):", "",
+            "| path | one route, two destinations (2 copies) | ten domains → one destination |",
+            "|---|---|---|"]
+    for name, cells in fanout.items():
+        mirror, ten = cells["mirror"], cells["ten"]
+        out.append(f"| {name} | {fmt_rate(mirror)} msgs/s, {fmt_cpu(mirror, None)}"
+                   f" | {fmt_rate(ten)} msgs/s, {fmt_cpu(ten, None)} |")
+    direct = lat.get("direct", (0.0, 0.0))
+    out += ["", f"Latency of one message (MAIL to final 250) beside 19 loading sessions, "
+            f"{args.probes} probes; added = minus direct:", "",
+            "| path | p50 | p99 | added p50 | added p99 |", "|---|---|---|---|---|"]
+    for name, (p50, p99) in lat.items():
+        added = "–" if name == "direct" else f"{p50 - direct[0]:.2f} ms"
+        added99 = "–" if name == "direct" else f"{p99 - direct[1]:.2f} ms"
+        out.append(f"| {name} | {p50:.2f} ms | {p99:.2f} ms | {added} | {added99} |")
+    out += ["", f"RCPT over a cached route to a destination that leaves Nagle on and writes each "
+            f"reply separately (tests/peers/nagle_mta.py), Moxy defaults: median "
+            f"**{nagle:.2f} ms** over 200 RCPTs."]
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    main()
