@@ -8,7 +8,7 @@ RUN_DEBS    := python3 python3-venv python3-gdbm
 TEST_DEBS   := $(RUN_DEBS) postfix swaks redis-server slapd ldap-utils openssl
 PYTEST_ARGS ?=
 
-.PHONY: run test lint check-config run-debs test-debs clean
+.PHONY: run test lint check-config cluster run-debs test-debs clean
 
 run: run-debs $(VENV)/.run-installed
 	$(VENV)/bin/moxy serve --config $(CONFIG)
@@ -17,8 +17,12 @@ test: test-debs $(VENV)/.test-installed lint
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 lint: $(VENV)/.test-installed
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks scripts
 	$(VENV)/bin/mypy
+
+# Two nodes, Redis, slapd and two recording servers on loopback, until Ctrl-C (docs/deploying.md).
+cluster: test-debs $(VENV)/.run-installed
+	$(VPY) scripts/cluster.py
 
 check-config: run-debs $(VENV)/.run-installed
 	$(VENV)/bin/moxy check-config --config $(CONFIG)
