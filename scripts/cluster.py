@@ -79,6 +79,7 @@ class Sink(socketserver.ThreadingTCPServer):
         self.directory = directory
         self.count = 0
         self.lock = threading.Lock()
+        self.serving = False
         directory.mkdir()
 
     @property
@@ -138,10 +139,14 @@ class _SinkHandler(socketserver.StreamRequestHandler):
 # --- child processes -------------------------------------------------------------------------
 
 
+_prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved here, not in the forked child
+_PR_SET_PDEATHSIG = 1
+
+
 def _die_with_parent() -> None:
-    """In the child before exec: SIGKILL it if this script dies without cleaning up."""
-    pr_set_pdeathsig = 1
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    """In the child before exec: SIGKILL it if this script dies without cleaning up. (Children
+    are started before the sinks' threads, so nothing else runs while this does.)"""
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 class Cluster:
@@ -212,7 +217,8 @@ class Cluster:
                 child.wait()
             _signal_group(child.pid, signal.SIGKILL)  # anything the child left in its group
         for sink in self.sinks:
-            sink.shutdown()
+            if sink.serving:
+                sink.shutdown()  # waits for serve_forever to return: only if it runs
             sink.server_close()
         shutil.rmtree(self.directory, ignore_errors=True)
 
@@ -272,10 +278,8 @@ def start(cluster: Cluster) -> dict[str, int]:
         if not Path(binary).exists():
             raise ClusterError(f"{binary} is missing: run `{hint}` first")
     d = cluster.directory
-    for name in ("old", "new"):
-        sink = Sink(name, d / f"{name}-server")
-        threading.Thread(target=sink.serve_forever, daemon=True).start()
-        cluster.sinks.append(sink)
+    for name in ("old", "new"):  # bound now, served once every child is started
+        cluster.sinks.append(Sink(name, d / f"{name}-server"))
     ports = {"old": cluster.sinks[0].port, "new": cluster.sinks[1].port}
     ports |= {name: free_port() for name in ("redis", "ldap", "node-a", "node-b")}
 
@@ -307,6 +311,9 @@ def start(cluster: Cluster) -> dict[str, int]:
         config = d / f"{name}.toml"
         config.write_text(_node_toml(name, ports[name], ports["redis"], ports["ldap"]))
         nodes.append((name, cluster.spawn(name, [str(moxy), "serve", "--config", str(config)])))
+    for sink in cluster.sinks:
+        sink.serving = True  # set before the thread runs: stop() then waits for it to end
+        threading.Thread(target=sink.serve_forever, daemon=True).start()
     for name, node in nodes:
         cluster.wait_ready(name, node, ports[name], smtp=True)
     return ports
