@@ -38,8 +38,9 @@ ROUTES_BASE = "ou=routes,dc=example,dc=net"
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 10.0  # per process group, before SIGKILL
 
-# Extra TOML for both nodes' configurations, appended as it is. Accounting and metrics go here
-# once they exist (see docs/deploying.md); while empty, the moxystats step is not printed.
+# Extra TOML for both nodes' configurations, with {redis_port} and {name} filled in: accounting
+# ([accounting] sinks with [accounting.redis] on the cluster's Redis) goes here once it exists.
+# While empty, the moxystats step is not printed.
 ACCOUNTING_TOML = ""
 
 
@@ -252,7 +253,7 @@ base = "{ROUTES_BASE}"
 
 [log]
 file = "{name}.log"
-{ACCOUNTING_TOML}"""
+{ACCOUNTING_TOML.format(redis_port=redis_port, name=name)}"""
 
 
 def _ldap_route_ldif(old: int, new: int) -> str:

@@ -334,6 +334,9 @@ def test_prometheus_and_grafana_wiring(compose: dict[str, Any]) -> None:
     [static] = job["static_configs"]
     assert static["targets"] == ["moxy-a:9325", "moxy-b:9325"]
     assert all(target.split(":")[0] in services for target in static["targets"])
+    settings = tomllib.loads((DOCKER / "moxy" / "moxy.toml").read_text())
+    if "metrics" in settings:  # the nodes' metrics endpoint is what Prometheus scrapes
+        assert settings["metrics"]["listen"] == "0.0.0.0:9325"
     [mount] = services["prometheus"]["volumes"]
     assert mount == "./prometheus.yml:/etc/prometheus/prometheus.yml:ro"
     provisioning = DOCKER / "grafana" / "provisioning"
