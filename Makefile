@@ -8,7 +8,7 @@ RUN_DEBS    := python3 python3-venv python3-gdbm
 TEST_DEBS   := $(RUN_DEBS) postfix swaks redis-server slapd ldap-utils openssl
 PYTEST_ARGS ?=
 
-.PHONY: run test lint check-config run-debs test-debs bench clean
+.PHONY: run test lint check-config cluster bench run-debs test-debs clean
 
 run: run-debs $(VENV)/.run-installed
 	$(VENV)/bin/moxy serve --config $(CONFIG)
@@ -17,7 +17,7 @@ test: test-debs $(VENV)/.test-installed lint
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 lint: $(VENV)/.test-installed
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks scripts
 	$(VENV)/bin/mypy
 
 # Not part of `make test`: Moxy beside direct delivery, nginx's mail proxy and Haraka (from npm,
@@ -26,6 +26,10 @@ BENCH_DEBS  := nginx-light libnginx-mod-mail
 bench: test-debs $(VENV)/.test-installed
 	@scripts/ensure-debs $(BENCH_DEBS)
 	$(VPY) benchmarks/bench_compare.py $(BENCH_ARGS)
+
+# Two nodes, Redis, slapd and two recording servers on loopback, until Ctrl-C (docs/deploying.md).
+cluster: test-debs $(VENV)/.run-installed
+	$(VPY) scripts/cluster.py
 
 check-config: run-debs $(VENV)/.run-installed
 	$(VENV)/bin/moxy check-config --config $(CONFIG)
