@@ -9,7 +9,14 @@ from pathlib import Path
 import attrs
 import pytest
 
+from moxy.accounting.settings import (
+    FileSinkSettings,
+    GdbmSinkSettings,
+    RedisSinkSettings,
+    SyslogSinkSettings,
+)
 from moxy.config import (
+    AccountingSettings,
     Config,
     ConfigError,
     Limits,
@@ -590,6 +597,13 @@ SECTIONS = {
     "log": LogSettings,
     "limits": Limits,
     "timeouts": Timeouts,
+    "accounting": AccountingSettings,
+}
+ACCOUNTING_TABLES = {
+    "accounting.file": FileSinkSettings,
+    "accounting.syslog": SyslogSinkSettings,
+    "accounting.gdbm": GdbmSinkSettings,
+    "accounting.redis": RedisSinkSettings,
 }
 ROUTE_TABLES = {
     "routes.gdbm": GdbmSettings,
@@ -599,9 +613,9 @@ ROUTE_TABLES = {
 }
 ALL_KEYS = [
     (section, f.name)
-    for section, cls in {**SECTIONS, **ROUTE_TABLES}.items()
+    for section, cls in {**SECTIONS, **ROUTE_TABLES, **ACCOUNTING_TABLES}.items()
     for f in attrs.fields(cls)
-    if f"{section}.{f.name}" not in ROUTE_TABLES
+    if f"{section}.{f.name}" not in {**ROUTE_TABLES, **ACCOUNTING_TABLES}
 ]
 
 
@@ -615,6 +629,14 @@ def test_sections_are_the_config_fields() -> None:
         if attrs.has(cls)
     }
     assert tables == ROUTE_TABLES
+    hints = typing.get_type_hints(AccountingSettings)
+    tables = {
+        f"accounting.{name}": cls
+        for name, hint in hints.items()
+        for cls in typing.get_args(hint) or (hint,)
+        if attrs.has(cls)
+    }
+    assert tables == ACCOUNTING_TABLES
 
 
 def test_example_config_loads() -> None:
