@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from integration.helpers import send_one
 from moxy.accounting.dispatch import Accounting, build_sink
 from moxy.accounting.events import DeliveryEvent
 from moxy.accounting.filesink import FileSink
@@ -20,8 +21,6 @@ from moxy.config import ConfigError, load_config
 from moxy.server import serve
 from peers.recorder import Recorder
 from peers.waiting import eventually
-
-from integration.helpers import send_one
 
 from .helpers import GatedSink, text_records
 
@@ -152,7 +151,8 @@ def test_sinks_are_made_by_name_from_their_tables(write_config: WriteConfig) -> 
     assert isinstance(file, FileSink) and file.path == config.log.file
     assert isinstance(syslog, SyslogSink) and syslog.tag == "mx"
     assert syslog.target == "127.0.0.1:5514" and syslog.transport == "udp"
-    assert Accounting.from_config(load_config(write_config({}, accounting={"sinks": []}))).lanes == []
+    nothing = load_config(write_config({}, accounting={"sinks": []}))
+    assert Accounting.from_config(nothing).lanes == []
 
 
 @pytest.mark.parametrize("name", ["gdbm", "redis"])

@@ -10,6 +10,7 @@ from typing import Any
 
 import trio
 
+from integration.helpers import BODY, SENDER, open_session, send_one
 from moxy.accounting.dispatch import Accounting
 from moxy.accounting.filesink import FileSink
 from moxy.accounting.settings import FileSinkSettings
@@ -21,7 +22,6 @@ from peers.recorder import Recorder
 from peers.sink import free_port
 from peers.waiting import eventually
 
-from integration.helpers import BODY, SENDER, open_session, send_one
 from .helpers import json_records, parse_text_line, text_records
 
 MakeRecorder = Callable[..., Recorder]
@@ -137,9 +137,11 @@ async def test_a_connection_over_the_limit_is_a_connection_event(
 ) -> None:
     server = await moxy({"example.org": make_recorder()}, limits={"connections": 1},
                         server={"node": "edge-1"})
-    async with await open_session(server):
-        async with await SmtpClient.connect(server.host, server.port) as refused:
-            assert (await refused.reply()).code == 421
+    async with (
+        await open_session(server),
+        await SmtpClient.connect(server.host, server.port) as refused,
+    ):
+        assert (await refused.reply()).code == 421
     await eventually(lambda: kinds(text_records(server.log_file), "connection"), what="event")
     [event] = kinds(text_records(server.log_file), "connection")
     assert (event["reason"], event["code"], event["client"], event["node"]) == (
@@ -178,4 +180,5 @@ def test_text_line_parser_reads_routes_with_spaces() -> None:
             'size=10 code=451 stage=end-of-data reason=- duration=0.250 reply="451 x=y z"')
     record = parse_text_line(line)
     assert record["route"] == "1.2.3.4:25 5.6.7.8:25|9.9.9.9:25"
-    assert record["to"] == ["a@x", "b@y"] and record["from"] == "" and record["reply"] == "451 x=y z"
+    assert record["to"] == ["a@x", "b@y"] and record["from"] == ""
+    assert record["reply"] == "451 x=y z"
