@@ -20,7 +20,7 @@ import trio
 
 from moxy import workers
 from moxy.accounting import events as acct
-from moxy.accounting.dispatch import Accounting
+from moxy.accounting.dispatch import Accounting, check_sinks
 from moxy.config import Config
 from moxy.lookup.base import Router
 from moxy.lookup.build import Routing
@@ -237,7 +237,7 @@ def run(config: Config) -> int:
     before anything listens."""
     configure_logging(config.log.level)
     routing = Routing.build(config)
-    Accounting.from_config(config)  # a sink that cannot be made stops the start here
+    check_sinks(config)  # a sink that cannot be made, or an unwritable log, stops the start
     if config.server.workers > 1:
         # Checked once here so that a broken routes file stops the start; every worker then
         # builds its own sources after the fork (no connection is shared between processes).

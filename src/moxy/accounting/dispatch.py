@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
@@ -16,6 +17,9 @@ import trio
 
 from moxy.accounting.base import Sink, SinkStats
 from moxy.accounting.events import DeliveryEvent
+from moxy.accounting.filesink import FileSink
+from moxy.accounting.settings import RedisSinkSettings, SyslogSinkSettings
+from moxy.accounting.syslog import SyslogSink
 from moxy.config import Config, ConfigError
 
 logger = logging.getLogger("moxy.accounting")
@@ -195,18 +199,20 @@ def build_sink(name: str, config: Config) -> Sink:
 
     Raises ConfigError when it cannot be made (a sink missing from this installation)."""
     if name == "file":
-        from moxy.accounting.filesink import FileSink
-
         return FileSink(config.file_sink)
     if name == "syslog":
-        from moxy.accounting.settings import SyslogSinkSettings
-        from moxy.accounting.syslog import SyslogSink
-
         return SyslogSink(config.accounting.syslog or SyslogSinkSettings())
     if name not in _LAZY:
         raise ConfigError([f"accounting.sinks: unknown sink {name!r}"], config.path)
-    module_name, class_name = _LAZY[name]
     settings = getattr(config.accounting, name)
+    if settings is None and name == "redis":  # every key has a default: the table may be absent
+        settings = RedisSinkSettings()
+    return _lazy_class(name, config)(settings)
+
+
+def _lazy_class(name: str, config: Config) -> Callable[[Any], Sink]:
+    """The class of a sink whose module is imported only when it is configured."""
+    module_name, class_name = _LAZY[name]
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
@@ -218,5 +224,26 @@ def build_sink(name: str, config: Config) -> Sink:
         raise ConfigError(
             [f"accounting.sinks: the {name!r} sink cannot be loaded: {exc}"], config.path
         ) from None
-    factory = cast(Callable[[Any], Sink], getattr(module, class_name))
-    return factory(settings)
+    return cast(Callable[[Any], Sink], getattr(module, class_name))
+
+
+def check_sinks(config: Config) -> None:
+    """What `moxy serve` checks before it listens: every sink can be made, and the message log
+    can be opened (a typo in its path is a configuration error, not a silent loss of events).
+
+    The GDBM and Redis sinks are only loaded, not made: they open their backends when made,
+    and each worker process makes its own. Raises ConfigError naming the key."""
+    for name in config.accounting.sinks:
+        if name in _LAZY:
+            _lazy_class(name, config)
+    path = config.file_sink.path
+    if "file" in config.accounting.sinks and path is not None:
+        key = "log.file"
+        if config.accounting.file is not None and config.accounting.file.path is not None:
+            key = "accounting.file.path"
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640))
+        except OSError as exc:
+            raise ConfigError(
+                [f"{key}: cannot open {path} for appending: {exc.strerror or exc}"], config.path
+            ) from None

@@ -31,6 +31,7 @@ class FileSink:
         self._fd: int | None = None
         self._opened = False
         self._failing = False  # in a write outage (disk full, ...): logged once
+        self._open_failing = False
         self._dropped = 0
         # One thread at a time; a thread abandoned at shutdown still holds it until it returns.
         self._limiter = trio.CapacityLimiter(1)
@@ -86,9 +87,12 @@ class FileSink:
                 _open_append, self.path, limiter=self._limiter, abandon_on_cancel=True
             )
         except OSError as exc:
-            logger.error("cannot open the message log %s: %s", self.path,
-                         exc.strerror or exc)
+            if not self._open_failing:  # once per outage: tick tries again every second
+                self._open_failing = True
+                logger.error("cannot open the message log %s: %s", self.path,
+                             exc.strerror or exc)
             return
+        self._open_failing = False
         old, self._fd = self._fd, fd
         if old is not None:
             await self._thread(_close, old)
