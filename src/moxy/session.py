@@ -271,25 +271,24 @@ class Session:
             route = await self.ctx.router.route(address)
         except BadRouteData as exc:
             logger.error("bad route data for <%s>: %s", address, exc)
-            reply = Reply.make(451, "4.3.0", "Routing data error; try again later")
-            return self.log_refused(address, reply, acct.LOOKUP_FAILED)
+            failed = Reply.make(451, "4.3.0", "Routing data error; try again later")
         except LookupFailed as exc:
             logger.warning("route lookup for <%s> failed: %s", address, exc)
-            reply = Reply.make(451, "4.4.3", "Routing temporarily unavailable; try again later")
-            return self.log_refused(address, reply, acct.LOOKUP_FAILED)
+            failed = Reply.make(451, "4.4.3", "Routing temporarily unavailable; try again later")
         except Exception:
             # A bug, not a routing answer: never accept what cannot be routed, keep the session.
             logger.exception("route lookup for <%s> raised", address)
-            reply = Reply.make(451, "4.3.0", "Routing error; try again later")
-            return self.log_refused(address, reply, acct.LOOKUP_FAILED)
-        if route is None:
-            reply = Reply.make(550, "5.7.1", f"<{address}>: Relaying denied")
-            return self.log_refused(address, reply, acct.RELAY_DENIED)
-        reply = await self.transaction.add_recipient(address, route)
-        refusal = self.transaction.refusal
-        if reply.klass != 2 and refusal is not None:
-            self.log_refused(address, reply, refusal.reason, refusal.destination, str(route))
-        return reply
+            failed = Reply.make(451, "4.3.0", "Routing error; try again later")
+        else:
+            if route is None:
+                reply = Reply.make(550, "5.7.1", f"<{address}>: Relaying denied")
+                return self.log_refused(address, reply, acct.RELAY_DENIED)
+            reply = await self.transaction.add_recipient(address, route)
+            refusal = self.transaction.refusal
+            if reply.klass != 2 and refusal is not None:
+                self.log_refused(address, reply, refusal.reason, refusal.destination, str(route))
+            return reply
+        return self.log_refused(address, failed, acct.LOOKUP_FAILED)
 
     async def data(self) -> None:
         assert self.transaction is not None
