@@ -9,7 +9,14 @@ from pathlib import Path
 import attrs
 import pytest
 
+from moxy.accounting.settings import (
+    FileSinkSettings,
+    GdbmSinkSettings,
+    RedisSinkSettings,
+    SyslogSinkSettings,
+)
 from moxy.config import (
+    AccountingSettings,
     Config,
     ConfigError,
     Limits,
@@ -525,6 +532,99 @@ def test_route_source_errors_name_the_key(tmp_path: Path, toml: str, expected: l
     assert errors(tmp_path, toml) == expected
 
 
+# --- accounting -----------------------------------------------------------------------------
+
+
+def test_accounting_defaults_to_the_file_sink_on_the_log_file(tmp_path: Path) -> None:
+    config = load(tmp_path, ROUTES + '[log]\nfile = "moxy.log"\n')
+    assert config.accounting == AccountingSettings(sinks=("file",), queue=10_000)
+    assert config.file_sink == FileSinkSettings(tmp_path / "moxy.log", "text")
+    assert load(tmp_path, ROUTES).file_sink == FileSinkSettings(None, "text")  # stderr
+
+
+def test_accounting_tables_are_read_into_the_sink_settings(tmp_path: Path) -> None:
+    config = load(tmp_path, ROUTES + """
+[log]
+file = "moxy.log"
+[accounting]
+sinks = ["File", "syslog", "gdbm", "redis"]
+queue = 50
+[accounting.file]
+path = "events.jsonl"
+format = "json"
+[accounting.syslog]
+address = "tcp://[::1]:601"
+facility = "local5"
+tag = "mx"
+[accounting.gdbm]
+path = "acct.db"
+flush_interval = 2
+[accounting.redis]
+url = "redis://redis.example.net:6379/1"
+sentinels = "s1:26379"
+sentinel_master = "acct"
+""")
+    accounting = config.accounting
+    assert (accounting.sinks, accounting.queue) == (("file", "syslog", "gdbm", "redis"), 50)
+    assert config.file_sink == FileSinkSettings(tmp_path / "events.jsonl", "json")
+    assert accounting.syslog == SyslogSinkSettings("tcp://[::1]:601", "local5", "mx")
+    assert accounting.gdbm == GdbmSinkSettings(tmp_path / "acct.db", 2.0)
+    assert accounting.redis is not None and accounting.redis.sentinels == ("s1:26379",)
+
+
+@pytest.mark.parametrize(
+    ("toml", "expected"),
+    [
+        (
+            '[accounting]\nsinks = ["file", "sylog", "file", 3]\n',
+            [
+                "accounting.sinks: unknown accounting sink 'sylog' (did you mean 'syslog'?)",
+                "accounting.sinks: 'file' is listed twice",
+                "accounting.sinks: expected sink names such as 'file', got 3",
+            ],
+        ),
+        ('[accounting]\nsinks = "file"\n',
+         ["accounting.sinks: expected an array such as [\"file\", \"syslog\"], got 'file'"]),
+        ("[accounting]\nqueue = 0\n", ["accounting.queue: expected a positive integer, got 0"]),
+        (
+            '[accounting]\nsinks = ["gdbm"]\n',
+            ["accounting.sinks: 'gdbm' needs an [accounting.gdbm] table (with its path)"],
+        ),
+        ('[accounting]\nsinks = ["gdbm"]\n[accounting.gdbm]\n',
+         ["accounting.gdbm.path: required"]),
+        (
+            '[accounting.syslog]\ntag = "mx"\n[accounting.redis]\n',
+            [
+                "accounting.syslog: configured, but 'syslog' is not in accounting.sinks",
+                "accounting.redis: configured, but 'redis' is not in accounting.sinks",
+            ],
+        ),
+        (
+            '[accounting]\nsinks = []\n[accounting.file]\nformat = "json"\n',
+            ["accounting.file: configured, but 'file' is not in accounting.sinks"],
+        ),
+        ('[accounting.file]\nformat = "xml"\n',
+         ["accounting.file.format: 'xml' is not one of 'text', 'json'"]),
+        ('[accounting]\nsinks = ["syslog"]\n[accounting.syslog]\naddress = "udp://loghost"\n',
+         ["accounting.syslog.address: 'udp://loghost': expected udp://host:port"]),
+        ('[accounting]\nsinks = ["syslog"]\n[accounting.syslog]\naddress = "loghost:514"\n',
+         ["accounting.syslog.address: 'loghost:514' is neither a socket path such as "
+          "'/dev/log' nor udp://host:port or tcp://host:port"]),
+        ('[accounting]\nsinks = ["syslog"]\n[accounting.syslog]\nfacility = "mial"\n',
+         ["accounting.syslog.facility: 'mial' is not a syslog facility such as 'mail'"]),
+        (
+            '[accounting]\nsinks = ["redis"]\n[accounting.redis]\nbatch_size = 0\nfoo = 1\n',
+            [
+                "accounting.redis.foo: unknown key",
+                "accounting.redis.batch_size: must be at least 1, got 0",
+            ],
+        ),
+    ],
+)
+def test_accounting_errors_name_the_key(tmp_path: Path, toml: str, expected: list[str]) -> None:
+    assert errors(tmp_path, ROUTES + toml) == expected
+
+
 # --- the file itself ----------------------------------------------------------------------
 
 
@@ -590,6 +690,13 @@ SECTIONS = {
     "log": LogSettings,
     "limits": Limits,
     "timeouts": Timeouts,
+    "accounting": AccountingSettings,
+}
+ACCOUNTING_TABLES = {
+    "accounting.file": FileSinkSettings,
+    "accounting.syslog": SyslogSinkSettings,
+    "accounting.gdbm": GdbmSinkSettings,
+    "accounting.redis": RedisSinkSettings,
 }
 ROUTE_TABLES = {
     "routes.gdbm": GdbmSettings,
@@ -599,9 +706,9 @@ ROUTE_TABLES = {
 }
 ALL_KEYS = [
     (section, f.name)
-    for section, cls in {**SECTIONS, **ROUTE_TABLES}.items()
+    for section, cls in {**SECTIONS, **ROUTE_TABLES, **ACCOUNTING_TABLES}.items()
     for f in attrs.fields(cls)
-    if f"{section}.{f.name}" not in ROUTE_TABLES
+    if f"{section}.{f.name}" not in {**ROUTE_TABLES, **ACCOUNTING_TABLES}
 ]
 
 
@@ -615,6 +722,14 @@ def test_sections_are_the_config_fields() -> None:
         if attrs.has(cls)
     }
     assert tables == ROUTE_TABLES
+    hints = typing.get_type_hints(AccountingSettings)
+    tables = {
+        f"accounting.{name}": cls
+        for name, hint in hints.items()
+        for cls in typing.get_args(hint) or (hint,)
+        if attrs.has(cls)
+    }
+    assert tables == ACCOUNTING_TABLES
 
 
 def test_example_config_loads() -> None:

@@ -24,6 +24,13 @@ from typing import Any, Literal
 
 import attrs
 
+from moxy.accounting.settings import (
+    SINK_NAMES,
+    FileSinkSettings,
+    GdbmSinkSettings,
+    RedisSinkSettings,
+    SyslogSinkSettings,
+)
 from moxy.lookup.settings import CacheSettings, GdbmSettings, LdapSettings, RedisSettings
 
 DEFAULT_CONFIG_PATH = Path("/etc/moxy/moxy.toml")
@@ -429,6 +436,70 @@ def _check_routes(routes: RoutesSettings) -> list[tuple[str, str]]:
     return problems
 
 
+_SINKS_EXAMPLE = '["file", "syslog"]'
+
+
+def _sinks(value: object, ctx: _Context) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise _Invalid(f"expected an array such as {_SINKS_EXAMPLE}, got {_show(value)}")
+    problems: list[str] = []
+    sinks: list[str] = []
+    for entry in value:
+        if not isinstance(entry, str):
+            problems.append(f"expected sink names such as 'file', got {_show(entry)}")
+        elif entry.lower() not in SINK_NAMES:
+            hint = difflib.get_close_matches(entry.lower(), SINK_NAMES, n=1)
+            suffix = f"did you mean {hint[0]!r}?" if hint else "known: " + ", ".join(SINK_NAMES)
+            problems.append(f"unknown accounting sink {entry!r} ({suffix})")
+        elif entry.lower() in sinks:
+            problems.append(f"{entry!r} is listed twice")
+        else:
+            sinks.append(entry.lower())
+    if problems:
+        raise _Invalid(*problems)
+    return tuple(sinks)
+
+
+@attrs.frozen
+class AccountingSettings:
+    """[accounting]: where delivery events go (docs/accounting.md). Each sink named in `sinks`
+    gets its own queue of `queue` events; its table, `[accounting.<sink>]`, is read into that
+    sink's own settings class."""
+
+    sinks: tuple[str, ...] = attrs.field(default=("file",), metadata=_key(_sinks))
+    queue: int = attrs.field(default=10_000, metadata=_COUNT)
+    file: FileSinkSettings | None = attrs.field(
+        default=None, metadata=_backend_table(FileSinkSettings)
+    )
+    syslog: SyslogSinkSettings | None = attrs.field(
+        default=None, metadata=_backend_table(SyslogSinkSettings)
+    )
+    gdbm: GdbmSinkSettings | None = attrs.field(
+        default=None, metadata=_backend_table(GdbmSinkSettings)
+    )
+    redis: RedisSinkSettings | None = attrs.field(
+        default=None, metadata=_backend_table(RedisSinkSettings)
+    )
+
+
+_REQUIRED_TABLES = {"gdbm": "path"}  # sinks that cannot run on defaults alone
+
+
+def _check_accounting(accounting: AccountingSettings) -> list[tuple[str, str]]:
+    problems: list[tuple[str, str]] = []
+    for name, key in _REQUIRED_TABLES.items():
+        if name in accounting.sinks and getattr(accounting, name) is None:
+            problems.append(
+                ("sinks", f"{name!r} needs an [accounting.{name}] table (with its {key})")
+            )
+    problems.extend(
+        (name, f"configured, but {name!r} is not in accounting.sinks")
+        for name in SINK_NAMES
+        if getattr(accounting, name) is not None and name not in accounting.sinks
+    )
+    return problems
+
+
 @attrs.frozen
 class LogSettings:
     """[log]: the per-message text log and the level of operational messages."""
@@ -493,7 +564,20 @@ class Config:
     log: LogSettings = attrs.field(factory=LogSettings, metadata=_table(LogSettings))
     limits: Limits = attrs.field(factory=Limits, metadata=_table(Limits))
     timeouts: Timeouts = attrs.field(factory=Timeouts, metadata=_table(Timeouts))
+    accounting: AccountingSettings = attrs.field(
+        factory=AccountingSettings,
+        metadata=_table(AccountingSettings, check=_check_accounting),
+    )
     path: Path | None = None
+
+    @property
+    def file_sink(self) -> FileSinkSettings:
+        """[accounting.file], whose `path` defaults to `[log] file` (the message log of
+        Moxy's first releases)."""
+        settings = self.accounting.file or FileSinkSettings()
+        if settings.path is None and self.log.file is not None:
+            settings = attrs.evolve(settings, path=self.log.file)
+        return settings
 
 
 # --- loading ------------------------------------------------------------------------------

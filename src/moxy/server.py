@@ -7,6 +7,7 @@ processes under a master (src/moxy/workers.py).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import logging
@@ -18,7 +19,8 @@ from collections.abc import Awaitable, Callable, Sequence
 import trio
 
 from moxy import workers
-from moxy.accounting.textlog import TextLog
+from moxy.accounting import events as acct
+from moxy.accounting.dispatch import Accounting, check_sinks
 from moxy.config import Config
 from moxy.lookup.base import Router
 from moxy.lookup.build import Routing
@@ -44,6 +46,7 @@ async def serve(
     router: Router | None = None,
     sockets: Sequence[socket.socket] | None = None,
     shutdown: trio.Event | None = None,
+    accounting: Accounting | None = None,
     task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Bind every listen address, report what was bound, and serve until cancelled, or until
@@ -53,18 +56,20 @@ async def serve(
     is given), which is kept current while serving and whose backends are closed at the end.
     A `router` is used as it is. With `sockets` (listening sockets made by the master of
     several workers) Moxy accepts on those instead of binding `config.server.listen`.
+    Delivery events go to `accounting` (by default the sinks of `[accounting]`), which keeps
+    running until the sessions are done and then writes what is queued.
     """
     if router is None:
         routing = routing or Routing.build(config)
         router = routing.router
-    textlog = TextLog(config.log.file)
+    accounting = accounting or Accounting.from_config(config)
     pool = None
     if config.limits.idle_upstreams:
         pool = ConnectionPool(config.limits.idle_upstreams, config.timeouts.upstream_idle)
     ctx = ServerContext(
         config=config,
         router=router,
-        emit=textlog.emit,
+        emit=accounting.emit,
         upstream=UpstreamSettings(
             helo_name=config.proxy.helo_name or config.server.hostname,
             timeouts=config.timeouts,
@@ -95,13 +100,13 @@ async def serve(
         if active >= config.limits.connections:
             logger.warning("connection limit %d reached; refusing %s",
                            config.limits.connections, client_ip)
-            with trio.move_on_after(5):
-                try:
-                    reply = Reply.make(421, "4.3.2", f"{config.server.hostname} Too many "
-                                       "connections; try again later")
-                    await stream.send_all(reply.to_bytes())
-                except (trio.BrokenResourceError, OSError):
-                    pass
+            reply = Reply.make(421, "4.3.2", f"{config.server.hostname} Too many "
+                               "connections; try again later")
+            ctx.emit(acct.connection_event(
+                client_ip, reply.code, str(reply), acct.CONNECTION_LIMIT, config.server.node
+            ))
+            with trio.move_on_after(5), contextlib.suppress(trio.BrokenResourceError, OSError):
+                await stream.send_all(reply.to_bytes())
             await trio.aclose_forcefully(stream)
             return
         active += 1
@@ -139,17 +144,23 @@ async def serve(
             await drained.wait()
         nursery.cancel_scope.cancel()
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(textlog.run)
-        if pool is not None:
-            nursery.start_soon(pool.run)
-        if routing is not None:
-            await nursery.start(routing.run)
-        nursery.start_soon(accept, nursery)
-        if shutdown is not None:
-            nursery.start_soon(drain, shutdown, nursery)
-        logger.info("moxy listening on %s", ", ".join(_fmt(b) for b in bound))
-        task_status.started(bound)
+    # Accounting outlives the sessions' nursery, so the events of the last sessions are
+    # written; cancelling it makes it flush its queues (bounded) before it returns.
+    async with trio.open_nursery() as outer:
+        await outer.start(accounting.run)
+        try:
+            async with trio.open_nursery() as nursery:
+                if pool is not None:
+                    nursery.start_soon(pool.run)
+                if routing is not None:
+                    await nursery.start(routing.run)
+                nursery.start_soon(accept, nursery)
+                if shutdown is not None:
+                    nursery.start_soon(drain, shutdown, nursery)
+                logger.info("moxy listening on %s", ", ".join(_fmt(b) for b in bound))
+                task_status.started(bound)
+        finally:
+            outer.cancel_scope.cancel()
 
 
 # Accept errors that mean "out of resources for now", as trio.serve_listeners treats them.
@@ -190,14 +201,19 @@ def configure_logging(level: str) -> None:
 async def _main(
     config: Config, routing: Routing, sockets: Sequence[socket.socket] | None = None
 ) -> None:
-    """Serve until SIGTERM/SIGINT, then drain gracefully; a second signal stops at once."""
+    """Serve until SIGTERM/SIGINT, then drain gracefully; a second signal stops at once.
+    SIGUSR1 makes the accounting sinks reopen their files (after logrotate)."""
     shutdown = trio.Event()
+    accounting = Accounting.from_config(config)
 
     async def signals(stop_now: trio.CancelScope) -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as received:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR1) as received:
             async for signum in received:
                 name = signal.Signals(signum).name
-                if not shutdown.is_set():
+                if signum == signal.SIGUSR1:
+                    logger.info("received SIGUSR1, reopening the accounting sinks")
+                    accounting.reopen()
+                elif not shutdown.is_set():
                     logger.info("received %s, stopping (again to stop at once)", name)
                     shutdown.set()
                 else:
@@ -206,7 +222,9 @@ async def _main(
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(signals, nursery.cancel_scope)
-        await serve(config, routing=routing, sockets=sockets, shutdown=shutdown)
+        await serve(
+            config, routing=routing, sockets=sockets, shutdown=shutdown, accounting=accounting
+        )
         nursery.cancel_scope.cancel()
 
 
@@ -219,6 +237,7 @@ def run(config: Config) -> int:
     before anything listens."""
     configure_logging(config.log.level)
     routing = Routing.build(config)
+    check_sinks(config)  # a sink that cannot be made, or an unwritable log, stops the start
     if config.server.workers > 1:
         # Checked once here so that a broken routes file stops the start; every worker then
         # builds its own sources after the fork (no connection is shared between processes).
@@ -231,6 +250,8 @@ def _serve_here(
     config: Config, routing: Routing, sockets: Sequence[socket.socket] | None = None
 ) -> int:
     status = 0
+    # Until the signal task listens, a SIGUSR1 (logrotate) must not kill the process.
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     try:
         trio.run(_main, config, routing, sockets)
     except* OSError as group:

@@ -20,6 +20,7 @@ from typing import NoReturn
 import attrs
 import trio
 
+from moxy.accounting import events as acct
 from moxy.accounting.events import DeliveryEvent
 from moxy.config import Config
 from moxy.lookup.base import BadRouteData, DestinationGroup, LookupFailed, Router
@@ -111,6 +112,7 @@ class Session:
         self.received_bytes = 0
         self.body_refusal: Reply | None = None
         self.output = bytearray()  # replies not yet written
+        self.ended_by: str | None = None  # why Moxy ended the session (a "connection" event)
 
     # -- I/O with the client ---------------------------------------------------------------
 
@@ -131,6 +133,7 @@ class Session:
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 raise ClientGone from None
             return
+        self.log_connection(0, "client did not read its replies", acct.CLIENT_TIMEOUT, "reply")
         raise ClientGone
 
     async def next_event(self) -> ev.Event:
@@ -162,9 +165,10 @@ class Session:
                 if scope.cancelled_caught:
                     if drain.draining and not in_data:
                         continue  # say goodbye at the top of the loop
-                    await self.say_goodbye(
-                        Reply.make(421, "4.4.2", f"{self.hostname} Timeout, closing")
-                    )
+                    goodbye = Reply.make(421, "4.4.2", f"{self.hostname} Timeout, closing")
+                    self.log_connection(goodbye.code, str(goodbye), acct.CLIENT_TIMEOUT,
+                                        "data" if in_data else "command")
+                    await self.say_goodbye(goodbye)
                 self.smtp.receive_data(data)
                 continue
             assert event is not ev.PAUSED, "a command was left without a reply"
@@ -234,8 +238,12 @@ class Session:
             case ev.Quit():
                 self.reply(Reply.make(221, "2.0.0", f"{self.hostname} Bye"))
                 return False
-            case ev.Invalid(reply=reply):
+            case ev.Invalid(reply=reply, recipient=recipient):
                 self.reply(reply)
+                if reply.code == 421:
+                    self.log_connection(reply.code, str(reply), acct.PROTOCOL_ERRORS, "command")
+                elif recipient is not None:
+                    self.log_refused(recipient, reply, acct.POLICY)
                 return reply.code != 421
             case ev.ConnectionClosed():
                 return False
@@ -263,17 +271,24 @@ class Session:
             route = await self.ctx.router.route(address)
         except BadRouteData as exc:
             logger.error("bad route data for <%s>: %s", address, exc)
-            return Reply.make(451, "4.3.0", "Routing data error; try again later")
+            failed = Reply.make(451, "4.3.0", "Routing data error; try again later")
         except LookupFailed as exc:
             logger.warning("route lookup for <%s> failed: %s", address, exc)
-            return Reply.make(451, "4.4.3", "Routing temporarily unavailable; try again later")
+            failed = Reply.make(451, "4.4.3", "Routing temporarily unavailable; try again later")
         except Exception:
             # A bug, not a routing answer: never accept what cannot be routed, keep the session.
             logger.exception("route lookup for <%s> raised", address)
-            return Reply.make(451, "4.3.0", "Routing error; try again later")
-        if route is None:
-            return Reply.make(550, "5.7.1", f"<{address}>: Relaying denied")
-        return await self.transaction.add_recipient(address, route)
+            failed = Reply.make(451, "4.3.0", "Routing error; try again later")
+        else:
+            if route is None:
+                reply = Reply.make(550, "5.7.1", f"<{address}>: Relaying denied")
+                return self.log_refused(address, reply, acct.RELAY_DENIED)
+            reply = await self.transaction.add_recipient(address, route)
+            refusal = self.transaction.refusal
+            if reply.klass != 2 and refusal is not None:
+                self.log_refused(address, reply, refusal.reason, refusal.destination, str(route))
+            return reply
+        return self.log_refused(address, failed, acct.LOOKUP_FAILED)
 
     async def data(self) -> None:
         assert self.transaction is not None
@@ -347,6 +362,7 @@ class Session:
     def _event(self, kind: str, **fields: object) -> DeliveryEvent:
         t = self.transaction
         envelope = t.envelope if t is not None else None
+        fields.setdefault("duration", time.monotonic() - self.data_started)
         return DeliveryEvent(
             kind=kind,
             session_id=self.id,
@@ -354,7 +370,6 @@ class Session:
             client_ip=self.client_ip,
             helo=self.helo,
             mail_from=envelope.mail_from if envelope else "",
-            duration=time.monotonic() - self.data_started,
             node=self.ctx.config.server.node,
             **fields,  # type: ignore[arg-type]
         )
@@ -376,3 +391,22 @@ class Session:
             route=" ".join(str(g) for g in t.legs) if t else "", size=size,
             code=reply.code, reply=str(reply), stage=stage,
         ))
+
+    def log_refused(
+        self, address: str, reply: Reply, reason: str, destination: str = "-", route: str = ""
+    ) -> Reply:
+        """A recipient refused at RCPT; returns `reply`."""
+        self.ctx.emit(self._event(
+            "refused", recipients=(address,), destination=destination, route=route, size=0,
+            code=reply.code, reply=str(reply), stage="rcpt", reason=reason, duration=0.0,
+        ))
+        return reply
+
+    def log_connection(self, code: int, text: str, reason: str, stage: str) -> None:
+        """Moxy ends the session (once, whatever else then fails)."""
+        if self.ended_by is None:
+            self.ended_by = reason
+            self.ctx.emit(acct.connection_event(
+                self.client_ip, code, text, reason, self.ctx.config.server.node,
+                session_id=self.id, helo=self.helo, stage=stage,
+            ))

@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable, Sequence
 import attrs
 import trio
 
+from moxy.accounting.events import DESTINATION_REFUSED, DESTINATION_UNAVAILABLE, POLICY
 from moxy.lookup.base import DestinationGroup, Route
 from moxy.smtp.replies import Reply
 from moxy.upstream import Envelope, Leg, LegError, UpstreamSettings
@@ -109,6 +110,24 @@ async def gather(calls: Sequence[Callable[[], Awaitable[Reply]]]) -> list[Outcom
 
 
 @attrs.frozen
+class Refusal:
+    """Why `add_recipient` refused a recipient, for accounting: a `reason` of
+    moxy.accounting.events and the destination whose answer the client got ("-": none)."""
+
+    reason: str
+    destination: str = "-"
+
+
+def _refusal_of(reply: Reply, legs: Sequence[Leg], outcomes: Sequence[Outcome]) -> Refusal:
+    """The leg whose answer `merge_rcpt` passed on."""
+    for leg, outcome in zip(legs, outcomes, strict=True):
+        if _as_reply(outcome, "2.1.5") == reply:
+            kind = DESTINATION_UNAVAILABLE if isinstance(outcome, LegError) else DESTINATION_REFUSED
+            return Refusal(kind, leg.destination)
+    return Refusal(DESTINATION_REFUSED)
+
+
+@attrs.frozen
 class LegResult:
     leg: Leg
     destination: str
@@ -132,6 +151,7 @@ class Transaction:
         self.legs: dict[DestinationGroup, Leg] = {}
         self.recipients: list[str] = []
         self.destination_set: frozenset[DestinationGroup] | None = None
+        self.refusal: Refusal | None = None  # why the last refused recipient was refused
         self.body_failure: LegError | None = None
         self.streaming: list[Leg] = []
         # Body bytes not yet written: small pieces are coalesced so that a small message goes to
@@ -154,6 +174,7 @@ class Transaction:
             and self.destination_set is not None
             and frozenset(groups) != self.destination_set
         ):
+            self.refusal = Refusal(POLICY)
             return Reply.make(
                 452, "4.5.3", "Recipient has other destinations; send it in a new transaction"
             )
@@ -167,6 +188,7 @@ class Transaction:
             if self.destination_set is None:
                 self.destination_set = frozenset(groups)
         else:
+            self.refusal = _refusal_of(reply, legs, outcomes)
             for leg, outcome in zip(legs, outcomes, strict=True):
                 if isinstance(outcome, Reply) and outcome.klass == 2:
                     leg.unaccept(recipient)

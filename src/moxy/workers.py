@@ -3,8 +3,9 @@
 The master binds the listening sockets, forks the workers, which all accept on them (the kernel
 spreads connections among them), restarts a worker that dies, and on SIGTERM/SIGINT passes the
 signal on (the workers drain gracefully; a second signal stops them at once) and waits for
-every worker to finish. The master itself runs no event loop and holds
-no route source: fork and a running trio loop (or a live Redis/LDAP connection) do not mix.
+every worker to finish; SIGUSR1 (logrotate) goes on to every worker too. The master itself runs
+no event loop and holds no route source: fork and a running trio loop (or a live Redis/LDAP
+connection) do not mix.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ logger = logging.getLogger("moxy.master")
 
 BACKLOG = 1024
 RESTART_DELAY = 1.0  # a worker that dies at once must not make the master spin
-_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGCHLD}
+_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGUSR1}
 
 
 def bind(config: Config) -> list[socket.socket]:
@@ -70,6 +71,8 @@ def supervise(config: Config, worker: Callable[[list[socket.socket]], int]) -> i
         if pid == 0:  # the worker
             status = 1
             try:
+                # A SIGUSR1 before the worker's loop listens must not kill it.
+                signal.signal(signal.SIGUSR1, signal.SIG_IGN)
                 signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
                 status = worker(sockets)
             except BaseException:
@@ -86,7 +89,11 @@ def supervise(config: Config, worker: Callable[[list[socket.socket]], int]) -> i
     try:
         while children:
             info = signal.sigtimedwait(_SIGNALS, 1.0)
-            if info is not None and info.si_signo != signal.SIGCHLD:
+            if info is not None and info.si_signo == signal.SIGUSR1:
+                logger.info("received SIGUSR1, passing it on to the workers")
+                for pid in children:
+                    _kill(pid, signal.SIGUSR1)
+            elif info is not None and info.si_signo != signal.SIGCHLD:
                 # The first signal makes the workers drain; a second one stops them at once.
                 logger.info("received %s, %s workers", signal.Signals(info.si_signo).name,
                             "stopping" if stopping else "draining")

@@ -104,3 +104,15 @@ class DeliveryEvent:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), ensure_ascii=False, separators=(",", ":"))
+
+
+def connection_event(
+    client_ip: str, code: int, reply: str, reason: str, node: str, *,
+    session_id: str = "-", helo: str = "", stage: str = "connect",
+) -> DeliveryEvent:
+    """A "connection" event: a client connection Moxy refused or ended (`reason`)."""
+    return DeliveryEvent(
+        kind="connection", session_id=session_id, message_id="", client_ip=client_ip,
+        helo=helo, mail_from="", recipients=(), destination="-", route="", size=0, code=code,
+        reply=reply, stage=stage, duration=0.0, node=node, reason=reason,
+    )

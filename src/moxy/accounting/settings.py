@@ -44,7 +44,13 @@ def _check_facility(instance: object, attribute: object, value: str) -> None:
 
 def _check_syslog_address(instance: object, attribute: object, value: str) -> None:
     if value.startswith(("udp://", "tcp://")):
-        host_port(value.partition("://")[2])
+        try:
+            if host_port(value.partition("://")[2])[1] > 65535:
+                raise ValueError
+        except ValueError:
+            raise ValueError(
+                f"address: {value!r}: expected {value.partition('://')[0]}://host:port"
+            ) from None
     elif not value.startswith("/"):
         raise ValueError(
             f"address: {value!r} is neither a socket path such as '/dev/log' "

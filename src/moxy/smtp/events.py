@@ -74,10 +74,12 @@ class Invalid:
     """The core refused a command itself (syntax, order, unknown, too long, too many errors).
 
     The session sends `reply` with `send()` like any other reply; if `reply.code == 421`
-    the connection is closing.
+    the connection is closing. `recipient` is the address of a RCPT refused by a limit (too
+    many recipients), for accounting.
     """
 
     reply: Reply
+    recipient: str | None = None
 
 
 @attrs.frozen

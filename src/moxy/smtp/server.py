@@ -255,7 +255,7 @@ class ServerConnection:
             and self.max_recipients
             and self.accepted_recipients >= self.max_recipients
         ):
-            return self._invalid(TOO_MANY_RECIPIENTS)
+            return self._invalid(TOO_MANY_RECIPIENTS, recipient=event.address)
         return self._emit(event)
 
     def _order_error(self, verb: str) -> Reply | None:
@@ -275,10 +275,10 @@ class ServerConnection:
                 return NO_RECIPIENTS
         return None
 
-    def _invalid(self, reply: Reply) -> Event:
+    def _invalid(self, reply: Reply, recipient: str | None = None) -> Event:
         if reply.code not in _NOT_COUNTED:
             self.errors += 1
             if self.max_errors and self.errors > self.max_errors:
                 host = f"{self.hostname} " if self.hostname else ""
                 reply = Reply.make(421, "4.7.0", f"{host}Error: too many errors")
-        return self._emit(Invalid(reply))
+        return self._emit(Invalid(reply, recipient))

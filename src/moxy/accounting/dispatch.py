@@ -1,0 +1,249 @@
+"""The accounting dispatcher: sessions hand it events, it hands them to every configured sink.
+
+`emit` never blocks: each sink has its own bounded queue and its own task, so a slow or dead
+sink delays neither mail nor the other sinks; what its queue cannot hold is counted and logged
+(once per outage). At shutdown every sink gets a bounded time to write what is queued.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from collections.abc import Callable, Sequence
+from typing import Any, cast
+
+import trio
+
+from moxy.accounting.base import Sink, SinkStats
+from moxy.accounting.events import DeliveryEvent
+from moxy.accounting.filesink import FileSink
+from moxy.accounting.settings import RedisSinkSettings, SyslogSinkSettings
+from moxy.accounting.syslog import SyslogSink
+from moxy.config import Config, ConfigError
+
+logger = logging.getLogger("moxy.accounting")
+
+BATCH = 512  # events per Sink.write
+TICK = 1.0  # seconds between Sink.tick calls
+FLUSH_TIMEOUT = 5.0  # seconds every sink gets at shutdown to write its queue and close
+
+
+class _Lane:
+    """One sink, its queue and its bookkeeping."""
+
+    def __init__(self, sink: Sink, size: int) -> None:
+        self.sink = sink
+        self.send, self.receive = trio.open_memory_channel[DeliveryEvent](size)
+        self.size = size
+        self.dropped = 0  # events its full (or closed) queue refused
+        self.overflowing = False  # in an outage: dropping since the last catch-up
+        self.failing = False  # the sink raised (a bug) since its last good write
+        self.reopen = False
+        self.stopping = False
+        self.waiting: trio.CancelScope | None = None  # the wait for events, to wake it
+
+    def wake(self) -> None:
+        if self.waiting is not None:
+            self.waiting.cancel()
+
+    def queued(self) -> int:
+        return self.send.statistics().current_buffer_used
+
+
+class Accounting:
+    """The dispatcher: `emit` from sessions, `run` in the server's nursery."""
+
+    def __init__(self, sinks: Sequence[Sink], queue: int = 10_000) -> None:
+        names = [sink.name for sink in sinks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"accounting sinks need distinct names, got {names}")
+        self.lanes = [_Lane(sink, queue) for sink in sinks]
+
+    @classmethod
+    def from_config(cls, config: Config) -> Accounting:
+        """The sinks `[accounting] sinks` names, each made from its settings."""
+        return cls([build_sink(name, config) for name in config.accounting.sinks],
+                   config.accounting.queue)
+
+    def emit(self, event: DeliveryEvent) -> None:
+        for lane in self.lanes:
+            try:
+                lane.send.send_nowait(event)
+            except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+                lane.dropped += 1
+                if not lane.overflowing:
+                    lane.overflowing = True
+                    logger.error(
+                        "accounting sink %s is not keeping up (%d events queued): dropping "
+                        "events until it catches up", lane.sink.name, lane.size,
+                    )
+
+    def reopen(self) -> None:
+        """SIGUSR1: every sink reopens its files before it writes again."""
+        for lane in self.lanes:
+            lane.reopen = True
+            lane.wake()
+
+    def stats(self) -> dict[str, SinkStats]:
+        """Per sink: events waiting (in its queue, or held by the sink) and events lost."""
+        out = {}
+        for lane in self.lanes:
+            own = _sink_stats(lane)
+            out[lane.sink.name] = SinkStats(
+                backlog=lane.queued() + own.backlog, dropped=lane.dropped + own.dropped
+            )
+        return out
+
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Feed the sinks until cancelled; then give them FLUSH_TIMEOUT to write what is
+        queued and close (the lanes are shielded, so they finish even though this task was
+        cancelled)."""
+        stopping = trio.Event()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._lanes, stopping)
+            task_status.started()
+            try:
+                await trio.sleep_forever()
+            finally:
+                stopping.set()
+
+    async def _lanes(self, stopping: trio.Event) -> None:
+        with trio.CancelScope(shield=True) as scope:
+            async with trio.open_nursery() as nursery:
+                for lane in self.lanes:
+                    nursery.start_soon(self._feed, lane)
+                await stopping.wait()
+                scope.deadline = trio.current_time() + FLUSH_TIMEOUT
+                for lane in self.lanes:
+                    lane.stopping = True
+                    lane.wake()
+
+    async def _feed(self, lane: _Lane) -> None:
+        """One sink's task: batches to `write`, `tick` about once a second, `reopen` when
+        asked; once stopping, what is queued is written and the sink closed."""
+        sink = lane.sink
+        next_tick = trio.current_time() + TICK
+        try:
+            while True:
+                batch: list[DeliveryEvent] = []
+                if not lane.stopping and not lane.reopen:
+                    with trio.move_on_at(next_tick) as lane.waiting:
+                        batch.append(await lane.receive.receive())
+                    lane.waiting = None
+                if lane.reopen:
+                    lane.reopen = False
+                    await self._call(lane, sink.reopen, "reopen")
+                while len(batch) < BATCH:
+                    try:
+                        batch.append(lane.receive.receive_nowait())
+                    except trio.WouldBlock:
+                        break
+                if batch:
+                    await self._write(lane, batch)
+                elif lane.stopping:
+                    break
+                if trio.current_time() >= next_tick:
+                    await self._call(lane, sink.tick, "tick")
+                    next_tick = trio.current_time() + TICK
+            await self._call(lane, sink.aclose, "close")
+        finally:
+            left = lane.queued()
+            # Events emitted from now on count as dropped instead of waiting forever.
+            lane.receive.close()
+            if left:
+                lane.dropped += left
+                logger.error("accounting sink %s: %d events not written at shutdown (gave up "
+                             "after %gs)", sink.name, left, FLUSH_TIMEOUT)
+
+    async def _write(self, lane: _Lane, batch: list[DeliveryEvent]) -> None:
+        if await self._call(lane, lambda: lane.sink.write(batch), "write"):
+            lane.failing = False
+        else:
+            lane.dropped += len(batch)
+        if lane.overflowing and lane.queued() <= lane.size // 2:
+            lane.overflowing = False
+            logger.warning("accounting sink %s caught up; %d events dropped so far",
+                           lane.sink.name, lane.dropped)
+
+    async def _call(self, lane: _Lane, method: Callable[[], Any], what: str) -> bool:
+        """Call a sink method; a sink raises only for bugs, which must not stop accounting
+        (nor mail): logged once until the sink works again."""
+        try:
+            await method()
+        except Exception:
+            if not lane.failing:
+                lane.failing = True
+                logger.exception("accounting sink %s: %s failed", lane.sink.name, what)
+            return False
+        return True
+
+
+def _sink_stats(lane: _Lane) -> SinkStats:
+    try:
+        return lane.sink.stats()
+    except Exception:
+        logger.exception("accounting sink %s: stats failed", lane.sink.name)
+        return SinkStats()
+
+
+# --- sinks by name ------------------------------------------------------------------------
+
+# Sinks whose modules import client libraries: loaded only when configured.
+_LAZY = {"gdbm": ("moxy.accounting.gdbm", "GdbmSink"), "redis": ("moxy.accounting.redis",
+                                                                   "RedisSink")}
+
+
+def build_sink(name: str, config: Config) -> Sink:
+    """The sink `name` of `[accounting] sinks`, made from its `[accounting.<name>]` table.
+
+    Raises ConfigError when it cannot be made (a sink missing from this installation)."""
+    if name == "file":
+        return FileSink(config.file_sink)
+    if name == "syslog":
+        return SyslogSink(config.accounting.syslog or SyslogSinkSettings())
+    if name not in _LAZY:
+        raise ConfigError([f"accounting.sinks: unknown sink {name!r}"], config.path)
+    settings = getattr(config.accounting, name)
+    if settings is None and name == "redis":  # every key has a default: the table may be absent
+        settings = RedisSinkSettings()
+    return _lazy_class(name, config)(settings)
+
+
+def _lazy_class(name: str, config: Config) -> Callable[[Any], Sink]:
+    """The class of a sink whose module is imported only when it is configured."""
+    module_name, class_name = _LAZY[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        if exc.name == module_name:
+            raise ConfigError(
+                [f"accounting.sinks: the {name!r} sink is not part of this Moxy installation"],
+                config.path,
+            ) from None
+        raise ConfigError(
+            [f"accounting.sinks: the {name!r} sink cannot be loaded: {exc}"], config.path
+        ) from None
+    return cast(Callable[[Any], Sink], getattr(module, class_name))
+
+
+def check_sinks(config: Config) -> None:
+    """What `moxy serve` checks before it listens: every sink can be made, and the message log
+    can be opened (a typo in its path is a configuration error, not a silent loss of events).
+
+    The GDBM and Redis sinks are only loaded, not made: they open their backends when made,
+    and each worker process makes its own. Raises ConfigError naming the key."""
+    for name in config.accounting.sinks:
+        if name in _LAZY:
+            _lazy_class(name, config)
+    path = config.file_sink.path
+    if "file" in config.accounting.sinks and path is not None:
+        key = "log.file"
+        if config.accounting.file is not None and config.accounting.file.path is not None:
+            key = "accounting.file.path"
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640))
+        except OSError as exc:
+            raise ConfigError(
+                [f"{key}: cannot open {path} for appending: {exc.strerror or exc}"], config.path
+            ) from None

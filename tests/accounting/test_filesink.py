@@ -1,0 +1,55 @@
+"""The file sink on its own: a full disk, reopening a moved file, standard error."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from moxy.accounting.events import DeliveryEvent
+from moxy.accounting.filesink import FileSink
+from moxy.accounting.settings import FileSinkSettings
+
+EVENT = DeliveryEvent(
+    kind="message", session_id="S1", message_id="S1.1", client_ip="192.0.2.7", helo="c.test",
+    mail_from="s@c.test", recipients=("a@x.test",), destination="-", route="127.0.0.1:25",
+    size=10, code=250, reply="250 ok", stage="end-of-data", duration=0.1, node="n1",
+)
+
+
+async def test_a_full_disk_drops_events_counts_them_and_logs_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    sink = FileSink(FileSinkSettings(Path("/dev/full")))  # every write: ENOSPC
+    await sink.write([EVENT] * 3)
+    await sink.write([EVENT])
+    await sink.aclose()
+    assert sink.stats().dropped == 4
+    errors = [r.getMessage() for r in caplog.records if "cannot write" in r.getMessage()]
+    assert errors == ["cannot write the message log /dev/full: No space left on device; "
+                      "dropping events until it works again"]
+
+
+async def test_reopen_follows_a_moved_file(tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    sink = FileSink(FileSinkSettings(path, format="json"))
+    await sink.write([EVENT])
+    path.rename(tmp_path / "events.jsonl.1")
+    await sink.write([EVENT])  # still the old file, as until logrotate's signal
+    await sink.reopen()
+    await sink.write([EVENT, EVENT])
+    await sink.aclose()
+    assert len((tmp_path / "events.jsonl.1").read_text().splitlines()) == 2
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert records == [EVENT.to_dict()] * 2
+
+
+async def test_without_a_path_lines_go_to_standard_error(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    sink = FileSink(FileSinkSettings(None))
+    await sink.write([EVENT])
+    await sink.reopen()  # nothing to reopen
+    await sink.aclose()
+    assert capfd.readouterr().err == EVENT.to_log_line() + "\n"
