@@ -60,9 +60,9 @@ class RedisSink:
     """A `Sink` adding delivered and refused copies to cluster-wide counters.
 
     An outage is logged once when it starts and once when it ends; write() then only sums in
-    memory (it never waits on Redis), and tick() retries every `flush_interval`. An event whose
-    new counters do not fit into `backlog` is dropped whole and counted in `stats().dropped`,
-    so the dimensions stay consistent with each other.
+    memory (it never waits on Redis), and tick() retries, backing off from `flush_interval` to
+    30 seconds. An event whose new counters do not fit into `backlog` is dropped whole and
+    counted in `stats().dropped`, so the dimensions stay consistent with each other.
     """
 
     name = "redis"
@@ -78,6 +78,7 @@ class RedisSink:
         self._expiry: dict[str, int | None] = {}
         self._dropped = 0
         self._down = False
+        self._failures = 0
         self._dropped_at_outage = 0
         self._next_flush: float | None = None
 
@@ -162,6 +163,10 @@ class RedisSink:
             self._send, limiter=self._limiter, abandon_on_cancel=abandon_on_cancel
         )
         if error is not None:
+            # Retry later and later (up to 30 s): a hung Redis costs a timeout per attempt.
+            self._failures += 1
+            backoff = min(self.settings.flush_interval * 2 ** min(self._failures, 5), 30.0)
+            self._next_flush = trio.current_time() + backoff
             if not self._down:
                 self._down = True
                 self._dropped_at_outage = self._dropped
@@ -170,6 +175,7 @@ class RedisSink:
                     len(self._pending), self.settings.backlog, self._where, error,
                 )
             return
+        self._failures = 0
         if self._down:
             self._down = False
             lost = self._dropped - self._dropped_at_outage
