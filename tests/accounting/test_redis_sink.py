@@ -6,7 +6,8 @@ from __future__ import annotations
 import logging
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import redis
@@ -16,7 +17,7 @@ from moxy.accounting.counters import DIMENSIONS, day_period, minute_period
 from moxy.accounting.events import LOOKUP_FAILED, RELAY_DENIED
 from moxy.accounting.redis import RedisSink
 from moxy.accounting.settings import RedisSinkSettings
-from peers.redis_server import RedisServer
+from peers.redis_server import RedisSentinel, RedisServer
 
 from .events import CLIENT, SENDER, leg, message, refused
 
@@ -282,3 +283,27 @@ async def test_a_hung_redis_costs_one_timeout_not_one_per_write(black_hole: str)
     assert sink.stats().backlog == 36 + 200 * 6
     with trio.fail_after(10):  # aclose gives up after its timeout
         await sink.aclose()
+
+
+async def test_password_and_sentinel_forms_of_the_url(
+    make_redis_server: Callable[..., RedisServer], tmp_path: Path
+) -> None:
+    """The sink connects as `[routes.redis]` does: a password in the URL, or via Sentinel."""
+    server = make_redis_server(password="s3cret")
+    sink = sink_for(server)
+    await sink.write([leg("mx.example:25", ("a@example.org",), 10)])
+    await flushed(sink)
+    await sink.aclose()
+    sentinel = RedisSentinel(tmp_path / "sentinel", server)
+    sentinel.start()
+    try:
+        via_sentinel = RedisSink(RedisSinkSettings(
+            url="redis://:s3cret@ignored.invalid/0", flush_interval=0.0,
+            sentinel_master=sentinel.master_name, sentinels=(sentinel.address,),
+        ))
+        await via_sentinel.write([leg("mx.example:25", ("a@example.org",), 5)])
+        await flushed(via_sentinel)
+        await via_sentinel.aclose()
+    finally:
+        sentinel.stop()
+    assert table(server.client(), "dest") == {"mx.example:25": (2, 15, 0)}
