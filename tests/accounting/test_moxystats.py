@@ -6,18 +6,20 @@ from __future__ import annotations
 import json
 import os
 import pty
+import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import attrs
 import pytest
 import trio
 
 from moxy.accounting.gdbm import GdbmSink
 from moxy.accounting.redis import RedisSink
 from moxy.accounting.settings import GdbmSinkSettings, RedisSinkSettings
-from moxy.tools.stats import main
+from moxy.tools.stats import _TOML_TYPES, Usage, main, settings_from_toml
 from peers.redis_server import RedisServer
 
 from .events import leg, refused
@@ -171,6 +173,29 @@ def test_config_file_names_the_redis(counters: RedisServer, tmp_path: Path) -> N
     one_line_error(moxystats("-c", str(config), "--once"), 2, "flush_intervall")
     config.write_text('[accounting.redis]\nurl = "http://x"\n')
     one_line_error(moxystats("-c", str(config), "--once"), 2, "must start with redis://")
+
+
+@pytest.mark.parametrize(
+    ("table", "text"),
+    [
+        ("url = 5", "url: 5 is not a valid value"),
+        ("timeout = true", "timeout: True is not a valid value"),
+        ('sentinels = [1]\nsentinel_master = "m"', "sentinels: [1] is not a valid value"),
+        ('sentinel_master = "m"', "go together"),
+        ("backlog = 0", "backlog: must be at least 1"),
+    ],
+)
+def test_bad_accounting_redis_tables(table: str, text: str, tmp_path: Path) -> None:
+    """The direct reading of [accounting.redis] (used while moxy.config has no [accounting])
+    rejects what RedisSinkSettings would take for a wrong type."""
+    config = tmp_path / "moxy.toml"
+    config.write_text(f"[accounting.redis]\n{table}\n")
+    with pytest.raises(Usage, match=re.escape(text)):
+        settings_from_toml(config)
+
+
+def test_every_redis_setting_is_known_to_the_config_fallback() -> None:
+    assert set(_TOML_TYPES) == set(attrs.fields_dict(RedisSinkSettings))
 
 
 def test_gdbm_log(tmp_path: Path) -> None:

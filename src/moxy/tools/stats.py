@@ -176,7 +176,11 @@ def redis_settings_from_config(path: Path) -> RedisSinkSettings:
         if not isinstance(settings, RedisSinkSettings):
             raise Usage(f"{path}: no [accounting.redis] section")
         return settings
-    # A moxy.config without [accounting]: read that one table directly.
+    return settings_from_toml(path)
+
+
+def settings_from_toml(path: Path) -> RedisSinkSettings:
+    """`[accounting.redis]` read directly, for a moxy.config that has no [accounting] yet."""
     try:
         with open(path, "rb") as file:
             document = tomllib.load(file)
@@ -191,12 +195,23 @@ def redis_settings_from_config(path: Path) -> RedisSinkSettings:
     return _settings(table, f"{path}: accounting.redis")
 
 
+# What TOML gives for each key of [accounting.redis] (bool is no number here).
+_TOML_TYPES: dict[str, type | tuple[type, ...]] = {
+    "url": str, "key_prefix": str, "flush_interval": (int, float), "batch_size": int,
+    "retention_days": int, "minute_retention": int, "backlog": int, "timeout": (int, float),
+    "sentinel_master": str, "sentinels": (str, list),
+}
+
+
 def _settings(table: dict[str, Any], where: str) -> RedisSinkSettings:
+    for key, value in table.items():
+        if key not in _TOML_TYPES:
+            raise Usage(f"{where}: unknown key {key!r}")
+        wrong = not isinstance(value, _TOML_TYPES[key]) or isinstance(value, bool)
+        if wrong or (isinstance(value, list) and not all(isinstance(v, str) for v in value)):
+            raise Usage(f"{where}: {key}: {value!r} is not a valid value")
     try:
         return RedisSinkSettings(**table)
-    except TypeError as exc:
-        key = str(exc).rpartition("argument ")[2].strip("'")
-        raise Usage(f"{where}: unknown key {key!r}") from None
     except ValueError as exc:
         raise Usage(f"{where}: {exc}") from None
 
