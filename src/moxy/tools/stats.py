@@ -22,7 +22,14 @@ import attrs
 from moxy.accounting.counters import DIMENSIONS, day_start
 from moxy.accounting.settings import RedisSinkSettings
 from moxy.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
-from moxy.tools.stats_data import GDBM_DIMENSIONS, RATE_MINUTES, Row, Unavailable
+from moxy.tools.stats_data import (
+    GDBM_DIMENSIONS,
+    RATE_MINUTES,
+    RedisCounters,
+    Row,
+    Unavailable,
+    gdbm_rows,
+)
 
 EXIT_OK = 0
 EXIT_USAGE = 2
@@ -127,8 +134,6 @@ Reader = Callable[[], list[Row]]
 
 def _source(args: argparse.Namespace) -> tuple[Reader, Callable[[], str]]:
     """The row reader and the table's title for the chosen source; Usage if it is unusable."""
-    from moxy.tools.stats_data import RedisCounters, gdbm_rows  # redis-py only now
-
     when = f"day {args.day}" if args.day else "totals"
     if args.gdbm is not None:
         if args.by not in GDBM_DIMENSIONS:
