@@ -1,0 +1,125 @@
+"""The Redis counters' key schema and what one `DeliveryEvent` adds to them.
+
+Shared by the Redis sink (which writes) and `moxystats` (which reads); no client library here.
+The schema is documented in docs/accounting.md ("Redis counters").
+"""
+
+from __future__ import annotations
+
+import calendar
+import functools
+import time
+from collections.abc import Iterator
+
+import attrs
+
+from moxy.accounting.events import DeliveryEvent
+
+DIMENSIONS = ("dest", "rcpt", "domain", "sender", "ip", "node")
+METRICS = ("msgs", "bytes", "refused")
+TOTAL = "total"
+NO_SENDER = "<>"  # the null reverse-path of bounces
+NO_NODE = "-"
+
+
+@attrs.frozen
+class Increment:
+    """Add `amount` to `member`'s score in the sorted set of (`dimension`, `metric`)."""
+
+    dimension: str
+    member: str
+    metric: str
+    amount: int
+
+
+def day_period(when: float) -> str:
+    return time.strftime("d:%Y-%m-%d", time.gmtime(when))
+
+
+def minute_period(when: float) -> str:
+    return time.strftime("m:%Y-%m-%dT%H:%M", time.gmtime(when))
+
+
+def counter_key(prefix: str, period: str, dimension: str, metric: str) -> str:
+    """`{prefix}{period}:{dimension}:{metric}`, e.g. `moxy:acct:d:2026-12-01:dest:bytes`."""
+    return f"{prefix}{period}:{dimension}:{metric}"
+
+
+def day_start(day: str) -> int:
+    """Unix time of 00:00 UTC on `day` ("YYYY-MM-DD"); ValueError if it is not a date."""
+    return calendar.timegm(time.strptime(day, "%Y-%m-%d"))
+
+
+@functools.lru_cache(maxsize=1024)
+def bucket_expiry(
+    period: str, *, retention_days: int, minute_retention: int
+) -> int | None:
+    """When a bucket key expires (Unix time), counted from the end of its day or minute so that
+    every node sets the same EXPIREAT; None for the totals, which are kept for good."""
+    if period.startswith("d:"):
+        return day_start(period[2:]) + (1 + retention_days) * 86400
+    if period.startswith("m:"):
+        start = calendar.timegm(time.strptime(period[2:], "%Y-%m-%dT%H:%M"))
+        return start + 60 * (1 + minute_retention)
+    return None
+
+
+def domain_of(address: str) -> str | None:
+    """The domain of an address, lower case; None for one without '@' (such as postmaster)."""
+    local, at, domain = address.rpartition("@")
+    return domain.lower() if at and local else None
+
+
+def normal_address(address: str) -> str:
+    """Local part as given (it may be case sensitive), domain in lower case."""
+    domain = domain_of(address)
+    return f"{address.rpartition('@')[0]}@{domain}" if domain is not None else address
+
+
+def increments(event: DeliveryEvent) -> Iterator[Increment]:
+    """What `event` adds to the counters (the same for every period).
+
+    - A delivered leg (2xx) is one copy: its destination, sender, client IP and node each get
+      one message and the leg's bytes; so does each distinct recipient address on it and each
+      distinct recipient domain (a domain once per leg, however many of its recipients the leg
+      carried).
+    - A failed leg is one refused copy: one `refused` for the same members.
+    - A "refused" event refuses each of its recipients: one `refused` per recipient for the
+      address, its domain, the sender, client IP and node, and the destination when it names one.
+    - "message" and "connection" events count nothing: legs already say what was delivered.
+    """
+    if event.kind == "leg":
+        recipients = list(dict.fromkeys(normal_address(r) for r in event.recipients))
+        domains = list(dict.fromkeys(d for d in map(domain_of, recipients) if d is not None))
+        members = [
+            ("dest", event.destination),
+            *(("rcpt", r) for r in recipients),
+            *(("domain", d) for d in domains),
+            *_origin(event),
+        ]
+        if event.delivered:
+            for dimension, member in members:
+                yield Increment(dimension, member, "msgs", 1)
+                yield Increment(dimension, member, "bytes", event.size)
+        else:
+            for dimension, member in members:
+                yield Increment(dimension, member, "refused", 1)
+    elif event.kind == "refused":
+        for recipient in event.recipients:
+            address = normal_address(recipient)
+            domain = domain_of(address)
+            members = [("rcpt", address), *_origin(event)]
+            if domain is not None:
+                members.append(("domain", domain))
+            if event.destination not in ("", "-"):
+                members.append(("dest", event.destination))
+            for dimension, member in members:
+                yield Increment(dimension, member, "refused", 1)
+
+
+def _origin(event: DeliveryEvent) -> list[tuple[str, str]]:
+    return [
+        ("sender", normal_address(event.mail_from) if event.mail_from else NO_SENDER),
+        ("ip", event.client_ip),
+        ("node", event.node or NO_NODE),
+    ]

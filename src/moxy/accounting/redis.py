@@ -1,0 +1,224 @@
+"""The Redis accounting sink: counters shared by every node of a cluster, in sorted sets.
+
+Increments are summed in memory and written with a MULTI-less pipeline (ZINCRBY, and EXPIREAT
+on bucket keys) every `flush_interval`, or sooner when `batch_size` counters are pending. While
+Redis is down they stay summed in memory, up to `backlog` distinct counters.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+
+import redis
+import trio
+
+from moxy.accounting.base import SinkStats
+from moxy.accounting.counters import (
+    TOTAL,
+    bucket_expiry,
+    counter_key,
+    day_period,
+    increments,
+    minute_period,
+)
+from moxy.accounting.events import DeliveryEvent
+from moxy.accounting.settings import RedisSinkSettings
+from moxy.lookup.redis import connect, where
+from moxy.lookup.settings import RedisSettings
+
+log = logging.getLogger("moxy.accounting")
+
+Counter = tuple[str, str]  # (key, member)
+
+
+def client_for(settings: RedisSinkSettings) -> redis.Redis:
+    """A redis-py client as `[routes.redis]` gets one (same URL forms, Sentinel, timeouts).
+
+    No automatic retry of a command: ZINCRBY is not idempotent, and a pipeline resent after
+    its replies were lost would count twice. A dead pooled connection is found by a PING first.
+    """
+    return connect(_connection_settings(settings), retries=0)
+
+
+def describe(settings: RedisSinkSettings) -> str:
+    """Where Redis is, for messages (without the password)."""
+    return where(_connection_settings(settings))
+
+
+def _connection_settings(settings: RedisSinkSettings) -> RedisSettings:
+    return RedisSettings(
+        url=settings.url,
+        timeout=settings.timeout,
+        sentinel_master=settings.sentinel_master,
+        sentinels=settings.sentinels,
+    )
+
+
+class RedisSink:
+    """A `Sink` adding delivered and refused copies to cluster-wide counters.
+
+    An outage is logged once when it starts and once when it ends; write() then only sums in
+    memory (it never waits on Redis), and tick() retries, backing off from `flush_interval` to
+    30 seconds. An event whose new counters do not fit into `backlog` is dropped whole and
+    counted in `stats().dropped`, so the dimensions stay consistent with each other.
+    """
+
+    name = "redis"
+
+    def __init__(self, settings: RedisSinkSettings, *, client: redis.Redis | None = None) -> None:
+        self.settings = settings
+        self._client = client if client is not None else client_for(settings)
+        self._where = describe(settings)
+        self._limiter = trio.CapacityLimiter(1)
+        # Touched by the flushing thread too, but never at the same time as by the event loop:
+        # the dispatcher never calls a sink concurrently, and a flush is awaited to its end.
+        self._pending: dict[Counter, int] = {}
+        self._expiry: dict[str, int | None] = {}
+        self._dropped = 0
+        self._down = False
+        self._failures = 0
+        self._dropped_at_outage = 0
+        self._next_flush: float | None = None
+
+    # --- the Sink interface ---------------------------------------------------------------
+
+    async def write(self, batch: Sequence[DeliveryEvent]) -> None:
+        threshold = min(self.settings.batch_size, self.settings.backlog)
+        now = time.time()
+        for event in batch:
+            self._add(event, now)
+            if len(self._pending) >= threshold and not self._down:
+                await self._flush()
+
+    async def tick(self) -> None:
+        now = trio.current_time()
+        if self._next_flush is None:
+            self._next_flush = now + self.settings.flush_interval
+        if self._pending and now >= self._next_flush:
+            await self._flush()
+
+    async def reopen(self) -> None:
+        """Nothing to reopen: Redis connections are not files."""
+
+    async def aclose(self) -> None:
+        with trio.move_on_after(self.settings.timeout * 2) as deadline:
+            if self._pending:
+                await self._flush(abandon_on_cancel=True)
+        if self._pending:
+            what = "no answer in time" if deadline.cancelled_caught else "unreachable"
+            log.error(
+                "accounting: redis %s at shutdown, %d counters not written: %s",
+                what, len(self._pending), self._where,
+            )
+        with trio.move_on_after(self.settings.timeout):
+            await trio.to_thread.run_sync(self._client.close, abandon_on_cancel=True)
+
+    def stats(self) -> SinkStats:
+        return SinkStats(backlog=len(self._pending), dropped=self._dropped)
+
+    # --- summing --------------------------------------------------------------------------
+
+    def _add(self, event: DeliveryEvent, now: float) -> None:
+        adds = list(increments(event))
+        if not adds:
+            return
+        counted: list[tuple[str, str, int]] = []
+        expiries: dict[str, int | None] = {}
+        for period in (TOTAL, day_period(event.time), minute_period(event.time)):
+            expiry = bucket_expiry(
+                period,
+                retention_days=self.settings.retention_days,
+                minute_retention=self.settings.minute_retention,
+            )
+            if expiry is not None and expiry <= now:
+                continue  # a bucket already gone (an event from long ago): nothing to add to
+            for add in adds:
+                key = counter_key(self.settings.key_prefix, period, add.dimension, add.metric)
+                expiries[key] = expiry
+                counted.append((key, add.member, add.amount))
+        new = len({(key, member) for key, member, _ in counted} - self._pending.keys())
+        if len(self._pending) + new > self.settings.backlog:
+            self._dropped += 1
+            if self._dropped == self._dropped_at_outage + 1:
+                log.error(
+                    "accounting: redis backlog full (%d counters), dropping events until %s "
+                    "is back", len(self._pending), self._where,
+                )
+            return
+        self._expiry.update(expiries)
+        for key, member, amount in counted:
+            self._pending[key, member] = self._pending.get((key, member), 0) + amount
+
+    # --- writing --------------------------------------------------------------------------
+
+    async def _flush(self, *, abandon_on_cancel: bool = False) -> None:
+        self._next_flush = trio.current_time() + self.settings.flush_interval
+        self._forget_expired(time.time())
+        if not self._pending:
+            return
+        held = len(self._pending)
+        error = await trio.to_thread.run_sync(
+            self._send, limiter=self._limiter, abandon_on_cancel=abandon_on_cancel
+        )
+        if error is not None:
+            # Retry later and later (up to 30 s): a hung Redis costs a timeout per attempt.
+            self._failures += 1
+            backoff = min(self.settings.flush_interval * 2 ** min(self._failures, 5), 30.0)
+            self._next_flush = trio.current_time() + backoff
+            if not self._down:
+                self._down = True
+                self._dropped_at_outage = self._dropped
+                log.error(
+                    "accounting: redis unreachable, keeping %d counters (at most %d): %s: %s",
+                    len(self._pending), self.settings.backlog, self._where, error,
+                )
+            return
+        self._failures = 0
+        if self._down:
+            self._down = False
+            lost = self._dropped - self._dropped_at_outage
+            log.warning(
+                "accounting: redis reachable again, %d counters written, %d events dropped "
+                "during the outage: %s", held, lost, self._where,
+            )
+        self._expiry = {key: self._expiry[key] for key, _member in self._pending}
+
+    def _forget_expired(self, now: float) -> None:
+        """Counters of buckets that expired while Redis was down would be deleted on arrival."""
+        gone = {key for key, when in self._expiry.items() if when is not None and when <= now}
+        if gone:
+            self._pending = {c: n for c, n in self._pending.items() if c[0] not in gone}
+            for key in gone:
+                del self._expiry[key]
+
+    def _send(self) -> str | None:
+        """In the worker thread: write the pending counters in pipelines of `batch_size`;
+        each pipeline written is taken off `_pending`. Returns the error that stopped it."""
+        try:
+            try:
+                self._client.ping()
+            except redis.ConnectionError:
+                self._client.ping()  # the pool dropped a dead connection: try a fresh one
+            counters = list(self._pending.items())
+            size = self.settings.batch_size
+            for start in range(0, len(counters), size):
+                chunk = counters[start : start + size]
+                with self._client.pipeline(transaction=False) as pipe:
+                    expiring: dict[str, int] = {}
+                    for (key, member), amount in chunk:
+                        pipe.zincrby(key, amount, member)
+                        expiry = self._expiry.get(key)
+                        if expiry is not None:
+                            expiring[key] = expiry
+                    for key, expiry in expiring.items():
+                        pipe.expireat(key, expiry)
+                    pipe.execute()
+                for counter, amount in chunk:
+                    left = self._pending.pop(counter) - amount
+                    if left:  # cannot happen while calls are not concurrent; kept exact anyway
+                        self._pending[counter] = left
+        except (redis.RedisError, OSError) as exc:
+            return str(exc) or type(exc).__name__
+        return None
