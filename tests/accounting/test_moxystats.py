@@ -161,17 +161,22 @@ def test_a_terminal_gets_a_drawn_table_and_a_dumb_one_plain_text(counters: Redis
 
 def test_config_file_names_the_redis(counters: RedisServer, tmp_path: Path) -> None:
     config = tmp_path / "moxy.toml"
+    (tmp_path / "routes").write_text("example.org 127.0.0.1:2526\n")
+    base = '[server]\nlisten = ["127.0.0.1:2525"]\n[routes]\nfile = "routes"\n'
     config.write_text(
-        '[server]\nlisten = ["127.0.0.1:2525"]\n'
+        base + '[accounting]\nsinks = ["file", "redis"]\n'
         f'[accounting.redis]\nurl = "{counters.url}"\nflush_interval = 2.0\n'
     )
     rows = json_rows("--config", str(config), "--by", "sender")
     assert [(r["key"], r["messages"]) for r in rows] == [("alice@example.net", 8)]
-    config.write_text('[server]\nlisten = ["127.0.0.1:2525"]\n')
+    config.write_text(base)
     one_line_error(moxystats("-c", str(config), "--once"), 2, "no [accounting.redis] section")
-    config.write_text(f'[accounting.redis]\nurl = "{counters.url}"\nflush_intervall = 2\n')
+    sinks = '[accounting]\nsinks = ["redis"]\n'
+    config.write_text(
+        base + sinks + f'[accounting.redis]\nurl = "{counters.url}"\nflush_intervall = 2\n'
+    )
     one_line_error(moxystats("-c", str(config), "--once"), 2, "flush_intervall")
-    config.write_text('[accounting.redis]\nurl = "http://x"\n')
+    config.write_text(base + sinks + '[accounting.redis]\nurl = "http://x"\n')
     one_line_error(moxystats("-c", str(config), "--once"), 2, "must start with redis://")
 
 
