@@ -17,11 +17,13 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 
-from moxy import workers
+from moxy import metrics_http, workers
+from moxy.accounting.events import CONNECTION_LIMIT
 from moxy.accounting.textlog import TextLog
 from moxy.config import Config
 from moxy.lookup.base import Router
 from moxy.lookup.build import Routing
+from moxy.metrics import for_config as metrics_for_config
 from moxy.session import ServerContext, Session
 from moxy.smtp.replies import Reply
 from moxy.upstream import ConnectionPool, UpstreamSettings
@@ -58,6 +60,8 @@ async def serve(
         routing = routing or Routing.build(config)
         router = routing.router
     textlog = TextLog(config.log.file)
+    metrics = metrics_for_config(config)
+    metrics.observe_router(router)
     pool = None
     if config.limits.idle_upstreams:
         pool = ConnectionPool(config.limits.idle_upstreams, config.timeouts.upstream_idle)
@@ -70,7 +74,9 @@ async def serve(
             timeouts=config.timeouts,
             reply_line=config.limits.reply_line,
             pool=pool,
+            metrics=metrics,
         ),
+        metrics=metrics,
     )
     listeners: list[trio.SocketListener] = [
         trio.SocketListener(trio.socket.from_stdlib_socket(sock)) for sock in sockets or ()
@@ -92,7 +98,9 @@ async def serve(
     async def handle(stream: trio.SocketStream) -> None:
         nonlocal active
         client_ip = _peer_ip(stream)
+        metrics.connection_accepted()
         if active >= config.limits.connections:
+            metrics.connection_refused(CONNECTION_LIMIT)
             logger.warning("connection limit %d reached; refusing %s",
                            config.limits.connections, client_ip)
             with trio.move_on_after(5):
@@ -105,11 +113,13 @@ async def serve(
             await trio.aclose_forcefully(stream)
             return
         active += 1
+        metrics.session_started()
         try:
             await Session(stream, client_ip, ctx).run()
         except Exception:
             logger.exception("session from %s failed", client_ip)
         finally:
+            metrics.session_ended()
             active -= 1
             if active == 0 and ctx.drain.draining:
                 drained.set()
@@ -140,6 +150,8 @@ async def serve(
         nursery.cancel_scope.cancel()
 
     async with trio.open_nursery() as nursery:
+        if metrics.endpoint is not None and metrics.registry is not None:
+            await nursery.start(metrics_http.serve, metrics.endpoint, metrics.registry)
         nursery.start_soon(textlog.run)
         if pool is not None:
             nursery.start_soon(pool.run)

@@ -20,9 +20,10 @@ from typing import NoReturn
 import attrs
 import trio
 
-from moxy.accounting.events import DeliveryEvent
+from moxy.accounting.events import CLIENT_TIMEOUT, LOOKUP_FAILED, RELAY_DENIED, DeliveryEvent
 from moxy.config import Config
 from moxy.lookup.base import BadRouteData, DestinationGroup, LookupFailed, Router
+from moxy.metrics import Metrics
 from moxy.smtp import events as ev
 from moxy.smtp.replies import Reply
 from moxy.smtp.server import ServerConnection
@@ -62,6 +63,7 @@ class ServerContext:
     emit: Callable[[DeliveryEvent], None]
     upstream: UpstreamSettings
     drain: Drain = attrs.field(factory=Drain)
+    metrics: Metrics = attrs.field(factory=Metrics)
 
 
 def received_header(
@@ -162,6 +164,7 @@ class Session:
                 if scope.cancelled_caught:
                     if drain.draining and not in_data:
                         continue  # say goodbye at the top of the loop
+                    self.ctx.metrics.connection_refused(CLIENT_TIMEOUT)
                     await self.say_goodbye(
                         Reply.make(421, "4.4.2", f"{self.hostname} Timeout, closing")
                     )
@@ -202,6 +205,7 @@ class Session:
             case ev.BodyChunk(data=data):
                 assert self.transaction is not None
                 self.received_bytes += len(data)
+                self.ctx.metrics.received(len(data))
                 await self.transaction.send(data)
             case ev.BodyRefused(reply=reply):
                 self.body_refusal = reply
@@ -216,7 +220,9 @@ class Session:
             case ev.MailFrom():
                 await self.mail(event)
             case ev.RcptTo(address=address):
-                self.reply(await self.rcpt(address))
+                reply = await self.rcpt(address)
+                self.ctx.metrics.recipient(reply.code)
+                self.reply(reply)
             case ev.Data():
                 await self.data()
             case ev.Reset():
@@ -235,6 +241,7 @@ class Session:
                 self.reply(Reply.make(221, "2.0.0", f"{self.hostname} Bye"))
                 return False
             case ev.Invalid(reply=reply):
+                self.ctx.metrics.invalid(reply)
                 self.reply(reply)
                 return reply.code != 421
             case ev.ConnectionClosed():
@@ -263,15 +270,19 @@ class Session:
             route = await self.ctx.router.route(address)
         except BadRouteData as exc:
             logger.error("bad route data for <%s>: %s", address, exc)
+            self.ctx.metrics.recipient_refused(LOOKUP_FAILED)
             return Reply.make(451, "4.3.0", "Routing data error; try again later")
         except LookupFailed as exc:
             logger.warning("route lookup for <%s> failed: %s", address, exc)
+            self.ctx.metrics.recipient_refused(LOOKUP_FAILED)
             return Reply.make(451, "4.4.3", "Routing temporarily unavailable; try again later")
         except Exception:
             # A bug, not a routing answer: never accept what cannot be routed, keep the session.
             logger.exception("route lookup for <%s> raised", address)
+            self.ctx.metrics.recipient_refused(LOOKUP_FAILED)
             return Reply.make(451, "4.3.0", "Routing error; try again later")
         if route is None:
+            self.ctx.metrics.recipient_refused(RELAY_DENIED)
             return Reply.make(550, "5.7.1", f"<{address}>: Relaying denied")
         return await self.transaction.add_recipient(address, route)
 
@@ -370,6 +381,7 @@ class Session:
         ))
 
     def log_message(self, reply: Reply, stage: str, size: int) -> None:
+        self.ctx.metrics.message(reply.code)
         t = self.transaction
         self.ctx.emit(self._event(
             "message", recipients=tuple(t.recipients) if t else (), destination="-",

@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable, Sequence
 import attrs
 import trio
 
+from moxy.accounting.events import DESTINATION_REFUSED, DESTINATION_UNAVAILABLE, POLICY
 from moxy.lookup.base import DestinationGroup, Route
 from moxy.smtp.replies import Reply
 from moxy.upstream import Envelope, Leg, LegError, UpstreamSettings
@@ -89,6 +90,14 @@ def _refusal(replies: list[Reply], accepted_code: int | None, stage: str) -> Rep
     )
 
 
+def refusal_reason(reply: Reply, outcomes: Sequence[Outcome]) -> str:
+    """Why a recipient was refused, for metrics: a temporary refusal where a leg could not
+    carry on is the destination being unavailable; anything else is the destination's answer."""
+    if reply.klass == 4 and any(isinstance(o, LegError) for o in outcomes):
+        return DESTINATION_UNAVAILABLE
+    return DESTINATION_REFUSED
+
+
 async def gather(calls: Sequence[Callable[[], Awaitable[Reply]]]) -> list[Outcome]:
     """Run calls concurrently; each ends in a Reply or a LegError (other errors propagate)."""
     results: list[Outcome | None] = [None] * len(calls)
@@ -154,6 +163,7 @@ class Transaction:
             and self.destination_set is not None
             and frozenset(groups) != self.destination_set
         ):
+            self.settings.metrics.recipient_refused(POLICY)
             return Reply.make(
                 452, "4.5.3", "Recipient has other destinations; send it in a new transaction"
             )
@@ -167,6 +177,7 @@ class Transaction:
             if self.destination_set is None:
                 self.destination_set = frozenset(groups)
         else:
+            self.settings.metrics.recipient_refused(refusal_reason(reply, outcomes))
             for leg, outcome in zip(legs, outcomes, strict=True):
                 if isinstance(outcome, Reply) and outcome.klass == 2:
                     leg.unaccept(recipient)
