@@ -14,7 +14,7 @@ import threading
 from wsgiref.simple_server import WSGIServer
 
 import trio
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client import multiprocess as prometheus_multiprocess
 from prometheus_client.exposition import start_http_server
 
@@ -26,25 +26,30 @@ logger = logging.getLogger("moxy.metrics")
 REQUEST_LIMIT = 8192  # octets of request head read; a scrape sends a few hundred
 REQUEST_TIMEOUT = 10.0
 MAX_SCRAPES = 16  # concurrent requests; more are closed at once
+# The classic text format, which every Prometheus version reads.
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 # --- one process: a trio task ---------------------------------------------------------------
 
 
-async def serve(
-    address: ListenAddress,
-    registry: CollectorRegistry,
-    *,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Serve /metrics on `address` until cancelled; an address that cannot be bound raises
-    OSError naming it before `task_status.started()`."""
+async def listen(address: ListenAddress | None) -> list[trio.SocketListener]:
+    """The listeners of the /metrics endpoint (none for None); an address that cannot be bound
+    raises OSError naming it."""
+    if address is None:
+        return []
     try:
         listeners = await trio.open_tcp_listeners(address.port, host=address.host)
     except OSError as exc:
         raise OSError(
             exc.errno, f"cannot listen on metrics address {address}: {exc.strerror}"
         ) from None
+    logger.info("metrics on http://%s/metrics", address)
+    return listeners
+
+
+async def serve(listeners: list[trio.SocketListener], registry: CollectorRegistry) -> None:
+    """Serve /metrics on `listeners` until cancelled."""
     active = 0
 
     async def handle(stream: trio.SocketStream) -> None:
@@ -61,8 +66,6 @@ async def serve(
         finally:
             await trio.aclose_forcefully(stream)
 
-    logger.info("metrics on http://%s/metrics", address)
-    task_status.started()
     await trio.serve_listeners(handle, listeners)
 
 
@@ -87,7 +90,7 @@ async def _answer(stream: trio.SocketStream, registry: CollectorRegistry) -> Non
         response = _response(405, b"method not allowed\n")
     else:
         body = await trio.to_thread.run_sync(generate_latest, registry)
-        response = _response(200, body, CONTENT_TYPE_LATEST, head_only=method == "HEAD")
+        response = _response(200, body, CONTENT_TYPE, head_only=method == "HEAD")
     with contextlib.suppress(trio.BrokenResourceError, OSError):
         await stream.send_all(response)
 
@@ -134,7 +137,8 @@ class MasterEndpoint:
             raise OSError(
                 exc.errno, f"cannot listen on metrics address {address}: {exc.strerror}"
             ) from None
-        logger.info("metrics of all workers on http://%s/metrics", address)
+        logger.info("metrics of all workers on http://%s/metrics (values kept in %s)",
+                    address, directory)
         return cls(directory, server, thread)
 
     def in_worker(self) -> None:

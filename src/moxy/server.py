@@ -88,6 +88,12 @@ async def serve(
             for listener in listeners:
                 await listener.aclose()
             raise OSError(exc.errno, f"cannot listen on {address}: {exc.strerror}") from None
+    try:
+        scrapes = await metrics_http.listen(metrics.endpoint)
+    except OSError:
+        for listener in listeners:
+            await listener.aclose()
+        raise
     bound: list[tuple[str, int]] = []
     for listener in listeners:
         name = listener.socket.getsockname()
@@ -150,8 +156,8 @@ async def serve(
         nursery.cancel_scope.cancel()
 
     async with trio.open_nursery() as nursery:
-        if metrics.endpoint is not None and metrics.registry is not None:
-            await nursery.start(metrics_http.serve, metrics.endpoint, metrics.registry)
+        if scrapes and metrics.registry is not None:
+            nursery.start_soon(metrics_http.serve, scrapes, metrics.registry)
         nursery.start_soon(textlog.run)
         if pool is not None:
             nursery.start_soon(pool.run)
