@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -272,3 +273,48 @@ def test_a_metrics_address_in_use_is_one_line_and_exit_1(tmp_path: Path) -> None
             f"moxy: cannot listen on metrics address 127.0.0.1:{port}: Address already in use"
         )
         assert "Traceback" not in result.stderr
+
+
+# --- the Grafana dashboard ------------------------------------------------------------------
+
+DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "moxy-dashboard.json"
+
+
+def _queries(node: object) -> list[str]:
+    """Every PromQL expression in the dashboard: panel targets and template queries."""
+    found: list[str] = []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key in ("expr", "definition") and isinstance(value, str):
+                found.append(value)
+            else:
+                found += _queries(value)
+    elif isinstance(node, list):
+        for item in node:
+            found += _queries(item)
+    return found
+
+
+async def test_the_dashboard_uses_only_exported_metrics(
+    moxy: StartMoxy, make_recorder: MakeRecorder
+) -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    queries = _queries(dashboard)
+    assert len(queries) >= 15
+    server, port = await start(moxy, {"example.org": make_recorder()})
+    await send_one(server, ["user@example.org"])
+    m = await fetch(port)
+    exported = m.names()
+    used = {name for q in queries for name in re.findall(r"\bmoxy_[a-z0-9_]+", q)}
+    assert used and used <= exported, used - exported
+    # The families the dashboard is meant to show are all there.
+    for family in ("moxy_messages_total", "moxy_received_bytes_total", "moxy_sent_bytes_total",
+                   "moxy_connections_open", "moxy_upstream_reply_seconds_bucket",
+                   "moxy_route_cache_hits_total", "moxy_accounting_backlog",
+                   "moxy_accounting_dropped_total"):
+        assert family in used
+    # Every label it groups by is one Moxy's metrics carry (or the histograms' "le").
+    grouped = {label.strip() for q in queries for labels in re.findall(r"by \(([^)]*)\)", q)
+               for label in labels.split(",")}
+    known = m.label_names() | {"le", "sink"}  # "sink": no accounting sink reports in this test
+    assert grouped <= known, grouped - known
