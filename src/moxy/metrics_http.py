@@ -61,6 +61,9 @@ async def serve(listeners: list[trio.SocketListener], registry: CollectorRegistr
             try:
                 with trio.move_on_after(REQUEST_TIMEOUT):
                     await _answer(stream, registry)
+            except Exception:
+                # A bug here must not end the server (and with it the mail sessions).
+                logger.exception("metrics request failed")
             finally:
                 active -= 1
         finally:

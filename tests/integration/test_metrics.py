@@ -140,6 +140,22 @@ async def test_refused_connections_by_reason(moxy: StartMoxy, make_recorder: Mak
     assert m.value("moxy_connections_total") == 3
 
 
+async def test_recipients_refused_by_policy(moxy: StartMoxy, make_recorder: MakeRecorder) -> None:
+    first, second = make_recorder(), make_recorder()
+    server, port = await start(
+        moxy, {"a.test": first, "b.test": second},
+        proxy={"split_destinations": True}, limits={"recipients": 2},
+    )
+    outcome = await send_one(server, ["u@a.test", "u@b.test", "v@a.test", "w@a.test"])
+    # b.test has other destinations (split_destinations); w@ is one over limits.recipients.
+    assert [r.code for r in outcome.rcpt] == [250, 452, 250, 452]
+    m = await fetch(port)
+    assert m.value("moxy_recipients_total", result="2xx") == 2
+    assert m.value("moxy_recipients_total", result="4xx") == 2
+    assert m.value("moxy_recipients_refused_total", reason="policy") == 2
+    assert m.total("moxy_recipients_refused_total") == 2
+
+
 async def test_the_endpoint_answers_only_get_metrics(
     moxy: StartMoxy, make_recorder: MakeRecorder
 ) -> None:
