@@ -140,11 +140,11 @@ def test_config_remembers_its_absolute_path(
         ("[timeouts]\nupstream_data_block = 10", "timeouts.upstream_data_block", 10.0),
         ("[timeouts]\nupstream_data_end = 10", "timeouts.upstream_data_end", 10.0),
         (
-            '[metrics]\nlisten = "127.0.0.1:9125"',
+            '[metrics]\nlisten = "127.0.0.1:9325"',
             "metrics.listen",
-            ListenAddress("127.0.0.1", 9125),
+            ListenAddress("127.0.0.1", 9325),
         ),
-        ('[metrics]\nlisten = "[::1]:9125"', "metrics.listen", ListenAddress("::1", 9125)),
+        ('[metrics]\nlisten = "[::1]:9325"', "metrics.listen", ListenAddress("::1", 9325)),
         ("[metrics]\nper_destination = true", "metrics.per_destination", True),
     ],
 )
@@ -293,10 +293,10 @@ def test_listen_address_keeps_host_without_brackets() -> None:
             "server.listen: '127.0.0.1:25' is listed twice",
         ),
         (
-            '[metrics]\nlisten = ["127.0.0.1:9125"]',
-            "metrics.listen: expected a string such as '127.0.0.1:9125', got an array",
+            '[metrics]\nlisten = ["127.0.0.1:9325"]',
+            "metrics.listen: expected a string such as '127.0.0.1:9325', got an array",
         ),
-        ('[metrics]\nlisten = "9125"', "metrics.listen: '9125': expected host:port"),
+        ('[metrics]\nlisten = "9325"', "metrics.listen: '9325': expected host:port"),
         (
             '[metrics]\nlisten = "127.0.0.1:0"',
             "metrics.listen: '127.0.0.1:0': port 0 is not allowed here "

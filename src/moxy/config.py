@@ -483,7 +483,7 @@ class Timeouts:
 
 def _metrics_listen(value: object, ctx: _Context) -> ListenAddress:
     if not isinstance(value, str):
-        raise _Invalid(f"expected a string such as '127.0.0.1:9125', got {_show(value)}")
+        raise _Invalid(f"expected a string such as '127.0.0.1:9325', got {_show(value)}")
     try:
         address = ListenAddress.parse(value)
     except ValueError as exc:
