@@ -72,7 +72,8 @@ def sink(port: int) -> Iterator[None]:
 
 @contextlib.contextmanager
 def moxy(
-    port: int, sink_port: int, workdir: Path, workers: int, idle_upstreams: int
+    port: int, sink_port: int, workdir: Path, workers: int, idle_upstreams: int,
+    metrics: bool = False,
 ) -> Iterator[subprocess.Popen[bytes]]:
     (workdir / "routes").write_text(f"bench.test  127.0.0.1:{sink_port}\n")
     (workdir / "moxy.toml").write_text(
@@ -81,6 +82,7 @@ def moxy(
         '[routes]\nfile = "routes"\n[log]\nfile = "moxy.log"\nlevel = "warning"\n'
         "[limits]\nmessage_size = 104857600\nconnections = 5000\n"
         f"idle_upstreams = {idle_upstreams}\n"
+        + (f'[metrics]\nlisten = "127.0.0.1:{free_port()}"\n' if metrics else "")
     )
     proc = subprocess.Popen(
         [sys.executable, "-m", "moxy", "serve", "-c", str(workdir / "moxy.toml")]
@@ -120,13 +122,15 @@ def main() -> None:
     ap.add_argument("--recipients", type=int, default=1)
     ap.add_argument("--workers", type=int, default=1, help="Moxy's [server] workers")
     ap.add_argument("--idle-upstreams", type=int, default=0, help="Moxy's limits.idle_upstreams")
+    ap.add_argument("--metrics", action="store_true", help="Moxy's Prometheus endpoint on")
     ap.add_argument("--idle", type=int, default=1000, help="idle connections for the memory test")
     ap.add_argument("--large", type=int, default=50_000_000, help="bytes of the large message")
     args = ap.parse_args()
 
     sink_port, moxy_port = free_port(), free_port()
     with tempfile.TemporaryDirectory() as tmp, sink(sink_port), \
-            moxy(moxy_port, sink_port, Path(tmp), args.workers, args.idle_upstreams) as proc:
+            moxy(moxy_port, sink_port, Path(tmp), args.workers, args.idle_upstreams,
+                 args.metrics) as proc:
         print(f"{'size':>8} {'conn':>6} {'direct msg/s':>13} {'moxy msg/s':>11} {'ratio':>6}")
         for size in (int(s) for s in args.sizes.split(",")):
             for reuse in (False, True):

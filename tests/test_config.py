@@ -22,6 +22,7 @@ from moxy.config import (
     Limits,
     ListenAddress,
     LogSettings,
+    MetricsSettings,
     ProxySettings,
     RoutesSettings,
     ServerSettings,
@@ -83,6 +84,8 @@ def test_minimal_file_gives_defaults(tmp_path: Path) -> None:
         (RoutesSettings, "reload_interval", 1.0),
         (LogSettings, "file", None),
         (LogSettings, "level", "info"),
+        (MetricsSettings, "listen", None),  # metrics are off by default
+        (MetricsSettings, "per_destination", False),
     ],
 )
 def test_default(section: type, key: str, default: object) -> None:
@@ -143,6 +146,13 @@ def test_config_remembers_its_absolute_path(
         ("[timeouts]\nupstream_data_init = 10", "timeouts.upstream_data_init", 10.0),
         ("[timeouts]\nupstream_data_block = 10", "timeouts.upstream_data_block", 10.0),
         ("[timeouts]\nupstream_data_end = 10", "timeouts.upstream_data_end", 10.0),
+        (
+            '[metrics]\nlisten = "127.0.0.1:9325"',
+            "metrics.listen",
+            ListenAddress("127.0.0.1", 9325),
+        ),
+        ('[metrics]\nlisten = "[::1]:9325"', "metrics.listen", ListenAddress("::1", 9325)),
+        ("[metrics]\nper_destination = true", "metrics.per_destination", True),
     ],
 )
 def test_value_is_accepted(tmp_path: Path, toml: str, attribute: str, value: object) -> None:
@@ -288,6 +298,24 @@ def test_listen_address_keeps_host_without_brackets() -> None:
         (
             '[server]\nlisten = ["127.0.0.1:25", "127.0.0.1:25"]',
             "server.listen: '127.0.0.1:25' is listed twice",
+        ),
+        (
+            '[metrics]\nlisten = ["127.0.0.1:9325"]',
+            "metrics.listen: expected a string such as '127.0.0.1:9325', got an array",
+        ),
+        ('[metrics]\nlisten = "9325"', "metrics.listen: '9325': expected host:port"),
+        (
+            '[metrics]\nlisten = "127.0.0.1:0"',
+            "metrics.listen: '127.0.0.1:0': port 0 is not allowed here "
+            "(Prometheus must know the port)",
+        ),
+        (
+            '[metrics]\nlisten = "localhost:http"',
+            "metrics.listen: 'localhost:http': port must be a number from 0 to 65535",
+        ),
+        (
+            "[metrics]\nper_destination = 1",
+            "metrics.per_destination: expected true or false, got 1",
         ),
         ("[limits]\nrecipent = 5", "limits.recipent: unknown key (did you mean 'recipients'?)"),
         ("[limits]\nbogus = 5", "limits.bogus: unknown key"),
@@ -691,6 +719,7 @@ SECTIONS = {
     "limits": Limits,
     "timeouts": Timeouts,
     "accounting": AccountingSettings,
+    "metrics": MetricsSettings,
 }
 ACCOUNTING_TABLES = {
     "accounting.file": FileSinkSettings,

@@ -552,6 +552,27 @@ class Timeouts:
     shutdown_grace: float = attrs.field(default=30.0, metadata=_SECONDS)
 
 
+def _metrics_listen(value: object, ctx: _Context) -> ListenAddress:
+    if not isinstance(value, str):
+        raise _Invalid(f"expected a string such as '127.0.0.1:9325', got {_show(value)}")
+    try:
+        address = ListenAddress.parse(value)
+    except ValueError as exc:
+        raise _Invalid(str(exc)) from None
+    if address.port == 0:
+        raise _Invalid(f"{value!r}: port 0 is not allowed here (Prometheus must know the port)")
+    return address
+
+
+@attrs.frozen
+class MetricsSettings:
+    """[metrics]: the Prometheus endpoint (src/moxy/metrics.py); off while `listen` is unset."""
+
+    listen: ListenAddress | None = attrs.field(default=None, metadata=_key(_metrics_listen))
+    # Destination host:port labels on the upstream metrics: one series per destination.
+    per_destination: bool = attrs.field(default=False, metadata=_key(_boolean))
+
+
 @attrs.frozen
 class Config:
     """The whole configuration; `path` is the file it was loaded from (None when built in code)."""
@@ -567,6 +588,9 @@ class Config:
     accounting: AccountingSettings = attrs.field(
         factory=AccountingSettings,
         metadata=_table(AccountingSettings, check=_check_accounting),
+    )
+    metrics: MetricsSettings = attrs.field(
+        factory=MetricsSettings, metadata=_table(MetricsSettings)
     )
     path: Path | None = None
 

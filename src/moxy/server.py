@@ -18,12 +18,14 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 
-from moxy import workers
+from moxy import metrics_http, workers
 from moxy.accounting import events as acct
 from moxy.accounting.dispatch import Accounting, check_sinks
 from moxy.config import Config
 from moxy.lookup.base import Router
 from moxy.lookup.build import Routing
+from moxy.metrics import Metrics
+from moxy.metrics import for_config as metrics_for_config
 from moxy.session import ServerContext, Session
 from moxy.smtp.replies import Reply
 from moxy.upstream import ConnectionPool, UpstreamSettings
@@ -63,6 +65,8 @@ async def serve(
         routing = routing or Routing.build(config)
         router = routing.router
     accounting = accounting or Accounting.from_config(config)
+    metrics = metrics_for_config(config)
+    metrics.observe_router(router)
     pool = None
     if config.limits.idle_upstreams:
         pool = ConnectionPool(config.limits.idle_upstreams, config.timeouts.upstream_idle)
@@ -75,7 +79,9 @@ async def serve(
             timeouts=config.timeouts,
             reply_line=config.limits.reply_line,
             pool=pool,
+            metrics=metrics,
         ),
+        metrics=metrics,
     )
     listeners: list[trio.SocketListener] = [
         trio.SocketListener(trio.socket.from_stdlib_socket(sock)) for sock in sockets or ()
@@ -87,6 +93,12 @@ async def serve(
             for listener in listeners:
                 await listener.aclose()
             raise OSError(exc.errno, f"cannot listen on {address}: {exc.strerror}") from None
+    try:
+        scrapes = await metrics_http.listen(metrics.endpoint)
+    except OSError:
+        for listener in listeners:
+            await listener.aclose()
+        raise
     bound: list[tuple[str, int]] = []
     for listener in listeners:
         name = listener.socket.getsockname()
@@ -97,7 +109,9 @@ async def serve(
     async def handle(stream: trio.SocketStream) -> None:
         nonlocal active
         client_ip = _peer_ip(stream)
+        metrics.connection_accepted()
         if active >= config.limits.connections:
+            metrics.connection_refused(acct.CONNECTION_LIMIT)
             logger.warning("connection limit %d reached; refusing %s",
                            config.limits.connections, client_ip)
             reply = Reply.make(421, "4.3.2", f"{config.server.hostname} Too many "
@@ -110,11 +124,13 @@ async def serve(
             await trio.aclose_forcefully(stream)
             return
         active += 1
+        metrics.session_started()
         try:
             await Session(stream, client_ip, ctx).run()
         except Exception:
             logger.exception("session from %s failed", client_ip)
         finally:
+            metrics.session_ended()
             active -= 1
             if active == 0 and ctx.drain.draining:
                 drained.set()
@@ -150,6 +166,9 @@ async def serve(
         await outer.start(accounting.run)
         try:
             async with trio.open_nursery() as nursery:
+                if scrapes and metrics.registry is not None:
+                    nursery.start_soon(metrics_http.serve, scrapes, metrics.registry)
+                    nursery.start_soon(_observe_sinks, accounting, metrics)
                 if pool is not None:
                     nursery.start_soon(pool.run)
                 if routing is not None:
@@ -161,6 +180,13 @@ async def serve(
                 task_status.started(bound)
         finally:
             outer.cancel_scope.cancel()
+
+
+async def _observe_sinks(accounting: Accounting, metrics: Metrics) -> None:
+    """The accounting sinks' backlog and drops, for the metrics endpoint, once a second."""
+    while True:
+        metrics.observe_sinks(accounting.stats())
+        await trio.sleep(1)
 
 
 # Accept errors that mean "out of resources for now", as trio.serve_listeners treats them.

@@ -24,6 +24,7 @@ from moxy.accounting import events as acct
 from moxy.accounting.events import DeliveryEvent
 from moxy.config import Config
 from moxy.lookup.base import BadRouteData, DestinationGroup, LookupFailed, Router
+from moxy.metrics import Metrics
 from moxy.smtp import events as ev
 from moxy.smtp.replies import Reply
 from moxy.smtp.server import ServerConnection
@@ -63,6 +64,7 @@ class ServerContext:
     emit: Callable[[DeliveryEvent], None]
     upstream: UpstreamSettings
     drain: Drain = attrs.field(factory=Drain)
+    metrics: Metrics = attrs.field(factory=Metrics)
 
 
 def received_header(
@@ -206,6 +208,7 @@ class Session:
             case ev.BodyChunk(data=data):
                 assert self.transaction is not None
                 self.received_bytes += len(data)
+                self.ctx.metrics.received(len(data))
                 await self.transaction.send(data)
             case ev.BodyRefused(reply=reply):
                 self.body_refusal = reply
@@ -220,7 +223,9 @@ class Session:
             case ev.MailFrom():
                 await self.mail(event)
             case ev.RcptTo(address=address):
-                self.reply(await self.rcpt(address))
+                reply = await self.rcpt(address)
+                self.ctx.metrics.recipient(reply.code)
+                self.reply(reply)
             case ev.Data():
                 await self.data()
             case ev.Reset():
@@ -239,6 +244,7 @@ class Session:
                 self.reply(Reply.make(221, "2.0.0", f"{self.hostname} Bye"))
                 return False
             case ev.Invalid(reply=reply, recipient=recipient):
+                self.ctx.metrics.invalid(reply)
                 self.reply(reply)
                 if reply.code == 421:
                     self.log_connection(reply.code, str(reply), acct.PROTOCOL_ERRORS, "command")
@@ -385,6 +391,7 @@ class Session:
         ))
 
     def log_message(self, reply: Reply, stage: str, size: int) -> None:
+        self.ctx.metrics.message(reply.code)
         t = self.transaction
         self.ctx.emit(self._event(
             "message", recipients=tuple(t.recipients) if t else (), destination="-",
@@ -396,6 +403,7 @@ class Session:
         self, address: str, reply: Reply, reason: str, destination: str = "-", route: str = ""
     ) -> Reply:
         """A recipient refused at RCPT; returns `reply`."""
+        self.ctx.metrics.recipient_refused(reason)
         self.ctx.emit(self._event(
             "refused", recipients=(address,), destination=destination, route=route, size=0,
             code=reply.code, reply=str(reply), stage="rcpt", reason=reason, duration=0.0,
@@ -406,6 +414,7 @@ class Session:
         """Moxy ends the session (once, whatever else then fails)."""
         if self.ended_by is None:
             self.ended_by = reason
+            self.ctx.metrics.connection_refused(reason)
             self.ctx.emit(acct.connection_event(
                 self.client_ip, code, text, reason, self.ctx.config.server.node,
                 session_id=self.id, helo=self.helo, stage=stage,

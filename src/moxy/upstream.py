@@ -16,6 +16,7 @@ import ipaddress
 import logging
 import math
 import socket
+import time
 from collections import deque
 
 import attrs
@@ -23,6 +24,7 @@ import trio
 
 from moxy.config import Timeouts
 from moxy.lookup.base import Destination, DestinationGroup
+from moxy.metrics import Metrics
 from moxy.smtp.client import ReplyParser, UpstreamProtocolError, parse_ehlo
 from moxy.smtp.replies import Reply
 
@@ -74,6 +76,7 @@ class UpstreamSettings:
     timeouts: Timeouts
     reply_line: int = 2048
     pool: ConnectionPool | None = attrs.field(default=None, eq=False)  # shared by sessions
+    metrics: Metrics = attrs.field(factory=Metrics, eq=False)
 
 
 class Connection:
@@ -87,6 +90,8 @@ class Connection:
         self.settings = settings
         self.parser = ReplyParser(max_line=settings.reply_line)
         self.extensions: dict[str, str] = {}
+        self.stats = settings.metrics.upstream(destination)
+        self.sent_at = time.monotonic()  # reply times count from the last write
 
     @property
     def pipelining(self) -> bool:
@@ -103,6 +108,7 @@ class Connection:
                 while True:
                     reply = self.parser.next_reply()
                     if reply is not None:
+                        self.stats.replied(stage, time.monotonic() - self.sent_at)
                         if reply.code == 421:
                             raise self.error(stage, f"service closing: {reply}", reply)
                         if more and received and not self.parser.buffered:
@@ -132,6 +138,7 @@ class Connection:
                 sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
 
     async def send(self, data: bytes, stage: str, timeout: float) -> None:
+        self.sent_at = time.monotonic()
         with trio.move_on_after(timeout):
             try:
                 await self.stream.send_all(data)
@@ -259,6 +266,7 @@ async def connect(destination: Destination, settings: UpstreamSettings) -> Conne
     """Open a connection and get it past the greeting and EHLO (HELO if EHLO is refused)."""
     t = settings.timeouts
     where = str(destination)
+    started = time.monotonic()
     try:
         with trio.fail_after(t.upstream_connect):
             stream = await _open_stream(destination)
@@ -267,6 +275,7 @@ async def connect(destination: Destination, settings: UpstreamSettings) -> Conne
     except OSError as exc:
         raise LegError("connect", where, exc.strerror or str(exc)) from None
     conn = Connection(stream, destination, settings)
+    conn.stats.connected(time.monotonic() - started)
     try:
         greeting = await conn.read_reply("greeting", t.upstream_greeting)
         if greeting.klass != 2:
@@ -472,19 +481,24 @@ class Leg:
         assert self.conn is not None and self.in_data
         await self.conn.send(data, "body", self.settings.timeouts.upstream_data_block)
         self.sent += len(data)
+        self.conn.stats.sent(len(data))
 
     async def finish(self, tail: bytes = b"") -> Reply:
         """Send the rest of the body and the end-of-data sequence, in one write, and read the
         verdict: the one commit point."""
         assert self.conn is not None and self.in_data
         t = self.settings.timeouts
+        stats = self.conn.stats
         try:
             await self.conn.send(tail + b".\r\n", "end-of-data", t.upstream_data_block)
             self.sent += len(tail)
+            stats.sent(len(tail))
             reply = await self.conn.read_reply("end-of-data", t.upstream_data_end)
         except LegError:
+            stats.finished(0)
             await self.drop()
             raise
+        stats.finished(reply.code)
         self.in_data = False
         self.needs_reset = False  # a final reply ends the upstream transaction
         return reply

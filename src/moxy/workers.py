@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 
 from moxy.config import Config
+from moxy.metrics_http import MasterEndpoint
 
 logger = logging.getLogger("moxy.master")
 
@@ -65,6 +66,16 @@ def supervise(config: Config, worker: Callable[[list[socket.socket]], int]) -> i
     names = ", ".join(_name(s) for s in sockets)
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
     children: dict[int, int] = {}  # pid -> worker number
+    try:
+        # /metrics of every worker; started with the signals blocked (its threads inherit the
+        # mask) and before the fork (the workers inherit the multiprocess setting).
+        metrics = MasterEndpoint.start(config.metrics.listen) if config.metrics.listen else None
+    except OSError as exc:
+        print(f"moxy: {exc.strerror or exc}", file=sys.stderr)
+        for sock in sockets:
+            sock.close()
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        return 1
 
     def spawn(number: int) -> None:
         pid = os.fork()
@@ -74,6 +85,8 @@ def supervise(config: Config, worker: Callable[[list[socket.socket]], int]) -> i
                 # A SIGUSR1 before the worker's loop listens must not kill it.
                 signal.signal(signal.SIGUSR1, signal.SIG_IGN)
                 signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+                if metrics is not None:
+                    metrics.in_worker()
                 status = worker(sockets)
             except BaseException:
                 logger.exception("worker %d failed", number)
@@ -101,6 +114,8 @@ def supervise(config: Config, worker: Callable[[list[socket.socket]], int]) -> i
                 for pid in children:
                     _kill(pid, signal.SIGTERM)
             for pid, status in _reap():
+                if metrics is not None:
+                    metrics.worker_ended(pid)
                 if pid not in children or stopping:
                     children.pop(pid, None)
                     continue
@@ -112,6 +127,8 @@ def supervise(config: Config, worker: Callable[[list[socket.socket]], int]) -> i
     finally:
         for sock in sockets:
             sock.close()
+        if metrics is not None:
+            metrics.close()
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
     return 0
 

@@ -8,8 +8,10 @@ briefly down. It logs a backend's outage once, and its recovery once.
 from __future__ import annotations
 
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
+from typing import Protocol
 
 import attrs
 import trio
@@ -25,6 +27,27 @@ from moxy.lookup.base import (
 from moxy.lookup.settings import CacheSettings as CacheSettings  # re-exported with its source
 
 log = logging.getLogger("moxy.lookup")
+
+
+class CacheObserver(Protocol):
+    """Who counts the cache's work (moxy.metrics); the router does not depend on it."""
+
+    def cache_hit(self) -> None: ...
+
+    def cache_miss(self) -> None: ...
+
+    def route_lookup(self, seconds: float) -> None: ...
+
+
+class _Unobserved:
+    def cache_hit(self) -> None:
+        pass
+
+    def cache_miss(self) -> None:
+        pass
+
+    def route_lookup(self, seconds: float) -> None:
+        pass
 
 
 @attrs.frozen
@@ -87,6 +110,7 @@ class CachedRouter:
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._flights: dict[str, _Flight] = {}
         self._failing: set[str] = set()  # names of sources in an outage
+        self.observer: CacheObserver = _Unobserved()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -124,7 +148,9 @@ class CachedRouter:
             entry = self._entries.get(key)
             if entry is not None and self._clock() < entry.expires:
                 self._entries.move_to_end(key)
+                self.observer.cache_hit()
                 return _unwrap(entry.answer)
+            self.observer.cache_miss()
             flight = self._flights.get(key)
             if flight is None:
                 return _unwrap(await self._lead(key))
@@ -139,15 +165,18 @@ class CachedRouter:
         flight = _Flight()
         self._flights[key] = flight
         try:
+            started = time.monotonic()
             try:
                 answer = await self._ask_chain(key)
             except LookupFailed as exc:
+                self.observer.route_lookup(time.monotonic() - started)
                 stale = self._stale(key)
                 if stale is None:
                     flight.failure = exc
                     raise
                 answer = stale
             else:
+                self.observer.route_lookup(time.monotonic() - started)
                 if not flight.outdated:
                     self._store(key, answer)
             flight.answer = answer
