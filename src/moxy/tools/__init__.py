@@ -1,0 +1,1 @@
+"""The operator's tools beside the server: `moxylogalyze` (the message log analyser)."""

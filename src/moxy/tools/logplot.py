@@ -1,0 +1,98 @@
+"""`moxylogalyze --plot FILE.png`: delivered bytes per hour (UTC) for the top destinations.
+
+matplotlib is an optional extra (`pip install 'moxy[plot]'`); it is imported only when a plot
+is asked for, and its absence is `PlotUnavailable` before any log is read.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from datetime import UTC, datetime
+from typing import Any
+
+from moxy.accounting.events import DeliveryEvent
+from moxy.tools.logstats import accepted
+
+INSTALL_HINT = "pip install 'moxy[plot]'"
+OTHERS = "others"
+
+
+class PlotUnavailable(Exception):
+    """matplotlib is not installed."""
+
+
+def load_pyplot() -> Any:
+    """matplotlib.pyplot on the file-only Agg backend (no display needed)."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise PlotUnavailable(
+            f"--plot needs matplotlib, which is not installed: {INSTALL_HINT}"
+        ) from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+class HourlyBytes:
+    """Delivered bytes per (destination, hour): one counter per pair, however long the log."""
+
+    def __init__(self) -> None:
+        self.bytes: Counter[tuple[str, int]] = Counter()
+
+    def add(self, e: DeliveryEvent) -> None:
+        if e.kind == "leg" and accepted(e):
+            self.bytes[e.destination.lower(), int(e.time // 3600)] += e.size
+
+    def series(self, top: int) -> dict[str, dict[int, int]]:
+        """The `top` destinations by bytes, the rest summed as "others"; hour -> bytes."""
+        totals: Counter[str] = Counter()
+        for (dest, _), size in self.bytes.items():
+            totals[dest] += size
+        chosen = [dest for dest, _ in totals.most_common(top)]
+        series: dict[str, dict[int, int]] = {dest: {} for dest in chosen}
+        for (dest, hour), size in sorted(self.bytes.items(), key=lambda item: item[0][1]):
+            name = dest if dest in series else OTHERS
+            per_hour = series.setdefault(name, {})
+            per_hour[hour] = per_hour.get(hour, 0) + size
+        return series
+
+
+def _human(value: float, _position: object = None) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(value) < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def write_plot(plt: Any, hourly: HourlyBytes, top: int, path: str) -> None:
+    """Write the PNG; raises OSError when it cannot be written."""
+    series = hourly.series(top)
+    hours = sorted({hour for per_hour in series.values() for hour in per_hour})
+    figure, axes = plt.subplots(figsize=(10, 5), dpi=100)
+    try:
+        if hours:
+            # Every hour between the first and the last, so quiet hours show as zero.
+            span = list(range(hours[0], hours[-1] + 1))
+            times = [datetime.fromtimestamp(h * 3600, UTC) for h in span]
+            for dest, per_hour in series.items():
+                axes.plot(
+                    times, [per_hour.get(h, 0) for h in span], marker="o", linewidth=1.5,
+                    label=dest,
+                )  # fmt: skip
+            axes.legend(loc="upper left", fontsize="small")
+            figure.autofmt_xdate()
+        else:
+            axes.text(0.5, 0.5, "no delivered bytes", ha="center", va="center",
+                      transform=axes.transAxes)  # fmt: skip
+        axes.set_title(f"Bytes delivered per hour, top {top} destinations")
+        axes.set_xlabel("hour (UTC)")
+        axes.set_ylabel("bytes")
+        axes.yaxis.set_major_formatter(plt.FuncFormatter(_human))
+        axes.grid(True, alpha=0.3)
+        figure.tight_layout()
+        figure.savefig(path, format="png")
+    finally:
+        plt.close(figure)
