@@ -60,38 +60,51 @@ class HourlyBytes:
 
 
 def _human(value: float, _position: object = None) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(value) < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
+    """Decimal units, so that matplotlib's round tick values stay round."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if abs(value) < 1000 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:g} {unit}"
+        value /= 1000
     raise AssertionError("unreachable")
 
 
+def _hour_label(hour: int) -> str:
+    return datetime.fromtimestamp(hour * 3600, UTC).strftime("%Y-%m-%d %H:00")
+
+
 def write_plot(plt: Any, hourly: HourlyBytes, top: int, path: str) -> None:
-    """Write the PNG; raises OSError when it cannot be written."""
+    """Stacked bars, one per hour, one colour per destination. Raises OSError when the file
+    cannot be written."""
+    from matplotlib.ticker import FuncFormatter
+
     series = hourly.series(top)
     hours = sorted({hour for per_hour in series.values() for hour in per_hour})
+    # Every hour from the first to the last, so that quiet hours show as gaps.
+    span = list(range(hours[0], hours[-1] + 1)) if hours else []
     figure, axes = plt.subplots(figsize=(10, 5), dpi=100)
     try:
-        if hours:
-            # Every hour between the first and the last, so quiet hours show as zero.
-            span = list(range(hours[0], hours[-1] + 1))
-            times = [datetime.fromtimestamp(h * 3600, UTC) for h in span]
-            for dest, per_hour in series.items():
-                axes.plot(
-                    times, [per_hour.get(h, 0) for h in span], marker="o", linewidth=1.5,
-                    label=dest,
-                )  # fmt: skip
-            axes.legend(loc="upper left", fontsize="small")
-            figure.autofmt_xdate()
+        bottom = [0] * len(span)
+        for dest, per_hour in series.items():
+            heights = [per_hour.get(h, 0) for h in span]
+            axes.bar(range(len(span)), heights, bottom=bottom, width=0.85, label=dest)
+            bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
+        if span:
+            step = max(1, len(span) // 12)  # at most a dozen labels, however long the log
+            axes.set_xticks(range(0, len(span), step))
+            axes.set_xticklabels(
+                [_hour_label(h) for h in span[::step]], rotation=30, ha="right"
+            )
+            axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small")
         else:
             axes.text(0.5, 0.5, "no delivered bytes", ha="center", va="center",
                       transform=axes.transAxes)  # fmt: skip
-        axes.set_title(f"Bytes delivered per hour, top {top} destinations")
-        axes.set_xlabel("hour (UTC)")
+        shown = len(series) - (OTHERS in series)
+        plural = "s" if shown != 1 else ""
+        axes.set_title(f"Bytes delivered per hour (UTC), top {shown} destination{plural}")
+        axes.set_xlabel("hour starting (UTC)")
         axes.set_ylabel("bytes")
-        axes.yaxis.set_major_formatter(plt.FuncFormatter(_human))
-        axes.grid(True, alpha=0.3)
+        axes.yaxis.set_major_formatter(FuncFormatter(_human))
+        axes.grid(True, axis="y", alpha=0.3)
         figure.tight_layout()
         figure.savefig(path, format="png")
     finally:
