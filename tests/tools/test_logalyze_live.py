@@ -18,6 +18,7 @@ from .helpers import logalyze
 
 MakeRecorder = Callable[..., Recorder]
 StartProcess = Callable[..., MoxyProcess]
+ServedLog = tuple[Path, dict[str, Recorder]]  # the log file, and the upstreams by role
 
 
 def body(subject: str) -> bytes:
@@ -25,7 +26,7 @@ def body(subject: str) -> bytes:
 
 
 @pytest.fixture
-def served_log(moxy_process: StartProcess, make_recorder: MakeRecorder) -> tuple[Path, dict[str, Recorder]]:
+def served_log(moxy_process: StartProcess, make_recorder: MakeRecorder) -> ServedLog:
     plain, mirror = make_recorder(), make_recorder()
     refusing = make_recorder({"end_of_data": "554 5.7.1 Rejected by policy"})
     moxy = moxy_process(
@@ -47,7 +48,7 @@ def served_log(moxy_process: StartProcess, make_recorder: MakeRecorder) -> tuple
 
 
 def test_totals_of_a_real_run_match_what_the_destinations_received(
-    served_log: tuple[Path, dict[str, Recorder]],
+    served_log: ServedLog,
 ) -> None:
     log, peers = served_log
     plain, mirror, refusing = peers["plain"], peers["mirror"], peers["refusing"]
@@ -83,7 +84,7 @@ def test_totals_of_a_real_run_match_what_the_destinations_received(
 
 
 def test_verbose_over_a_real_run_shows_each_message_with_its_legs(
-    served_log: tuple[Path, dict[str, Recorder]],
+    served_log: ServedLog,
 ) -> None:
     log, peers = served_log
     messages = logalyze(log, "-v", "--format", "json").json()

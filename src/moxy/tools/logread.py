@@ -154,6 +154,7 @@ _KEYS = (
     "stage", "reason", "duration",
 )  # fmt: skip
 _OPTIONAL = frozenset({"node", "reason"})
+_BRACKETED = frozenset({"from", "to"})  # <address> and <address>,<address>; followed by to=, dest=
 
 
 def _text_fields(rest: str) -> dict[str, str]:
@@ -175,6 +176,10 @@ def _text_fields(rest: str) -> dict[str, str]:
                 end = found
             if later not in _OPTIONAL:
                 break
+        if key in _BRACKETED and rest.startswith("<", start):
+            # A quoted local part may hold ` to=` or ` dest=`: an address list ends at `>`.
+            closing = rest.find(f"> {_KEYS[i + 1]}=", start)
+            end = closing + 1 if closing >= 0 else end
         if end < 0:
             raise BadLine(f"no field after {key}=")
         fields[key] = rest[start:end]
