@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +79,7 @@ def test_summary_table() -> None:
     result = logalyze("messages.log")
     assert result.status == 0 and result.stderr == "", result
     lines = result.stdout.splitlines()
-    assert lines[0].split() == ["first", "line:", "2026-11-25T10:05:00.000Z"]
+    assert lines[0].split() == ["first", "event:", "2026-11-25T10:05:00.000Z"]
     for label, value in [
         ("messages accepted:", "3"), ("bytes delivered:", "8000"), ("legs failed:", "3"),
         ("recipients refused:", "3"), ("  relay-denied:", "1"),
@@ -257,3 +258,25 @@ def test_verbose_shows_legs_whose_message_line_is_missing(tmp_path: Path) -> Non
         f" from=<alice@sender.example> (no message line) | {A} code=250 size=1000"
         " to=<bob@example.org>"
     ]
+
+
+# --- the documentation -----------------------------------------------------------------------
+
+
+def doc_samples() -> list[tuple[list[str], str]]:
+    """Every ```-block of docs/tools.md that starts with `$ moxylogalyze`: (args, output)."""
+    text = (LOGS.parents[2] / "docs" / "tools.md").read_text()
+    samples = []
+    for block in text.split("```\n")[1::2]:
+        command, _, output = block.partition("\n")
+        if command.startswith("$ moxylogalyze "):
+            samples.append((shlex.split(command)[2:], output))
+    return samples
+
+
+def test_the_sample_output_in_docs_is_what_the_tool_prints() -> None:
+    samples = doc_samples()
+    assert len(samples) >= 5
+    for args, output in samples:
+        result = logalyze(*args)
+        assert (result.status, result.stdout) == (0, output), args

@@ -111,7 +111,7 @@ def _parser() -> argparse.ArgumentParser:
         help="list each matching message with its legs instead of totals")
     add("--format", choices=FORMATS, default="table", help="output format (default: table)")
     add("-n", "--top", type=_top, metavar="N",
-        help=f"only the first N rows of -l, and the N destinations of --plot (default {PLOT_TOP})")
+        help=f"-l: only the first N rows; --plot: the N busiest destinations (default {PLOT_TOP})")
     add("--plot", metavar="FILE.png", help="also draw delivered bytes per hour per destination")
     add("-V", "--version", action="version", version=f"{PROG} {__version__}")
     return parser  # fmt: skip

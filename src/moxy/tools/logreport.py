@@ -83,7 +83,7 @@ def write_summary(s: Summary, fmt: str, out: TextIO) -> None:
         _csv([("field", "value"), *flat], out)
         return
     labels = {
-        "first": "first line", "last": "last line",
+        "first": "first event", "last": "last event",
         "messages_accepted": "messages accepted", "messages_deferred": "messages deferred (4xx)",
         "messages_rejected": "messages rejected (5xx)", "bytes_received": "bytes received",
         "bytes_delivered": "bytes delivered", "legs_delivered": "legs delivered",
