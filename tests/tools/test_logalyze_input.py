@@ -127,6 +127,7 @@ def test_a_broken_gzip_file_is_one_line_and_status_1(tmp_path: Path) -> None:
         (["--until", "2026-13-01", "messages.log"], "'2026-13-01' is not an ISO date or time"),
         (["-n", "0", "messages.log"], "'0' is not a number of rows of at least 1"),
         (["--bogus", "messages.log"], "unrecognized arguments: --bogus"),
+        (["-v", "-l", "ip", "messages.log"], "-l/--listby: not allowed with argument -v"),
         (
             ["--since", "2026-11-26", "--until", "2026-11-25", "messages.log"],
             "--since is not before --until",

@@ -99,7 +99,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     add = parser.add_argument
     add("logfiles", nargs="+", metavar="LOGFILE", help="message log files; - for standard input")
-    add("-l", "--listby", choices=LISTBY, help="totals per sender, client IP or destination")
+    mode = parser.add_mutually_exclusive_group()  # totals, or messages: not both
+    mode.add_argument("-l", "--listby", choices=LISTBY,
+                      help="totals per sender, client IP or destination")
     add("--from", dest="sender", type=_sender, metavar="EMAIL",
         help="only this sender (<> for the null sender)")
     add("-i", "--ip", type=_network, metavar="IP", help="only this client IP, or network (CIDR)")
@@ -107,8 +109,8 @@ def _parser() -> argparse.ArgumentParser:
     add("--since", type=_since, metavar="WHEN", help="only from this UTC date or time on")
     add("--until", type=_until, metavar="WHEN",
         help="only before this UTC time (a date alone: up to the end of that day)")
-    add("-v", "--verbose", action="store_true",
-        help="list each matching message with its legs instead of totals")
+    mode.add_argument("-v", "--verbose", action="store_true",
+                      help="list each matching message with its legs instead of totals")
     add("--format", choices=FORMATS, default="table", help="output format (default: table)")
     add("-n", "--top", type=_top, metavar="N",
         help=f"-l: only the first N rows; --plot: the N busiest destinations (default {PLOT_TOP})")
