@@ -6,6 +6,7 @@ is asked for, and its absence is `PlotUnavailable` before any log is read.
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from datetime import UTC, datetime
 from typing import Any
@@ -29,6 +30,9 @@ def load_pyplot() -> Any:
         raise PlotUnavailable(
             f"--plot needs matplotlib, which is not installed: {INSTALL_HINT}"
         ) from None
+    # Its notices ("building the font cache" on a first run) are not ours to print: standard
+    # error carries moxylogalyze's own lines only.
+    logging.getLogger("matplotlib").setLevel(logging.ERROR)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
