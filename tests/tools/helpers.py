@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -26,11 +27,17 @@ class Result:
 
 
 def logalyze(
-    *args: str | Path, stdin: bytes = b"", cwd: Path = LOGS, python: list[str] = PROG
+    *args: str | Path,
+    stdin: bytes = b"",
+    cwd: Path = LOGS,
+    python: list[str] = PROG,
+    env: dict[str, str] | None = None,
 ) -> Result:
     done = subprocess.run(
-        [*python, *map(str, args)], input=stdin, capture_output=True, cwd=cwd, timeout=120
-    )
+        [*python, *map(str, args)],
+        input=stdin, capture_output=True, cwd=cwd, timeout=120,
+        env=None if env is None else {**os.environ, **env},
+    )  # fmt: skip
     return Result(
         done.returncode, done.stdout.decode("utf-8"), done.stderr.decode("utf-8", "replace")
     )

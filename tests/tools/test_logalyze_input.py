@@ -82,6 +82,14 @@ def test_an_overlong_line_is_one_malformed_line(tmp_path: Path) -> None:
     assert result.stderr.endswith(f"2 malformed lines skipped (first at {log}:1)\n")
 
 
+def test_non_ascii_replies_on_an_ascii_terminal() -> None:
+    line = '{"time": "2026-11-25T10:00:00Z", "kind": "message", "code": 250, "reply": "250 été"}'
+    ascii_tty = {"PYTHONIOENCODING": "ascii"}
+    result = logalyze("-v", "--format", "csv", "-", stdin=line.encode(), env=ascii_tty)
+    assert (result.status, result.stderr) == (0, "")
+    assert ",250 \\xe9t\\xe9," in result.stdout, result.stdout
+
+
 def test_an_empty_log_gives_zero_totals(tmp_path: Path) -> None:
     empty = tmp_path / "empty.log"
     empty.write_bytes(b"")

@@ -9,6 +9,7 @@ Malformed lines are skipped and reported at the end; they do not change the exit
 from __future__ import annotations
 
 import argparse
+import io
 import ipaddress
 import os
 import sys
@@ -151,6 +152,8 @@ def _run(argv: Sequence[str] | None) -> int:
     check_readable(args.logfiles)
 
     out = sys.stdout
+    if isinstance(out, io.TextIOWrapper):  # a reply in UTF-8 must not end a run on a Latin-1 tty
+        out.reconfigure(errors="backslashreplace")
     malformed = Malformed()
     summary = Summary()
     listing = Listing(args.listby) if args.listby else None
