@@ -16,10 +16,8 @@ FORMATS = ("table", "csv", "json")
 GROUP_COLUMNS = ("messages", "bytes", "recipients", "refused", "failed")
 
 
-def stamp(when: float | None) -> str:
-    """UTC to the millisecond, as the log writes it ("-" for no time)."""
-    if when is None:
-        return "-"
+def stamp(when: float) -> str:
+    """UTC to the millisecond, as the log writes it."""
     ms = round(when * 1000)
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms // 1000)) + f".{ms % 1000:03d}Z"
 
