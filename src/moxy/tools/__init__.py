@@ -1,1 +1,2 @@
-"""Command-line tools besides `moxy` itself."""
+"""The operator's tools beside the server: `moxystats` (the counters, live) and
+`moxylogalyze` (the message log analyser)."""

@@ -1,0 +1,104 @@
+"""The log reader against the server's own writers: every event `to_log_line` or `to_json`
+writes reads back as the same event (time to the millisecond, duration to 3 decimals)."""
+
+from __future__ import annotations
+
+import attrs
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from moxy.accounting.events import KINDS, DeliveryEvent
+from moxy.tools.logread import BadLine, parse_line
+
+token = st.text("ABCDEF0123456789.", min_size=1, max_size=16)
+host = st.from_regex(r"[a-z0-9]([a-z0-9.-]{0,20}[a-z0-9])?", fullmatch=True)
+# Addresses as MAIL/RCPT let them through, quoted local parts with spaces included.
+address = st.from_regex(r'([a-z0-9.+_-]{1,12}|"[a-z =,]{1,8}")@[a-z0-9.-]{1,12}', fullmatch=True)
+destination = st.builds(lambda h, p: f"{h}:{p}", host, st.integers(1, 65535))
+group = st.lists(destination, min_size=1, max_size=3).map("|".join)
+reply = st.text(
+    st.characters(codec="utf-8", blacklist_characters="\r\n\x85\u2028\u2029"),
+    max_size=60,
+)
+
+events = st.builds(
+    DeliveryEvent,
+    kind=st.sampled_from(KINDS),
+    session_id=token,
+    message_id=token | st.just(""),
+    client_ip=st.ip_addresses().map(str),
+    helo=host | st.just(""),
+    mail_from=address | st.just(""),
+    recipients=st.lists(address, max_size=4).map(tuple),
+    destination=destination | st.just("-"),
+    route=st.lists(group, max_size=3).map(" ".join),  # a message's route lists its groups
+    size=st.integers(0, 10**12),
+    code=st.integers(0, 599),
+    reply=reply,
+    stage=st.sampled_from(["end-of-data", "data", "rcpt", "body", "connect"]),
+    duration=st.floats(0, 10_000, allow_nan=False),
+    node=host | st.just(""),
+    reason=st.sampled_from(["", "relay-denied", "lookup-failed", "timeout"]),
+    time=st.floats(0, 4_000_000_000, allow_nan=False),
+)
+
+
+def same(parsed: DeliveryEvent, written: DeliveryEvent, reply: str) -> None:
+    assert abs(parsed.time - written.time) < 0.0011
+    assert abs(parsed.duration - written.duration) < 0.00051
+    assert attrs.evolve(parsed, time=0.0, duration=0.0) == attrs.evolve(
+        written, reply=reply, time=0.0, duration=0.0
+    )
+
+
+@given(events)
+def test_a_text_line_reads_back_as_its_event(event: DeliveryEvent) -> None:
+    line = event.to_log_line()
+    same(parse_line(line), event, event.reply.replace("\n", " ").replace('"', "'"))
+
+
+@given(events)
+def test_a_json_line_reads_back_as_its_event(event: DeliveryEvent) -> None:
+    same(parse_line(event.to_json()), event, event.reply)
+
+
+def test_quoted_local_parts_may_look_like_fields() -> None:
+    event = DeliveryEvent(
+        kind="leg", session_id="S", message_id="S.1", client_ip="192.0.2.7", helo="h",
+        mail_from='"a to=b"@x.example', recipients=('"c dest=d"@y.example', "e@f"),
+        destination="127.0.0.1:25", route="127.0.0.1:25", size=1, code=250, reply="ok",
+        stage="end-of-data", duration=0.0, time=0.0,
+    )  # fmt: skip
+    same(parse_line(event.to_log_line()), event, "ok")
+
+
+LINE = (
+    '2026-11-25T22:40:18.105Z leg node=mx1 session=S id=S.1 client=192.0.2.7 helo=h from=<a@b>'
+    ' to=<c@d> dest=127.0.0.1:25 route=127.0.0.1:25 size=400 code=250 stage=end-of-data'
+    ' reason=- duration=0.002 reply="250 ok"'
+)
+
+
+@pytest.mark.parametrize(
+    "broken",
+    [
+        LINE.replace("size=400", "size=-1"),
+        LINE.replace(" leg ", " bounce "),
+        LINE.replace("from=<a@b>", "from=a@b"),
+        LINE.replace("to=<c@d>", "to=c@d"),
+        LINE.replace(" session=S", ""),
+        LINE.replace("2026-11-25T22:40:18.105Z", "yesterday"),
+        LINE.replace("duration=0.002", "duration=soon"),
+        LINE[:-1],
+        LINE + " extra",
+        '{"kind": "leg", "time": "2026-11-25T22:40:18Z", "size": true}',
+        '{"kind": "leg", "time": "2026-11-25T22:40:18Z", "code": -250}',
+        '{"kind": "leg", "time": "2026-11-25T22:40:18Z", "to": "a@b"}',
+        '{"kind": "leg"}',
+        "[1, 2]",
+    ],
+)
+def test_broken_lines_are_bad_lines(broken: str) -> None:
+    with pytest.raises(BadLine):
+        parse_line(broken)
