@@ -17,9 +17,10 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 
-from moxy import workers
+from moxy import control, workers
 from moxy.accounting.textlog import TextLog
 from moxy.config import Config
+from moxy.destinations import Destinations
 from moxy.lookup.base import Router
 from moxy.lookup.build import Routing
 from moxy.session import ServerContext, Session
@@ -44,6 +45,7 @@ async def serve(
     router: Router | None = None,
     sockets: Sequence[socket.socket] | None = None,
     shutdown: trio.Event | None = None,
+    worker: int | None = None,
     task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Bind every listen address, report what was bound, and serve until cancelled, or until
@@ -52,7 +54,8 @@ async def serve(
     Recipients are routed by `routing` (built from `config.routes` when neither it nor `router`
     is given), which is kept current while serving and whose backends are closed at the end.
     A `router` is used as it is. With `sockets` (listening sockets made by the master of
-    several workers) Moxy accepts on those instead of binding `config.server.listen`.
+    several workers) Moxy accepts on those instead of binding `config.server.listen`; `worker`
+    is then this worker's number, which names its control socket.
     """
     if router is None:
         routing = routing or Routing.build(config)
@@ -70,6 +73,7 @@ async def serve(
             timeouts=config.timeouts,
             reply_line=config.limits.reply_line,
             pool=pool,
+            destinations=Destinations(config.destinations),
         ),
     )
     listeners: list[trio.SocketListener] = [
@@ -145,6 +149,9 @@ async def serve(
             nursery.start_soon(pool.run)
         if routing is not None:
             await nursery.start(routing.run)
+        if config.destinations.control_socket is not None:
+            path = control.worker_path(config.destinations.control_socket, worker)
+            await nursery.start(control.serve_control, path, ctx.upstream.destinations)
         nursery.start_soon(accept, nursery)
         if shutdown is not None:
             nursery.start_soon(drain, shutdown, nursery)
@@ -188,7 +195,10 @@ def configure_logging(level: str) -> None:
 
 
 async def _main(
-    config: Config, routing: Routing, sockets: Sequence[socket.socket] | None = None
+    config: Config,
+    routing: Routing,
+    sockets: Sequence[socket.socket] | None = None,
+    worker: int | None = None,
 ) -> None:
     """Serve until SIGTERM/SIGINT, then drain gracefully; a second signal stops at once."""
     shutdown = trio.Event()
@@ -206,7 +216,7 @@ async def _main(
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(signals, nursery.cancel_scope)
-        await serve(config, routing=routing, sockets=sockets, shutdown=shutdown)
+        await serve(config, routing=routing, sockets=sockets, shutdown=shutdown, worker=worker)
         nursery.cancel_scope.cancel()
 
 
@@ -228,11 +238,14 @@ def run(config: Config) -> int:
 
 
 def _serve_here(
-    config: Config, routing: Routing, sockets: Sequence[socket.socket] | None = None
+    config: Config,
+    routing: Routing,
+    sockets: Sequence[socket.socket] | None = None,
+    worker: int | None = None,
 ) -> int:
     status = 0
     try:
-        trio.run(_main, config, routing, sockets)
+        trio.run(_main, config, routing, sockets, worker)
     except* OSError as group:
         for error in group.exceptions:
             print(f"moxy: {getattr(error, 'strerror', None) or error}", file=sys.stderr)
@@ -240,5 +253,5 @@ def _serve_here(
     return status
 
 
-def _worker(config: Config, sockets: list[socket.socket]) -> int:
-    return _serve_here(config, Routing.build(config), sockets)
+def _worker(config: Config, sockets: list[socket.socket], number: int) -> int:
+    return _serve_here(config, Routing.build(config), sockets, number)

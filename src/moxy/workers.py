@@ -54,8 +54,9 @@ def bind(config: Config) -> list[socket.socket]:
     return sockets
 
 
-def supervise(config: Config, worker: Callable[[list[socket.socket]], int]) -> int:
-    """Run `worker(sockets)` in `config.server.workers` child processes until told to stop."""
+def supervise(config: Config, worker: Callable[[list[socket.socket], int], int]) -> int:
+    """Run `worker(sockets, number)` in `config.server.workers` child processes (numbered from 0;
+    a restarted worker keeps its number) until told to stop."""
     try:
         sockets = bind(config)
     except OSError as exc:
@@ -71,7 +72,7 @@ def supervise(config: Config, worker: Callable[[list[socket.socket]], int]) -> i
             status = 1
             try:
                 signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-                status = worker(sockets)
+                status = worker(sockets, number)
             except BaseException:
                 logger.exception("worker %d failed", number)
             finally:
