@@ -12,6 +12,7 @@ import pytest
 from moxy.config import (
     Config,
     ConfigError,
+    DestinationSettings,
     Limits,
     ListenAddress,
     LogSettings,
@@ -590,6 +591,7 @@ SECTIONS = {
     "log": LogSettings,
     "limits": Limits,
     "timeouts": Timeouts,
+    "destinations": DestinationSettings,
 }
 ROUTE_TABLES = {
     "routes.gdbm": GdbmSettings,
