@@ -41,11 +41,7 @@ def socket_paths(config: Config) -> list[Path]:
         return []
     if config.server.workers == 1:
         return [path]
-    return [worker_path(path, n) for n in range(config.server.workers)]
-
-
-def worker_path(path: Path, worker: int | None) -> Path:
-    return path if worker is None else path.with_name(f"{path.name}.{worker}")
+    return [path.with_name(f"{path.name}.{n}") for n in range(config.server.workers)]
 
 
 def answer(destinations: Destinations, request: str) -> list[dict[str, object]]:
@@ -63,7 +59,8 @@ def answer(destinations: Destinations, request: str) -> list[dict[str, object]]:
     return [{"error": f"unknown request {request.strip()[:60]!r} (list, clear [ADDRESS])"}]
 
 
-def _bind(path: Path) -> trio.SocketListener:
+def bind(path: Path) -> socket.socket:
+    """A listening unix socket at `path` (a stale socket file there is replaced)."""
     with contextlib.suppress(FileNotFoundError):
         if stat.S_ISSOCK(path.lstat().st_mode):
             path.unlink()  # left by a server that did not stop cleanly
@@ -76,16 +73,22 @@ def _bind(path: Path) -> trio.SocketListener:
         sock.close()
         raise OSError(exc.errno, f"cannot listen on control socket {path}: "
                       f"{exc.strerror or exc}") from None
-    return trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+    return sock
+
+
+def unbind(sock: socket.socket, path: Path) -> None:
+    sock.close()
+    with contextlib.suppress(OSError):
+        path.unlink()
 
 
 async def serve_control(
-    path: Path,
+    sock: socket.socket,
     destinations: Destinations,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Answer requests on `path` until cancelled, then remove it."""
-    listener = _bind(path)
+    """Answer requests on the listening `sock` until cancelled (its owner closes it)."""
+    listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock.dup()))
     try:
         task_status.started()
         async with trio.open_nursery() as nursery:
@@ -95,8 +98,6 @@ async def serve_control(
     finally:
         with trio.CancelScope(shield=True):
             await listener.aclose()
-        with contextlib.suppress(OSError):
-            path.unlink()
 
 
 async def _handle(stream: trio.SocketStream, destinations: Destinations) -> None:

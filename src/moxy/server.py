@@ -45,7 +45,7 @@ async def serve(
     router: Router | None = None,
     sockets: Sequence[socket.socket] | None = None,
     shutdown: trio.Event | None = None,
-    worker: int | None = None,
+    control_socket: socket.socket | None = None,
     task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Bind every listen address, report what was bound, and serve until cancelled, or until
@@ -54,8 +54,9 @@ async def serve(
     Recipients are routed by `routing` (built from `config.routes` when neither it nor `router`
     is given), which is kept current while serving and whose backends are closed at the end.
     A `router` is used as it is. With `sockets` (listening sockets made by the master of
-    several workers) Moxy accepts on those instead of binding `config.server.listen`; `worker`
-    is then this worker's number, which names its control socket.
+    several workers) Moxy accepts on those instead of binding `config.server.listen`, and
+    answers on `control_socket` (bound by the master too) instead of binding
+    `destinations.control_socket`.
     """
     if router is None:
         routing = routing or Routing.build(config)
@@ -76,6 +77,11 @@ async def serve(
             destinations=Destinations(config.destinations),
         ),
     )
+    control_path = config.destinations.control_socket
+    own_control = control_socket is None and control_path is not None and sockets is None
+    if own_control:
+        assert control_path is not None
+        control_socket = control.bind(control_path)
     listeners: list[trio.SocketListener] = [
         trio.SocketListener(trio.socket.from_stdlib_socket(sock)) for sock in sockets or ()
     ]
@@ -85,6 +91,9 @@ async def serve(
         except OSError as exc:
             for listener in listeners:
                 await listener.aclose()
+            if own_control:
+                assert control_socket is not None and control_path is not None
+                control.unbind(control_socket, control_path)
             raise OSError(exc.errno, f"cannot listen on {address}: {exc.strerror}") from None
     bound: list[tuple[str, int]] = []
     for listener in listeners:
@@ -143,20 +152,25 @@ async def serve(
             await drained.wait()
         nursery.cancel_scope.cancel()
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(textlog.run)
-        if pool is not None:
-            nursery.start_soon(pool.run)
-        if routing is not None:
-            await nursery.start(routing.run)
-        if config.destinations.control_socket is not None:
-            path = control.worker_path(config.destinations.control_socket, worker)
-            await nursery.start(control.serve_control, path, ctx.upstream.destinations)
-        nursery.start_soon(accept, nursery)
-        if shutdown is not None:
-            nursery.start_soon(drain, shutdown, nursery)
-        logger.info("moxy listening on %s", ", ".join(_fmt(b) for b in bound))
-        task_status.started(bound)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(textlog.run)
+            if pool is not None:
+                nursery.start_soon(pool.run)
+            if routing is not None:
+                await nursery.start(routing.run)
+            if control_socket is not None:
+                destinations = ctx.upstream.destinations
+                await nursery.start(control.serve_control, control_socket, destinations)
+            nursery.start_soon(accept, nursery)
+            if shutdown is not None:
+                nursery.start_soon(drain, shutdown, nursery)
+            logger.info("moxy listening on %s", ", ".join(_fmt(b) for b in bound))
+            task_status.started(bound)
+    finally:
+        if own_control:  # a worker's socket belongs to the master
+            assert control_socket is not None and control_path is not None
+            control.unbind(control_socket, control_path)
 
 
 # Accept errors that mean "out of resources for now", as trio.serve_listeners treats them.
@@ -198,7 +212,7 @@ async def _main(
     config: Config,
     routing: Routing,
     sockets: Sequence[socket.socket] | None = None,
-    worker: int | None = None,
+    control_socket: socket.socket | None = None,
 ) -> None:
     """Serve until SIGTERM/SIGINT, then drain gracefully; a second signal stops at once."""
     shutdown = trio.Event()
@@ -216,7 +230,8 @@ async def _main(
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(signals, nursery.cancel_scope)
-        await serve(config, routing=routing, sockets=sockets, shutdown=shutdown, worker=worker)
+        await serve(config, routing=routing, sockets=sockets, shutdown=shutdown,
+                    control_socket=control_socket)
         nursery.cancel_scope.cancel()
 
 
@@ -233,7 +248,23 @@ def run(config: Config) -> int:
         # Checked once here so that a broken routes file stops the start; every worker then
         # builds its own sources after the fork (no connection is shared between processes).
         del routing
-        return workers.supervise(config, functools.partial(_worker, config))
+        # The master binds the workers' control sockets too: a bad path stops the start, and a
+        # restarted worker answers on the same socket.
+        paths = control.socket_paths(config)
+        controls: list[socket.socket] = []
+        try:
+            for path in paths:
+                controls.append(control.bind(path))
+        except OSError as exc:
+            for sock, path in zip(controls, paths, strict=False):
+                control.unbind(sock, path)
+            print(f"moxy: {exc.strerror or exc}", file=sys.stderr)
+            return 1
+        try:
+            return workers.supervise(config, functools.partial(_worker, config, controls))
+        finally:
+            for sock, path in zip(controls, paths, strict=True):
+                control.unbind(sock, path)
     return _serve_here(config, routing)
 
 
@@ -241,11 +272,11 @@ def _serve_here(
     config: Config,
     routing: Routing,
     sockets: Sequence[socket.socket] | None = None,
-    worker: int | None = None,
+    control_socket: socket.socket | None = None,
 ) -> int:
     status = 0
     try:
-        trio.run(_main, config, routing, sockets, worker)
+        trio.run(_main, config, routing, sockets, control_socket)
     except* OSError as group:
         for error in group.exceptions:
             print(f"moxy: {getattr(error, 'strerror', None) or error}", file=sys.stderr)
@@ -253,5 +284,8 @@ def _serve_here(
     return status
 
 
-def _worker(config: Config, sockets: list[socket.socket], number: int) -> int:
-    return _serve_here(config, Routing.build(config), sockets, number)
+def _worker(
+    config: Config, controls: list[socket.socket], sockets: list[socket.socket], number: int
+) -> int:
+    control_socket = controls[number] if controls else None
+    return _serve_here(config, Routing.build(config), sockets, control_socket)

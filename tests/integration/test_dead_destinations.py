@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -349,6 +350,28 @@ async def test_with_workers_each_worker_answers_on_its_own_socket(
     assert (status, out) == (0, f"{line[:10]}cleared {dead}\n"), err
     assert running.stop() == 0
     assert not any(p.exists() for p in sockets)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_control_socket_that_cannot_be_made_is_one_line_and_exit_1(
+    write_config: Callable[..., Path], workers: int
+) -> None:
+    config = write_config(
+        {"example.org": "127.0.0.1:25"},
+        server={"workers": workers},
+        destinations={"control_socket": "/nonexistent/moxy/control"},
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "moxy", "serve", "--config", str(config)],
+        capture_output=True, text=True, timeout=30, check=False,
+    )
+    assert result.returncode == 1
+    suffix = "" if workers == 1 else ".0"
+    assert result.stderr.splitlines()[-1] == (
+        f"moxy: cannot listen on control socket /nonexistent/moxy/control{suffix}: "
+        "No such file or directory"
+    )
+    assert "Traceback" not in result.stderr
 
 
 @pytest.fixture
