@@ -73,6 +73,26 @@ async def test_one_sender_waits_for_a_dark_destination_the_next_ones_hear_451_at
     assert f"destination {address} marked down for 30s" in caplog.text
 
 
+async def test_the_dead_set_holds_addresses_after_resolution(
+    moxy: StartMoxy, make_recorder: MakeRecorder, caplog: pytest.LogCaptureFixture
+) -> None:
+    upstream = make_recorder()
+    dead_port = dark.refusing_address().rsplit(":", 1)[1]
+    server = await moxy({
+        "example.org": f"localhost:{dead_port}",
+        "example.net": f"127.0.0.1:{dead_port}",
+        "example.com": f"localhost:{upstream.port}",
+    })
+    first, _ = await timed_send(server, "user@example.org")
+    assert rcpt_of(first) == (451, "4.4.1")
+    assert f"destination 127.0.0.1:{dead_port} marked down" in caplog.text
+    # Another route naming the same address by its IP is known down too.
+    other, _ = await timed_send(server, "user@example.net")
+    assert "recently failed" in other.rcpt[0].text, other.transcript
+    named, _ = await timed_send(server, "user@example.com")  # a host name that answers
+    assert named.final is not None and named.final.code == 250, named.transcript
+
+
 async def test_failover_skips_a_dead_first_alternative_at_once(
     moxy: StartMoxy, make_recorder: MakeRecorder
 ) -> None:
