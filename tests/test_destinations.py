@@ -165,6 +165,8 @@ async def test_control_requests() -> None:
     assert control.answer(d, "clear 192.0.2.2:2525") == [{"cleared": ["192.0.2.2:2525"]}]
     assert control.answer(d, "clear [nonsense") == [{"error": "'[nonsense': missing ']'"}]
     assert "unknown request" in str(control.answer(d, "drop everything")[0]["error"])
+    with pytest.raises(control.ControlError, match="unexpected answer"):
+        control.describe({"address": "x"})  # a server of another version
 
 
 def test_the_sender_hears_4_4_1_for_down_and_4_4_5_for_busy() -> None:

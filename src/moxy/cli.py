@@ -318,17 +318,16 @@ def _destinations(args: argparse.Namespace) -> int:
         prefix = f"worker {number}: " if len(paths) > 1 else ""
         try:
             answers = control.ask(path, request)
+            for answer in answers:
+                if "error" in answer:
+                    _report([str(answer["error"])])
+                    return EXIT_USAGE
+                for line in control.describe(answer):
+                    print(prefix + line)
+                cleared += len(answer.get("cleared", ()))  # type: ignore[arg-type]
         except control.ControlError as exc:
             _report([str(exc)])
             status = EXIT_UNAVAILABLE
-            continue
-        for answer in answers:
-            if "error" in answer:
-                _report([str(answer["error"])])
-                return EXIT_USAGE
-            for line in control.describe(answer):
-                print(prefix + line)
-            cleared += len(answer.get("cleared", ()))  # type: ignore[arg-type]
     if status == EXIT_OK and address and not cleared:
         _report([f"{address} is not marked down"])
         return EXIT_NO_ROUTE

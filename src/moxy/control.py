@@ -114,6 +114,8 @@ async def _handle(stream: trio.SocketStream, destinations: Destinations) -> None
             await stream.send_all(b"".join(json.dumps(o).encode() + b"\n" for o in lines))
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass
+        except Exception:  # a bug here must not take the server down with it
+            logger.exception("control request failed")
     await trio.aclose_forcefully(stream)
 
 
@@ -141,7 +143,15 @@ def ask(path: Path, request: str) -> list[dict[str, object]]:
 
 
 def describe(answer: dict[str, object]) -> list[str]:
-    """Lines for people: one per address down, or per address cleared."""
+    """Lines for people: one per address down, or per address cleared. Raises ControlError for
+    an answer of another shape (a server of another version)."""
+    try:
+        return _describe(answer)
+    except (KeyError, TypeError, ValueError):
+        raise ControlError(f"unexpected answer from the server: {answer!r:.200}") from None
+
+
+def _describe(answer: dict[str, object]) -> list[str]:
     if "cleared" in answer:
         return [f"cleared {a}" for a in answer["cleared"]]  # type: ignore[attr-defined]
     since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(float(answer["since"])))  # type: ignore[arg-type]
