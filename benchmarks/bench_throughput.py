@@ -81,6 +81,9 @@ def moxy(
         '[routes]\nfile = "routes"\n[log]\nfile = "moxy.log"\nlevel = "warning"\n'
         "[limits]\nmessage_size = 104857600\nconnections = 5000\n"
         f"idle_upstreams = {idle_upstreams}\n"
+        # Every session goes to the one sink: without lifting the per-destination cap (20 by
+        # default), --sessions above 20 would measure 451 4.4.5 replies, not throughput.
+        "[destinations]\nconcurrency = 0\n"
     )
     proc = subprocess.Popen(
         [sys.executable, "-m", "moxy", "serve", "-c", str(workdir / "moxy.toml")]
