@@ -19,7 +19,7 @@ import pytest
 import trio
 
 from peers import dark
-from peers.client import ServerReply, SmtpClient
+from peers.client import ConnectionLost, ServerReply, SmtpClient
 from peers.moxy import MoxyProcess, RunningMoxy, StartMoxy, routes_text
 from peers.recorder import Recorder
 from peers.waiting import eventually
@@ -272,7 +272,10 @@ async def _send_until_admitted(server: RunningMoxy, rcpt: str, deadline: float) 
         while True:
             client = await SmtpClient.connect(server.host, server.port)
             async with client:
-                greeting = await client.reply()
+                try:
+                    greeting = await client.reply()
+                except (ConnectionLost, trio.BrokenResourceError):
+                    greeting = ServerReply(421, ("closed",))  # refused and closed at once
                 if greeting.code == 421:
                     await trio.sleep(0.02)
                     continue
