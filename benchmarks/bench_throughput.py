@@ -83,6 +83,9 @@ def moxy(
         "[limits]\nmessage_size = 104857600\nconnections = 5000\n"
         f"idle_upstreams = {idle_upstreams}\n"
         + (f'[metrics]\nlisten = "127.0.0.1:{free_port()}"\n' if metrics else "")
+        # Every session goes to the one sink: without lifting the per-destination cap (20 by
+        # default), --sessions above 20 would measure 451 4.4.5 replies, not throughput.
+        + "[destinations]\nconcurrency = 0\n"
     )
     proc = subprocess.Popen(
         [sys.executable, "-m", "moxy", "serve", "-c", str(workdir / "moxy.toml")]

@@ -19,6 +19,7 @@ from moxy.config import (
     AccountingSettings,
     Config,
     ConfigError,
+    DestinationSettings,
     Limits,
     ListenAddress,
     LogSettings,
@@ -720,6 +721,7 @@ SECTIONS = {
     "timeouts": Timeouts,
     "accounting": AccountingSettings,
     "metrics": MetricsSettings,
+    "destinations": DestinationSettings,
 }
 ACCOUNTING_TABLES = {
     "accounting.file": FileSinkSettings,

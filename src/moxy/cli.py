@@ -1,5 +1,6 @@
 """The `moxy` command: `serve`, `check-config`, the route administration commands (`makedb`,
-`route set|del|list|import`, `lookup`) and `--version`, as argparse subcommands.
+`route set|del|list|import`, `lookup`), `destinations list|clear` (asks the running server)
+and `--version`, as argparse subcommands.
 
 User errors end in one line per problem on stderr, prefixed "moxy: ", never a traceback. Exit
 status: 0 done; 1 no such route (`lookup`, `route del`); 2 bad arguments, configuration or input
@@ -27,7 +28,7 @@ from moxy.lookup.file import RoutesFileError, parse_key
 from moxy.lookup.gdbm import make_db
 
 EXIT_OK = 0
-EXIT_NO_ROUTE = 1  # `lookup` found no route, `route del` had nothing to delete
+EXIT_NO_ROUTE = 1  # `lookup` found no route, `route del`/`destinations clear` nothing to delete
 EXIT_USAGE = 2  # bad arguments, configuration or input file, as `nginx -t` and argparse
 EXIT_UNAVAILABLE = 3  # a backend cannot answer now, or the output cannot be written
 EXIT_BAD_DATA = 4  # the backend that answered holds a malformed value
@@ -107,6 +108,17 @@ def _parser() -> argparse.ArgumentParser:
     ]:
         _add_config_option(parser_)
         parser_.set_defaults(command=_route, action=action)
+
+    dests = commands.add_parser(
+        "destinations", help="list or clear the running server's dead destinations"
+    )
+    dest_actions = dests.add_subparsers(title="actions", metavar="ACTION", required=True)
+    dest_list = dest_actions.add_parser("list", help="print the addresses marked down")
+    dest_clear = dest_actions.add_parser("clear", help="forget one address (or all): retry now")
+    dest_clear.add_argument("address", nargs="?", metavar="ADDRESS", help="IP:port, as listed")
+    for action, parser_ in [("list", dest_list), ("clear", dest_clear)]:
+        _add_config_option(parser_)
+        parser_.set_defaults(command=_destinations, action=action)
     return parser
 
 
@@ -283,6 +295,43 @@ def _route(args: argparse.Namespace) -> int:
     finally:
         client.close()
     return EXIT_OK
+
+
+# --- destinations ---------------------------------------------------------------------------
+
+
+def _destinations(args: argparse.Namespace) -> int:
+    from moxy import control
+
+    config = _read_config(args.config)
+    if config is None:
+        return EXIT_USAGE
+    paths = control.socket_paths(config)
+    if not paths:
+        _report([f"{args.config}: destinations.control_socket is not set: the server has no "
+                 "control socket to ask"])
+        return EXIT_USAGE
+    address = getattr(args, "address", None)
+    request = "list" if args.action == "list" else f"clear {address or ''}".strip()
+    status, cleared = EXIT_OK, 0
+    for number, path in enumerate(paths):
+        prefix = f"worker {number}: " if len(paths) > 1 else ""
+        try:
+            answers = control.ask(path, request)
+            for answer in answers:
+                if "error" in answer:
+                    _report([str(answer["error"])])
+                    return EXIT_USAGE
+                for line in control.describe(answer):
+                    print(prefix + line)
+                cleared += len(answer.get("cleared", ()))  # type: ignore[arg-type]
+        except control.ControlError as exc:
+            _report([str(exc)])
+            status = EXIT_UNAVAILABLE
+    if status == EXIT_OK and address and not cleared:
+        _report([f"{address} is not marked down"])
+        return EXIT_NO_ROUTE
+    return status
 
 
 # --- messages --------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from moxy.accounting.settings import (
     RedisSinkSettings,
     SyslogSinkSettings,
 )
+from moxy.lookup.base import Destination, parse_destination
 from moxy.lookup.settings import CacheSettings, GdbmSettings, LdapSettings, RedisSettings
 
 DEFAULT_CONFIG_PATH = Path("/etc/moxy/moxy.toml")
@@ -574,6 +575,68 @@ class MetricsSettings:
 
 
 @attrs.frozen
+class DestinationOverride:
+    """One `[destinations.override."host:port"]` table: settings for one destination."""
+
+    destination: Destination
+    concurrency: int
+
+
+def _overrides(value: object, ctx: _Context) -> tuple[DestinationOverride, ...]:
+    """`{"host:port" = {concurrency = N}, ...}`: keys in route syntax (port 25 by default)."""
+    if not isinstance(value, dict):
+        raise _Invalid(f'expected a table such as [destinations.override."192.0.2.10:25"], '
+                       f"got {_show(value)}")
+    problems: list[str] = []
+    overrides: list[DestinationOverride] = []
+    count = _integer(1)
+    for name, table in value.items():
+        try:
+            destination = parse_destination(name)
+        except ValueError as exc:
+            problems.append(f"{name!r}: {exc}")
+            continue
+        if not isinstance(table, dict):
+            problems.append(f"{name!r}: expected a table such as {{ concurrency = 5 }}, "
+                            f"got {_show(table)}")
+            continue
+        for key in table.keys() - {"concurrency"}:
+            problems.append(f"{name!r}: unknown key {key!r} (known: 'concurrency')")
+        if "concurrency" not in table:
+            problems.append(f"{name!r}: concurrency: required")
+            continue
+        try:
+            concurrency = count(table["concurrency"], ctx)
+            assert isinstance(concurrency, int)
+            overrides.append(DestinationOverride(destination, concurrency))
+        except _Invalid as exc:
+            problems.extend(f"{name!r}: concurrency: {msg}" for msg in exc.args)
+    if problems:
+        raise _Invalid(*problems)
+    return tuple(overrides)
+
+
+@attrs.frozen
+class DestinationSettings:
+    """[destinations]: dead-destination memory and per-destination concurrency."""
+
+    down_time: float = attrs.field(default=30.0, metadata=_key(_ZERO_OK))
+    down_time_max: float = attrs.field(default=600.0, metadata=_key(_ZERO_OK))
+    concurrency: int = attrs.field(
+        default=20, metadata=_key(_integer(0, zero_means="unlimited"))
+    )
+    concurrency_wait: float = attrs.field(default=1.0, metadata=_key(_ZERO_OK))
+    control_socket: Path | None = attrs.field(default=None, metadata=_key(_path))
+    override: tuple[DestinationOverride, ...] = attrs.field(default=(), metadata=_key(_overrides))
+
+
+def _check_destinations(settings: DestinationSettings) -> list[tuple[str, str]]:
+    if settings.down_time_max < settings.down_time:
+        return [("down_time_max", f"must be at least down_time ({settings.down_time:g})")]
+    return []
+
+
+@attrs.frozen
 class Config:
     """The whole configuration; `path` is the file it was loaded from (None when built in code)."""
 
@@ -591,6 +654,10 @@ class Config:
     )
     metrics: MetricsSettings = attrs.field(
         factory=MetricsSettings, metadata=_table(MetricsSettings)
+    )
+    destinations: DestinationSettings = attrs.field(
+        factory=DestinationSettings,
+        metadata=_table(DestinationSettings, check=_check_destinations),
     )
     path: Path | None = None
 

@@ -18,10 +18,11 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 
-from moxy import metrics_http, workers
+from moxy import control, metrics_http, workers
 from moxy.accounting import events as acct
 from moxy.accounting.dispatch import Accounting, check_sinks
 from moxy.config import Config
+from moxy.destinations import Destinations
 from moxy.lookup.base import Router
 from moxy.lookup.build import Routing
 from moxy.metrics import Metrics
@@ -49,6 +50,7 @@ async def serve(
     sockets: Sequence[socket.socket] | None = None,
     shutdown: trio.Event | None = None,
     accounting: Accounting | None = None,
+    control_socket: socket.socket | None = None,
     task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Bind every listen address, report what was bound, and serve until cancelled, or until
@@ -57,9 +59,11 @@ async def serve(
     Recipients are routed by `routing` (built from `config.routes` when neither it nor `router`
     is given), which is kept current while serving and whose backends are closed at the end.
     A `router` is used as it is. With `sockets` (listening sockets made by the master of
-    several workers) Moxy accepts on those instead of binding `config.server.listen`.
-    Delivery events go to `accounting` (by default the sinks of `[accounting]`), which keeps
-    running until the sessions are done and then writes what is queued.
+    several workers) Moxy accepts on those instead of binding `config.server.listen`, and
+    answers on `control_socket` (bound by the master too) instead of binding
+    `destinations.control_socket`. Delivery events go to `accounting` (by default the sinks of
+    `[accounting]`), which keeps running until the sessions are done and then writes what is
+    queued.
     """
     if router is None:
         routing = routing or Routing.build(config)
@@ -80,9 +84,15 @@ async def serve(
             reply_line=config.limits.reply_line,
             pool=pool,
             metrics=metrics,
+            destinations=Destinations(config.destinations),
         ),
         metrics=metrics,
     )
+    control_path = config.destinations.control_socket
+    own_control = control_socket is None and control_path is not None and sockets is None
+    if own_control:
+        assert control_path is not None
+        control_socket = control.bind(control_path)
     listeners: list[trio.SocketListener] = [
         trio.SocketListener(trio.socket.from_stdlib_socket(sock)) for sock in sockets or ()
     ]
@@ -92,6 +102,9 @@ async def serve(
         except OSError as exc:
             for listener in listeners:
                 await listener.aclose()
+            if own_control:
+                assert control_socket is not None and control_path is not None
+                control.unbind(control_socket, control_path)
             raise OSError(exc.errno, f"cannot listen on {address}: {exc.strerror}") from None
     try:
         scrapes = await metrics_http.listen(metrics.endpoint)
@@ -173,6 +186,9 @@ async def serve(
                     nursery.start_soon(pool.run)
                 if routing is not None:
                     await nursery.start(routing.run)
+                if control_socket is not None:
+                    destinations = ctx.upstream.destinations
+                    await nursery.start(control.serve_control, control_socket, destinations)
                 nursery.start_soon(accept, nursery)
                 if shutdown is not None:
                     nursery.start_soon(drain, shutdown, nursery)
@@ -180,6 +196,9 @@ async def serve(
                 task_status.started(bound)
         finally:
             outer.cancel_scope.cancel()
+            if own_control:  # a worker's socket belongs to the master
+                assert control_socket is not None and control_path is not None
+                control.unbind(control_socket, control_path)
 
 
 async def _observe_sinks(accounting: Accounting, metrics: Metrics) -> None:
@@ -225,7 +244,10 @@ def configure_logging(level: str) -> None:
 
 
 async def _main(
-    config: Config, routing: Routing, sockets: Sequence[socket.socket] | None = None
+    config: Config,
+    routing: Routing,
+    sockets: Sequence[socket.socket] | None = None,
+    control_socket: socket.socket | None = None,
 ) -> None:
     """Serve until SIGTERM/SIGINT, then drain gracefully; a second signal stops at once.
     SIGUSR1 makes the accounting sinks reopen their files (after logrotate)."""
@@ -248,9 +270,8 @@ async def _main(
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(signals, nursery.cancel_scope)
-        await serve(
-            config, routing=routing, sockets=sockets, shutdown=shutdown, accounting=accounting
-        )
+        await serve(config, routing=routing, sockets=sockets, shutdown=shutdown,
+                    accounting=accounting, control_socket=control_socket)
         nursery.cancel_scope.cancel()
 
 
@@ -268,18 +289,37 @@ def run(config: Config) -> int:
         # Checked once here so that a broken routes file stops the start; every worker then
         # builds its own sources after the fork (no connection is shared between processes).
         del routing
-        return workers.supervise(config, functools.partial(_worker, config))
+        # The master binds the workers' control sockets too: a bad path stops the start, and a
+        # restarted worker answers on the same socket.
+        paths = control.socket_paths(config)
+        controls: list[socket.socket] = []
+        try:
+            for path in paths:
+                controls.append(control.bind(path))
+        except OSError as exc:
+            for sock, path in zip(controls, paths, strict=False):
+                control.unbind(sock, path)
+            print(f"moxy: {exc.strerror or exc}", file=sys.stderr)
+            return 1
+        try:
+            return workers.supervise(config, functools.partial(_worker, config, controls))
+        finally:
+            for sock, path in zip(controls, paths, strict=True):
+                control.unbind(sock, path)
     return _serve_here(config, routing)
 
 
 def _serve_here(
-    config: Config, routing: Routing, sockets: Sequence[socket.socket] | None = None
+    config: Config,
+    routing: Routing,
+    sockets: Sequence[socket.socket] | None = None,
+    control_socket: socket.socket | None = None,
 ) -> int:
     status = 0
     # Until the signal task listens, a SIGUSR1 (logrotate) must not kill the process.
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     try:
-        trio.run(_main, config, routing, sockets)
+        trio.run(_main, config, routing, sockets, control_socket)
     except* OSError as group:
         for error in group.exceptions:
             print(f"moxy: {getattr(error, 'strerror', None) or error}", file=sys.stderr)
@@ -287,5 +327,8 @@ def _serve_here(
     return status
 
 
-def _worker(config: Config, sockets: list[socket.socket]) -> int:
-    return _serve_here(config, Routing.build(config), sockets)
+def _worker(
+    config: Config, controls: list[socket.socket], sockets: list[socket.socket], number: int
+) -> int:
+    control_socket = controls[number] if controls else None
+    return _serve_here(config, Routing.build(config), sockets, control_socket)

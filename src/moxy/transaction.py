@@ -33,6 +33,11 @@ def leg_error_reply(exc: LegError) -> Reply:
     """What a client hears for a leg that could not carry on: always temporary."""
     if exc.reply is not None and exc.reply.code == 421:
         return Reply.make(451, "4.4.2", f"Destination closing at {exc.stage}; try again later")
+    if exc.stage == "busy":  # every alternative at its concurrency cap (destinations.py)
+        return Reply.make(451, "4.4.5", "Destination busy; try again later")
+    if exc.stage == "down":  # every alternative failed recently: no attempt, no wait
+        return Reply.make(451, "4.4.1", "Destination unavailable (recently failed); "
+                          "try again later")
     if exc.stage in ("connect", "greeting", "ehlo", "helo"):
         return Reply.make(451, "4.4.1", f"Destination unavailable at {exc.stage}; try again later")
     return Reply.make(451, "4.4.2", f"Destination failed at {exc.stage}; try again later")

@@ -23,6 +23,7 @@ import attrs
 import trio
 
 from moxy.config import Timeouts
+from moxy.destinations import Destinations, Slot, Unavailable, resolve
 from moxy.lookup.base import Destination, DestinationGroup
 from moxy.metrics import Metrics
 from moxy.smtp.client import ReplyParser, UpstreamProtocolError, parse_ehlo
@@ -77,6 +78,8 @@ class UpstreamSettings:
     reply_line: int = 2048
     pool: ConnectionPool | None = attrs.field(default=None, eq=False)  # shared by sessions
     metrics: Metrics = attrs.field(factory=Metrics, eq=False)
+    # Dead-destination memory and concurrency caps, shared by sessions.
+    destinations: Destinations = attrs.field(factory=Destinations, eq=False)
 
 
 class Connection:
@@ -92,6 +95,7 @@ class Connection:
         self.extensions: dict[str, str] = {}
         self.stats = settings.metrics.upstream(destination)
         self.sent_at = time.monotonic()  # reply times count from the last write
+        self.slot: Slot | None = None  # its place under the address's concurrency cap
 
     @property
     def pipelining(self) -> bool:
@@ -173,6 +177,8 @@ class Connection:
         return replies
 
     async def close(self) -> None:
+        if self.slot is not None:
+            self.slot.release()
         await trio.aclose_forcefully(self.stream)
 
     async def quit(self) -> None:
@@ -243,33 +249,74 @@ class ConnectionPool:
                 self._expired.clear()
 
 
-async def _open_stream(destination: Destination) -> trio.SocketStream:
-    """A TCP connection; trio's SocketStream sets TCP_NODELAY on it.
-
-    An IP address is connected to directly: trio's open_tcp_stream (happy eyeballs over the
-    resolved addresses, used for host names) costs about twice the CPU for a single address."""
-    try:
-        family = socket.AF_INET6 if ipaddress.ip_address(destination.host).version == 6 \
-            else socket.AF_INET
-    except ValueError:
-        return await trio.open_tcp_stream(destination.host, destination.port)
+async def _open_stream(address: Destination) -> trio.SocketStream:
+    """A TCP connection to an IP address; trio's SocketStream sets TCP_NODELAY on it."""
+    family = socket.AF_INET6 if ipaddress.ip_address(address.host).version == 6 \
+        else socket.AF_INET
     sock = trio.socket.socket(family, socket.SOCK_STREAM)
     try:
-        await sock.connect((destination.host, destination.port))
+        await sock.connect((address.host, address.port))
     except BaseException:
         sock.close()
         raise
     return trio.SocketStream(sock)
 
 
+# Failures at these stages mark an address down (src/moxy/destinations.py); a greeting heard
+# marks it up, whatever follows.
+_HEALTH_STAGES = ("connect", "greeting")
+
+
 async def connect(destination: Destination, settings: UpstreamSettings) -> Connection:
-    """Open a connection and get it past the greeting and EHLO (HELO if EHLO is refused)."""
-    t = settings.timeouts
+    """Open a connection to the first address of `destination` that is not known to be down and
+    has a free slot under its concurrency cap, each address within `upstream_connect`, and get
+    it past the greeting and EHLO (HELO if EHLO is refused)."""
     where = str(destination)
+    timeout = settings.timeouts.upstream_connect
+    try:
+        with trio.fail_after(timeout):
+            addresses = await resolve(destination)
+    except trio.TooSlowError:
+        raise LegError("connect", where, f"no address within {timeout:g}s") from None
+    except OSError as exc:
+        raise LegError("connect", where, f"cannot resolve: {exc.strerror or exc}") from None
+    errors: list[LegError] = []
+    for address in addresses:
+        try:
+            slot = await settings.destinations.admit(address, destination)
+        except Unavailable as exc:
+            errors.append(LegError(exc.stage, str(address), exc.detail))
+            continue
+        try:
+            conn = await _connect_address(destination, address, settings)
+        except LegError as exc:
+            slot.done(f"{exc.stage}: {exc.detail}" if exc.stage in _HEALTH_STAGES else None)
+            slot.release()
+            errors.append(exc)
+            continue
+        except BaseException:
+            slot.release()
+            raise
+        slot.done(None)
+        conn.slot = slot
+        return conn
+    if len(errors) == 1:
+        error = errors[0]
+        raise LegError(error.stage, where, error.detail, error.reply)
+    last = errors[-1]
+    detail = "; ".join(f"{e.where} {e.stage}: {e.detail}" for e in errors)
+    raise LegError(last.stage, where, detail, last.reply)
+
+
+async def _connect_address(
+    destination: Destination, address: Destination, settings: UpstreamSettings
+) -> Connection:
+    t = settings.timeouts
+    where = str(destination) if address == destination else f"{destination} ({address})"
     started = time.monotonic()
     try:
         with trio.fail_after(t.upstream_connect):
-            stream = await _open_stream(destination)
+            stream = await _open_stream(address)
     except trio.TooSlowError:
         raise LegError("connect", where, f"no connection within {t.upstream_connect:g}s") from None
     except OSError as exc:

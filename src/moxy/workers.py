@@ -56,8 +56,9 @@ def bind(config: Config) -> list[socket.socket]:
     return sockets
 
 
-def supervise(config: Config, worker: Callable[[list[socket.socket]], int]) -> int:
-    """Run `worker(sockets)` in `config.server.workers` child processes until told to stop."""
+def supervise(config: Config, worker: Callable[[list[socket.socket], int], int]) -> int:
+    """Run `worker(sockets, number)` in `config.server.workers` child processes (numbered from 0;
+    a restarted worker keeps its number) until told to stop."""
     try:
         sockets = bind(config)
     except OSError as exc:
@@ -87,7 +88,7 @@ def supervise(config: Config, worker: Callable[[list[socket.socket]], int]) -> i
                 signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
                 if metrics is not None:
                     metrics.in_worker()
-                status = worker(sockets)
+                status = worker(sockets, number)
             except BaseException:
                 logger.exception("worker %d failed", number)
             finally:

@@ -4,12 +4,11 @@ kernel drops further SYNs (no address outside loopback is needed)."""
 
 from __future__ import annotations
 
-import contextlib
-import socket
 from collections.abc import Callable, Iterator
 
 import pytest
 
+from peers import dark
 from peers.moxy import StartMoxy
 from peers.recorder import Recorder
 
@@ -20,21 +19,8 @@ MakeRecorder = Callable[..., Recorder]
 
 @pytest.fixture
 def black_hole() -> Iterator[str]:
-    with contextlib.ExitStack() as stack:
-        listener = stack.enter_context(socket.socket())
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(0)
-        address = listener.getsockname()
-        for _ in range(4):  # fill the accept queue; the listener never accepts
-            filler = stack.enter_context(socket.socket())
-            filler.setblocking(False)
-            with contextlib.suppress(BlockingIOError):
-                filler.connect(address)
-        probe = stack.enter_context(socket.socket())
-        probe.settimeout(0.5)
-        with pytest.raises(TimeoutError):  # proof that connecting now hangs
-            probe.connect(address)
-        yield f"127.0.0.1:{address[1]}"
+    with dark.black_hole() as address:
+        yield address
 
 
 async def test_a_connect_that_hangs_times_out_and_the_next_alternative_gets_the_mail(

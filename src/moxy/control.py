@@ -1,0 +1,172 @@
+"""The control socket (`[destinations] control_socket`): a unix socket on which a running server
+answers `moxy destinations list|clear [ADDRESS]` about its dead-destination set.
+
+One request line (`list`, `clear` or `clear ADDRESS`) in, JSON lines out, then the server
+closes. With `[server] workers`, each worker has its own state and its own socket, the path
+with `.N` appended (N = 0 … workers-1).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import stat
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import trio
+
+from moxy.config import Config
+from moxy.destinations import Destinations
+from moxy.lookup.base import parse_destination
+
+logger = logging.getLogger("moxy.control")
+
+MAX_REQUEST = 1024
+TIMEOUT = 5.0
+
+
+class ControlError(Exception):
+    """The running server cannot be asked (no socket configured, not running, bad answer)."""
+
+
+def socket_paths(config: Config) -> list[Path]:
+    """Where the server of `config` listens: one path, or one per worker."""
+    path = config.destinations.control_socket
+    if path is None:
+        return []
+    if config.server.workers == 1:
+        return [path]
+    return [path.with_name(f"{path.name}.{n}") for n in range(config.server.workers)]
+
+
+def answer(destinations: Destinations, request: str) -> list[dict[str, object]]:
+    """The JSON objects that answer one request line."""
+    verb, _, argument = request.strip().partition(" ")
+    argument = argument.strip()
+    if verb == "list" and not argument:
+        return [entry.to_json() for entry in destinations.down()]
+    if verb == "clear":
+        try:
+            address = parse_destination(argument) if argument else None
+        except ValueError as exc:
+            return [{"error": str(exc)}]
+        return [{"cleared": destinations.clear(address)}]
+    return [{"error": f"unknown request {request.strip()[:60]!r} (list, clear [ADDRESS])"}]
+
+
+def bind(path: Path) -> socket.socket:
+    """A listening unix socket at `path` (a stale socket file there is replaced)."""
+    with contextlib.suppress(FileNotFoundError):
+        if stat.S_ISSOCK(path.lstat().st_mode):
+            path.unlink()  # left by a server that did not stop cleanly
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(path))
+        os.chmod(path, 0o600)  # before listen(): nobody else can connect in between
+        sock.listen(16)
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, f"cannot listen on control socket {path}: "
+                      f"{exc.strerror or exc}") from None
+    return sock
+
+
+def unbind(sock: socket.socket, path: Path) -> None:
+    sock.close()
+    with contextlib.suppress(OSError):
+        path.unlink()
+
+
+async def serve_control(
+    sock: socket.socket,
+    destinations: Destinations,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Answer requests on the listening `sock` until cancelled (its owner closes it)."""
+    listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock.dup()))
+    try:
+        task_status.started()
+        async with trio.open_nursery() as nursery:
+            while True:
+                stream = await listener.accept()
+                nursery.start_soon(_handle, stream, destinations)
+    finally:
+        with trio.CancelScope(shield=True):
+            await listener.aclose()
+
+
+async def _handle(stream: trio.SocketStream, destinations: Destinations) -> None:
+    with trio.move_on_after(TIMEOUT):
+        try:
+            request = b""
+            while b"\n" not in request and len(request) < MAX_REQUEST:
+                data = await stream.receive_some(MAX_REQUEST)
+                if not data:
+                    break
+                request += data
+            text = request.split(b"\n", 1)[0].decode("utf-8", "replace")
+            lines = answer(destinations, text)
+            await stream.send_all(b"".join(json.dumps(o).encode() + b"\n" for o in lines))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+        except Exception:  # a bug here must not take the server down with it
+            logger.exception("control request failed")
+    await trio.aclose_forcefully(stream)
+
+
+# -- the client side (`moxy destinations`) ---------------------------------------------------
+
+
+def ask(path: Path, request: str) -> list[dict[str, object]]:
+    """Send one request to the server listening on `path`; raises ControlError."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(TIMEOUT)
+            sock.connect(str(path))
+            sock.sendall(request.encode() + b"\n")
+            data = b"".join(_receive(sock))
+    except OSError as exc:
+        raise ControlError(f"cannot ask the server at {path}: "
+                           f"{exc.strerror or exc}") from None
+    try:
+        objects = [json.loads(line) for line in data.splitlines() if line.strip()]
+    except ValueError:
+        raise ControlError(f"unexpected answer from {path}") from None
+    if not all(isinstance(o, dict) for o in objects):
+        raise ControlError(f"unexpected answer from {path}")
+    return objects
+
+
+def describe(answer: dict[str, object]) -> list[str]:
+    """Lines for people: one per address down, or per address cleared. Raises ControlError for
+    an answer of another shape (a server of another version)."""
+    try:
+        return _describe(answer)
+    except (KeyError, TypeError, ValueError):
+        raise ControlError(f"unexpected answer from the server: {answer!r:.200}") from None
+
+
+def _describe(answer: dict[str, object]) -> list[str]:
+    if "cleared" in answer:
+        return [f"cleared {a}" for a in answer["cleared"]]  # type: ignore[attr-defined]
+    since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(float(answer["since"])))  # type: ignore[arg-type]
+    retry = float(answer["retry_in"])  # type: ignore[arg-type]
+    when = "being retried now" if answer["probing"] else (
+        f"next try in {retry:.0f}s" if retry > 0 else "next leg tries it"
+    )
+    return [f"{answer['address']}  down since {since}, {answer['failures']} failures, {when}: "
+            f"{answer['reason']}"]
+
+
+def _receive(sock: socket.socket) -> Iterator[bytes]:
+    total = 0
+    while chunk := sock.recv(65536):
+        total += len(chunk)
+        if total > 16 * 1024 * 1024:
+            raise OSError(0, "answer too long")
+        yield chunk

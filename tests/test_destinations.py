@@ -1,0 +1,215 @@
+"""The dead set and the concurrency caps on their own (src/moxy/destinations.py), on trio's
+mock clock: the state machine, not the sockets, which tests/integration/test_dead_destinations.py
+covers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from moxy import control
+from moxy.config import ConfigError, DestinationOverride, DestinationSettings, load_config
+from moxy.destinations import Destinations, Unavailable
+from moxy.lookup.base import Destination
+from moxy.transaction import leg_error_reply
+from moxy.upstream import LegError
+
+A = Destination("192.0.2.1", 25)
+B = Destination("192.0.2.2", 2525)
+
+
+def make(**settings: object) -> Destinations:
+    return Destinations(DestinationSettings(**settings))  # type: ignore[arg-type]
+
+
+async def fail(d: Destinations, address: Destination = A) -> None:
+    slot = await d.admit(address)
+    slot.done("connect: no connection within 30s")
+    slot.release()
+
+
+async def test_a_failure_marks_down_and_later_failures_double_the_time_up_to_the_cap(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    d = make(down_time=10.0, down_time_max=35.0)
+    waits = []
+    for _ in range(5):
+        await fail(d)
+        waits.append(round(d.down()[0].retry_in))
+        with pytest.raises(Unavailable) as exc:
+            await d.admit(A)
+        assert exc.value.stage == "down"
+        await trio.sleep(waits[-1])
+    assert waits == [10, 20, 35, 35, 35]
+    assert d.down()[0].failures == 5
+
+
+async def test_failures_of_attempts_that_began_before_the_marking_do_not_count(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    d = make(down_time=10.0)
+    slots = [await d.admit(A) for _ in range(5)]  # five legs connecting at once
+    for slot in slots:
+        slot.done("connect: refused")
+        slot.release()
+    [entry] = d.down()
+    assert (entry.failures, round(entry.retry_in)) == (1, 10)
+
+
+async def test_when_the_time_is_up_one_attempt_goes_through_and_its_success_clears(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    d = make(down_time=10.0)
+    await fail(d)
+    await trio.sleep(10)
+    probe = await d.admit(A)
+    assert probe.probe
+    assert d.down()[0].probing
+    with pytest.raises(Unavailable, match="being retried"):
+        await d.admit(A)
+    probe.done(None)
+    assert d.down() == []
+    (await d.admit(A)).release()  # everyone may go again
+
+
+async def test_an_abandoned_attempt_lets_the_next_leg_try(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    d = make(down_time=10.0)
+    await fail(d)
+    await trio.sleep(10)
+    (await d.admit(A)).release()  # its session went away: no verdict
+    assert not d.down()[0].probing
+    assert (await d.admit(A)).probe
+
+
+async def test_down_time_zero_remembers_nothing() -> None:
+    d = make(down_time=0.0)
+    await fail(d)
+    assert d.down() == []
+
+
+async def test_past_the_cap_admit_waits_then_says_busy(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    d = make(concurrency=2, concurrency_wait=3.0)
+    first, second = await d.admit(A), await d.admit(A)
+    assert d.in_use(A) == 2
+    start = trio.current_time()
+    with pytest.raises(Unavailable) as exc:
+        await d.admit(A)
+    assert exc.value.stage == "busy"
+    assert trio.current_time() - start == pytest.approx(3.0)
+    (await d.admit(B)).release()  # other addresses are not affected
+    first.release()
+    first.release()  # idempotent
+    third = await d.admit(A)
+    assert d.in_use(A) == 2
+    second.release()
+    third.release()
+    assert d.in_use(A) == 0 and not d._slots  # nothing kept for idle addresses
+
+
+async def test_a_waiting_leg_gets_the_slot_a_closing_connection_gives_back(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    d = make(concurrency=1, concurrency_wait=3.0)
+    held = await d.admit(A)
+    got = []
+
+    async def wait() -> None:
+        got.append(await d.admit(A))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(wait)
+        await trio.sleep(1)
+        held.release()
+    assert len(got) == 1 and d.in_use(A) == 1
+
+
+async def test_overrides_apply_by_address_or_by_the_name_in_the_route() -> None:
+    name = Destination("mx.example.org", 25)
+    d = make(concurrency=20, override=(DestinationOverride(A, 3), DestinationOverride(name, 5)))
+    assert d.cap(A) == 3
+    assert d.cap(B, name) == 5
+    assert d.cap(B) == 20
+
+
+async def test_concurrency_zero_is_unlimited() -> None:
+    d = make(concurrency=0)
+    slots = [await d.admit(A) for _ in range(100)]
+    for slot in slots:
+        slot.release()
+
+
+async def test_clear_forgets_one_address_or_all() -> None:
+    d = make()
+    await fail(d, A)
+    await fail(d, B)
+    assert d.clear(Destination("192.0.2.9")) == []
+    assert d.clear(A) == ["192.0.2.1:25"]
+    assert [e.address for e in d.down()] == ["192.0.2.2:2525"]
+    assert d.clear() == ["192.0.2.2:2525"]
+    assert d.down() == []
+
+
+async def test_control_requests() -> None:
+    d = make()
+    await fail(d, B)
+    [entry] = control.answer(d, "list")
+    assert entry["address"] == "192.0.2.2:2525" and entry["failures"] == 1
+    assert control.describe(entry)[0].startswith("192.0.2.2:2525  down since ")
+    assert control.answer(d, "clear 192.0.2.2:2525") == [{"cleared": ["192.0.2.2:2525"]}]
+    assert control.answer(d, "clear [nonsense") == [{"error": "'[nonsense': missing ']'"}]
+    assert "unknown request" in str(control.answer(d, "drop everything")[0]["error"])
+    with pytest.raises(control.ControlError, match="unexpected answer"):
+        control.describe({"address": "x"})  # a server of another version
+
+
+def test_the_sender_hears_4_4_1_for_down_and_4_4_5_for_busy() -> None:
+    down = leg_error_reply(LegError("down", "a", "known down"))
+    busy = leg_error_reply(LegError("busy", "a", "20 connections in use"))
+    assert (down.code, down.enhanced) == (451, "4.4.1")
+    assert (busy.code, busy.enhanced) == (451, "4.4.5")
+
+
+# --- [destinations] in the configuration -----------------------------------------------------
+
+
+def _load(tmp_path: Path, text: str) -> DestinationSettings:
+    (tmp_path / "routes").write_text("example.org 127.0.0.1\n")
+    path = tmp_path / "moxy.toml"
+    path.write_text('[routes]\nfile = "routes"\n' + text)
+    return load_config(path).destinations
+
+
+def test_destination_overrides_are_read(tmp_path: Path) -> None:
+    settings = _load(tmp_path, (
+        '[destinations]\nconcurrency = 50\n'
+        '[destinations.override."192.0.2.10:2525"]\nconcurrency = 5\n'
+        '[destinations.override."MX.Example.org"]\nconcurrency = 7\n'
+    ))
+    assert settings.concurrency == 50
+    assert settings.override == (
+        DestinationOverride(Destination("192.0.2.10", 2525), 5),
+        DestinationOverride(Destination("mx.example.org", 25), 7),
+    )
+
+
+@pytest.mark.parametrize(("toml", "error"), [
+    ("down_time_max = 5", "destinations.down_time_max: must be at least down_time (30)"),
+    ("concurrency = -1", "destinations.concurrency: expected 0 (unlimited) or a non-negative"),
+    ('override = { "a:b" = { concurrency = 1 } }', "destinations.override: 'a:b': "),
+    ('override = { "a" = { concurrency = 0 } }',
+     "destinations.override: 'a': concurrency: expected a positive integer, got 0"),
+    ('override = { "a" = { limit = 1 } }', "destinations.override: 'a': unknown key 'limit'"),
+    ('override = { "a" = 3 }', "destinations.override: 'a': expected a table"),
+    ('override = 3', "destinations.override: expected a table"),
+])
+def test_bad_destination_settings_name_the_key(tmp_path: Path, toml: str, error: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        _load(tmp_path, f"[destinations]\n{toml}\n")
+    assert any(e.startswith(error) for e in exc.value.errors), exc.value.errors
