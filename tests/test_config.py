@@ -16,6 +16,7 @@ from moxy.config import (
     ListenAddress,
     LogSettings,
     ProxySettings,
+    RelaySettings,
     RoutesSettings,
     ServerSettings,
     Timeouts,
@@ -590,6 +591,7 @@ SECTIONS = {
     "log": LogSettings,
     "limits": Limits,
     "timeouts": Timeouts,
+    "relay": RelaySettings,
 }
 ROUTE_TABLES = {
     "routes.gdbm": GdbmSettings,

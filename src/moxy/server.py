@@ -7,24 +7,28 @@ processes under a master (src/moxy/workers.py).
 
 from __future__ import annotations
 
+import contextlib
 import errno
-import functools
 import logging
+import math
 import signal
 import socket
 import sys
+import time
 from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 
-from moxy import workers
+from moxy import privileges, workers
+from moxy.accounting.events import DeliveryEvent
 from moxy.accounting.textlog import TextLog
+from moxy.clientlimits import ClientLimiter
 from moxy.config import Config
 from moxy.lookup.base import Router
 from moxy.lookup.build import Routing
-from moxy.session import ServerContext, Session
+from moxy.reload import Generation, Shared, next_generation
+from moxy.session import Drain, ServerContext, Session, new_session_id
 from moxy.smtp.replies import Reply
-from moxy.upstream import ConnectionPool, UpstreamSettings
 
 logger = logging.getLogger("moxy")
 
@@ -44,6 +48,7 @@ async def serve(
     router: Router | None = None,
     sockets: Sequence[socket.socket] | None = None,
     shutdown: trio.Event | None = None,
+    reloads: trio.abc.ReceiveChannel[None] | None = None,
     task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Bind every listen address, report what was bound, and serve until cancelled, or until
@@ -53,25 +58,11 @@ async def serve(
     is given), which is kept current while serving and whose backends are closed at the end.
     A `router` is used as it is. With `sockets` (listening sockets made by the master of
     several workers) Moxy accepts on those instead of binding `config.server.listen`.
+    Each item received from `reloads` reloads the configuration file (src/moxy/reload.py).
     """
-    if router is None:
-        routing = routing or Routing.build(config)
-        router = routing.router
     textlog = TextLog(config.log.file)
-    pool = None
-    if config.limits.idle_upstreams:
-        pool = ConnectionPool(config.limits.idle_upstreams, config.timeouts.upstream_idle)
-    ctx = ServerContext(
-        config=config,
-        router=router,
-        emit=textlog.emit,
-        upstream=UpstreamSettings(
-            helo_name=config.proxy.helo_name or config.server.hostname,
-            timeouts=config.timeouts,
-            reply_line=config.limits.reply_line,
-            pool=pool,
-        ),
-    )
+    shared = Shared(textlog.emit, Drain(), ClientLimiter(config.limits))
+    current = Generation.build(config, shared, routing=routing, router=router)
     listeners: list[trio.SocketListener] = [
         trio.SocketListener(trio.socket.from_stdlib_socket(sock)) for sock in sockets or ()
     ]
@@ -88,30 +79,42 @@ async def serve(
         bound.append((str(name[0]), int(name[1])))
     active = 0
     drained = trio.Event()
+    refusals = _RefusalLog()
 
     async def handle(stream: trio.SocketStream) -> None:
         nonlocal active
         client_ip = _peer_ip(stream)
-        if active >= config.limits.connections:
+        generation = current
+        ctx = generation.ctx
+        hostname = ctx.config.server.hostname
+        if active >= ctx.config.limits.connections:
             logger.warning("connection limit %d reached; refusing %s",
-                           config.limits.connections, client_ip)
-            with trio.move_on_after(5):
-                try:
-                    reply = Reply.make(421, "4.3.2", f"{config.server.hostname} Too many "
-                                       "connections; try again later")
-                    await stream.send_all(reply.to_bytes())
-                except (trio.BrokenResourceError, OSError):
-                    pass
-            await trio.aclose_forcefully(stream)
+                           ctx.config.limits.connections, client_ip)
+            await _refuse(stream, Reply.make(
+                421, "4.3.2", f"{hostname} Too many connections; try again later"
+            ))
+            return
+        reason = shared.clients.admit(client_ip)
+        if reason is not None:
+            refusals.note(client_ip, reason)
+            reply = Reply.make(
+                421, "4.7.0", f"{hostname} Too many connections from your address; "
+                "try again later"
+            )
+            ctx.emit(_connection_event(ctx, client_ip, reply, reason))
+            await _refuse(stream, reply)
             return
         active += 1
+        generation.enter()
         try:
             await Session(stream, client_ip, ctx).run()
         except Exception:
             logger.exception("session from %s failed", client_ip)
         finally:
             active -= 1
-            if active == 0 and ctx.drain.draining:
+            generation.leave()
+            shared.clients.release(client_ip)
+            if active == 0 and shared.drain.draining:
                 drained.set()
 
     accepting = trio.CancelScope()
@@ -127,29 +130,83 @@ async def serve(
         with (those waiting for a command get 421 at once), and stop when none is left or
         `timeouts.shutdown_grace` has passed; legs still inside DATA then are dropped."""
         await shutdown.wait()
-        grace = config.timeouts.shutdown_grace
+        grace = current.config.timeouts.shutdown_grace
         logger.info("shutting down: %d sessions to finish, at most %gs", active, grace)
         accepting.cancel()
         for listener in listeners:
             await listener.aclose()
-        ctx.drain.start()
+        shared.drain.start()
         if active == 0:
             drained.set()
         with trio.move_on_after(grace):
             await drained.wait()
         nursery.cancel_scope.cancel()
 
+    async def reload(reloads: trio.abc.ReceiveChannel[None], nursery: trio.Nursery) -> None:
+        nonlocal current
+        async for _ in reloads:
+            if shared.drain.draining:
+                continue
+            new = await next_generation(current, shared)
+            if new is None:
+                continue
+            await nursery.start(new.run)
+            old, current = current, new
+            old.retire()
+            shared.clients.configure(new.config.limits)
+            logging.getLogger().setLevel(new.config.log.level.upper())
+            logger.info("reloaded %s (configuration %d); %d sessions finish under the "
+                        "previous one", new.config.path, new.number, old.sessions)
+
     async with trio.open_nursery() as nursery:
         nursery.start_soon(textlog.run)
-        if pool is not None:
-            nursery.start_soon(pool.run)
-        if routing is not None:
-            await nursery.start(routing.run)
+        await nursery.start(current.run)
         nursery.start_soon(accept, nursery)
         if shutdown is not None:
             nursery.start_soon(drain, shutdown, nursery)
+        if reloads is not None:
+            nursery.start_soon(reload, reloads, nursery)
         logger.info("moxy listening on %s", ", ".join(_fmt(b) for b in bound))
         task_status.started(bound)
+
+
+async def _refuse(stream: trio.SocketStream, reply: Reply) -> None:
+    """Send `reply` (within 5 s) and close."""
+    with trio.move_on_after(5):
+        with contextlib.suppress(trio.BrokenResourceError, OSError):
+            await stream.send_all(reply.to_bytes())
+    await trio.aclose_forcefully(stream)
+
+
+def _connection_event(
+    ctx: ServerContext, client_ip: str, reply: Reply, reason: str
+) -> DeliveryEvent:
+    return DeliveryEvent(
+        kind="connection", session_id=new_session_id(), message_id="", client_ip=client_ip,
+        helo="", mail_from="", recipients=(), destination="-", route="", size=0,
+        code=reply.code, reply=str(reply), stage="connect", duration=0.0,
+        node=ctx.config.server.node, reason=reason,
+    )
+
+
+class _RefusalLog:
+    """Connections refused by a per-client limit, logged at most every 10 s: a flood must not
+    flood the log too."""
+
+    INTERVAL = 10.0
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.last = -math.inf
+
+    def note(self, client_ip: str, reason: str) -> None:
+        self.count += 1
+        now = time.monotonic()
+        if now - self.last >= self.INTERVAL:
+            logger.warning("per-client limit: refused %d connections (latest from %s: %s)",
+                           self.count, client_ip, reason)
+            self.count = 0
+            self.last = now
 
 
 # Accept errors that mean "out of resources for now", as trio.serve_listeners treats them.
@@ -190,14 +247,21 @@ def configure_logging(level: str) -> None:
 async def _main(
     config: Config, routing: Routing, sockets: Sequence[socket.socket] | None = None
 ) -> None:
-    """Serve until SIGTERM/SIGINT, then drain gracefully; a second signal stops at once."""
+    """Serve until SIGTERM/SIGINT, then drain gracefully; a second signal stops at once.
+    SIGHUP reloads the configuration."""
     shutdown = trio.Event()
+    send_reload, reloads = trio.open_memory_channel[None](1)
 
     async def signals(stop_now: trio.CancelScope) -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as received:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as received:
             async for signum in received:
                 name = signal.Signals(signum).name
-                if not shutdown.is_set():
+                if signum == signal.SIGHUP:
+                    logger.info("received SIGHUP, reloading %s", config.path)
+                    # When a reload is pending already, it reads the newest file anyway.
+                    with contextlib.suppress(trio.WouldBlock):
+                        send_reload.send_nowait(None)
+                elif not shutdown.is_set():
                     logger.info("received %s, stopping (again to stop at once)", name)
                     shutdown.set()
                 else:
@@ -206,7 +270,7 @@ async def _main(
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(signals, nursery.cancel_scope)
-        await serve(config, routing=routing, sockets=sockets, shutdown=shutdown)
+        await serve(config, routing=routing, sockets=sockets, shutdown=shutdown, reloads=reloads)
         nursery.cancel_scope.cancel()
 
 
@@ -214,17 +278,34 @@ def run(config: Config) -> int:
     """`moxy serve`: serve until SIGTERM/SIGINT, then drain for up to
     `timeouts.shutdown_grace`. Messages still in DATA after that (or at a second signal) are
     aborted upstream (no partial delivery) and their clients, which got no 250, retry.
+    SIGHUP reloads the configuration (src/moxy/reload.py).
 
     A routes or GDBM file that cannot be used raises `RoutesFileError` or `ConfigError`
-    before anything listens."""
+    before anything listens. Started as root, Moxy binds its listeners, then serves as
+    `[server] user` (src/moxy/privileges.py)."""
     configure_logging(config.log.level)
+    # Until the event loop takes SIGHUP over, a reload request must not kill the process.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        switch = privileges.plan(config)
+    except privileges.PrivilegeError as exc:
+        print(f"moxy: {exc}", file=sys.stderr)
+        return 2
     routing = Routing.build(config)
     if config.server.workers > 1:
         # Checked once here so that a broken routes file stops the start; every worker then
         # builds its own sources after the fork (no connection is shared between processes).
         del routing
-        return workers.supervise(config, functools.partial(_worker, config))
-    return _serve_here(config, routing)
+        return workers.supervise(config, _worker, switch)
+    if switch is None:
+        return _serve_here(config, routing)
+    try:
+        sockets = workers.bind(config)
+        privileges.drop(switch)
+    except OSError as exc:
+        print(f"moxy: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    return _serve_here(config, routing, sockets)
 
 
 def _serve_here(

@@ -1,10 +1,12 @@
 """Worker processes: `[server] workers = N` runs N trio event loops, one per process.
 
-The master binds the listening sockets, forks the workers, which all accept on them (the kernel
-spreads connections among them), restarts a worker that dies, and on SIGTERM/SIGINT passes the
-signal on (the workers drain gracefully; a second signal stops them at once) and waits for
-every worker to finish. The master itself runs no event loop and holds
-no route source: fork and a running trio loop (or a live Redis/LDAP connection) do not mix.
+The master binds the listening sockets (then gives up root, see src/moxy/privileges.py), forks
+the workers, which all accept on them (the kernel spreads connections among them), restarts a
+worker that dies, and on SIGTERM/SIGINT passes the signal on (the workers drain gracefully; a
+second signal stops them at once) and waits for every worker to finish. On SIGHUP it checks the
+configuration file and, if it loads, passes SIGHUP on: each worker reloads itself, and a worker
+started later gets the new configuration. The master itself runs no event loop and keeps no
+route source open: fork and a running trio loop (or a live Redis/LDAP connection) do not mix.
 """
 
 from __future__ import annotations
@@ -18,13 +20,17 @@ import sys
 import time
 from collections.abc import Callable
 
-from moxy.config import Config
+import attrs
+
+from moxy import privileges, reload
+from moxy.config import Config, ConfigError
+from moxy.lookup.file import RoutesFileError
 
 logger = logging.getLogger("moxy.master")
 
 BACKLOG = 1024
 RESTART_DELAY = 1.0  # a worker that dies at once must not make the master spin
-_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGCHLD}
+_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP}
 
 
 def bind(config: Config) -> list[socket.socket]:
@@ -54,10 +60,17 @@ def bind(config: Config) -> list[socket.socket]:
     return sockets
 
 
-def supervise(config: Config, worker: Callable[[list[socket.socket]], int]) -> int:
-    """Run `worker(sockets)` in `config.server.workers` child processes until told to stop."""
+def supervise(
+    config: Config,
+    worker: Callable[[Config, list[socket.socket]], int],
+    switch: privileges.Switch | None = None,
+) -> int:
+    """Run `worker(config, sockets)` in `config.server.workers` child processes until told to
+    stop; with `switch`, as that user once the sockets are bound."""
     try:
         sockets = bind(config)
+        if switch is not None:
+            privileges.drop(switch)
     except OSError as exc:
         print(f"moxy: {exc.strerror or exc}", file=sys.stderr)
         return 1
@@ -71,7 +84,7 @@ def supervise(config: Config, worker: Callable[[list[socket.socket]], int]) -> i
             status = 1
             try:
                 signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-                status = worker(sockets)
+                status = worker(config, sockets)
             except BaseException:
                 logger.exception("worker %d failed", number)
             finally:
@@ -86,7 +99,10 @@ def supervise(config: Config, worker: Callable[[list[socket.socket]], int]) -> i
     try:
         while children:
             info = signal.sigtimedwait(_SIGNALS, 1.0)
-            if info is not None and info.si_signo != signal.SIGCHLD:
+            if info is not None and info.si_signo == signal.SIGHUP:
+                if not stopping:
+                    config = _reload(config, children)
+            elif info is not None and info.si_signo != signal.SIGCHLD:
                 # The first signal makes the workers drain; a second one stops them at once.
                 logger.info("received %s, %s workers", signal.Signals(info.si_signo).name,
                             "stopping" if stopping else "draining")
@@ -107,6 +123,27 @@ def supervise(config: Config, worker: Callable[[list[socket.socket]], int]) -> i
             sock.close()
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
     return 0
+
+
+def _reload(config: Config, children: dict[int, int]) -> Config:
+    """SIGHUP: check the configuration file; if it loads, pass SIGHUP on to every worker (each
+    reloads itself) and return it for the workers started from now on."""
+    if config.path is None:
+        return config
+    logger.info("received SIGHUP, checking %s", config.path)
+    try:
+        new, routing = reload.check(config.path)
+    except (ConfigError, RoutesFileError) as exc:
+        logger.error("reload failed, still serving the previous configuration: %s",
+                     reload.describe(exc))
+        return config
+    del routing  # each worker builds its own
+    if new.server.workers != config.server.workers:
+        logger.warning("reload: server.workers changed; it takes effect at the next restart")
+        new = attrs.evolve(new, server=attrs.evolve(new.server, workers=config.server.workers))
+    for pid in children:
+        _kill(pid, signal.SIGHUP)
+    return new
 
 
 def _reap() -> list[tuple[int, int]]:
