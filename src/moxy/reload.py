@@ -68,6 +68,12 @@ class Generation:
     ) -> Generation:
         """A generation for `config`; routed by `router` as it is, or by `routing` (built
         from the configuration when neither is given, which reads the local route files)."""
+        if config.relay.accounting_only is not None:
+            logger.warning(
+                "accounting-only mode: accepting mail for ANY domain and relaying all of it to "
+                "%s, which must make the relay decision itself (docs/security.md)",
+                config.relay.accounting_only,
+            )
         if router is None:
             routing = routing or Routing.build(config)
             router = routing.router
