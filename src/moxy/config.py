@@ -538,13 +538,13 @@ class Limits:
     )
     # Per client address (IPv6: per /64); see src/moxy/clientlimits.py.
     connections_per_ip: int = attrs.field(
-        default=50, metadata=_key(_integer(0, zero_means="no limit"))
+        default=50, metadata=_key(_integer(1, zero_means="no limit"))
     )
     connections_per_ip_rate: int = attrs.field(
-        default=0, metadata=_key(_integer(0, zero_means="no limit"))
+        default=0, metadata=_key(_integer(1, zero_means="no limit"))
     )
     messages_per_ip_rate: int = attrs.field(
-        default=0, metadata=_key(_integer(0, zero_means="no limit"))
+        default=0, metadata=_key(_integer(1, zero_means="no limit"))
     )
 
 
