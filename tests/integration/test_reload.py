@@ -52,7 +52,7 @@ async def banner(address: tuple[str, int]) -> str:
 
 async def send(address: tuple[str, int]) -> int:
     async with await open_session(address) as client:
-        _, final = await client.send_message(SENDER, ["user@example.org"], b"Subject: x\r\n\r\n.\r\n")
+        _, final = await client.send_message(SENDER, ["user@example.org"], b"Subject: x\r\n\r\n")
         await client.command("QUIT")
         return final.code if final is not None else 0
 
