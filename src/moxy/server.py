@@ -150,7 +150,12 @@ async def serve(
             new = await next_generation(current, shared)
             if new is None:
                 continue
-            await nursery.start(new.run)
+            try:
+                await nursery.start(new.run)
+            except Exception as exc:  # a route source that cannot start: keep the old one
+                logger.error("reload failed, still serving the previous configuration: "
+                             "starting the route sources: %s", exc)
+                continue
             old, current = current, new
             old.retire()
             shared.clients.configure(new.config.limits)
