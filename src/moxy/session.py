@@ -295,10 +295,10 @@ class Session:
                 421, "4.7.0", f"{self.hostname} Too many messages from your address; "
                 "try again later"
             )
-            self.ctx.emit(self._event(
+            self.ctx.emit(attrs.evolve(self._event(
                 "connection", recipients=(), destination="-", route="", size=0,
                 code=reply.code, reply=str(reply), stage="mail", reason=MESSAGE_RATE,
-            ))
+            ), duration=0.0))
             await self.say_goodbye(reply)
         envelope = Envelope(event.address, event.size, event.body)
         self.transaction = Transaction(
