@@ -259,6 +259,8 @@ async def _main(
 
     async def signals(stop_now: trio.CancelScope) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as received:
+            # SIGHUP was blocked since the start (see run): one sent meanwhile arrives now.
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
             async for signum in received:
                 name = signal.Signals(signum).name
                 if signum == signal.SIGHUP:
@@ -289,8 +291,11 @@ def run(config: Config) -> int:
     before anything listens. Started as root, Moxy binds its listeners, then serves as
     `[server] user` (src/moxy/privileges.py)."""
     configure_logging(config.log.level)
-    # Until the event loop takes SIGHUP over, a reload request must not kill the process.
+    # Until the event loop takes SIGHUP over, a reload request must neither kill the process
+    # nor be lost: blocked, it stays pending (in a worker too, which inherits the mask) until
+    # _main's receiver unblocks it. Ignored once that receiver is gone (the very end).
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
     try:
         switch = privileges.plan(config)
     except privileges.PrivilegeError as exc:
