@@ -18,6 +18,7 @@ from .helpers import BODY, SENDER
 
 MakeRecorder = Callable[..., Recorder]
 FLOOD = 10_000
+BATCH = 100
 
 
 async def connect_from(source: str, server: RunningMoxy) -> SmtpClient:
@@ -94,11 +95,17 @@ async def test_a_flood_from_one_address_does_not_keep_another_address_out(
     server = await moxy({"example.org": upstream})  # defaults: 50 per address, 1000 in all
     try:
         with contextlib.ExitStack() as flood:
-            for _ in range(FLOOD):
+
+            async def connect() -> None:
                 sock = trio.socket.socket()
                 flood.enter_context(sock)
                 await sock.bind(("127.0.0.2", 0))
                 await sock.connect((server.host, server.port))
+
+            for _ in range(FLOOD // BATCH):  # BATCH connections at a time, all kept open
+                async with trio.open_nursery() as nursery:
+                    for _ in range(BATCH):
+                        nursery.start_soon(connect)
             # Every connection has been answered (220 or 421) once this client is served: the
             # server accepts in order.
             with trio.fail_after(30):
