@@ -156,6 +156,9 @@ async def next_generation(current: Generation, shared: Shared) -> Generation | N
         logger.error("reload failed, still serving the previous configuration: %s",
                      describe(exc))
         return None
+    except Exception as exc:  # a bug must not stop the server that is running fine
+        logger.error("reload failed, still serving the previous configuration: %r", exc)
+        return None
     if current.routing is None:  # a router given by the caller (tests) stays
         await routing.aclose()
         generation = Generation.build(config, shared, router=current.ctx.router,

@@ -137,6 +137,9 @@ def _reload(config: Config, children: dict[int, int]) -> Config:
         logger.error("reload failed, still serving the previous configuration: %s",
                      reload.describe(exc))
         return config
+    except Exception as exc:  # a bug must not take the master down with the workers
+        logger.error("reload failed, still serving the previous configuration: %r", exc)
+        return config
     del routing  # each worker builds its own
     if new.server.workers != config.server.workers:
         logger.warning("reload: server.workers changed; it takes effect at the next restart")
