@@ -25,6 +25,7 @@ from moxy.config import (
     LogSettings,
     MetricsSettings,
     ProxySettings,
+    RelaySettings,
     RoutesSettings,
     ServerSettings,
     Timeouts,
@@ -722,6 +723,7 @@ SECTIONS = {
     "accounting": AccountingSettings,
     "metrics": MetricsSettings,
     "destinations": DestinationSettings,
+    "relay": RelaySettings,
 }
 ACCOUNTING_TABLES = {
     "accounting.file": FileSinkSettings,

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import difflib
 import functools
+import grp
 import ipaddress
 import math
+import pwd
 import re
 import socket
 import tomllib
@@ -31,7 +33,7 @@ from moxy.accounting.settings import (
     RedisSinkSettings,
     SyslogSinkSettings,
 )
-from moxy.lookup.base import Destination, parse_destination
+from moxy.lookup.base import Destination, DestinationGroup, parse_destination, parse_group
 from moxy.lookup.settings import CacheSettings, GdbmSettings, LdapSettings, RedisSettings
 
 DEFAULT_CONFIG_PATH = Path("/etc/moxy/moxy.toml")
@@ -249,6 +251,63 @@ def _parser_for(hint: object) -> _Parser:
         raise TypeError(f"no configuration parser for fields of type {hint!r}") from None
 
 
+def _user(value: object, ctx: _Context) -> str:
+    """A user that exists here: a typo must fail `check-config`, not the start as root."""
+    if not isinstance(value, str):
+        raise _Invalid(f"expected a user name, got {_show(value)}")
+    if value:
+        try:
+            pwd.getpwnam(value)
+        except KeyError:
+            raise _Invalid(f"no such user {value!r}") from None
+    return value
+
+
+def _group(value: object, ctx: _Context) -> str:
+    if not isinstance(value, str):
+        raise _Invalid(f"expected a group name, got {_show(value)}")
+    if value:
+        try:
+            grp.getgrnam(value)
+        except KeyError:
+            raise _Invalid(f"no such group {value!r}") from None
+    return value
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _networks(value: object, ctx: _Context) -> tuple[Network, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise _Invalid(f'expected an array such as ["192.0.2.0/24", "2001:db8::/32"], '
+                       f"got {_show(value)}")
+    problems: list[str] = []
+    networks: list[Network] = []
+    for entry in value:
+        try:
+            # strict: "192.0.2.1/24" is more likely a typo than a network
+            networks.append(ipaddress.ip_network(entry, strict=True))
+        except ValueError as exc:
+            problems.append(f"{entry!r}: {exc}")
+    if problems:
+        raise _Invalid(*problems)
+    return tuple(networks)
+
+
+def _destination_group(value: object, ctx: _Context) -> DestinationGroup:
+    """One destination group in the routes syntax: `host:port|host:port` (failover)."""
+    if not isinstance(value, str) or not value.strip():
+        raise _Invalid(f'expected a destination group such as "smtp1.example.net:25|'
+                       f'smtp2.example.net:25", got {_show(value)}')
+    if len(value.split()) != 1:
+        raise _Invalid(f"{value!r}: one destination group (alternatives joined by '|'), "
+                       "without spaces")
+    try:
+        return parse_group(value.strip())
+    except ValueError as exc:
+        raise _Invalid(str(exc)) from None
+
+
 # --- listen addresses ---------------------------------------------------------------------
 
 
@@ -332,6 +391,15 @@ class ServerSettings:
     workers: int = attrs.field(default=1, metadata=_COUNT)
     # Which Moxy of a cluster saw an event (accounting); the short host name by default.
     node: str = attrs.field(factory=socket.gethostname, metadata=_key(_node))
+    # Started as root: bind the listeners, then serve as this user and group (privileges.py).
+    user: str = attrs.field(default="", metadata=_key(_user))
+    group: str = attrs.field(default="", metadata=_key(_group))
+
+
+def _check_server(server: ServerSettings) -> list[tuple[str, str]]:
+    if server.group and not server.user:
+        return [("group", "needs server.user: the user Moxy serves as")]
+    return []
 
 
 @attrs.frozen
@@ -405,11 +473,17 @@ class RoutesSettings:
 
     @property
     def sources(self) -> tuple[str, ...]:
-        """The source names in the order they are asked."""
-        return self.chain if self.chain is not None else ("file",)
+        """The source names in the order they are asked (none in accounting-only mode
+        without a routes file)."""
+        if self.chain is not None:
+            return self.chain
+        return ("file",) if self.file is not None else ()
 
 
 _TABLES = ("gdbm", "ldap", "redis")  # the sources configured by a sub-table
+
+
+_NO_SOURCE = "required: without a route source Moxy would refuse all mail"
 
 
 def _check_routes(routes: RoutesSettings) -> list[tuple[str, str]]:
@@ -419,7 +493,7 @@ def _check_routes(routes: RoutesSettings) -> list[tuple[str, str]]:
             return [("chain", f"required with a [routes.{tables[0]}] table: the sources in the "
                               f"order to ask them, e.g. {_CHAIN_EXAMPLE}")]
         if routes.file is None:
-            return [("file", "required: without a route source Moxy would refuse all mail")]
+            return [("file", _NO_SOURCE)]
         return []
     problems: list[tuple[str, str]] = []
     for name in routes.chain:
@@ -533,6 +607,16 @@ class Limits:
     idle_upstreams: int = attrs.field(
         default=0, metadata=_key(_integer(0, zero_means="no reuse across client sessions"))
     )
+    # Per client address (IPv6: per /64); see src/moxy/clientlimits.py.
+    connections_per_ip: int = attrs.field(
+        default=50, metadata=_key(_integer(1, zero_means="no limit"))
+    )
+    connections_per_ip_rate: int = attrs.field(
+        default=0, metadata=_key(_integer(1, zero_means="no limit"))
+    )
+    messages_per_ip_rate: int = attrs.field(
+        default=0, metadata=_key(_integer(1, zero_means="no limit"))
+    )
 
 
 @attrs.frozen
@@ -637,10 +721,40 @@ def _check_destinations(settings: DestinationSettings) -> list[tuple[str, str]]:
 
 
 @attrs.frozen
+class RelaySettings:
+    """[relay]: who may send to domains without a route, and the accounting-only mode."""
+
+    trusted_networks: tuple[Network, ...] = attrs.field(default=(), metadata=_key(_networks))
+    smarthost: DestinationGroup | None = attrs.field(
+        default=None, metadata=_key(_destination_group)
+    )
+    accounting_only: DestinationGroup | None = attrs.field(
+        default=None, metadata=_key(_destination_group)
+    )
+
+
+def _check_relay(relay: RelaySettings) -> list[tuple[str, str]]:
+    if relay.accounting_only is not None:
+        if relay.smarthost is not None:
+            return [("smarthost", "not used with relay.accounting_only, where every recipient "
+                                  "goes to that destination")]
+        return []
+    if relay.trusted_networks and relay.smarthost is None:
+        return [("smarthost", "required with relay.trusted_networks: where mail from them to "
+                              "domains without a route goes")]
+    if relay.smarthost is not None and not relay.trusted_networks:
+        return [("trusted_networks", "required with relay.smarthost: the clients that may "
+                                     "use it")]
+    return []
+
+
+@attrs.frozen
 class Config:
     """The whole configuration; `path` is the file it was loaded from (None when built in code)."""
 
-    server: ServerSettings = attrs.field(factory=ServerSettings, metadata=_table(ServerSettings))
+    server: ServerSettings = attrs.field(
+        factory=ServerSettings, metadata=_table(ServerSettings, check=_check_server)
+    )
     proxy: ProxySettings = attrs.field(factory=ProxySettings, metadata=_table(ProxySettings))
     routes: RoutesSettings = attrs.field(
         factory=RoutesSettings, metadata=_table(RoutesSettings, check=_check_routes)
@@ -658,6 +772,9 @@ class Config:
     destinations: DestinationSettings = attrs.field(
         factory=DestinationSettings,
         metadata=_table(DestinationSettings, check=_check_destinations),
+    )
+    relay: RelaySettings = attrs.field(
+        factory=RelaySettings, metadata=_table(RelaySettings, check=_check_relay)
     )
     path: Path | None = None
 
@@ -689,6 +806,9 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError([f"invalid TOML: {exc}"], path) from None
     errors: list[str] = []
     config: Config = _load_table(Config, table, "", _Context(path.absolute().parent), errors)
+    if config.relay.accounting_only is not None:
+        # Every recipient goes to that one destination: no route source is needed.
+        errors = [e for e in errors if e != f"routes.file: {_NO_SOURCE}"]
     if errors:
         raise ConfigError(errors, path)
     return attrs.evolve(config, path=path.absolute())

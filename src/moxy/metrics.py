@@ -26,7 +26,14 @@ from moxy.smtp.server import TOO_MANY_RECIPIENTS
 # reasons of refusals (the accounting events' own words).
 RESULTS = {2: "2xx", 4: "4xx", 5: "5xx"}
 STAGES = ("mail", "rcpt", "data", "end-of-data")
-CONNECTION_REASONS = (events.CONNECTION_LIMIT, events.PROTOCOL_ERRORS, events.CLIENT_TIMEOUT)
+CONNECTION_REASONS = (
+    events.CONNECTION_LIMIT,
+    events.PROTOCOL_ERRORS,
+    events.CLIENT_TIMEOUT,
+    events.CONNECTIONS_PER_IP,
+    events.CONNECTION_RATE,
+    events.MESSAGE_RATE,
+)
 RECIPIENT_REASONS = (
     events.RELAY_DENIED,
     events.LOOKUP_FAILED,

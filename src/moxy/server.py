@@ -11,25 +11,28 @@ import contextlib
 import errno
 import functools
 import logging
+import math
 import signal
 import socket
 import sys
+import time
 from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 
-from moxy import control, metrics_http, workers
+from moxy import control, metrics_http, privileges, workers
 from moxy.accounting import events as acct
 from moxy.accounting.dispatch import Accounting, check_sinks
+from moxy.clientlimits import ClientLimiter
 from moxy.config import Config
 from moxy.destinations import Destinations
 from moxy.lookup.base import Router
 from moxy.lookup.build import Routing
 from moxy.metrics import Metrics
 from moxy.metrics import for_config as metrics_for_config
-from moxy.session import ServerContext, Session
+from moxy.reload import Generation, Shared, next_generation
+from moxy.session import Drain, ServerContext, Session
 from moxy.smtp.replies import Reply
-from moxy.upstream import ConnectionPool, UpstreamSettings
 
 logger = logging.getLogger("moxy")
 
@@ -51,6 +54,7 @@ async def serve(
     shutdown: trio.Event | None = None,
     accounting: Accounting | None = None,
     control_socket: socket.socket | None = None,
+    reloads: trio.abc.ReceiveChannel[None] | None = None,
     task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Bind every listen address, report what was bound, and serve until cancelled, or until
@@ -63,31 +67,16 @@ async def serve(
     answers on `control_socket` (bound by the master too) instead of binding
     `destinations.control_socket`. Delivery events go to `accounting` (by default the sinks of
     `[accounting]`), which keeps running until the sessions are done and then writes what is
-    queued.
+    queued. Each item received from `reloads` reloads the configuration file
+    (src/moxy/reload.py).
     """
-    if router is None:
-        routing = routing or Routing.build(config)
-        router = routing.router
     accounting = accounting or Accounting.from_config(config)
     metrics = metrics_for_config(config)
-    metrics.observe_router(router)
-    pool = None
-    if config.limits.idle_upstreams:
-        pool = ConnectionPool(config.limits.idle_upstreams, config.timeouts.upstream_idle)
-    ctx = ServerContext(
-        config=config,
-        router=router,
-        emit=accounting.emit,
-        upstream=UpstreamSettings(
-            helo_name=config.proxy.helo_name or config.server.hostname,
-            timeouts=config.timeouts,
-            reply_line=config.limits.reply_line,
-            pool=pool,
-            metrics=metrics,
-            destinations=Destinations(config.destinations),
-        ),
-        metrics=metrics,
+    shared = Shared(
+        accounting.emit, Drain(), ClientLimiter(config.limits), metrics,
+        Destinations(config.destinations),
     )
+    current = Generation.build(config, shared, routing=routing, router=router)
     control_path = config.destinations.control_socket
     own_control = control_socket is None and control_path is not None and sockets is None
     if own_control:
@@ -118,25 +107,34 @@ async def serve(
         bound.append((str(name[0]), int(name[1])))
     active = 0
     drained = trio.Event()
+    refusals = _RefusalLog()
 
     async def handle(stream: trio.SocketStream) -> None:
         nonlocal active
         client_ip = _peer_ip(stream)
+        generation = current
+        ctx = generation.ctx
+        hostname = ctx.config.server.hostname
         metrics.connection_accepted()
-        if active >= config.limits.connections:
-            metrics.connection_refused(acct.CONNECTION_LIMIT)
+        if active >= ctx.config.limits.connections:
             logger.warning("connection limit %d reached; refusing %s",
-                           config.limits.connections, client_ip)
-            reply = Reply.make(421, "4.3.2", f"{config.server.hostname} Too many "
-                               "connections; try again later")
-            ctx.emit(acct.connection_event(
-                client_ip, reply.code, str(reply), acct.CONNECTION_LIMIT, config.server.node
-            ))
-            with trio.move_on_after(5), contextlib.suppress(trio.BrokenResourceError, OSError):
-                await stream.send_all(reply.to_bytes())
-            await trio.aclose_forcefully(stream)
+                           ctx.config.limits.connections, client_ip)
+            reply = Reply.make(421, "4.3.2", f"{hostname} Too many connections; try again later")
+            _refused(ctx, client_ip, reply, acct.CONNECTION_LIMIT)
+            await _refuse(stream, reply)
+            return
+        reason = shared.clients.admit(client_ip)
+        if reason is not None:
+            refusals.note(client_ip, reason)
+            reply = Reply.make(
+                421, "4.7.0", f"{hostname} Too many connections from your address; "
+                "try again later"
+            )
+            _refused(ctx, client_ip, reply, reason)
+            await _refuse(stream, reply)
             return
         active += 1
+        generation.enter()
         metrics.session_started()
         try:
             await Session(stream, client_ip, ctx).run()
@@ -145,7 +143,9 @@ async def serve(
         finally:
             metrics.session_ended()
             active -= 1
-            if active == 0 and ctx.drain.draining:
+            generation.leave()
+            shared.clients.release(client_ip)
+            if active == 0 and shared.drain.draining:
                 drained.set()
 
     accepting = trio.CancelScope()
@@ -161,17 +161,38 @@ async def serve(
         with (those waiting for a command get 421 at once), and stop when none is left or
         `timeouts.shutdown_grace` has passed; legs still inside DATA then are dropped."""
         await shutdown.wait()
-        grace = config.timeouts.shutdown_grace
+        grace = current.config.timeouts.shutdown_grace
         logger.info("shutting down: %d sessions to finish, at most %gs", active, grace)
         accepting.cancel()
         for listener in listeners:
             await listener.aclose()
-        ctx.drain.start()
+        shared.drain.start()
         if active == 0:
             drained.set()
         with trio.move_on_after(grace):
             await drained.wait()
         nursery.cancel_scope.cancel()
+
+    async def reload(reloads: trio.abc.ReceiveChannel[None], nursery: trio.Nursery) -> None:
+        nonlocal current
+        async for _ in reloads:
+            if shared.drain.draining:
+                continue
+            new = await next_generation(current, shared)
+            if new is None:
+                continue
+            try:
+                await nursery.start(new.run)
+            except Exception as exc:  # a route source that cannot start: keep the old one
+                logger.error("reload failed, still serving the previous configuration: "
+                             "starting the route sources: %s", exc)
+                continue
+            old, current = current, new
+            old.retire()
+            shared.clients.configure(new.config.limits)
+            logging.getLogger().setLevel(new.config.log.level.upper())
+            logger.info("reloaded %s (configuration %d); %d sessions finish under the "
+                        "previous one", new.config.path, new.number, old.sessions)
 
     # Accounting outlives the sessions' nursery, so the events of the last sessions are
     # written; cancelling it makes it flush its queues (bounded) before it returns.
@@ -182,16 +203,15 @@ async def serve(
                 if scrapes and metrics.registry is not None:
                     nursery.start_soon(metrics_http.serve, scrapes, metrics.registry)
                     nursery.start_soon(_observe_sinks, accounting, metrics)
-                if pool is not None:
-                    nursery.start_soon(pool.run)
-                if routing is not None:
-                    await nursery.start(routing.run)
+                await nursery.start(current.run)
                 if control_socket is not None:
-                    destinations = ctx.upstream.destinations
+                    destinations = shared.destinations
                     await nursery.start(control.serve_control, control_socket, destinations)
                 nursery.start_soon(accept, nursery)
                 if shutdown is not None:
                     nursery.start_soon(drain, shutdown, nursery)
+                if reloads is not None:
+                    nursery.start_soon(reload, reloads, nursery)
                 logger.info("moxy listening on %s", ", ".join(_fmt(b) for b in bound))
                 task_status.started(bound)
         finally:
@@ -206,6 +226,42 @@ async def _observe_sinks(accounting: Accounting, metrics: Metrics) -> None:
     while True:
         metrics.observe_sinks(accounting.stats())
         await trio.sleep(1)
+
+
+async def _refuse(stream: trio.SocketStream, reply: Reply) -> None:
+    """Send `reply` (within 5 s) and close."""
+    with trio.move_on_after(5):
+        with contextlib.suppress(trio.BrokenResourceError, OSError):
+            await stream.send_all(reply.to_bytes())
+    await trio.aclose_forcefully(stream)
+
+
+def _refused(ctx: ServerContext, client_ip: str, reply: Reply, reason: str) -> None:
+    """A connection refused before its session: a "connection" event and the metric."""
+    ctx.metrics.connection_refused(reason)
+    ctx.emit(acct.connection_event(
+        client_ip, reply.code, str(reply), reason, ctx.config.server.node
+    ))
+
+
+class _RefusalLog:
+    """Connections refused by a per-client limit, logged at most every 10 s: a flood must not
+    flood the log too."""
+
+    INTERVAL = 10.0
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.last = -math.inf
+
+    def note(self, client_ip: str, reason: str) -> None:
+        self.count += 1
+        now = time.monotonic()
+        if now - self.last >= self.INTERVAL:
+            logger.warning("per-client limit: refused %d connections (latest from %s: %s)",
+                           self.count, client_ip, reason)
+            self.count = 0
+            self.last = now
 
 
 # Accept errors that mean "out of resources for now", as trio.serve_listeners treats them.
@@ -250,17 +306,28 @@ async def _main(
     control_socket: socket.socket | None = None,
 ) -> None:
     """Serve until SIGTERM/SIGINT, then drain gracefully; a second signal stops at once.
-    SIGUSR1 makes the accounting sinks reopen their files (after logrotate)."""
+    SIGHUP reloads the configuration; SIGUSR1 makes the accounting sinks reopen their files
+    (after logrotate)."""
     shutdown = trio.Event()
     accounting = Accounting.from_config(config)
+    send_reload, reloads = trio.open_memory_channel[None](1)
 
     async def signals(stop_now: trio.CancelScope) -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR1) as received:
+        with trio.open_signal_receiver(
+            signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1
+        ) as received:
+            # SIGHUP was blocked since the start (see run): one sent meanwhile arrives now.
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
             async for signum in received:
                 name = signal.Signals(signum).name
                 if signum == signal.SIGUSR1:
                     logger.info("received SIGUSR1, reopening the accounting sinks")
                     accounting.reopen()
+                elif signum == signal.SIGHUP:
+                    logger.info("received SIGHUP, reloading %s", config.path)
+                    # When a reload is pending already, it reads the newest file anyway.
+                    with contextlib.suppress(trio.WouldBlock):
+                        send_reload.send_nowait(None)
                 elif not shutdown.is_set():
                     logger.info("received %s, stopping (again to stop at once)", name)
                     shutdown.set()
@@ -271,7 +338,7 @@ async def _main(
     async with trio.open_nursery() as nursery:
         nursery.start_soon(signals, nursery.cancel_scope)
         await serve(config, routing=routing, sockets=sockets, shutdown=shutdown,
-                    accounting=accounting, control_socket=control_socket)
+                    accounting=accounting, control_socket=control_socket, reloads=reloads)
         nursery.cancel_scope.cancel()
 
 
@@ -279,10 +346,22 @@ def run(config: Config) -> int:
     """`moxy serve`: serve until SIGTERM/SIGINT, then drain for up to
     `timeouts.shutdown_grace`. Messages still in DATA after that (or at a second signal) are
     aborted upstream (no partial delivery) and their clients, which got no 250, retry.
+    SIGHUP reloads the configuration (src/moxy/reload.py).
 
     A routes or GDBM file that cannot be used raises `RoutesFileError` or `ConfigError`
-    before anything listens."""
+    before anything listens. Started as root, Moxy binds its listeners, then serves as
+    `[server] user` (src/moxy/privileges.py)."""
     configure_logging(config.log.level)
+    # Until the event loop takes SIGHUP over, a reload request must neither kill the process
+    # nor be lost: blocked, it stays pending (in a worker too, which inherits the mask) until
+    # _main's receiver unblocks it. Ignored once that receiver is gone (the very end).
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+    try:
+        switch = privileges.plan(config)
+    except privileges.PrivilegeError as exc:
+        print(f"moxy: {exc}", file=sys.stderr)
+        return 2
     routing = Routing.build(config)
     check_sinks(config)  # a sink that cannot be made, or an unwritable log, stops the start
     if config.server.workers > 1:
@@ -291,22 +370,50 @@ def run(config: Config) -> int:
         del routing
         # The master binds the workers' control sockets too: a bad path stops the start, and a
         # restarted worker answers on the same socket.
-        paths = control.socket_paths(config)
-        controls: list[socket.socket] = []
-        try:
-            for path in paths:
-                controls.append(control.bind(path))
-        except OSError as exc:
-            for sock, path in zip(controls, paths, strict=False):
-                control.unbind(sock, path)
-            print(f"moxy: {exc.strerror or exc}", file=sys.stderr)
+        controls = _bind_controls(config)
+        if controls is None:
             return 1
         try:
-            return workers.supervise(config, functools.partial(_worker, config, controls))
+            return workers.supervise(config, functools.partial(_worker, controls), switch)
         finally:
-            for sock, path in zip(controls, paths, strict=True):
-                control.unbind(sock, path)
-    return _serve_here(config, routing)
+            _unbind_controls(config, controls)
+    if switch is None:
+        return _serve_here(config, routing)
+    # Root binds what needs binding (port 25, the control socket), then Moxy gives root up.
+    controls = _bind_controls(config)
+    if controls is None:
+        return 1
+    try:
+        try:
+            sockets = workers.bind(config)
+            privileges.drop(switch)
+        except OSError as exc:
+            print(f"moxy: {exc.strerror or exc}", file=sys.stderr)
+            return 1
+        return _serve_here(config, routing, sockets, controls[0] if controls else None)
+    finally:
+        _unbind_controls(config, controls)
+
+
+def _bind_controls(config: Config) -> list[socket.socket] | None:
+    """The control sockets (one, or one per worker); None after one line when one cannot be
+    bound."""
+    paths = control.socket_paths(config)
+    controls: list[socket.socket] = []
+    try:
+        for path in paths:
+            controls.append(control.bind(path))
+    except OSError as exc:
+        for sock, path in zip(controls, paths, strict=False):
+            control.unbind(sock, path)
+        print(f"moxy: {exc.strerror or exc}", file=sys.stderr)
+        return None
+    return controls
+
+
+def _unbind_controls(config: Config, controls: list[socket.socket]) -> None:
+    for sock, path in zip(controls, control.socket_paths(config), strict=True):
+        control.unbind(sock, path)
 
 
 def _serve_here(
@@ -328,7 +435,7 @@ def _serve_here(
 
 
 def _worker(
-    config: Config, controls: list[socket.socket], sockets: list[socket.socket], number: int
+    controls: list[socket.socket], config: Config, sockets: list[socket.socket], number: int
 ) -> int:
     control_socket = controls[number] if controls else None
     return _serve_here(config, Routing.build(config), sockets, control_socket)

@@ -22,14 +22,17 @@ import trio
 
 from moxy.accounting import events as acct
 from moxy.accounting.events import DeliveryEvent
+from moxy.clientlimits import ClientLimiter
 from moxy.config import Config
+from moxy.destinations import Destinations
 from moxy.lookup.base import BadRouteData, DestinationGroup, LookupFailed, Router
 from moxy.metrics import Metrics
+from moxy.relay import RelayPolicy, sender_routed
 from moxy.smtp import events as ev
 from moxy.smtp.replies import Reply
 from moxy.smtp.server import ServerConnection
 from moxy.transaction import Transaction, decide_final
-from moxy.upstream import Envelope, Leg, UpstreamSettings
+from moxy.upstream import ConnectionPool, Envelope, Leg, UpstreamSettings
 
 logger = logging.getLogger("moxy.session")
 
@@ -57,7 +60,8 @@ class Drain:
 
 @attrs.frozen
 class ServerContext:
-    """What every session of one server shares."""
+    """What every session started under one configuration shares. A reload (SIGHUP) builds a
+    new one for new sessions; a session keeps the one it started with to its end."""
 
     config: Config
     router: Router
@@ -65,6 +69,45 @@ class ServerContext:
     upstream: UpstreamSettings
     drain: Drain = attrs.field(factory=Drain)
     metrics: Metrics = attrs.field(factory=Metrics)
+    relay: RelayPolicy = attrs.field(factory=RelayPolicy)
+    clients: ClientLimiter | None = None  # per-client limits; outlive reloads
+
+    @classmethod
+    def build(
+        cls,
+        config: Config,
+        *,
+        router: Router,
+        emit: Callable[[DeliveryEvent], None],
+        drain: Drain,
+        clients: ClientLimiter | None = None,
+        metrics: Metrics | None = None,
+        destinations: Destinations | None = None,
+    ) -> ServerContext:
+        """Everything that follows from one configuration, for `moxy serve` and each reload.
+        `router`, `emit`, `drain`, `clients`, `metrics` and `destinations` are made by the
+        server (the router needs its background tasks, the others outlive a reload). Whoever
+        runs the context runs `upstream.pool.run` when there is a pool."""
+        pool = None
+        if config.limits.idle_upstreams:
+            pool = ConnectionPool(config.limits.idle_upstreams, config.timeouts.upstream_idle)
+        return cls(
+            config=config,
+            router=router,
+            emit=emit,
+            upstream=UpstreamSettings(
+                helo_name=config.proxy.helo_name or config.server.hostname,
+                timeouts=config.timeouts,
+                reply_line=config.limits.reply_line,
+                pool=pool,
+                metrics=metrics or Metrics(),
+                destinations=destinations or Destinations(config.destinations),
+            ),
+            drain=drain,
+            relay=RelayPolicy.from_settings(config.relay),
+            clients=clients,
+            metrics=metrics or Metrics(),
+        )
 
 
 def received_header(
@@ -95,6 +138,7 @@ class Session:
         self.ctx = ctx
         cfg = ctx.config
         self.id = new_session_id()
+        self.trusted = ctx.relay.trusts(client_ip)  # [relay] trusted_networks
         self.smtp = ServerConnection(
             max_command_line=cfg.limits.command_line,
             max_text_line=cfg.limits.text_line,
@@ -263,6 +307,16 @@ class Session:
 
     async def mail(self, event: ev.MailFrom) -> None:
         await self.end_transaction()
+        clients = self.ctx.clients
+        if clients is not None and not clients.allow_message(self.client_ip):
+            logger.warning("session %s: %s over limits.messages_per_ip_rate; closing",
+                           self.id, self.client_ip)
+            reply = Reply.make(
+                421, "4.7.0", f"{self.hostname} Too many messages from your address; "
+                "try again later"
+            )
+            self.log_connection(reply.code, str(reply), acct.MESSAGE_RATE, "mail")
+            await self.say_goodbye(reply)
         envelope = Envelope(event.address, event.size, event.body)
         self.transaction = Transaction(
             self.legs, self.ctx.upstream, envelope, self.ctx.config.proxy.split_destinations
@@ -273,8 +327,12 @@ class Session:
 
     async def rcpt(self, address: str) -> Reply:
         assert self.transaction is not None
+        relay = self.ctx.relay
+        if not self.trusted and sender_routed(address):
+            reply = Reply.make(550, "5.7.1", f"<{address}>: Relaying denied")
+            return self.log_refused(address, reply, acct.RELAY_DENIED)
         try:
-            route = await self.ctx.router.route(address)
+            route = relay.fixed_route() or await self.ctx.router.route(address)
         except BadRouteData as exc:
             logger.error("bad route data for <%s>: %s", address, exc)
             failed = Reply.make(451, "4.3.0", "Routing data error; try again later")
@@ -286,6 +344,7 @@ class Session:
             logger.exception("route lookup for <%s> raised", address)
             failed = Reply.make(451, "4.3.0", "Routing error; try again later")
         else:
+            route = route or relay.fallback(self.trusted)
             if route is None:
                 reply = Reply.make(550, "5.7.1", f"<{address}>: Relaying denied")
                 return self.log_refused(address, reply, acct.RELAY_DENIED)

@@ -1,11 +1,13 @@
 """Worker processes: `[server] workers = N` runs N trio event loops, one per process.
 
-The master binds the listening sockets, forks the workers, which all accept on them (the kernel
-spreads connections among them), restarts a worker that dies, and on SIGTERM/SIGINT passes the
-signal on (the workers drain gracefully; a second signal stops them at once) and waits for
-every worker to finish; SIGUSR1 (logrotate) goes on to every worker too. The master itself runs
-no event loop and holds no route source: fork and a running trio loop (or a live Redis/LDAP
-connection) do not mix.
+The master binds the listening sockets (then gives up root, see src/moxy/privileges.py), forks
+the workers, which all accept on them (the kernel spreads connections among them), restarts a
+worker that dies, and on SIGTERM/SIGINT passes the signal on (the workers drain gracefully; a
+second signal stops them at once) and waits for every worker to finish; SIGUSR1 (logrotate)
+goes on to every worker too. On SIGHUP it checks the
+configuration file and, if it loads, passes SIGHUP on: each worker reloads itself, and a worker
+started later gets the new configuration. The master itself runs no event loop and keeps no
+route source open: fork and a running trio loop (or a live Redis/LDAP connection) do not mix.
 """
 
 from __future__ import annotations
@@ -19,14 +21,18 @@ import sys
 import time
 from collections.abc import Callable
 
-from moxy.config import Config
+import attrs
+
+from moxy import privileges, reload
+from moxy.config import Config, ConfigError
+from moxy.lookup.file import RoutesFileError
 from moxy.metrics_http import MasterEndpoint
 
 logger = logging.getLogger("moxy.master")
 
 BACKLOG = 1024
 RESTART_DELAY = 1.0  # a worker that dies at once must not make the master spin
-_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGUSR1}
+_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGUSR1, signal.SIGHUP}
 
 
 def bind(config: Config) -> list[socket.socket]:
@@ -56,11 +62,18 @@ def bind(config: Config) -> list[socket.socket]:
     return sockets
 
 
-def supervise(config: Config, worker: Callable[[list[socket.socket], int], int]) -> int:
-    """Run `worker(sockets, number)` in `config.server.workers` child processes (numbered from 0;
-    a restarted worker keeps its number) until told to stop."""
+def supervise(
+    config: Config,
+    worker: Callable[[Config, list[socket.socket], int], int],
+    switch: privileges.Switch | None = None,
+) -> int:
+    """Run `worker(config, sockets, number)` in `config.server.workers` child processes
+    (numbered from 0; a restarted worker keeps its number) until told to stop; with `switch`,
+    as that user once the sockets are bound."""
     try:
         sockets = bind(config)
+        if switch is not None:
+            privileges.drop(switch)
     except OSError as exc:
         print(f"moxy: {exc.strerror or exc}", file=sys.stderr)
         return 1
@@ -88,7 +101,7 @@ def supervise(config: Config, worker: Callable[[list[socket.socket], int], int])
                 signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
                 if metrics is not None:
                     metrics.in_worker()
-                status = worker(sockets, number)
+                status = worker(config, sockets, number)
             except BaseException:
                 logger.exception("worker %d failed", number)
             finally:
@@ -107,6 +120,9 @@ def supervise(config: Config, worker: Callable[[list[socket.socket], int], int])
                 logger.info("received SIGUSR1, passing it on to the workers")
                 for pid in children:
                     _kill(pid, signal.SIGUSR1)
+            elif info is not None and info.si_signo == signal.SIGHUP:
+                if not stopping:
+                    config = _reload(config, children)
             elif info is not None and info.si_signo != signal.SIGCHLD:
                 # The first signal makes the workers drain; a second one stops them at once.
                 logger.info("received %s, %s workers", signal.Signals(info.si_signo).name,
@@ -132,6 +148,30 @@ def supervise(config: Config, worker: Callable[[list[socket.socket], int], int])
             metrics.close()
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
     return 0
+
+
+def _reload(config: Config, children: dict[int, int]) -> Config:
+    """SIGHUP: check the configuration file; if it loads, pass SIGHUP on to every worker (each
+    reloads itself) and return it for the workers started from now on."""
+    if config.path is None:
+        return config
+    logger.info("received SIGHUP, checking %s", config.path)
+    try:
+        new, routing = reload.check(config.path)
+    except (ConfigError, RoutesFileError) as exc:
+        logger.error("reload failed, still serving the previous configuration: %s",
+                     reload.describe(exc))
+        return config
+    except Exception as exc:  # a bug must not take the master down with the workers
+        logger.error("reload failed, still serving the previous configuration: %r", exc)
+        return config
+    del routing  # each worker builds its own
+    if new.server.workers != config.server.workers:
+        logger.warning("reload: server.workers changed; it takes effect at the next restart")
+        new = attrs.evolve(new, server=attrs.evolve(new.server, workers=config.server.workers))
+    for pid in children:
+        _kill(pid, signal.SIGHUP)
+    return new
 
 
 def _reap() -> list[tuple[int, int]]:

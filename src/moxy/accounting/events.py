@@ -32,6 +32,9 @@ POLICY = "policy"  # Moxy's own rule (split destinations, recipient limit, ...)
 CONNECTION_LIMIT = "connection-limit"
 PROTOCOL_ERRORS = "protocol-errors"
 CLIENT_TIMEOUT = "timeout"
+CONNECTIONS_PER_IP = "connections-per-ip"  # the per-client limits ([limits], clientlimits.py)
+CONNECTION_RATE = "connection-rate-per-ip"
+MESSAGE_RATE = "message-rate-per-ip"
 
 
 def _fmt_list(values: tuple[str, ...]) -> str:

@@ -1,0 +1,117 @@
+"""Limits per client address: simultaneous connections, new connections per minute, messages
+per minute. One client (an IPv6 client: its /64, which one host usually has whole) must not
+take the places that `limits.connections` keeps for everyone.
+
+Counts live in one process: with `[server] workers` each worker keeps its own, so a client may
+get up to N times a limit across N workers (docs/security.md).
+"""
+
+from __future__ import annotations
+
+import collections
+import ipaddress
+import time
+from collections.abc import Callable
+
+# `reason` of the "connection" events and keys of `ClientLimiter.refused`.
+from moxy.accounting.events import CONNECTION_RATE, CONNECTIONS_PER_IP, MESSAGE_RATE
+from moxy.config import Limits
+from moxy.relay import client_address
+
+IPV6_PREFIX = 64
+_PRUNE_EVERY = 4096  # new buckets between two sweeps of the idle ones
+
+
+def client_key(ip: str) -> str:
+    """What a limit counts: the IPv4 address, or the /64 of an IPv6 address."""
+    address = client_address(ip)
+    if isinstance(address, ipaddress.IPv6Address):
+        return str(ipaddress.IPv6Network((address, IPV6_PREFIX), strict=False))
+    return str(address) if address is not None else ip
+
+
+class RateLimit:
+    """At most `per_minute` events per key in any minute on average, with bursts up to that
+    many (a token bucket refilled continuously). Memory: one bucket per key seen in the last
+    minute; full buckets are dropped in sweeps."""
+
+    def __init__(self, per_minute: int, clock: Callable[[], float]) -> None:
+        self.per_minute = per_minute
+        self._clock = clock
+        self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, when)
+        self._new = 0
+
+    def allow(self, key: str) -> bool:
+        if self.per_minute <= 0:
+            return True
+        now = self._clock()
+        tokens, when = self._buckets.get(key, (float(self.per_minute), now))
+        tokens = min(float(self.per_minute), tokens + (now - when) * self.per_minute / 60.0)
+        if key not in self._buckets:
+            self._new += 1
+            if self._new >= _PRUNE_EVERY:
+                self._prune(now)
+        if tokens < 1.0:
+            self._buckets[key] = (tokens, now)
+            return False
+        self._buckets[key] = (tokens - 1.0, now)
+        return True
+
+    def _prune(self, now: float) -> None:
+        self._new = 0
+        full = [k for k, (tokens, when) in self._buckets.items()
+                if tokens + (now - when) * self.per_minute / 60.0 >= self.per_minute]
+        for key in full:
+            del self._buckets[key]
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+
+class ClientLimiter:
+    """The per-client limits of one server process; kept across configuration reloads (the
+    counts stay, `configure` changes the numbers)."""
+
+    def __init__(self, limits: Limits, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._open: dict[str, int] = {}  # key -> connections open now
+        self.refused: collections.Counter[str] = collections.Counter()
+        self.configure(limits)
+
+    def configure(self, limits: Limits) -> None:
+        self.per_ip = limits.connections_per_ip
+        self.connection_rate = RateLimit(limits.connections_per_ip_rate, self._clock)
+        self.message_rate = RateLimit(limits.messages_per_ip_rate, self._clock)
+
+    def admit(self, ip: str) -> str | None:
+        """Count a new connection from `ip`; or say which limit refuses it (it is then not
+        counted). An admitted connection must be `release`d when it ends."""
+        key = client_key(ip)
+        reason = None
+        if self.per_ip and self._open.get(key, 0) >= self.per_ip:
+            reason = CONNECTIONS_PER_IP
+        elif not self.connection_rate.allow(key):
+            reason = CONNECTION_RATE
+        if reason is not None:
+            self.refused[reason] += 1
+            return reason
+        self._open[key] = self._open.get(key, 0) + 1
+        return None
+
+    def release(self, ip: str) -> None:
+        key = client_key(ip)
+        left = self._open.get(key, 0) - 1
+        if left > 0:
+            self._open[key] = left
+        else:
+            self._open.pop(key, None)
+
+    def allow_message(self, ip: str) -> bool:
+        """A new transaction (MAIL) from `ip`: False when over `messages_per_ip_rate`."""
+        if self.message_rate.allow(client_key(ip)):
+            return True
+        self.refused[MESSAGE_RATE] += 1
+        return False
+
+    def open_connections(self, ip: str) -> int:
+        return self._open.get(client_key(ip), 0)

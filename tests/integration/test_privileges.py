@@ -1,0 +1,133 @@
+"""`[server] user`/`group`: started as root, `moxy serve` binds a port below 1024, then serves as
+that user (master and workers); as root on such a port without `user` it refuses in one line.
+
+The suite runs as root (here and in CI), which these tests need: they start `moxy serve` as a
+subprocess and read its ids from /proc.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from peers.recorder import Recorder
+from peers.sink import wait_for_greeting
+
+from .helpers import send_one
+
+MakeRecorder = Callable[..., Recorder]
+NOBODY = pwd.getpwnam("nobody")
+
+
+def free_privileged_port() -> int:
+    for port in range(900, 1000):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("no free port in 900-999 on 127.0.0.1")
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A directory that the unprivileged user can reach (pytest's tmp_path is root's only)."""
+    assert os.geteuid() == 0, "these tests start moxy serve as root: run the suite as root"
+    directory = Path(tempfile.mkdtemp(prefix="moxy-privileges-"))
+    directory.chmod(0o755)
+    yield directory
+    shutil.rmtree(directory)
+
+
+def write(directory: Path, server: str, routes: str) -> Path:
+    (directory / "routes").write_text(routes)
+    log = directory / "moxy.log"
+    log.touch()
+    os.chown(log, NOBODY.pw_uid, NOBODY.pw_gid)  # the log is opened after the switch
+    config = directory / "moxy.toml"
+    config.write_text(f'[server]\nhostname = "mx.moxy.test"\n{server}\n'
+                      f'[routes]\nfile = "routes"\n[log]\nfile = "moxy.log"\n')
+    return config
+
+
+def ids(pid: int) -> tuple[list[int], list[int]]:
+    status = Path(f"/proc/{pid}/status").read_text().splitlines()
+    fields = {line.split(":")[0]: line.split()[1:] for line in status}
+    return [int(v) for v in fields["Uid"]], [int(v) for v in fields["Gid"]]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_root_binds_the_port_then_serves_as_the_user(
+    shared_dir: Path, make_recorder: MakeRecorder, workers: int
+) -> None:
+    upstream = make_recorder()
+    port = free_privileged_port()
+    config = write(
+        shared_dir,
+        f'listen = ["127.0.0.1:{port}"]\nuser = "nobody"\ngroup = "nogroup"\nworkers = {workers}',
+        f"example.org {upstream.address}\n",
+    )
+    output = shared_dir / "stderr"
+    with open(output, "wb") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "moxy", "serve", "-c", str(config)],
+            stdin=subprocess.DEVNULL, stdout=stderr, stderr=subprocess.STDOUT,
+        )
+    try:
+        await trio.to_thread.run_sync(wait_for_greeting, "127.0.0.1", port, 15, process)
+        pids = [process.pid]
+        if workers > 1:
+            children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text()
+            pids += [int(pid) for pid in children.split()]
+            assert len(pids) == 1 + workers
+        for pid in pids:
+            assert ids(pid) == ([NOBODY.pw_uid] * 4, [NOBODY.pw_gid] * 4), pid
+        outcome = await send_one(("127.0.0.1", port), ["user@example.org"])
+        assert outcome.final is not None and outcome.final.code == 250, outcome.transcript
+        assert len(upstream.messages) == 1
+    finally:
+        process.terminate()
+        assert process.wait(15) == 0, output.read_text()
+    assert "serving as user nobody (uid 65534, gid 65534)" in output.read_text()
+    assert " message " in (shared_dir / "moxy.log").read_text()  # written as nobody
+
+
+def test_root_on_a_privileged_port_without_user_refuses_in_one_line(shared_dir: Path) -> None:
+    port = free_privileged_port()
+    config = write(shared_dir, f'listen = ["127.0.0.1:{port}"]', "example.org 127.0.0.1:2526\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "moxy", "serve", "-c", str(config)],
+        capture_output=True, text=True, timeout=30, check=False,
+    )
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"moxy: refusing to serve as root on port {port}: set [server] user (and group) to "
+        "serve as that user once the port is bound, or run Moxy as a user with "
+        "CAP_NET_BIND_SERVICE (deploy/systemd/moxy.service)"
+    ]
+    with socket.socket() as probe:  # nothing was bound
+        probe.bind(("127.0.0.1", port))
+
+
+def test_a_user_other_than_the_current_one_needs_root(shared_dir: Path) -> None:
+    config = write(shared_dir, 'listen = ["127.0.0.1:0"]\nuser = "root"', "")
+    result = subprocess.run(
+        [sys.executable, "-m", "moxy", "serve", "-c", str(config)],
+        capture_output=True, text=True, timeout=30, check=False,
+        user=NOBODY.pw_uid, group=NOBODY.pw_gid, extra_groups=[],
+    )
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "moxy: server.user: cannot become 'root': Moxy was not started as root"
+    ]

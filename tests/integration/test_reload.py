@@ -1,0 +1,185 @@
+"""Reloading the configuration (SIGHUP): new sessions get the new settings and routes, a message
+in progress finishes under the ones it started with, and a configuration that does not load
+leaves the old one serving, with one log line saying why."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import trio
+
+from moxy.config import load_config
+from moxy.server import serve
+from peers.client import SmtpClient
+from peers.moxy import MoxyProcess
+from peers.recorder import Recorder
+from peers.waiting import eventually
+
+from .helpers import SENDER, open_session
+
+MakeRecorder = Callable[..., Recorder]
+HEAD = b"Subject: reload\r\n\r\nbefore the reload\r\n"
+TAIL = b"after the reload\r\n.\r\n"
+
+
+def reconfigure(config: Path, new_destination: str) -> None:
+    """The banner changes, and example.org moves to another routes file and destination."""
+    (config.parent / "routes2").write_text(f"example.org {new_destination}\n")
+    text = config.read_text()
+    assert 'banner = "ESMTP before"' in text and 'file = "routes"' in text
+    config.write_text(text.replace('banner = "ESMTP before"', 'banner = "ESMTP after"')
+                      .replace('file = "routes"', 'file = "routes2"'))
+
+
+async def start_in_data(address: tuple[str, int]) -> SmtpClient:
+    client = await open_session(address)
+    assert (await client.command(f"MAIL FROM:<{SENDER}>")).code == 250
+    assert (await client.command("RCPT TO:<user@example.org>")).code == 250
+    assert (await client.command("DATA")).code == 354
+    await client.send(HEAD)
+    return client
+
+
+async def banner(address: tuple[str, int]) -> str:
+    async with await SmtpClient.connect(*address) as client:
+        return (await client.reply()).lines[0]
+
+
+async def send(address: tuple[str, int]) -> int:
+    async with await open_session(address) as client:
+        _, final = await client.send_message(SENDER, ["user@example.org"], b"Subject: x\r\n\r\n")
+        await client.command("QUIT")
+        return final.code if final is not None else 0
+
+
+async def test_reload_serves_new_sessions_with_the_new_configuration_and_finishes_old_ones(
+    write_config: Callable[..., Path], make_recorder: MakeRecorder,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="moxy")
+    old, new = make_recorder(), make_recorder()
+    path = write_config({"example.org": old}, server={"banner": "ESMTP before"})
+    send_reload, reloads = trio.open_memory_channel[None](1)
+    async with trio.open_nursery() as nursery:
+        [address, *_] = await nursery.start(
+            functools.partial(serve, load_config(path), reloads=reloads)
+        )
+        assert await banner(address) == "mx.moxy.test ESMTP before"
+        busy = await start_in_data(address)
+        idle = await open_session(address)  # a session between messages keeps its settings too
+        reconfigure(path, new.address)
+        await send_reload.send(None)
+        await eventually(lambda: "reloaded" in caplog.text, what="the reload")
+        assert await banner(address) == "mx.moxy.test ESMTP after"
+        assert await send(address) == 250
+        await busy.send(TAIL)
+        assert (await busy.reply()).code == 250
+        await busy.aclose()
+        assert (await idle.command(f"MAIL FROM:<{SENDER}>")).code == 250
+        assert (await idle.command("RCPT TO:<user@example.org>")).code == 250
+        await idle.command("QUIT")
+        await idle.aclose()
+        # The old configuration's route sources are closed once its last session has ended.
+        await eventually(lambda: "configuration 1: last session ended" in caplog.text,
+                         what="the old configuration's end")
+        nursery.cancel_scope.cancel()
+    [finished] = old.messages
+    assert finished.data is not None and finished.data.endswith(HEAD.split(b"\r\n\r\n")[1]
+                                                                 + TAIL[:-3])
+    assert len(new.messages) == 1
+
+
+async def test_a_configuration_that_does_not_load_leaves_the_old_one_serving(
+    write_config: Callable[..., Path], make_recorder: MakeRecorder,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    upstream = make_recorder()
+    path = write_config({"example.org": upstream}, server={"banner": "ESMTP before"})
+    send_reload, reloads = trio.open_memory_channel[None](1)
+    async with trio.open_nursery() as nursery:
+        [address, *_] = await nursery.start(
+            functools.partial(serve, load_config(path), reloads=reloads)
+        )
+        for broken in ("[limits]\nrecipients = 'ten'\n", "not toml ["):
+            path.write_text(path.read_text().replace("[limits]", "") + broken)
+            caplog.clear()
+            await send_reload.send(None)
+            await eventually(lambda: caplog.records, what="a log line")
+            [record] = [r for r in caplog.records if r.levelno >= logging.WARNING]
+            assert record.getMessage().startswith(
+                f"reload failed, still serving the previous configuration: {path}: "
+            )
+            assert "\n" not in record.getMessage()
+            assert await banner(address) == "mx.moxy.test ESMTP before"
+            assert await send(address) == 250
+        # A broken routes file too: its line is named.
+        path.write_text('[routes]\nfile = "routes"\n')
+        (path.parent / "routes").write_text("example.org mx..bad\n")
+        caplog.clear()
+        await send_reload.send(None)
+        await eventually(lambda: caplog.records, what="a log line")
+        assert "routes:1:" in caplog.records[0].getMessage()
+        assert await send(address) == 250
+        nursery.cancel_scope.cancel()
+    assert len(upstream.messages) == 3
+
+
+# --- the signal, in a real process -----------------------------------------------------------
+
+
+def stderr_lines(moxy: MoxyProcess, text: str) -> list[str]:
+    return [line for line in moxy.stderr().splitlines() if text in line]
+
+
+async def test_sighup_during_a_message_reloads_and_the_message_completes(
+    moxy_process: Callable[..., MoxyProcess], make_recorder: MakeRecorder
+) -> None:
+    old, new = make_recorder(), make_recorder()
+    moxy = moxy_process({"example.org": old}, server={"banner": "ESMTP before"})
+    address = (moxy.host, moxy.port)
+    busy = await start_in_data(address)
+    reconfigure(moxy.config_path, new.address)
+    moxy.process.send_signal(signal.SIGHUP)
+    await eventually(lambda: stderr_lines(moxy, "reloaded"), timeout=10, what="the reload")
+    assert await banner(address) == "mx.moxy.test ESMTP after"
+    await busy.send(TAIL)
+    assert (await busy.reply()).code == 250
+    await busy.aclose()
+    assert await send(address) == 250
+    assert (len(old.messages), len(new.messages)) == (1, 1)
+    # Broken now: one line, and the reloaded configuration keeps serving.
+    moxy.config_path.write_text("[server\n")
+    moxy.process.send_signal(signal.SIGHUP)
+    await eventually(lambda: stderr_lines(moxy, "reload failed"), timeout=10, what="the line")
+    assert len(stderr_lines(moxy, "reload failed")) == 1
+    assert await send(address) == 250
+    assert len(new.messages) == 2
+    assert moxy.process.poll() is None
+
+
+async def test_sighup_with_workers_reloads_every_worker_and_the_master_checks_first(
+    moxy_process: Callable[..., MoxyProcess], make_recorder: MakeRecorder
+) -> None:
+    old, new = make_recorder(), make_recorder()
+    moxy = moxy_process({"example.org": old}, server={"banner": "ESMTP before", "workers": 2})
+    address = (moxy.host, moxy.port)
+    reconfigure(moxy.config_path, new.address)
+    moxy.process.send_signal(signal.SIGHUP)
+    await eventually(lambda: len(stderr_lines(moxy, "reloaded")) == 2, timeout=10,
+                     what="both workers' reloads")
+    for _ in range(4):  # whichever worker takes it
+        assert await banner(address) == "mx.moxy.test ESMTP after"
+        assert await send(address) == 250
+    assert (len(old.messages), len(new.messages)) == (0, 4)
+    moxy.config_path.write_text("[server\n")
+    moxy.process.send_signal(signal.SIGHUP)
+    await eventually(lambda: stderr_lines(moxy, "reload failed"), timeout=10, what="the line")
+    await trio.sleep(0.5)  # workers would log theirs by now if the master had passed it on
+    assert len(stderr_lines(moxy, "reload failed")) == 1
+    assert len(stderr_lines(moxy, "reloaded")) == 2
+    assert await send(address) == 250
