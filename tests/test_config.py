@@ -19,6 +19,7 @@ from moxy.config import (
     RoutesSettings,
     ServerSettings,
     Timeouts,
+    TlsSettings,
     load_config,
 )
 from moxy.lookup.settings import CacheSettings, GdbmSettings, LdapSettings, RedisSettings
@@ -590,6 +591,7 @@ SECTIONS = {
     "log": LogSettings,
     "limits": Limits,
     "timeouts": Timeouts,
+    "tls": TlsSettings,
 }
 ROUTE_TABLES = {
     "routes.gdbm": GdbmSettings,
@@ -637,3 +639,24 @@ def test_configuration_doc_describes_every_key(section: str, key: str) -> None:
     text = (REPO / "docs" / "configuration.md").read_text()
     body = text.split(f"## `[{section}]`\n", 1)[1].split("\n## ", 1)[0]
     assert f"| `{key}` |" in body
+
+
+@pytest.mark.parametrize(
+    ("toml", "expected"),
+    [
+        ('[tls]\ncert = "a.pem"\n', "tls.key: required with tls.cert and tls.key: both or neither"),
+        ("[tls]\nrequire = true\n", "tls.require: needs tls.cert and tls.key"),
+        ('[tls]\nupstream = "always"\n', "tls.upstream: expected one of 'none', 'opportunistic'"),
+        ('[tls]\nmin_version = "SSLv3"\n', "tls.min_version: expected one of 'TLSv1'"),
+    ],
+)
+def test_tls_errors_name_the_key(tmp_path: Path, toml: str, expected: str) -> None:
+    assert any(e.startswith(expected) for e in errors(tmp_path, toml)), errors(tmp_path, toml)
+
+
+def test_tls_keys(tmp_path: Path) -> None:
+    text = with_routes('[tls]\ncert = "c.pem"\nkey = "k.pem"\nmin_version = "tlsv1.3"\n')
+    tls = load(tmp_path, text).tls
+    assert (tls.cert, tls.key, tls.min_version) == (tmp_path / "c.pem", tmp_path / "k.pem",
+                                                    "TLSv1.3")
+    assert (tls.upstream, tls.upstream_verify, tls.require) == ("opportunistic", False, False)

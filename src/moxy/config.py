@@ -285,6 +285,16 @@ class ListenAddress:
 def _listen(value: object, ctx: _Context) -> tuple[ListenAddress, ...]:
     if not isinstance(value, list) or not value:
         raise _Invalid(f'expected a non-empty array such as ["127.0.0.1:25"], got {_show(value)}')
+    return _addresses(value)
+
+
+def _listen_proxy(value: object, ctx: _Context) -> tuple[ListenAddress, ...]:
+    if not isinstance(value, list):
+        raise _Invalid(f'expected an array such as ["0.0.0.0:2526"], got {_show(value)}')
+    return _addresses(value)
+
+
+def _addresses(value: list[object]) -> tuple[ListenAddress, ...]:
     problems: list[str] = []
     addresses: list[ListenAddress] = []
     for entry in value:
@@ -302,6 +312,26 @@ def _listen(value: object, ctx: _Context) -> tuple[ListenAddress, ...]:
     if problems:
         raise _Invalid(*problems)
     return tuple(addresses)
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _networks(value: object, ctx: _Context) -> tuple[Network, ...]:
+    if not isinstance(value, list):
+        raise _Invalid(f'expected an array such as ["10.0.0.0/8"], got {_show(value)}')
+    problems: list[str] = []
+    networks = []
+    for entry in value:
+        try:
+            if not isinstance(entry, str):
+                raise ValueError
+            networks.append(ipaddress.ip_network(entry, strict=False))
+        except ValueError:
+            problems.append(f"expected networks such as '10.0.0.0/8', got {_show(entry)}")
+    if problems:
+        raise _Invalid(*problems)
+    return tuple(networks)
 
 
 # --- sections -----------------------------------------------------------------------------
@@ -481,11 +511,45 @@ class Timeouts:
     shutdown_grace: float = attrs.field(default=30.0, metadata=_SECONDS)
 
 
+TLS_VERSIONS = ("TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3")
+UPSTREAM_TLS_MODES = ("none", "opportunistic", "required")
+
+
+@attrs.frozen
+class TlsSettings:
+    """[tls]: STARTTLS for clients (cert/key) and towards destinations (upstream*)."""
+
+    cert: Path | None = attrs.field(default=None, metadata=_key(_path))  # PEM, chain included
+    key: Path | None = attrs.field(default=None, metadata=_key(_path))
+    min_version: str = attrs.field(
+        default="TLSv1.2",
+        metadata=_key(_choice(*TLS_VERSIONS, aliases={v.lower(): v for v in TLS_VERSIONS})),
+    )
+    ciphers: str = attrs.field(default="", metadata=_key(_text))  # OpenSSL syntax, TLS <= 1.2
+    require: bool = attrs.field(default=False, metadata=_key(_boolean))
+    upstream: str = attrs.field(
+        default="opportunistic", metadata=_key(_choice(*UPSTREAM_TLS_MODES))
+    )
+    upstream_verify: bool = attrs.field(default=False, metadata=_key(_boolean))
+    upstream_ca_file: Path | None = attrs.field(default=None, metadata=_key(_path))
+
+
+def _check_tls(tls: TlsSettings) -> list[tuple[str, str]]:
+    if (tls.cert is None) != (tls.key is None):
+        missing = "key" if tls.key is None else "cert"
+        return [(missing, "required with tls.cert and tls.key: both or neither")]
+    if tls.require and tls.cert is None:
+        return [("require", "needs tls.cert and tls.key (STARTTLS cannot be offered without)")]
+    return []
+
+
 @attrs.frozen
 class Config:
     """The whole configuration; `path` is the file it was loaded from (None when built in code)."""
 
-    server: ServerSettings = attrs.field(factory=ServerSettings, metadata=_table(ServerSettings))
+    server: ServerSettings = attrs.field(
+        factory=ServerSettings, metadata=_table(ServerSettings)
+    )
     proxy: ProxySettings = attrs.field(factory=ProxySettings, metadata=_table(ProxySettings))
     routes: RoutesSettings = attrs.field(
         factory=RoutesSettings, metadata=_table(RoutesSettings, check=_check_routes)
@@ -493,6 +557,9 @@ class Config:
     log: LogSettings = attrs.field(factory=LogSettings, metadata=_table(LogSettings))
     limits: Limits = attrs.field(factory=Limits, metadata=_table(Limits))
     timeouts: Timeouts = attrs.field(factory=Timeouts, metadata=_table(Timeouts))
+    tls: TlsSettings = attrs.field(
+        factory=TlsSettings, metadata=_table(TlsSettings, check=_check_tls)
+    )
     path: Path | None = None
 
 

@@ -24,6 +24,7 @@ from moxy.lookup.base import Router
 from moxy.lookup.build import Routing
 from moxy.session import ServerContext, Session
 from moxy.smtp.replies import Reply
+from moxy.tls import UpstreamTls, server_context
 from moxy.upstream import ConnectionPool, UpstreamSettings
 
 logger = logging.getLogger("moxy")
@@ -70,7 +71,9 @@ async def serve(
             timeouts=config.timeouts,
             reply_line=config.limits.reply_line,
             pool=pool,
+            tls=UpstreamTls.from_config(config),
         ),
+        tls=server_context(config),
     )
     listeners: list[trio.SocketListener] = [
         trio.SocketListener(trio.socket.from_stdlib_socket(sock)) for sock in sockets or ()

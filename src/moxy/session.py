@@ -12,6 +12,7 @@ import email.utils
 import itertools
 import logging
 import secrets
+import ssl
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -26,6 +27,7 @@ from moxy.lookup.base import BadRouteData, DestinationGroup, LookupFailed, Route
 from moxy.smtp import events as ev
 from moxy.smtp.replies import Reply
 from moxy.smtp.server import ServerConnection
+from moxy.tls import describe
 from moxy.transaction import Transaction, decide_final
 from moxy.upstream import Envelope, Leg, UpstreamSettings
 
@@ -62,19 +64,22 @@ class ServerContext:
     emit: Callable[[DeliveryEvent], None]
     upstream: UpstreamSettings
     drain: Drain = attrs.field(factory=Drain)
+    tls: ssl.SSLContext | None = attrs.field(default=None, eq=False)  # None: no STARTTLS
 
 
 def received_header(
     helo: str, client_ip: str, hostname: str, protocol: str, message_id: str,
-    recipients: list[str], when: float | None = None,
+    recipients: list[str], when: float | None = None, tls: str = "",
 ) -> bytes:
-    """The RFC 5321 §4.4 trace header that destinations see (folded onto three lines)."""
+    """The RFC 5321 §4.4 trace header that destinations see (folded onto three lines, four
+    with TLS: Postfix's "(using TLSv1.3 with cipher ...)" comment)."""
     ip = f"IPv6:{client_ip}" if ":" in client_ip else client_ip
     moment = datetime.fromtimestamp(time.time() if when is None else when, UTC)
     date = email.utils.format_datetime(moment)  # "+0000": UTC, not the "-0000" of unknown zone
     for_clause = f"\r\n\tfor <{recipients[0]}>" if len(recipients) == 1 else ""
+    using = f"\t(using {tls})\r\n" if tls else ""
     text = (
-        f"Received: from {helo or 'unknown'} ([{ip}])\r\n"
+        f"Received: from {helo or 'unknown'} ([{ip}])\r\n{using}"
         f"\tby {hostname} (Moxy) with {protocol} id {message_id}{for_clause};\r\n"
         f"\t{date}\r\n"
     )
@@ -100,11 +105,14 @@ class Session:
             max_errors=cfg.limits.errors,
             bare_newlines=cfg.proxy.bare_newlines,
             hostname=cfg.server.hostname,
+            starttls=ctx.tls is not None,
+            require_tls=cfg.tls.require and ctx.tls is not None,
         )
         self.legs: dict[DestinationGroup, Leg] = {}
         self.transaction: Transaction | None = None
         self.helo = ""
         self.protocol = "SMTP"
+        self.tls = ""  # after STARTTLS: "TLSv1.3 with cipher ... (256/256 bits)"
         self.messages = 0
         self.message_id = ""
         self.data_started = 0.0
@@ -222,6 +230,9 @@ class Session:
             case ev.Reset():
                 await self.end_transaction()
                 self.reply(Reply.make(250, "2.0.0", "Ok"))
+            case ev.StartTls():
+                self.reply(Reply.make(220, "2.0.0", "Ready to start TLS"))
+                await self.start_tls()
             case ev.Noop():
                 self.reply(Reply.make(250, "2.0.0", "Ok"))
             case ev.Verify():
@@ -241,6 +252,34 @@ class Session:
                 return False
         return True
 
+    async def start_tls(self) -> None:
+        """After the 220: the handshake, on the same connection. The core has already dropped
+        whatever the client pipelined after STARTTLS and forgotten its HELO (RFC 3207 §4.2);
+        a failed handshake ends this session only."""
+        await self.flush()
+        if self.smtp.discarded:
+            logger.warning(
+                "session %s from %s: %d bytes sent after STARTTLS before the handshake were "
+                "discarded (command injection?)", self.id, self.client_ip, self.smtp.discarded,
+            )
+        assert self.ctx.tls is not None
+        stream = trio.SSLStream(self.stream, self.ctx.tls, server_side=True)
+        self.stream = stream
+        failure = f"no handshake within {self.ctx.config.timeouts.client_command:g}s"
+        with trio.move_on_after(self.ctx.config.timeouts.client_command):
+            try:
+                await stream.do_handshake()
+                failure = ""
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                failure = str(exc.__cause__ or exc) or type(exc).__name__
+        if failure:
+            logger.info("session %s from %s: TLS handshake failed: %s",
+                        self.id, self.client_ip, failure)
+            raise ClientGone
+        self.tls = describe(stream)
+        self.helo, self.protocol = "", "SMTP"
+        logger.info("session %s from %s: TLS established: %s", self.id, self.client_ip, self.tls)
+
     def hello_reply(self, verb: str, domain: str) -> Reply:
         greeting = f"{self.hostname} greets {domain}"
         if verb != "EHLO":
@@ -249,7 +288,7 @@ class Session:
 
     async def mail(self, event: ev.MailFrom) -> None:
         await self.end_transaction()
-        envelope = Envelope(event.address, event.size, event.body)
+        envelope = Envelope(event.address, event.size, event.body, event.smtputf8)
         self.transaction = Transaction(
             self.legs, self.ctx.upstream, envelope, self.ctx.config.proxy.split_destinations
         )
@@ -281,13 +320,24 @@ class Session:
         self.received_bytes = 0
         self.data_started = time.monotonic()
         header = received_header(
-            self.helo, self.client_ip, self.hostname, self.protocol, self.message_id,
-            self.transaction.recipients,
+            self.helo, self.client_ip, self.hostname, self.received_protocol(),
+            self.message_id, self.transaction.recipients, tls=self.tls,
         )
         reply = await self.transaction.start_data(header)
         if reply.code != 354:
             self.log_message(reply, "data", 0)
         self.reply(reply)
+
+    def received_protocol(self) -> str:
+        """The `with` keyword of the Received header: ESMTP, ESMTPS (RFC 3848), UTF8SMTP,
+        UTF8SMTPS (RFC 6531 §3.7.3), or SMTP after HELO."""
+        protocol = self.protocol
+        if protocol == "SMTP":
+            return protocol
+        t = self.transaction
+        if t is not None and t.envelope.smtputf8:
+            protocol = "UTF8SMTP"
+        return protocol + "S" if self.tls else protocol
 
     async def end_of_data(self) -> None:
         transaction = self.transaction
@@ -356,6 +406,7 @@ class Session:
             mail_from=envelope.mail_from if envelope else "",
             duration=time.monotonic() - self.data_started,
             node=self.ctx.config.server.node,
+            tls=self.tls,
             **fields,  # type: ignore[arg-type]
         )
 

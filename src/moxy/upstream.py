@@ -25,6 +25,7 @@ from moxy.config import Timeouts
 from moxy.lookup.base import Destination, DestinationGroup
 from moxy.smtp.client import ReplyParser, UpstreamProtocolError, parse_ehlo
 from moxy.smtp.replies import Reply
+from moxy.tls import UpstreamTls, describe
 
 logger = logging.getLogger("moxy.upstream")
 
@@ -52,6 +53,7 @@ class Envelope:
     mail_from: str
     size: int | None = None  # the client's SIZE= estimate
     body: str | None = None  # BODY=7BIT / 8BITMIME
+    smtputf8: bool = False  # RFC 6531: only legs that advertise SMTPUTF8 may take it
 
     def mail_line(self, extensions: dict[str, str]) -> bytes:
         """MAIL FROM with the parameters this upstream advertised (RFC 1870, RFC 6152)."""
@@ -73,6 +75,7 @@ class UpstreamSettings:
     timeouts: Timeouts
     reply_line: int = 2048
     pool: ConnectionPool | None = attrs.field(default=None, eq=False)  # shared by sessions
+    tls: UpstreamTls = attrs.field(factory=UpstreamTls, eq=False)  # STARTTLS to destinations
 
 
 class Connection:
@@ -86,6 +89,7 @@ class Connection:
         self.settings = settings
         self.parser = ReplyParser(max_line=settings.reply_line)
         self.extensions: dict[str, str] = {}
+        self.tls = ""  # "TLSv1.3 with cipher ..." once STARTTLS succeeded
 
     @property
     def pipelining(self) -> bool:
@@ -257,10 +261,53 @@ async def connect(destination: Destination, settings: UpstreamSettings) -> Conne
             reply = await conn.command(b"HELO " + helo + b"\r\n", "helo", t.upstream_command)
             if reply.klass != 2:
                 raise conn.error("helo", f"refused: {reply}", reply)
+        mode = destination.tls or settings.tls.mode
+        if mode != "none":
+            if "STARTTLS" in conn.extensions:
+                await _start_tls(conn, helo)
+            elif mode == "required":
+                raise conn.error("tls", "STARTTLS required but not offered")
+            else:
+                logger.info("upstream %s does not offer STARTTLS: plain text", where)
     except BaseException:
         await conn.close()
         raise
     return conn
+
+
+async def _start_tls(conn: Connection, helo: bytes) -> None:
+    """STARTTLS, the handshake, and EHLO again (RFC 3207 §4.2). Once offered, TLS must work:
+    a refused STARTTLS or a failed handshake fails the connection (never clear text after
+    that, whatever the mode), as does anything the server sent after its 220 in clear text
+    (a response injection, the client side of CVE-2011-0411)."""
+    destination, t = conn.destination, conn.settings.timeouts
+    reply = await conn.command(b"STARTTLS\r\n", "tls", t.upstream_command)
+    if reply.code != 220:
+        raise conn.error("tls", f"STARTTLS refused: {reply}", reply)
+    if conn.parser.buffered:
+        raise conn.error("tls", "data after the 220 to STARTTLS (response injection?)")
+    # An IP address here is checked against the certificate's IP names and, as RFC 6066
+    # wants, not sent as SNI (Python's ssl does both).
+    name = destination.sni or destination.host
+    context = conn.settings.tls.context(destination.verify)
+    stream = trio.SSLStream(conn.stream, context, server_hostname=name)
+    conn.stream = stream
+    with trio.move_on_after(t.upstream_command):
+        try:
+            await stream.do_handshake()
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            detail = str(exc.__cause__ or exc) or type(exc).__name__
+            logger.warning("upstream %s: TLS handshake failed: %s", conn.destination, detail)
+            raise conn.error("tls", f"TLS handshake failed: {detail}") from None
+        conn.tls = describe(stream)
+        conn.parser = ReplyParser(max_line=conn.settings.reply_line)
+        ehlo = await conn.command(b"EHLO " + helo + b"\r\n", "ehlo", t.upstream_command)
+        if ehlo.klass != 2:
+            raise conn.error("ehlo", f"refused after STARTTLS: {ehlo}", ehlo)
+        conn.extensions = parse_ehlo(ehlo)
+        logger.debug("upstream %s: %s", conn.destination, conn.tls)
+        return
+    raise conn.error("tls", f"no TLS handshake within {t.upstream_command:g}s")
 
 
 class Leg:
