@@ -62,7 +62,24 @@ class Envelope:
             line += f" SIZE={self.size + TRACE_ALLOWANCE}"
         if self.body is not None and "8BITMIME" in extensions:
             line += f" BODY={self.body}"
+        if self.smtputf8:
+            line += " SMTPUTF8"
         return (line + "\r\n").encode("utf-8", "replace")
+
+    def refusal(self, extensions: dict[str, str]) -> Reply | None:
+        """Why a destination with these EHLO `extensions` cannot take this transaction, as the
+        reply its recipients get at RCPT (before any body is sent); None when it can."""
+        if self.smtputf8 and "SMTPUTF8" not in extensions:
+            # RFC 6531 §3.4: never downgrade; Postfix's wording and code.
+            return Reply.make(553, "5.6.7", "SMTPUTF8 is required, but was not offered by the "
+                              "destination")
+        text = extensions.get("SIZE", "")
+        limit = int(text) if text.isdigit() else 0  # 0: no limit announced (RFC 1870)
+        if self.size is not None and 0 < limit < self.size + TRACE_ALLOWANCE:
+            # RFC 1870 §6: the declared size is above what the destination takes.
+            return Reply.make(552, "5.3.4", f"Message size exceeds the destination's limit of "
+                              f"{max(limit - TRACE_ALLOWANCE, 0)} bytes")
+        return None
 
 
 # Moxy prepends a Received: header, so the message an upstream gets is a little larger.
@@ -410,6 +427,12 @@ class Leg:
         commands: list[tuple[bytes, str, float]] = []
         replay = not self.synced
         reset = replay and self.needs_reset
+        if replay and (refusal := self.envelope.refusal(conn.extensions)) is not None:
+            # Refused here, for every recipient of this leg: the destination never sees MAIL.
+            self.mail_reply, self.synced = refusal, True
+            if self.accepted:
+                self.failure = conn.error("mail", f"replay refused: {refusal}")
+            return refusal
         if reset:
             commands.append((b"RSET\r\n", "rset", t.upstream_command))
         if replay:
