@@ -660,3 +660,26 @@ def test_tls_keys(tmp_path: Path) -> None:
     assert (tls.cert, tls.key, tls.min_version) == (tmp_path / "c.pem", tmp_path / "k.pem",
                                                     "TLSv1.3")
     assert (tls.upstream, tls.upstream_verify, tls.require) == ("opportunistic", False, False)
+
+
+def test_proxy_listeners(tmp_path: Path) -> None:
+    text = with_routes('[server]\nlisten_proxy = ["127.0.0.1:2526"]\n'
+                       'proxy_protocol_from = ["10.0.0.0/8", "::1"]\n')
+    server = load(tmp_path, text).server
+    assert [str(a) for a in server.listen_proxy] == ["127.0.0.1:2526"]
+    assert [str(n) for n in server.proxy_protocol_from] == ["10.0.0.0/8", "::1/128"]
+
+
+@pytest.mark.parametrize(
+    ("toml", "expected"),
+    [
+        ('[server]\nlisten_proxy = ["127.0.0.1:2526"]\n', "server.proxy_protocol_from: required"),
+        ('[server]\nlisten = ["127.0.0.1:25"]\nlisten_proxy = ["127.0.0.1:25"]\n'
+         'proxy_protocol_from = ["10.0.0.0/8"]\n', "server.listen_proxy: '127.0.0.1:25' is also"),
+        ('[server]\nproxy_protocol_from = ["10.0.0.0/33"]\n',
+         "server.proxy_protocol_from: expected networks"),
+    ],
+)
+def test_proxy_listener_errors(tmp_path: Path, toml: str, expected: str) -> None:
+    found = errors(tmp_path, with_routes(toml))
+    assert any(e.startswith(expected) for e in found), found

@@ -354,6 +354,22 @@ class ServerSettings:
     workers: int = attrs.field(default=1, metadata=_COUNT)
     # Which Moxy of a cluster saw an event (accounting); the short host name by default.
     node: str = attrs.field(factory=socket.gethostname, metadata=_key(_node))
+    # Listeners behind a load balancer: every connection starts with a PROXY protocol header
+    # (v1 or v2) from one of proxy_protocol_from; the client address it carries is used.
+    listen_proxy: tuple[ListenAddress, ...] = attrs.field(
+        default=(), metadata=_key(_listen_proxy)
+    )
+    proxy_protocol_from: tuple[Network, ...] = attrs.field(default=(), metadata=_key(_networks))
+
+
+def _check_server(server: ServerSettings) -> list[tuple[str, str]]:
+    if server.listen_proxy and not server.proxy_protocol_from:
+        return [("proxy_protocol_from", "required with server.listen_proxy: the networks of "
+                 "the load balancers allowed to send PROXY headers")]
+    overlap = [a for a in server.listen_proxy if a in server.listen and a.port != 0]
+    if overlap:
+        return [("listen_proxy", f"'{overlap[0]}' is also in server.listen")]
+    return []
 
 
 @attrs.frozen
@@ -548,7 +564,7 @@ class Config:
     """The whole configuration; `path` is the file it was loaded from (None when built in code)."""
 
     server: ServerSettings = attrs.field(
-        factory=ServerSettings, metadata=_table(ServerSettings)
+        factory=ServerSettings, metadata=_table(ServerSettings, check=_check_server)
     )
     proxy: ProxySettings = attrs.field(factory=ProxySettings, metadata=_table(ProxySettings))
     routes: RoutesSettings = attrs.field(

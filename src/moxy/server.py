@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import ipaddress
 import logging
 import signal
 import socket
@@ -22,6 +23,7 @@ from moxy.accounting.textlog import TextLog
 from moxy.config import Config
 from moxy.lookup.base import Router
 from moxy.lookup.build import Routing
+from moxy.proxy_protocol import ProxyProtocolError, read_header
 from moxy.session import ServerContext, Session
 from moxy.smtp.replies import Reply
 from moxy.tls import UpstreamTls, server_context
@@ -78,13 +80,22 @@ async def serve(
     listeners: list[trio.SocketListener] = [
         trio.SocketListener(trio.socket.from_stdlib_socket(sock)) for sock in sockets or ()
     ]
-    for address in config.server.listen if sockets is None else ():
+    # Listeners behind a load balancer (PROXY protocol); with `sockets`, known by address.
+    proxied: set[trio.SocketListener] = {
+        listener for listener in listeners if _is_proxy_address(listener, config)
+    }
+    addresses = [(a, False) for a in config.server.listen]
+    addresses += [(a, True) for a in config.server.listen_proxy]
+    for address, behind_proxy in addresses if sockets is None else ():
         try:
-            listeners += await trio.open_tcp_listeners(address.port, host=address.host)
+            new = await trio.open_tcp_listeners(address.port, host=address.host)
         except OSError as exc:
             for listener in listeners:
                 await listener.aclose()
             raise OSError(exc.errno, f"cannot listen on {address}: {exc.strerror}") from None
+        listeners += new
+        if behind_proxy:
+            proxied.update(new)
     bound: list[tuple[str, int]] = []
     for listener in listeners:
         name = listener.socket.getsockname()
@@ -92,9 +103,15 @@ async def serve(
     active = 0
     drained = trio.Event()
 
-    async def handle(stream: trio.SocketStream) -> None:
+    async def handle(stream: trio.SocketStream, behind_proxy: bool = False) -> None:
         nonlocal active
         client_ip = _peer_ip(stream)
+        if behind_proxy:
+            proxy_ip, client_ip = client_ip, await _proxied_client(stream, client_ip, config)
+            if not client_ip:
+                await trio.aclose_forcefully(stream)
+                return
+            logger.debug("PROXY header from %s: client %s", proxy_ip, client_ip)
         if active >= config.limits.connections:
             logger.warning("connection limit %d reached; refusing %s",
                            config.limits.connections, client_ip)
@@ -123,7 +140,8 @@ async def serve(
         with accepting:
             async with trio.open_nursery() as acceptors:
                 for listener in listeners:
-                    acceptors.start_soon(_accept_loop, listener, handle, nursery)
+                    handler = functools.partial(handle, behind_proxy=listener in proxied)
+                    acceptors.start_soon(_accept_loop, listener, handler, nursery)
 
     async def drain(shutdown: trio.Event, nursery: trio.Nursery) -> None:
         """Graceful shutdown: stop accepting, let sessions finish the message they are busy
@@ -153,6 +171,35 @@ async def serve(
             nursery.start_soon(drain, shutdown, nursery)
         logger.info("moxy listening on %s", ", ".join(_fmt(b) for b in bound))
         task_status.started(bound)
+
+
+def _is_proxy_address(listener: trio.SocketListener, config: Config) -> bool:
+    host, port = listener.socket.getsockname()[:2]
+    return any(
+        a.port == port and (a.host == host or a.host in ("0.0.0.0", "::"))
+        for a in config.server.listen_proxy
+    )
+
+
+async def _proxied_client(stream: trio.SocketStream, peer: str, config: Config) -> str:
+    """The client address a load balancer's PROXY header gives; "" when the connection is to be
+    refused: not from `proxy_protocol_from`, or no valid header (both logged)."""
+    try:
+        address = ipaddress.ip_address(peer)
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+            address = address.ipv4_mapped
+    except ValueError:
+        address = None
+    if address is None or not any(address in n for n in config.server.proxy_protocol_from):
+        logger.warning("PROXY listener: connection from %s refused (not in "
+                       "server.proxy_protocol_from)", peer)
+        return ""
+    try:
+        header = await read_header(stream, config.timeouts.client_command)
+    except ProxyProtocolError as exc:
+        logger.warning("PROXY listener: connection from %s refused: %s", peer, exc)
+        return ""
+    return header.source or peer
 
 
 # Accept errors that mean "out of resources for now", as trio.serve_listeners treats them.
