@@ -29,7 +29,7 @@ from moxy.smtp.replies import Reply
 from moxy.smtp.server import ServerConnection
 from moxy.tls import describe
 from moxy.transaction import Transaction, decide_final
-from moxy.upstream import Envelope, Leg, UpstreamSettings
+from moxy.upstream import ClientIdentity, Envelope, Leg, UpstreamSettings
 
 logger = logging.getLogger("moxy.session")
 
@@ -290,11 +290,18 @@ class Session:
         await self.end_transaction()
         envelope = Envelope(event.address, event.size, event.body, event.smtputf8)
         self.transaction = Transaction(
-            self.legs, self.ctx.upstream, envelope, self.ctx.config.proxy.split_destinations
+            self.legs, self.upstream_settings(), envelope,
+            self.ctx.config.proxy.split_destinations,
         )
         self.messages += 1
         self.message_id = f"{self.id}.{self.messages}"
         self.reply(Reply.make(250, "2.1.0", "Ok"))
+
+    def upstream_settings(self) -> UpstreamSettings:
+        """The server's settings plus who this client is (for XCLIENT to trusted legs)."""
+        protocol = "ESMTP" if self.protocol == "ESMTP" else "SMTP"
+        identity = ClientIdentity(self.client_ip, self.helo, protocol)
+        return attrs.evolve(self.ctx.upstream, client=identity)
 
     async def rcpt(self, address: str) -> Reply:
         assert self.transaction is not None

@@ -87,12 +87,46 @@ TRACE_ALLOWANCE = 1024
 
 
 @attrs.frozen
+class ClientIdentity:
+    """Who the client is, for XCLIENT to trusted destinations (Postfix's XCLIENT_README)."""
+
+    address: str
+    helo: str = ""
+    protocol: str = "SMTP"  # "SMTP" or "ESMTP"
+    name: str = ""  # reverse DNS name; Moxy does no lookups, so unknown
+
+    def xclient_line(self, offered: str) -> bytes:
+        """XCLIENT with the attributes the destination lists in its EHLO keyword."""
+        address = f"IPV6:{self.address}" if ":" in self.address else self.address
+        values = {
+            "ADDR": address,
+            "NAME": self.name or "[UNAVAILABLE]",
+            "HELO": self.helo or "[UNAVAILABLE]",
+            "PROTO": self.protocol,
+        }
+        names = {word.upper() for word in offered.split()}
+        words = [f"{key}={_xtext(value)}" for key, value in values.items() if key in names]
+        if not words:
+            return b""
+        return ("XCLIENT " + " ".join(words) + "\r\n").encode("ascii")
+
+
+def _xtext(value: str) -> str:
+    """RFC 3461 §4 xtext, which XCLIENT values use: "+", "=", controls and non-ASCII as +HH."""
+    return "".join(
+        c if 33 <= ord(c) <= 126 and c not in "+=" else "".join(f"+{b:02X}" for b in c.encode())
+        for c in value
+    )
+
+
+@attrs.frozen
 class UpstreamSettings:
     helo_name: str
     timeouts: Timeouts
     reply_line: int = 2048
     pool: ConnectionPool | None = attrs.field(default=None, eq=False)  # shared by sessions
     tls: UpstreamTls = attrs.field(factory=UpstreamTls, eq=False)  # STARTTLS to destinations
+    client: ClientIdentity | None = None  # the session's client, for XCLIENT
 
 
 class Connection:
@@ -107,6 +141,7 @@ class Connection:
         self.parser = ReplyParser(max_line=settings.reply_line)
         self.extensions: dict[str, str] = {}
         self.tls = ""  # "TLSv1.3 with cipher ..." once STARTTLS succeeded
+        self.xclient = False  # XCLIENT told it one client's identity: never pooled
 
     @property
     def pipelining(self) -> bool:
@@ -201,7 +236,7 @@ class ConnectionPool:
     def give(self, conn: Connection) -> bool:
         """Keep `conn` for later; False when the pool for its destination is full."""
         idle = self._idle.setdefault(conn.destination, deque())
-        if len(idle) >= self.per_destination or conn.parser.buffered:
+        if len(idle) >= self.per_destination or conn.parser.buffered or conn.xclient:
             return False
         idle.append((trio.current_time(), conn))
         return True
@@ -286,6 +321,8 @@ async def connect(destination: Destination, settings: UpstreamSettings) -> Conne
                 raise conn.error("tls", "STARTTLS required but not offered")
             else:
                 logger.info("upstream %s does not offer STARTTLS: plain text", where)
+        if destination.xclient and settings.client is not None and "XCLIENT" in conn.extensions:
+            await _xclient(conn, settings.client, helo)
     except BaseException:
         await conn.close()
         raise
@@ -325,6 +362,24 @@ async def _start_tls(conn: Connection, helo: bytes) -> None:
         logger.debug("upstream %s: %s", conn.destination, conn.tls)
         return
     raise conn.error("tls", f"no TLS handshake within {t.upstream_command:g}s")
+
+
+async def _xclient(conn: Connection, client: ClientIdentity, helo: bytes) -> None:
+    """Tell a trusted destination who the client really is, then EHLO again (the server
+    restarts the session with a 220, or 250 in old Postfix). A refusal fails the connection:
+    mail must not reach it looking as if Moxy had sent it."""
+    t = conn.settings.timeouts
+    line = client.xclient_line(conn.extensions["XCLIENT"])
+    if not line:
+        return  # it takes none of the attributes Moxy knows
+    reply = await conn.command(line, "xclient", t.upstream_command)
+    if reply.klass != 2:
+        raise conn.error("xclient", f"refused: {reply}", reply)
+    conn.xclient = True
+    ehlo = await conn.command(b"EHLO " + helo + b"\r\n", "ehlo", t.upstream_command)
+    if ehlo.klass != 2:
+        raise conn.error("ehlo", f"refused after XCLIENT: {ehlo}", ehlo)
+    conn.extensions = parse_ehlo(ehlo)
 
 
 class Leg:
