@@ -346,22 +346,23 @@ async def _start_tls(conn: Connection, helo: bytes) -> None:
     context = conn.settings.tls.context(destination.verify)
     stream = trio.SSLStream(conn.stream, context, server_hostname=name)
     conn.stream = stream
+    detail = f"no TLS handshake within {t.upstream_command:g}s"
     with trio.move_on_after(t.upstream_command):
         try:
             await stream.do_handshake()
+            detail = ""
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             detail = str(exc.__cause__ or exc) or type(exc).__name__
-            logger.warning("upstream %s: TLS handshake failed: %s", conn.destination, detail)
-            raise conn.error("tls", f"TLS handshake failed: {detail}") from None
-        conn.tls = describe(stream)
-        conn.parser = ReplyParser(max_line=conn.settings.reply_line)
-        ehlo = await conn.command(b"EHLO " + helo + b"\r\n", "ehlo", t.upstream_command)
-        if ehlo.klass != 2:
-            raise conn.error("ehlo", f"refused after STARTTLS: {ehlo}", ehlo)
-        conn.extensions = parse_ehlo(ehlo)
-        logger.debug("upstream %s: %s", conn.destination, conn.tls)
-        return
-    raise conn.error("tls", f"no TLS handshake within {t.upstream_command:g}s")
+    if detail:
+        logger.warning("upstream %s: TLS handshake failed: %s", conn.destination, detail)
+        raise conn.error("tls", f"TLS handshake failed: {detail}")
+    conn.tls = describe(stream)
+    conn.parser = ReplyParser(max_line=conn.settings.reply_line)
+    ehlo = await conn.command(b"EHLO " + helo + b"\r\n", "ehlo", t.upstream_command)
+    if ehlo.klass != 2:
+        raise conn.error("ehlo", f"refused after STARTTLS: {ehlo}", ehlo)
+    conn.extensions = parse_ehlo(ehlo)
+    logger.debug("upstream %s: %s", conn.destination, conn.tls)
 
 
 async def _xclient(conn: Connection, client: ClientIdentity, helo: bytes) -> None:

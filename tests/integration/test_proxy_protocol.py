@@ -5,6 +5,7 @@ connection from outside `proxy_protocol_from`, or without a valid header, is ref
 from __future__ import annotations
 
 import ipaddress
+import ssl
 import struct
 from collections.abc import Callable
 
@@ -13,8 +14,10 @@ import trio
 
 from moxy.proxy_protocol import ProxyHeader, ProxyProtocolError, parse_header
 from peers.client import SmtpClient
-from peers.moxy import RunningMoxy, StartMoxy
+from peers.moxy import MoxyProcess, RunningMoxy, StartMoxy
 from peers.recorder import Recorder
+from peers.sink import free_port
+from peers.tls import TlsFiles
 
 from .helpers import BODY, SENDER, split_received
 
@@ -125,3 +128,31 @@ def test_parse_header(data: bytes, expected: ProxyHeader | None) -> None:
 def test_bad_headers_are_errors(data: bytes) -> None:
     with pytest.raises(ProxyProtocolError):
         parse_header(data)
+
+
+async def test_moxy_serve_with_workers_binds_listen_proxy_and_offers_starttls(
+    moxy_process: Callable[..., MoxyProcess], make_recorder: MakeRecorder, tls_files: TlsFiles
+) -> None:
+    upstream = make_recorder()
+    proxy_port = free_port()
+    moxy = moxy_process(
+        {"example.org": upstream},
+        server={"workers": 2, "listen_proxy": [f"127.0.0.1:{proxy_port}"],
+                "proxy_protocol_from": ["127.0.0.0/8"]},
+        tls={"cert": str(tls_files.cert), "key": str(tls_files.key)},
+    )
+    async with await SmtpClient.connect("127.0.0.1", proxy_port) as client:
+        await client.send(b"PROXY TCP4 198.51.100.4 192.0.2.25 40000 25\r\n")
+        await client.greeting_and_ehlo()
+        _, final = await client.send_message(SENDER, ["u@example.org"], BODY)
+        assert final is not None and final.code == 250, client.dump()
+    async with await SmtpClient.connect(moxy.host, moxy.port) as client:
+        assert "STARTTLS" in (await client.greeting_and_ehlo()).lines
+        assert (await client.command("STARTTLS")).code == 220
+        await client.start_tls(ssl.create_default_context(cafile=str(tls_files.ca)))
+        await client.command("EHLO client.test")
+        _, final = await client.send_message(SENDER, ["u@example.org"], BODY)
+        assert final is not None and final.code == 250, client.dump()
+    first, second = (split_received(m.data or b"")[0] for m in upstream.delivered)
+    assert b"([198.51.100.4])" in first and b" with ESMTP id " in first
+    assert b"([127.0.0.1])\r\n\t(using TLSv1.3 " in second and b" with ESMTPS id " in second

@@ -112,7 +112,7 @@ async def _relay_with_injection(
 
 
 async def test_commands_pipelined_after_starttls_are_discarded_openssl_s_client(
-    moxy: StartMoxy, make_recorder: MakeRecorder, tls_files: TlsFiles
+    moxy: StartMoxy, make_recorder: MakeRecorder, tls_files: TlsFiles, caplog: Any
 ) -> None:
     openssl = require_binary("openssl", "openssl")
     upstream = make_recorder()
@@ -142,6 +142,8 @@ async def test_commands_pipelined_after_starttls_are_discarded_openssl_s_client(
     assert lines[-1].startswith("221 "), result.stdout
     assert not any(line.startswith(("250 2.1.0", "250 2.1.5", "503")) for line in lines)
     assert upstream.connections == []  # the injected RCPT never reached a destination
+    assert any(f"{len(injected)} bytes sent after STARTTLS" in r.getMessage()
+               for r in caplog.records)
 
 
 async def test_after_starttls_the_session_starts_again_and_a_second_starttls_is_refused(
