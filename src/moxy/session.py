@@ -23,13 +23,14 @@ import trio
 
 from moxy.accounting.events import DeliveryEvent
 from moxy.config import Config
+from moxy.leg_setup import ClientIdentity
 from moxy.lookup.base import BadRouteData, DestinationGroup, LookupFailed, Router
 from moxy.smtp import events as ev
 from moxy.smtp.replies import Reply
 from moxy.smtp.server import ServerConnection
 from moxy.tls import describe
 from moxy.transaction import Transaction, decide_final
-from moxy.upstream import ClientIdentity, Envelope, Leg, UpstreamSettings
+from moxy.upstream import Envelope, Leg, UpstreamSettings
 
 logger = logging.getLogger("moxy.session")
 

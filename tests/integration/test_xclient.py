@@ -68,3 +68,13 @@ async def test_connections_with_a_clients_identity_are_not_pooled_for_other_clie
     await send_one(server, ["u@example.org"])
     assert len(upstream.connections) == 2
     assert all(c.xclient["ADDR"] == "127.0.0.1" for c in upstream.connections)
+
+
+def test_xclient_line_takes_the_offered_attributes_in_xtext() -> None:
+    from moxy.leg_setup import ClientIdentity
+
+    client = ClientIdentity("192.0.2.1", "a+b=c", "ESMTP")
+    assert client.xclient_line("addr HELO") == b"XCLIENT ADDR=192.0.2.1 HELO=a+2Bb+3Dc\r\n"
+    assert client.xclient_line("LOGIN DESTADDR") == b""
+    assert ClientIdentity("::1").xclient_line("ADDR NAME") == \
+        b"XCLIENT ADDR=IPV6:::1 NAME=[UNAVAILABLE]\r\n"
