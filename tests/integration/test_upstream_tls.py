@@ -112,3 +112,19 @@ async def test_verification_against_a_ca_file_with_an_sni_name(
     assert any("certificate verify failed" in r.getMessage() for r in caplog.records)
     assert len(upstream.delivered) == 1
     assert "MAIL" not in upstream.verbs(len(upstream.connections) - 1)
+
+
+async def test_a_reply_injected_after_the_220_to_starttls_fails_the_leg(
+    moxy: StartMoxy, make_recorder: MakeRecorder, server_tls: ssl.SSLContext, caplog: Any
+) -> None:
+    # The 220 and a forged reply in one write, as a man in the middle would append it: read
+    # after the handshake it would pass for the destination's answer over TLS.
+    caplog.set_level(logging.INFO, "moxy")
+    upstream = make_recorder(
+        {"starttls": "220 2.0.0 Ready to start TLS\r\n250 2.1.0 forged"}, starttls=server_tls
+    )
+    server = await moxy({"example.org": upstream})
+    outcome = await send_one(server, ["u@example.org"])
+    assert [(r.code, r.enhanced) for r in outcome.rcpt] == [(451, "4.7.5")], outcome.transcript
+    assert "MAIL" not in upstream.verbs()
+    assert any("response injection" in r.getMessage() for r in caplog.records)
