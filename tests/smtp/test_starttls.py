@@ -3,10 +3,27 @@ order, and the reset after the 220 that throws away whatever was pipelined behin
 
 from __future__ import annotations
 
-from moxy.smtp.events import NEED_DATA, PAUSED, Hello, Invalid, MailFrom, RcptTo, StartTls
+from hypothesis import given
+from hypothesis import strategies as st
+
+from moxy.smtp.events import (
+    NEED_DATA,
+    PAUSED,
+    BodyChunk,
+    BodyRefused,
+    ConnectionClosed,
+    Data,
+    Hello,
+    Invalid,
+    MailFrom,
+    RcptTo,
+    Sentinel,
+    StartTls,
+)
 from moxy.smtp.replies import Reply
 from moxy.smtp.server import State
 
+from .splits import split_at
 from .test_server import OK, code, command, connect, ready
 
 GO = Reply.make(220, "2.0.0", "Ready to start TLS")
@@ -89,3 +106,36 @@ def test_utf8_that_is_not_valid_utf8_is_a_syntax_error() -> None:
     conn.next_event()
     conn.send(OK)
     assert code(conn.next_event()) == (501, "5.1.3")
+
+
+TOKENS_TLS = st.sampled_from(
+    [b"EHLO a.example\r\n", b"STARTTLS\r\n", b"MAIL FROM:<a@b.example> SMTPUTF8\r\n",
+     b"RCPT TO:<\xc3\xa9@d.example>\r\n", b"DATA\r\n", b"\r\n.\r\n", b"RSET\r\n", b"\xff"]
+)
+
+
+@given(
+    st.lists(st.one_of(TOKENS_TLS, st.binary(max_size=20)), max_size=30).map(b"".join),
+    st.lists(st.integers(0, 600), max_size=5),
+)
+def test_random_input_with_starttls_never_raises_and_nothing_survives_a_220(
+    data: bytes, points: list[int]
+) -> None:
+    conn = connect(max_command_line=64, max_errors=5, starttls=True, require_tls=True)
+    for packet in [*split_at(data, *points), b""]:
+        if conn.state is State.CLOSED:
+            break
+        conn.receive_data(packet)
+        while conn.state is not State.CLOSED:
+            event = conn.next_event()
+            if isinstance(event, Sentinel | ConnectionClosed):
+                break
+            if isinstance(event, StartTls):
+                conn.send(GO)
+                assert conn.buffered == 0 and conn.tls
+            elif isinstance(event, Invalid):
+                conn.send(event.reply)
+            elif isinstance(event, Data):
+                conn.send(Reply(354, ("go",)))
+            elif not isinstance(event, BodyChunk | BodyRefused):
+                conn.send(OK)
