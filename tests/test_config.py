@@ -678,6 +678,8 @@ def test_proxy_listeners(tmp_path: Path) -> None:
          'proxy_protocol_from = ["10.0.0.0/8"]\n', "server.listen_proxy: '127.0.0.1:25' is also"),
         ('[server]\nproxy_protocol_from = ["10.0.0.0/33"]\n',
          "server.proxy_protocol_from: expected networks"),
+        ('[server]\nlisten_proxy = ["localhost:2526"]\nproxy_protocol_from = ["::1"]\n',
+         "server.listen_proxy: 'localhost:2526': write an IP address"),
     ],
 )
 def test_proxy_listener_errors(tmp_path: Path, toml: str, expected: str) -> None:

@@ -291,7 +291,14 @@ def _listen(value: object, ctx: _Context) -> tuple[ListenAddress, ...]:
 def _listen_proxy(value: object, ctx: _Context) -> tuple[ListenAddress, ...]:
     if not isinstance(value, list):
         raise _Invalid(f'expected an array such as ["0.0.0.0:2526"], got {_show(value)}')
-    return _addresses(value)
+    addresses = _addresses(value)
+    for address in addresses:
+        # Worker processes tell these listeners from `listen` ones by their bound address.
+        try:
+            ipaddress.ip_address(address.host)
+        except ValueError:
+            raise _Invalid(f"'{address}': write an IP address (0.0.0.0 or [::] for all)") from None
+    return addresses
 
 
 def _addresses(value: list[object]) -> tuple[ListenAddress, ...]:
