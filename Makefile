@@ -5,7 +5,7 @@ VENV        := .venv
 VPY         := $(VENV)/bin/python
 CONFIG      ?= examples/moxy.toml
 RUN_DEBS    := python3 python3-venv python3-gdbm
-TEST_DEBS   := $(RUN_DEBS) postfix swaks redis-server slapd ldap-utils openssl
+TEST_DEBS   := $(RUN_DEBS) postfix swaks libnet-ssleay-perl libio-socket-ssl-perl redis-server slapd ldap-utils openssl
 PYTEST_ARGS ?=
 
 .PHONY: run test lint check-config cluster bench run-debs test-debs clean

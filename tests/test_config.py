@@ -29,6 +29,7 @@ from moxy.config import (
     RoutesSettings,
     ServerSettings,
     Timeouts,
+    TlsSettings,
     load_config,
 )
 from moxy.lookup.settings import CacheSettings, GdbmSettings, LdapSettings, RedisSettings
@@ -724,6 +725,7 @@ SECTIONS = {
     "metrics": MetricsSettings,
     "destinations": DestinationSettings,
     "relay": RelaySettings,
+    "tls": TlsSettings,
 }
 ACCOUNTING_TABLES = {
     "accounting.file": FileSinkSettings,
@@ -785,3 +787,49 @@ def test_configuration_doc_describes_every_key(section: str, key: str) -> None:
     text = (REPO / "docs" / "configuration.md").read_text()
     body = text.split(f"## `[{section}]`\n", 1)[1].split("\n## ", 1)[0]
     assert f"| `{key}` |" in body
+
+
+@pytest.mark.parametrize(
+    ("toml", "expected"),
+    [
+        ('[tls]\ncert = "a.pem"\n', "tls.key: required with tls.cert and tls.key: both or neither"),
+        ("[tls]\nrequire = true\n", "tls.require: needs tls.cert and tls.key"),
+        ('[tls]\nupstream = "always"\n', "tls.upstream: expected one of 'none', 'opportunistic'"),
+        ('[tls]\nmin_version = "SSLv3"\n', "tls.min_version: expected one of 'TLSv1'"),
+    ],
+)
+def test_tls_errors_name_the_key(tmp_path: Path, toml: str, expected: str) -> None:
+    assert any(e.startswith(expected) for e in errors(tmp_path, toml)), errors(tmp_path, toml)
+
+
+def test_tls_keys(tmp_path: Path) -> None:
+    text = with_routes('[tls]\ncert = "c.pem"\nkey = "k.pem"\nmin_version = "tlsv1.3"\n')
+    tls = load(tmp_path, text).tls
+    assert (tls.cert, tls.key, tls.min_version) == (tmp_path / "c.pem", tmp_path / "k.pem",
+                                                    "TLSv1.3")
+    assert (tls.upstream, tls.upstream_verify, tls.require) == ("opportunistic", False, False)
+
+
+def test_proxy_listeners(tmp_path: Path) -> None:
+    text = with_routes('[server]\nlisten_proxy = ["127.0.0.1:2526"]\n'
+                       'proxy_protocol_from = ["10.0.0.0/8", "::1"]\n')
+    server = load(tmp_path, text).server
+    assert [str(a) for a in server.listen_proxy] == ["127.0.0.1:2526"]
+    assert [str(n) for n in server.proxy_protocol_from] == ["10.0.0.0/8", "::1/128"]
+
+
+@pytest.mark.parametrize(
+    ("toml", "expected"),
+    [
+        ('[server]\nlisten_proxy = ["127.0.0.1:2526"]\n', "server.proxy_protocol_from: required"),
+        ('[server]\nlisten = ["127.0.0.1:25"]\nlisten_proxy = ["127.0.0.1:25"]\n'
+         'proxy_protocol_from = ["10.0.0.0/8"]\n', "server.listen_proxy: '127.0.0.1:25' is also"),
+        ('[server]\nproxy_protocol_from = ["10.0.0.0/33"]\n',
+         "server.proxy_protocol_from: '10.0.0.0/33'"),
+        ('[server]\nlisten_proxy = ["localhost:2526"]\nproxy_protocol_from = ["::1"]\n',
+         "server.listen_proxy: 'localhost:2526': write an IP address"),
+    ],
+)
+def test_proxy_listener_errors(tmp_path: Path, toml: str, expected: str) -> None:
+    found = errors(tmp_path, with_routes(toml))
+    assert any(e.startswith(expected) for e in found), found

@@ -201,3 +201,26 @@ async def test_router_returns_none_when_no_key_matches() -> None:
 async def test_router_lets_lookup_failures_through() -> None:
     with pytest.raises(LookupFailed):
         await SourceRouter(DownSource()).route("x@example.org")
+
+
+def test_destination_options_parse_and_print_back() -> None:
+    from moxy.lookup.base import parse_destination
+
+    d = parse_destination("MX.Example.org:2525;tls=required;verify;sni=Mail.Example.org;xclient")
+    assert (d.host, d.port, d.tls, d.verify, d.sni, d.xclient) == (
+        "mx.example.org", 2525, "required", True, "mail.example.org", True
+    )
+    assert str(d) == "mx.example.org:2525;tls=required;verify;sni=mail.example.org;xclient"
+    assert parse_destination("[::1]:25;verify=no").verify is False
+    assert parse_destination("a.example;tls=none") != parse_destination("a.example")
+
+
+@pytest.mark.parametrize(
+    "text", ["a.example;tls=maybe", "a.example;xclient=1", "a.example;sni=", "a.example;",
+             "a.example;tls=none;tls=required", "a.example;verify=perhaps"]
+)
+def test_bad_destination_options_are_errors(text: str) -> None:
+    from moxy.lookup.base import parse_destination
+
+    with pytest.raises(ValueError):
+        parse_destination(text)

@@ -166,6 +166,14 @@ def _load(path: Path) -> Config | None:
     config = _read_config(path)
     if config is None or _build(config) is None:
         return None
+    from moxy.tls import UpstreamTls, server_context
+
+    try:  # the certificate, key and CA files are read now, not at the first STARTTLS
+        server_context(config)
+        UpstreamTls.from_config(config)
+    except ConfigError as exc:
+        _report(_config_errors(exc))
+        return None
     return config
 
 

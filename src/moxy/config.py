@@ -352,6 +352,23 @@ class ListenAddress:
 def _listen(value: object, ctx: _Context) -> tuple[ListenAddress, ...]:
     if not isinstance(value, list) or not value:
         raise _Invalid(f'expected a non-empty array such as ["127.0.0.1:25"], got {_show(value)}')
+    return _addresses(value)
+
+
+def _listen_proxy(value: object, ctx: _Context) -> tuple[ListenAddress, ...]:
+    if not isinstance(value, list):
+        raise _Invalid(f'expected an array such as ["0.0.0.0:2526"], got {_show(value)}')
+    addresses = _addresses(value)
+    for address in addresses:
+        # Worker processes tell these listeners from `listen` ones by their bound address.
+        try:
+            ipaddress.ip_address(address.host)
+        except ValueError:
+            raise _Invalid(f"'{address}': write an IP address (0.0.0.0 or [::] for all)") from None
+    return addresses
+
+
+def _addresses(value: list[object]) -> tuple[ListenAddress, ...]:
     problems: list[str] = []
     addresses: list[ListenAddress] = []
     for entry in value:
@@ -394,11 +411,23 @@ class ServerSettings:
     # Started as root: bind the listeners, then serve as this user and group (privileges.py).
     user: str = attrs.field(default="", metadata=_key(_user))
     group: str = attrs.field(default="", metadata=_key(_group))
+    # Listeners behind a load balancer: every connection starts with a PROXY protocol header
+    # (v1 or v2) from one of proxy_protocol_from; the client address it carries is used.
+    listen_proxy: tuple[ListenAddress, ...] = attrs.field(
+        default=(), metadata=_key(_listen_proxy)
+    )
+    proxy_protocol_from: tuple[Network, ...] = attrs.field(default=(), metadata=_key(_networks))
 
 
 def _check_server(server: ServerSettings) -> list[tuple[str, str]]:
     if server.group and not server.user:
         return [("group", "needs server.user: the user Moxy serves as")]
+    if server.listen_proxy and not server.proxy_protocol_from:
+        return [("proxy_protocol_from", "required with server.listen_proxy: the networks of "
+                 "the load balancers allowed to send PROXY headers")]
+    overlap = [a for a in server.listen_proxy if a in server.listen and a.port != 0]
+    if overlap:
+        return [("listen_proxy", f"'{overlap[0]}' is also in server.listen")]
     return []
 
 
@@ -748,6 +777,38 @@ def _check_relay(relay: RelaySettings) -> list[tuple[str, str]]:
     return []
 
 
+TLS_VERSIONS = ("TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3")
+UPSTREAM_TLS_MODES = ("none", "opportunistic", "required")
+
+
+@attrs.frozen
+class TlsSettings:
+    """[tls]: STARTTLS for clients (cert/key) and towards destinations (upstream*)."""
+
+    cert: Path | None = attrs.field(default=None, metadata=_key(_path))  # PEM, chain included
+    key: Path | None = attrs.field(default=None, metadata=_key(_path))
+    min_version: str = attrs.field(
+        default="TLSv1.2",
+        metadata=_key(_choice(*TLS_VERSIONS, aliases={v.lower(): v for v in TLS_VERSIONS})),
+    )
+    ciphers: str = attrs.field(default="", metadata=_key(_text))  # OpenSSL syntax, TLS <= 1.2
+    require: bool = attrs.field(default=False, metadata=_key(_boolean))
+    upstream: str = attrs.field(
+        default="opportunistic", metadata=_key(_choice(*UPSTREAM_TLS_MODES))
+    )
+    upstream_verify: bool = attrs.field(default=False, metadata=_key(_boolean))
+    upstream_ca_file: Path | None = attrs.field(default=None, metadata=_key(_path))
+
+
+def _check_tls(tls: TlsSettings) -> list[tuple[str, str]]:
+    if (tls.cert is None) != (tls.key is None):
+        missing = "key" if tls.key is None else "cert"
+        return [(missing, "required with tls.cert and tls.key: both or neither")]
+    if tls.require and tls.cert is None:
+        return [("require", "needs tls.cert and tls.key (STARTTLS cannot be offered without)")]
+    return []
+
+
 @attrs.frozen
 class Config:
     """The whole configuration; `path` is the file it was loaded from (None when built in code)."""
@@ -775,6 +836,9 @@ class Config:
     )
     relay: RelaySettings = attrs.field(
         factory=RelaySettings, metadata=_table(RelaySettings, check=_check_relay)
+    )
+    tls: TlsSettings = attrs.field(
+        factory=TlsSettings, metadata=_table(TlsSettings, check=_check_tls)
     )
     path: Path | None = None
 

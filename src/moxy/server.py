@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import ipaddress
 import logging
 import math
 import signal
@@ -30,6 +31,7 @@ from moxy.lookup.base import Router
 from moxy.lookup.build import Routing
 from moxy.metrics import Metrics
 from moxy.metrics import for_config as metrics_for_config
+from moxy.proxy_protocol import ProxyProtocolError, read_header
 from moxy.reload import Generation, Shared, next_generation
 from moxy.session import Drain, ServerContext, Session
 from moxy.smtp.replies import Reply
@@ -85,9 +87,15 @@ async def serve(
     listeners: list[trio.SocketListener] = [
         trio.SocketListener(trio.socket.from_stdlib_socket(sock)) for sock in sockets or ()
     ]
-    for address in config.server.listen if sockets is None else ():
+    # Listeners behind a load balancer (PROXY protocol); with `sockets`, known by address.
+    proxied: set[trio.SocketListener] = {
+        listener for listener in listeners if _is_proxy_address(listener, config)
+    }
+    addresses = [(a, False) for a in config.server.listen]
+    addresses += [(a, True) for a in config.server.listen_proxy]
+    for address, behind_proxy in addresses if sockets is None else ():
         try:
-            listeners += await trio.open_tcp_listeners(address.port, host=address.host)
+            new = await trio.open_tcp_listeners(address.port, host=address.host)
         except OSError as exc:
             for listener in listeners:
                 await listener.aclose()
@@ -95,6 +103,9 @@ async def serve(
                 assert control_socket is not None and control_path is not None
                 control.unbind(control_socket, control_path)
             raise OSError(exc.errno, f"cannot listen on {address}: {exc.strerror}") from None
+        listeners += new
+        if behind_proxy:
+            proxied.update(new)
     try:
         scrapes = await metrics_http.listen(metrics.endpoint)
     except OSError:
@@ -109,7 +120,7 @@ async def serve(
     drained = trio.Event()
     refusals = _RefusalLog()
 
-    async def handle(stream: trio.SocketStream) -> None:
+    async def handle(stream: trio.SocketStream, behind_proxy: bool = False) -> None:
         nonlocal active
         client_ip = _peer_ip(stream)
         generation = current
@@ -123,28 +134,38 @@ async def serve(
             _refused(ctx, client_ip, reply, acct.CONNECTION_LIMIT)
             await _refuse(stream, reply)
             return
-        reason = shared.clients.admit(client_ip)
-        if reason is not None:
-            refusals.note(client_ip, reason)
-            reply = Reply.make(
-                421, "4.7.0", f"{hostname} Too many connections from your address; "
-                "try again later"
-            )
-            _refused(ctx, client_ip, reply, reason)
-            await _refuse(stream, reply)
-            return
+        # Counted from here: a connection still owing its PROXY header holds a place too.
         active += 1
-        generation.enter()
-        metrics.session_started()
         try:
-            await Session(stream, client_ip, ctx).run()
-        except Exception:
-            logger.exception("session from %s failed", client_ip)
+            if behind_proxy:
+                proxy_ip = client_ip
+                client_ip = await _proxied_client(stream, client_ip, ctx.config)
+                if not client_ip:
+                    await trio.aclose_forcefully(stream)
+                    return
+                logger.debug("PROXY header from %s: client %s", proxy_ip, client_ip)
+            reason = shared.clients.admit(client_ip)
+            if reason is not None:
+                refusals.note(client_ip, reason)
+                reply = Reply.make(
+                    421, "4.7.0", f"{hostname} Too many connections from your address; "
+                    "try again later"
+                )
+                _refused(ctx, client_ip, reply, reason)
+                await _refuse(stream, reply)
+                return
+            generation.enter()
+            metrics.session_started()
+            try:
+                await Session(stream, client_ip, ctx).run()
+            except Exception:
+                logger.exception("session from %s failed", client_ip)
+            finally:
+                metrics.session_ended()
+                generation.leave()
+                shared.clients.release(client_ip)
         finally:
-            metrics.session_ended()
             active -= 1
-            generation.leave()
-            shared.clients.release(client_ip)
             if active == 0 and shared.drain.draining:
                 drained.set()
 
@@ -154,7 +175,8 @@ async def serve(
         with accepting:
             async with trio.open_nursery() as acceptors:
                 for listener in listeners:
-                    acceptors.start_soon(_accept_loop, listener, handle, nursery)
+                    handler = functools.partial(handle, behind_proxy=listener in proxied)
+                    acceptors.start_soon(_accept_loop, listener, handler, nursery)
 
     async def drain(shutdown: trio.Event, nursery: trio.Nursery) -> None:
         """Graceful shutdown: stop accepting, let sessions finish the message they are busy
@@ -264,6 +286,35 @@ class _RefusalLog:
             self.last = now
 
 
+def _is_proxy_address(listener: trio.SocketListener, config: Config) -> bool:
+    host, port = listener.socket.getsockname()[:2]
+    return any(
+        a.port == port and (a.host == host or a.host in ("0.0.0.0", "::"))
+        for a in config.server.listen_proxy
+    )
+
+
+async def _proxied_client(stream: trio.SocketStream, peer: str, config: Config) -> str:
+    """The client address a load balancer's PROXY header gives; "" when the connection is to be
+    refused: not from `proxy_protocol_from`, or no valid header (both logged)."""
+    try:
+        address = ipaddress.ip_address(peer)
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+            address = address.ipv4_mapped
+    except ValueError:
+        address = None
+    if address is None or not any(address in n for n in config.server.proxy_protocol_from):
+        logger.warning("PROXY listener: connection from %s refused (not in "
+                       "server.proxy_protocol_from)", peer)
+        return ""
+    try:
+        header = await read_header(stream, config.timeouts.client_command)
+    except ProxyProtocolError as exc:
+        logger.warning("PROXY listener: connection from %s refused: %s", peer, exc)
+        return ""
+    return header.source or peer
+
+
 # Accept errors that mean "out of resources for now", as trio.serve_listeners treats them.
 _RESOURCE_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 
@@ -316,8 +367,9 @@ async def _main(
         with trio.open_signal_receiver(
             signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1
         ) as received:
-            # SIGHUP was blocked since the start (see run): one sent meanwhile arrives now.
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
+            # SIGHUP and SIGUSR1 were blocked since the start (see run): one sent meanwhile
+            # arrives now (Linux keeps a blocked signal pending even while it is ignored).
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP, signal.SIGUSR1})
             async for signum in received:
                 name = signal.Signals(signum).name
                 if signum == signal.SIGUSR1:
@@ -355,8 +407,10 @@ def run(config: Config) -> int:
     # Until the event loop takes SIGHUP over, a reload request must neither kill the process
     # nor be lost: blocked, it stays pending (in a worker too, which inherits the mask) until
     # _main's receiver unblocks it. Ignored once that receiver is gone (the very end).
+    # SIGUSR1 (logrotate) likewise: a worker still starting must not miss its reopen.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP, signal.SIGUSR1})
     try:
         switch = privileges.plan(config)
     except privileges.PrivilegeError as exc:

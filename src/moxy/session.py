@@ -12,6 +12,7 @@ import email.utils
 import itertools
 import logging
 import secrets
+import ssl
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -25,12 +26,14 @@ from moxy.accounting.events import DeliveryEvent
 from moxy.clientlimits import ClientLimiter
 from moxy.config import Config
 from moxy.destinations import Destinations
+from moxy.leg_setup import ClientIdentity
 from moxy.lookup.base import BadRouteData, DestinationGroup, LookupFailed, Router
 from moxy.metrics import Metrics
 from moxy.relay import RelayPolicy, sender_routed
 from moxy.smtp import events as ev
 from moxy.smtp.replies import Reply
 from moxy.smtp.server import ServerConnection
+from moxy.tls import UpstreamTls, describe, server_context
 from moxy.transaction import Transaction, decide_final
 from moxy.upstream import ConnectionPool, Envelope, Leg, UpstreamSettings
 
@@ -71,6 +74,7 @@ class ServerContext:
     metrics: Metrics = attrs.field(factory=Metrics)
     relay: RelayPolicy = attrs.field(factory=RelayPolicy)
     clients: ClientLimiter | None = None  # per-client limits; outlive reloads
+    tls: ssl.SSLContext | None = attrs.field(default=None, eq=False)  # None: no STARTTLS
 
     @classmethod
     def build(
@@ -87,7 +91,8 @@ class ServerContext:
         """Everything that follows from one configuration, for `moxy serve` and each reload.
         `router`, `emit`, `drain`, `clients`, `metrics` and `destinations` are made by the
         server (the router needs its background tasks, the others outlive a reload). Whoever
-        runs the context runs `upstream.pool.run` when there is a pool."""
+        runs the context runs `upstream.pool.run` when there is a pool. The certificates are
+        read here, so a reload reads them again."""
         pool = None
         if config.limits.idle_upstreams:
             pool = ConnectionPool(config.limits.idle_upstreams, config.timeouts.upstream_idle)
@@ -102,25 +107,29 @@ class ServerContext:
                 pool=pool,
                 metrics=metrics or Metrics(),
                 destinations=destinations or Destinations(config.destinations),
+                tls=UpstreamTls.from_config(config),
             ),
             drain=drain,
             relay=RelayPolicy.from_settings(config.relay),
             clients=clients,
             metrics=metrics or Metrics(),
+            tls=server_context(config),
         )
 
 
 def received_header(
     helo: str, client_ip: str, hostname: str, protocol: str, message_id: str,
-    recipients: list[str], when: float | None = None,
+    recipients: list[str], when: float | None = None, tls: str = "",
 ) -> bytes:
-    """The RFC 5321 §4.4 trace header that destinations see (folded onto three lines)."""
+    """The RFC 5321 §4.4 trace header that destinations see (folded onto three lines, four
+    with TLS: Postfix's "(using TLSv1.3 with cipher ...)" comment)."""
     ip = f"IPv6:{client_ip}" if ":" in client_ip else client_ip
     moment = datetime.fromtimestamp(time.time() if when is None else when, UTC)
     date = email.utils.format_datetime(moment)  # "+0000": UTC, not the "-0000" of unknown zone
     for_clause = f"\r\n\tfor <{recipients[0]}>" if len(recipients) == 1 else ""
+    using = f"\t(using {tls})\r\n" if tls else ""
     text = (
-        f"Received: from {helo or 'unknown'} ([{ip}])\r\n"
+        f"Received: from {helo or 'unknown'} ([{ip}])\r\n{using}"
         f"\tby {hostname} (Moxy) with {protocol} id {message_id}{for_clause};\r\n"
         f"\t{date}\r\n"
     )
@@ -147,11 +156,14 @@ class Session:
             max_errors=cfg.limits.errors,
             bare_newlines=cfg.proxy.bare_newlines,
             hostname=cfg.server.hostname,
+            starttls=ctx.tls is not None,
+            require_tls=cfg.tls.require and ctx.tls is not None,
         )
         self.legs: dict[DestinationGroup, Leg] = {}
         self.transaction: Transaction | None = None
         self.helo = ""
         self.protocol = "SMTP"
+        self.tls = ""  # after STARTTLS: "TLSv1.3 with cipher ... (256/256 bits)"
         self.messages = 0
         self.message_id = ""
         self.data_started = 0.0
@@ -275,6 +287,9 @@ class Session:
             case ev.Reset():
                 await self.end_transaction()
                 self.reply(Reply.make(250, "2.0.0", "Ok"))
+            case ev.StartTls():
+                self.reply(Reply.make(220, "2.0.0", "Ready to start TLS"))
+                await self.start_tls()
             case ev.Noop():
                 self.reply(Reply.make(250, "2.0.0", "Ok"))
             case ev.Verify():
@@ -299,6 +314,34 @@ class Session:
                 return False
         return True
 
+    async def start_tls(self) -> None:
+        """After the 220: the handshake, on the same connection. The core has already dropped
+        whatever the client pipelined after STARTTLS and forgotten its HELO (RFC 3207 §4.2);
+        a failed handshake ends this session only."""
+        await self.flush()
+        if self.smtp.discarded:
+            logger.warning(
+                "session %s from %s: %d bytes sent after STARTTLS before the handshake were "
+                "discarded (command injection?)", self.id, self.client_ip, self.smtp.discarded,
+            )
+        assert self.ctx.tls is not None
+        stream = trio.SSLStream(self.stream, self.ctx.tls, server_side=True)
+        self.stream = stream
+        failure = f"no handshake within {self.ctx.config.timeouts.client_command:g}s"
+        with trio.move_on_after(self.ctx.config.timeouts.client_command):
+            try:
+                await stream.do_handshake()
+                failure = ""
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                failure = str(exc.__cause__ or exc) or type(exc).__name__
+        if failure:
+            logger.info("session %s from %s: TLS handshake failed: %s",
+                        self.id, self.client_ip, failure)
+            raise ClientGone
+        self.tls = describe(stream)
+        self.helo, self.protocol = "", "SMTP"
+        logger.info("session %s from %s: TLS established: %s", self.id, self.client_ip, self.tls)
+
     def hello_reply(self, verb: str, domain: str) -> Reply:
         greeting = f"{self.hostname} greets {domain}"
         if verb != "EHLO":
@@ -317,13 +360,20 @@ class Session:
             )
             self.log_connection(reply.code, str(reply), acct.MESSAGE_RATE, "mail")
             await self.say_goodbye(reply)
-        envelope = Envelope(event.address, event.size, event.body)
+        envelope = Envelope(event.address, event.size, event.body, event.smtputf8)
         self.transaction = Transaction(
-            self.legs, self.ctx.upstream, envelope, self.ctx.config.proxy.split_destinations
+            self.legs, self.upstream_settings(), envelope,
+            self.ctx.config.proxy.split_destinations,
         )
         self.messages += 1
         self.message_id = f"{self.id}.{self.messages}"
         self.reply(Reply.make(250, "2.1.0", "Ok"))
+
+    def upstream_settings(self) -> UpstreamSettings:
+        """The server's settings plus who this client is (for XCLIENT to trusted legs)."""
+        protocol = "ESMTP" if self.protocol == "ESMTP" else "SMTP"
+        identity = ClientIdentity(self.client_ip, self.helo, protocol)
+        return attrs.evolve(self.ctx.upstream, client=identity)
 
     async def rcpt(self, address: str) -> Reply:
         assert self.transaction is not None
@@ -361,13 +411,24 @@ class Session:
         self.received_bytes = 0
         self.data_started = time.monotonic()
         header = received_header(
-            self.helo, self.client_ip, self.hostname, self.protocol, self.message_id,
-            self.transaction.recipients,
+            self.helo, self.client_ip, self.hostname, self.received_protocol(),
+            self.message_id, self.transaction.recipients, tls=self.tls,
         )
         reply = await self.transaction.start_data(header)
         if reply.code != 354:
             self.log_message(reply, "data", 0)
         self.reply(reply)
+
+    def received_protocol(self) -> str:
+        """The `with` keyword of the Received header: ESMTP, ESMTPS (RFC 3848), UTF8SMTP,
+        UTF8SMTPS (RFC 6531 §3.7.3), or SMTP after HELO."""
+        protocol = self.protocol
+        if protocol == "SMTP":
+            return protocol
+        t = self.transaction
+        if t is not None and t.envelope.smtputf8:
+            protocol = "UTF8SMTP"
+        return protocol + "S" if self.tls else protocol
 
     async def end_of_data(self) -> None:
         transaction = self.transaction
@@ -436,6 +497,7 @@ class Session:
             helo=self.helo,
             mail_from=envelope.mail_from if envelope else "",
             node=self.ctx.config.server.node,
+            tls=acct.tls_field(self.tls) if self.tls else "",
             **fields,  # type: ignore[arg-type]
         )
 

@@ -38,7 +38,10 @@ def leg_error_reply(exc: LegError) -> Reply:
     if exc.stage == "down":  # every alternative failed recently: no attempt, no wait
         return Reply.make(451, "4.4.1", "Destination unavailable (recently failed); "
                           "try again later")
-    if exc.stage in ("connect", "greeting", "ehlo", "helo"):
+
+    if exc.stage == "tls":  # RFC 3463 X.7.5: cryptographic failure (or TLS not offered)
+        return Reply.make(451, "4.7.5", "TLS with destination failed; try again later")
+    if exc.stage in ("connect", "greeting", "ehlo", "helo", "xclient"):
         return Reply.make(451, "4.4.1", f"Destination unavailable at {exc.stage}; try again later")
     return Reply.make(451, "4.4.2", f"Destination failed at {exc.stage}; try again later")
 

@@ -24,10 +24,12 @@ import trio
 
 from moxy.config import Timeouts
 from moxy.destinations import Destinations, Slot, Unavailable, resolve
+from moxy.leg_setup import ClientIdentity, send_xclient, start_tls
 from moxy.lookup.base import Destination, DestinationGroup
 from moxy.metrics import Metrics
 from moxy.smtp.client import ReplyParser, UpstreamProtocolError, parse_ehlo
 from moxy.smtp.replies import Reply
+from moxy.tls import UpstreamTls
 
 logger = logging.getLogger("moxy.upstream")
 
@@ -56,6 +58,7 @@ class Envelope:
     mail_from: str
     size: int | None = None  # the client's SIZE= estimate
     body: str | None = None  # BODY=7BIT / 8BITMIME
+    smtputf8: bool = False  # RFC 6531: only legs that advertise SMTPUTF8 may take it
 
     def mail_line(self, extensions: dict[str, str]) -> bytes:
         """MAIL FROM with the parameters this upstream advertised (RFC 1870, RFC 6152)."""
@@ -64,7 +67,24 @@ class Envelope:
             line += f" SIZE={self.size + TRACE_ALLOWANCE}"
         if self.body is not None and "8BITMIME" in extensions:
             line += f" BODY={self.body}"
+        if self.smtputf8:
+            line += " SMTPUTF8"
         return (line + "\r\n").encode("utf-8", "replace")
+
+    def refusal(self, extensions: dict[str, str]) -> Reply | None:
+        """Why a destination with these EHLO `extensions` cannot take this transaction, as the
+        reply its recipients get at RCPT (before any body is sent); None when it can."""
+        if self.smtputf8 and "SMTPUTF8" not in extensions:
+            # RFC 6531 §3.4: never downgrade; Postfix's wording and code.
+            return Reply.make(553, "5.6.7", "SMTPUTF8 is required, but was not offered by the "
+                              "destination")
+        text = extensions.get("SIZE", "")
+        limit = int(text) if text.isdigit() else 0  # 0: no limit announced (RFC 1870)
+        if self.size is not None and 0 < limit < self.size + TRACE_ALLOWANCE:
+            # RFC 1870 §6: the declared size is above what the destination takes.
+            return Reply.make(552, "5.3.4", f"Message size exceeds the destination's limit of "
+                              f"{max(limit - TRACE_ALLOWANCE, 0)} bytes")
+        return None
 
 
 # Moxy prepends a Received: header, so the message an upstream gets is a little larger.
@@ -80,6 +100,8 @@ class UpstreamSettings:
     metrics: Metrics = attrs.field(factory=Metrics, eq=False)
     # Dead-destination memory and concurrency caps, shared by sessions.
     destinations: Destinations = attrs.field(factory=Destinations, eq=False)
+    tls: UpstreamTls = attrs.field(factory=UpstreamTls, eq=False)  # STARTTLS to destinations
+    client: ClientIdentity | None = None  # the session's client, for XCLIENT
 
 
 class Connection:
@@ -96,6 +118,8 @@ class Connection:
         self.stats = settings.metrics.upstream(destination)
         self.sent_at = time.monotonic()  # reply times count from the last write
         self.slot: Slot | None = None  # its place under the address's concurrency cap
+        self.tls = ""  # "TLSv1.3 with cipher ..." once STARTTLS succeeded
+        self.xclient = False  # XCLIENT told it one client's identity: never pooled
 
     @property
     def pipelining(self) -> bool:
@@ -215,7 +239,7 @@ class ConnectionPool:
     def give(self, conn: Connection) -> bool:
         """Keep `conn` for later; False when the pool for its destination is full."""
         idle = self._idle.setdefault(conn.destination, deque())
-        if len(idle) >= self.per_destination or conn.parser.buffered:
+        if len(idle) >= self.per_destination or conn.parser.buffered or conn.xclient:
             return False
         idle.append((trio.current_time(), conn))
         return True
@@ -335,6 +359,16 @@ async def _connect_address(
             reply = await conn.command(b"HELO " + helo + b"\r\n", "helo", t.upstream_command)
             if reply.klass != 2:
                 raise conn.error("helo", f"refused: {reply}", reply)
+        mode = destination.tls or settings.tls.mode
+        if mode != "none":
+            if "STARTTLS" in conn.extensions:
+                await start_tls(conn, helo)
+            elif mode == "required":
+                raise conn.error("tls", "STARTTLS required but not offered")
+            else:
+                logger.info("upstream %s does not offer STARTTLS: plain text", where)
+        if destination.xclient and settings.client is not None and "XCLIENT" in conn.extensions:
+            await send_xclient(conn, settings.client, helo)
     except BaseException:
         await conn.close()
         raise
@@ -441,6 +475,12 @@ class Leg:
         commands: list[tuple[bytes, str, float]] = []
         replay = not self.synced
         reset = replay and self.needs_reset
+        if replay and (refusal := self.envelope.refusal(conn.extensions)) is not None:
+            # Refused here, for every recipient of this leg: the destination never sees MAIL.
+            self.mail_reply, self.synced = refusal, True
+            if self.accepted:
+                self.failure = conn.error("mail", f"replay refused: {refusal}")
+            return refusal
         if reset:
             commands.append((b"RSET\r\n", "rset", t.upstream_command))
         if replay:

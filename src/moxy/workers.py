@@ -40,7 +40,7 @@ def bind(config: Config) -> list[socket.socket]:
     them (SO_REUSEADDR; IPv6 sockets are IPv6-only, so `0.0.0.0` and `[::]` can both be used)."""
     sockets: list[socket.socket] = []
     try:
-        for address in config.server.listen:
+        for address in (*config.server.listen, *config.server.listen_proxy):
             try:
                 infos = socket.getaddrinfo(
                     address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE

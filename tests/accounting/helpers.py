@@ -43,6 +43,7 @@ def parse_text_line(line: str) -> dict[str, Any]:
         "code": int(values["code"]),
         "stage": values["stage"],
         "reason": text("reason"),
+        "tls": text("tls"),
         "duration": float(values["duration"]),
         "reply": reply[:-1],
     }

@@ -177,7 +177,7 @@ async def test_sessions_moxy_ends_are_connection_events(
 def test_text_line_parser_reads_routes_with_spaces() -> None:
     line = ('2026-11-25T22:40:18.105Z message node=mx1 session=S1 id=S1.1 client=192.0.2.7 '
             'helo=h from=<> to=<a@x>,<b@y> dest=- route=1.2.3.4:25 5.6.7.8:25|9.9.9.9:25 '
-            'size=10 code=451 stage=end-of-data reason=- duration=0.250 reply="451 x=y z"')
+            'size=10 code=451 stage=end-of-data reason=- tls=- duration=0.250 reply="451 x=y z"')
     record = parse_text_line(line)
     assert record["route"] == "1.2.3.4:25 5.6.7.8:25|9.9.9.9:25"
     assert record["to"] == ["a@x", "b@y"] and record["from"] == ""

@@ -9,6 +9,7 @@ instead of hanging it.
 from __future__ import annotations
 
 import smtplib
+import ssl
 from collections.abc import Iterable, Sequence
 
 import attrs
@@ -47,7 +48,7 @@ class ConnectionLost(Exception):
 
 
 class SmtpClient:
-    def __init__(self, stream: trio.SocketStream) -> None:
+    def __init__(self, stream: trio.abc.Stream) -> None:
         self.stream = stream
         self._buffer = bytearray()
         self.transcript: list[str] = []  # "C: ..." / "S: ..." lines, for failure messages
@@ -66,6 +67,16 @@ class SmtpClient:
 
     async def aclose(self) -> None:
         await self.stream.aclose()
+
+    async def start_tls(self, context: ssl.SSLContext, server_hostname: str = "localhost") -> None:
+        """After a 220 to STARTTLS: the handshake; bytes still unread are dropped, as a
+        careful client does."""
+        self._buffer.clear()
+        stream = trio.SSLStream(self.stream, context, server_hostname=server_hostname)
+        with trio.fail_after(READ_TIMEOUT):
+            await stream.do_handshake()
+        self.stream = stream
+        self.transcript.append(f"-- TLS {stream.version()} --")
 
     async def send(self, data: bytes) -> None:
         self.transcript.append(f"C: {data[:200]!r}{'...' if len(data) > 200 else ''}")

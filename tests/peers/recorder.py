@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import re
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -66,7 +67,7 @@ Steps = Step | Sequence[Step]
 
 STAGES = (
     "greeting", "ehlo", "helo", "mail", "rcpt", "data", "body", "end_of_data", "rset", "noop",
-    "quit",
+    "quit", "starttls", "xclient",
 )  # fmt: skip
 
 DEFAULT_EHLO_KEYWORDS = ("PIPELINING", "SIZE 209715200", "8BITMIME", "ENHANCEDSTATUSCODES")
@@ -81,6 +82,8 @@ DEFAULT_REPLIES: Mapping[str, str] = {
     "rset": "250 2.0.0 Ok",
     "noop": "250 2.0.0 Ok",
     "quit": "221 2.0.0 Bye",
+    "starttls": "220 2.0.0 Ready to start TLS",
+    "xclient": "220 recorder.test ESMTP recorder",  # Postfix answers XCLIENT with a greeting
 }
 
 
@@ -115,6 +118,9 @@ class Connection:
     quit: bool = False  # the peer sent QUIT
     closed: threading.Event = attrs.field(factory=threading.Event)
     disconnected_by_script: bool = False
+    tls: str = ""  # the TLS version once STARTTLS succeeded
+    tls_error: str = ""  # why a STARTTLS handshake failed
+    xclient: dict[str, str] = attrs.field(factory=dict)  # attributes of an accepted XCLIENT
 
 
 # --- the server --------------------------------------------------------------------------------
@@ -139,6 +145,11 @@ class Recorder:
     have arrived (use it to fail mid-body). `esmtp=False` answers EHLO with 502 (HELO only).
     `lenient_end_of_data=True` ends DATA at a "." line ended by a bare LF too, like the servers
     that SMTP smuggling exploits. `keep_data=False` keeps only size, sha256 and the first 64 KiB.
+
+    `starttls`: offer STARTTLS and, after the "starttls" stage's 220, do the handshake with
+    this server context; `broken_tls=True` offers it but answers the handshake with clear-text
+    garbage. `xclient` (e.g. "NAME ADDR PROTO HELO") is advertised as the XCLIENT keyword and
+    the attributes of an XCLIENT command are recorded (answered by the "xclient" stage).
     """
 
     def __init__(
@@ -153,6 +164,9 @@ class Recorder:
         keep_data: bool = True,
         name: str = "recorder",
         host: str = "127.0.0.1",
+        starttls: ssl.SSLContext | None = None,
+        broken_tls: bool = False,
+        xclient: str | None = None,
     ) -> None:
         script = dict(script or {})
         unknown = set(script) - set(STAGES)
@@ -167,6 +181,9 @@ class Recorder:
         self.body_after = body_after
         self.lenient_end_of_data = lenient_end_of_data
         self.keep_data = keep_data
+        self.starttls = starttls
+        self.broken_tls = broken_tls
+        self.xclient = xclient
 
         self.connections: list[Connection] = []
         self.messages: list[Message] = []
@@ -283,6 +300,8 @@ class Recorder:
             if not self.esmtp:
                 return "502 5.5.2 Error: command not recognized"
             lines = ["recorder.test", *self.ehlo_keywords]
+            if self.xclient is not None:
+                lines.append(f"XCLIENT {self.xclient}")
             return "\r\n".join(
                 f"250{'-' if i < len(lines) - 1 else ' '}{line}" for i, line in enumerate(lines)
             )
@@ -326,7 +345,9 @@ class Recorder:
         finally:
             with self._lock:
                 self._sockets.discard(sock)
+                self._sockets.discard(session.sock)
             try:
+                session.sock.close()
                 sock.close()
             finally:
                 conn.closed.set()
@@ -426,7 +447,7 @@ class _Session:
                 verb = verb.upper().replace(" ", "")
                 arg = rest.strip()
             if verb == "EHLO":
-                reply = self.perform("ehlo")
+                reply = self.perform("ehlo", self._ehlo_step())
                 if reply.startswith("250"):
                     self.helo = arg.strip()
                     self.reset()
@@ -459,6 +480,15 @@ class _Session:
                 self.reset()
             elif verb == "NOOP":
                 self.perform("noop")
+            elif verb == "STARTTLS" and self.offers_tls and not self.conn.tls:
+                if self.perform("starttls").startswith("220"):
+                    self.start_tls()
+            elif verb == "XCLIENT" and self.r.xclient is not None:
+                attributes = dict(word.partition("=")[::2] for word in arg.split())
+                if self.perform("xclient").startswith("220"):
+                    self.conn.xclient = attributes
+                    self.helo = ""
+                    self.reset()
             elif verb == "QUIT":
                 self.conn.quit = True
                 self.perform("quit")
@@ -468,6 +498,38 @@ class _Session:
 
     def send(self, line: str) -> None:
         self.sock.sendall(line.encode() + b"\r\n")
+
+    @property
+    def offers_tls(self) -> bool:
+        return self.r.starttls is not None or self.r.broken_tls
+
+    def _ehlo_step(self) -> Step:
+        step = self.r._step("ehlo")
+        if self.offers_tls and not self.conn.tls and step == self.r._default("ehlo"):
+            lines = step.split("\r\n")
+            lines[-1] = "250-" + lines[-1][4:]
+            step = "\r\n".join([*lines, "250 STARTTLS"])
+        return step
+
+    def start_tls(self) -> None:
+        self.buffer.clear()
+        if self.r.starttls is None:  # broken_tls: what a confused middlebox might send
+            self.recv()  # the ClientHello
+            self.sock.sendall(b"421 this is not a TLS ServerHello\r\n")
+            self.conn.tls_error = "sent clear text instead of a handshake"
+            raise _Closed
+        try:
+            tls = self.r.starttls.wrap_socket(self.sock, server_side=True)
+        except (ssl.SSLError, OSError) as exc:
+            self.conn.tls_error = str(exc)
+            raise _Closed from None
+        with self.r._lock:
+            self.r._sockets.discard(self.sock)
+            self.r._sockets.add(tls)
+        self.sock = tls
+        self.conn.tls = tls.version() or "?"
+        self.helo = ""
+        self.reset()
 
     def reset(self) -> None:
         self.mail_from = None

@@ -166,7 +166,9 @@ def test_rset_before_hello_stays_greeted() -> None:
 
 def test_extensions_match_the_limits() -> None:
     conn = ServerConnection(max_message_size=1000)
-    assert conn.extensions == ("PIPELINING", "SIZE 1000", "8BITMIME", "ENHANCEDSTATUSCODES")
+    assert conn.extensions == (
+        "PIPELINING", "SIZE 1000", "8BITMIME", "ENHANCEDSTATUSCODES", "SMTPUTF8"
+    )
 
 
 # -- command order ---------------------------------------------------------------------------

@@ -41,6 +41,14 @@ def _fmt_list(values: tuple[str, ...]) -> str:
     return ",".join(f"<{v}>" for v in values) or "-"
 
 
+def tls_field(tls: str) -> str:
+    """"TLSv1.3:TLS_AES_256_GCM_SHA384" (no spaces, one log field), "-" without TLS."""
+    if not tls:
+        return "-"
+    version, _, rest = tls.partition(" with cipher ")
+    return f"{version}:{rest.split(' ', 1)[0]}" if rest else version
+
+
 def format_time(when: float) -> str:
     """UTC with milliseconds, as both log formats write it: 2026-11-25T22:40:18.105Z."""
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(when))
@@ -65,6 +73,7 @@ class DeliveryEvent:
     duration: float  # seconds from DATA to the final reply
     node: str = ""  # `[server] node`: which Moxy of a cluster saw it
     reason: str = ""  # why, for "refused" and "connection" events
+    tls: str = ""  # the client's TLS after STARTTLS, as tls_field writes it; "" without
     time: float = attrs.field(factory=time.time)
 
     @property
@@ -80,7 +89,8 @@ class DeliveryEvent:
             f" client={self.client_ip} helo={self.helo or '-'} from=<{self.mail_from}>"
             f" to={_fmt_list(self.recipients)} dest={self.destination} route={self.route or '-'}"
             f" size={self.size} code={self.code} stage={self.stage}"
-            f" reason={self.reason or '-'} duration={self.duration:.3f} reply=\"{reply}\""
+            f" reason={self.reason or '-'} tls={tls_field(self.tls)}"
+            f" duration={self.duration:.3f} reply=\"{reply}\""
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -101,6 +111,7 @@ class DeliveryEvent:
             "code": self.code,
             "stage": self.stage,
             "reason": self.reason,
+            "tls": tls_field(self.tls) if self.tls else "",
             "duration": round(self.duration, 3),
             "reply": self.reply,
         }

@@ -34,17 +34,42 @@ def _check_port(instance: object, attribute: attrs.Attribute[int], value: int) -
         raise ValueError(f"port {value} out of range 1-65535")
 
 
+TLS_MODES = ("none", "opportunistic", "required")
+
+
 @attrs.frozen(order=True)
 class Destination:
-    """One upstream SMTP server: a host name or IP literal, and a TCP port."""
+    """One upstream SMTP server: a host name or IP literal, and a TCP port; with the options a
+    route may give it after `;` (`mx.example.org:25;tls=required;verify;sni=mail.example.org`).
+
+    `tls` and `verify` override `[tls] upstream` and `upstream_verify` when set; `sni` is the
+    name sent in the TLS handshake and checked in the certificate (default: the host name);
+    `xclient` marks a destination trusted to receive XCLIENT with the client's identity."""
 
     host: str
     port: int = attrs.field(default=DEFAULT_PORT, validator=_check_port)
+    tls: str | None = None
+    verify: bool | None = None
+    sni: str = ""
+    xclient: bool = False
 
-    def __str__(self) -> str:
+    @property
+    def address(self) -> str:
         if ":" in self.host:
             return f"[{self.host}]:{self.port}"
         return f"{self.host}:{self.port}"
+
+    def __str__(self) -> str:
+        options = []
+        if self.tls is not None:
+            options.append(f"tls={self.tls}")
+        if self.verify is not None:
+            options.append("verify" if self.verify else "verify=no")
+        if self.sni:
+            options.append(f"sni={self.sni}")
+        if self.xclient:
+            options.append("xclient")
+        return ";".join([self.address, *options])
 
 
 @attrs.frozen
@@ -95,11 +120,43 @@ _HOST_RE = re.compile(r"^[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,252})$")
 
 
 def parse_destination(text: str) -> Destination:
-    """Parse `host`, `host:port`, `[IPv6]` or `[IPv6]:port` (also `[IPv4]`).
+    """Parse `host`, `host:port`, `[IPv6]` or `[IPv6]:port` (also `[IPv4]`), each optionally
+    followed by `;option` items (see `Destination`).
 
     Host names are lower-cased without a trailing dot and address literals written in canonical
     form, so two spellings of one server compare equal (and share one upstream leg).
     """
+    text, *options = text.split(";")
+    destination = _parse_address(text)
+    if not options:
+        return destination
+    return _with_options(destination, options)
+
+
+def _with_options(destination: Destination, options: list[str]) -> Destination:
+    values: dict[str, object] = {}
+    for option in options:
+        name, sep, value = option.partition("=")
+        name = name.lower()
+        if name in values:
+            raise ValueError(f"{option!r}: option {name!r} given twice")
+        if name == "tls" and value.lower() in TLS_MODES:
+            values["tls"] = value.lower()
+        elif name == "verify" and value.lower() in ("", "yes", "no"):
+            values["verify"] = value.lower() != "no"
+        elif name == "sni" and _HOST_RE.fullmatch(value) and ".." not in value:
+            values["sni"] = value.rstrip(".").lower()
+        elif name == "xclient" and not sep:
+            values["xclient"] = True
+        else:
+            raise ValueError(
+                f"{option!r}: bad destination option (known: tls=none|opportunistic|required, "
+                "verify[=no], sni=NAME, xclient)"
+            )
+    return attrs.evolve(destination, **values)  # type: ignore[arg-type]
+
+
+def _parse_address(text: str) -> Destination:
     if not text:
         raise ValueError("empty destination")
     port_text: str | None = None

@@ -20,15 +20,18 @@ from moxy.smtp.events import (
     Quit,
     RcptTo,
     Reset,
+    StartTls,
     Verify,
 )
 from moxy.smtp.replies import Reply
 
-VERBS = frozenset({"EHLO", "HELO", "MAIL", "RCPT", "DATA", "RSET", "NOOP", "QUIT", "VRFY", "HELP"})
+VERBS = frozenset(
+    {"EHLO", "HELO", "MAIL", "RCPT", "DATA", "RSET", "NOOP", "QUIT", "VRFY", "HELP", "STARTTLS"}
+)
 # Verbs with a meaning in some SMTP extension or old RFC that Moxy does not offer: 502, not 500,
 # tells the client the command exists but is not available here.
 UNIMPLEMENTED = frozenset(
-    {"STARTTLS", "AUTH", "BDAT", "ETRN", "TURN", "ATRN", "EXPN", "SEND", "SOML", "SAML"}
+    {"AUTH", "BDAT", "ETRN", "TURN", "ATRN", "EXPN", "SEND", "SOML", "SAML"}
 )
 
 
@@ -47,6 +50,8 @@ BAD_SIZE = _invalid(501, "5.5.4", "Bad SIZE parameter syntax")
 BAD_BODY = _invalid(555, "5.5.4", "Unsupported BODY value")
 PARAMS_NEED_EHLO = _invalid(555, "5.5.4", "Error: parameters require EHLO")
 SIZE_TOO_BIG = _invalid(552, "5.3.4", "Message size exceeds fixed limit")
+# RFC 6531 §3.5 / RFC 6533: a UTF-8 address in a transaction without SMTPUTF8.
+NEEDS_SMTPUTF8 = _invalid(553, "5.6.7", "Non-ASCII address requires SMTPUTF8")
 
 # RFC 5321 §4.1.2, printable ASCII only: without SMTPUTF8 a non-ASCII or control byte in a path
 # is a syntax error, and refusing it here keeps it out of upstream commands and Received headers.
@@ -61,6 +66,18 @@ _SOURCE_ROUTE = rf"@{_DOMAIN}(?:,@{_DOMAIN})*:"  # obsolete; must be accepted an
 _PATH_AND_PARAMS = re.compile(
     rf"<(?:{_SOURCE_ROUTE})?(?P<mailbox>{_MAILBOX})>(?: +(?P<params>.*))?", re.ASCII
 )
+# RFC 6531 §3.3: with SMTPUTF8, atext and domain labels also take UTF-8 characters (not the
+# C1 controls); what goes upstream is exactly the UTF-8 the client sent.
+_U = "\u00a0-\U0010ffff"
+_UTF8_ATEXT = rf"[A-Za-z0-9!#$%&'*+/=?^_`{{|}}~{_U}-]"
+_UTF8_LABEL = rf"[A-Za-z0-9{_U}](?:[A-Za-z0-9{_U}-]*[A-Za-z0-9{_U}])?"
+_UTF8_DOMAIN = rf"{_UTF8_LABEL}(?:\.{_UTF8_LABEL})*\.?"
+_UTF8_MAILBOX = (
+    rf"(?:(?:{_UTF8_ATEXT}|\.)+|{_QUOTED})@(?:{_UTF8_DOMAIN}|{_LITERAL})"
+)
+_UTF8_PATH_AND_PARAMS = re.compile(
+    rf"<(?:{_SOURCE_ROUTE})?(?P<mailbox>{_UTF8_MAILBOX})>(?: +(?P<params>[\x20-\x7e]*))?"
+)
 _NULL_PATH_AND_PARAMS = re.compile(r"<>(?: +(?P<params>.*))?")
 _POSTMASTER_AND_PARAMS = re.compile(r"<(?P<mailbox>postmaster)>(?: +(?P<params>.*))?", re.I)
 _PARAM = re.compile(r"(?P<key>[A-Za-z0-9][A-Za-z0-9-]*)(?:=(?P<value>[\x21-\x3c\x3e-\x7e]+))?")
@@ -73,11 +90,14 @@ def command_verb(line: bytes) -> str:
     return line.strip(b" \t").partition(b" ")[0].decode("ascii", "replace").upper()
 
 
-def parse_command(line: bytes, *, esmtp: bool = True, max_message_size: int = 0) -> Event:
+def parse_command(
+    line: bytes, *, esmtp: bool = True, max_message_size: int = 0, smtputf8: bool = False
+) -> Event:
     """Turn one command line (CRLF removed) into an event, or an `Invalid` with its reply.
 
     `esmtp` says whether the client greeted with EHLO (MAIL parameters need it);
-    `max_message_size` (0: no limit) is checked against a MAIL SIZE= parameter.
+    `max_message_size` (0: no limit) is checked against a MAIL SIZE= parameter; `smtputf8`
+    says whether the current transaction's MAIL carried SMTPUTF8 (UTF-8 in RCPT addresses).
     """
     # latin-1 maps every byte to one character, so decoding cannot fail and the grammar
     # regexes (printable ASCII only) reject whatever is not ASCII.
@@ -96,7 +116,9 @@ def parse_command(line: bytes, *, esmtp: bool = True, max_message_size: int = 0)
     if verb == "MAIL":
         return _parse_mail(arg, esmtp, max_message_size)
     if verb == "RCPT":
-        return _parse_rcpt(arg)
+        return _parse_rcpt(arg, smtputf8)
+    if verb == "STARTTLS":  # whether it is offered is the state machine's business
+        return StartTls() if not arg else _invalid(501, "5.5.4", "Syntax: STARTTLS")
     if not _PRINTABLE.fullmatch(arg):
         return BAD_CHARACTER
     if verb == "VRFY":
@@ -124,7 +146,7 @@ def _parse_mail(arg: str, esmtp: bool, max_message_size: int) -> Event:
         return _invalid(501, "5.5.4", "Syntax: MAIL FROM:<address>")
     if m := _NULL_PATH_AND_PARAMS.fullmatch(rest):
         address = ""
-    elif m := _PATH_AND_PARAMS.fullmatch(rest):
+    elif m := _PATH_AND_PARAMS.fullmatch(rest) or _utf8_path(rest):
         address = m["mailbox"]
     else:
         return BAD_SENDER
@@ -135,6 +157,7 @@ def _parse_mail(arg: str, esmtp: bool, max_message_size: int) -> Event:
         return PARAMS_NEED_EHLO
     size: int | None = None
     body: str | None = None
+    smtputf8 = False
     for key, value in params.items():
         if key == "SIZE":
             if value is None or not value.isdigit() or len(value) > 20:
@@ -146,16 +169,35 @@ def _parse_mail(arg: str, esmtp: bool, max_message_size: int) -> Event:
             body = (value or "").upper()
             if body not in ("7BIT", "8BITMIME"):
                 return BAD_BODY
+        elif key == "SMTPUTF8" and value is None:
+            smtputf8 = True
         else:
             return _invalid(555, "5.5.4", f"Unsupported parameter: {key}")
-    return MailFrom(address, params, size=size, body=body)
+    if not smtputf8 and not address.isascii():
+        return NEEDS_SMTPUTF8
+    return MailFrom(address, params, size=size, body=body, smtputf8=smtputf8)
 
 
-def _parse_rcpt(arg: str) -> Event:
+def _utf8_path(rest: str) -> re.Match[str] | None:
+    """A path with UTF-8 in it (RFC 6531); `rest` was decoded as latin-1."""
+    if rest.isascii():
+        return None
+    try:
+        text = rest.encode("latin-1").decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return _UTF8_PATH_AND_PARAMS.fullmatch(text)
+
+
+def _parse_rcpt(arg: str, smtputf8: bool) -> Event:
     rest = _after_keyword(arg, "TO:")
     if rest is None:
         return _invalid(501, "5.5.4", "Syntax: RCPT TO:<address>")
     m = _PATH_AND_PARAMS.fullmatch(rest) or _POSTMASTER_AND_PARAMS.fullmatch(rest)
+    if m is None:
+        m = _utf8_path(rest)
+        if m is not None and not smtputf8:
+            return NEEDS_SMTPUTF8
     if m is None:
         return BAD_RECIPIENT
     params = parse_params(m["params"])

@@ -31,6 +31,7 @@ class MailFrom:
     params: Mapping[str, str | None] = attrs.field(factory=dict)  # upper-cased keywords
     size: int | None = None  # SIZE= parameter, already checked against the maximum
     body: str | None = None  # BODY= parameter ("7BIT" or "8BITMIME")
+    smtputf8: bool = False  # SMTPUTF8 parameter (RFC 6531): UTF-8 addresses and headers
 
 
 @attrs.frozen
@@ -47,6 +48,13 @@ class Data:
 @attrs.frozen
 class Reset:
     pass
+
+
+@attrs.frozen
+class StartTls:
+    """STARTTLS (RFC 3207). After a 220 the core forgets the session (back to GREETED, no
+    HELO) and discards every byte the client sent after the command: the session must then
+    wrap its stream in TLS before reading again."""
 
 
 @attrs.frozen
@@ -115,6 +123,6 @@ class ConnectionClosed:
 
 
 Event = (
-    Hello | MailFrom | RcptTo | Data | Reset | Noop | Quit | Verify | Help | Invalid
+    Hello | MailFrom | RcptTo | Data | Reset | StartTls | Noop | Quit | Verify | Help | Invalid
     | BodyChunk | BodyRefused | BodyEnd | ConnectionClosed
 )

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import deque
 from enum import Enum
 
-from moxy.smtp.commands import command_verb, parse_command
+from moxy.smtp.commands import NOT_IMPLEMENTED, command_verb, parse_command
 from moxy.smtp.data import BareNewlines, BodyReader
 from moxy.smtp.events import (
     NEED_DATA,
@@ -27,6 +27,7 @@ from moxy.smtp.events import (
     RcptTo,
     Reset,
     Sentinel,
+    StartTls,
 )
 from moxy.smtp.replies import Reply
 
@@ -76,6 +77,10 @@ NESTED_MAIL = Reply.make(503, "5.5.1", "Error: nested MAIL command")
 NO_RECIPIENTS = Reply.make(554, "5.5.1", "Error: no valid recipients")
 TOO_MANY_RECIPIENTS = Reply.make(452, "4.5.3", "Error: too many recipients")
 LINE_TOO_LONG = Reply.make(500, "5.5.6", "Error: line too long")
+# RFC 3207 §4: with TLS required, only EHLO, NOOP, RSET, QUIT and STARTTLS work before it.
+NEED_STARTTLS = Reply.make(530, "5.7.0", "Must issue a STARTTLS command first")
+TLS_ACTIVE = Reply.make(554, "5.5.1", "Error: TLS already active")
+TLS_IN_TRANSACTION = Reply.make(503, "5.5.1", "Error: MAIL transaction in progress")
 
 
 class ServerConnection:
@@ -98,6 +103,8 @@ class ServerConnection:
         max_errors: int = 20,
         bare_newlines: BareNewlines = "refuse",
         hostname: str = "",
+        starttls: bool = False,
+        require_tls: bool = False,
     ) -> None:
         if bare_newlines not in ("refuse", "normalise"):
             raise ValueError(f"bare_newlines must be 'refuse' or 'normalise': {bare_newlines!r}")
@@ -108,6 +115,11 @@ class ServerConnection:
         self.max_errors = max_errors
         self.bare_newlines: BareNewlines = bare_newlines
         self.hostname = hostname  # named in the 421 reply when given
+        self.starttls = starttls  # STARTTLS offered (the session can wrap its stream)
+        self.require_tls = require_tls  # MAIL refused with 530 until TLS is active
+        self.tls = False  # a STARTTLS was answered 220: the session now runs over TLS
+        self.discarded = 0  # bytes the client sent after its STARTTLS line, thrown away
+        self.smtputf8 = False  # the current transaction's MAIL carried SMTPUTF8
         self.state = State.CONNECTED
         self.hello: str | None = None  # "EHLO" or "HELO" once accepted
         self.hello_domain: str | None = None
@@ -122,8 +134,16 @@ class ServerConnection:
 
     @property
     def extensions(self) -> tuple[str, ...]:
-        """The EHLO keywords matching what this core accepts (RFC 1870: SIZE 0 = no limit)."""
-        return ("PIPELINING", f"SIZE {self.max_message_size}", "8BITMIME", "ENHANCEDSTATUSCODES")
+        """The EHLO keywords matching what this core accepts (RFC 1870: SIZE 0 = no limit).
+
+        No CHUNKING: see docs/security.md ("BDAT")."""
+        keywords: tuple[str, ...] = (
+            "PIPELINING", f"SIZE {self.max_message_size}", "8BITMIME", "ENHANCEDSTATUSCODES",
+            "SMTPUTF8",
+        )
+        if self.starttls and not self.tls:
+            keywords += ("STARTTLS",)
+        return keywords
 
     @property
     def buffered(self) -> int:
@@ -174,6 +194,16 @@ class ServerConnection:
             self.state = State.CLOSED
             self._queue.clear()
             self._buf.clear()
+        elif isinstance(answered, StartTls) and reply.code == 220:
+            # RFC 3207 §4.2: forget everything learnt before TLS. Bytes the client pipelined
+            # after STARTTLS came in clear text and could be an attacker's (CVE-2011-0411):
+            # they are dropped, never parsed.
+            self.discarded = len(self._buf)
+            self._buf.clear()
+            self._discarding = False
+            self.tls = True
+            self.hello = self.hello_domain = None
+            self._enter(State.GREETED)
         else:
             new = _TRANSITIONS.get((type(answered), reply.klass))
             if isinstance(answered, Hello) and new is State.READY:
@@ -182,6 +212,8 @@ class ServerConnection:
                 new = State.GREETED  # RSET before any HELO/EHLO
             if isinstance(answered, RcptTo) and new is State.RCPT:
                 self.accepted_recipients += 1
+            if isinstance(answered, MailFrom) and new is State.MAIL:
+                self.smtputf8 = answered.smtputf8
             if new is not None:
                 self._enter(new)
         return reply.to_bytes()
@@ -190,6 +222,8 @@ class ServerConnection:
         if new in (State.READY, State.GREETED, State.MAIL):
             self.accepted_recipients = 0  # a new or no transaction
             self.body = None
+            if new is not State.MAIL:
+                self.smtputf8 = False
         elif new is State.DATA:
             self.body = BodyReader(
                 max_message_size=self.max_message_size,
@@ -246,10 +280,16 @@ class ServerConnection:
         if order_error is not None:
             return self._invalid(order_error)
         event = parse_command(
-            line, esmtp=self.hello == "EHLO", max_message_size=self.max_message_size
+            line, esmtp=self.hello == "EHLO", max_message_size=self.max_message_size,
+            smtputf8=self.smtputf8,
         )
         if isinstance(event, Invalid):
             return self._invalid(event.reply)
+        if isinstance(event, StartTls):
+            if not self.starttls:
+                return self._invalid(NOT_IMPLEMENTED.reply)
+            if self.tls:
+                return self._invalid(TLS_ACTIVE)
         if (
             isinstance(event, RcptTo)
             and self.max_recipients
@@ -265,6 +305,13 @@ class ServerConnection:
                 return NEED_HELLO
             if self.state in _IN_TRANSACTION:
                 return NESTED_MAIL
+            if self.require_tls and not self.tls:
+                return NEED_STARTTLS
+        elif verb == "STARTTLS" and self.starttls and not self.tls:
+            if self.state is State.GREETED:
+                return NEED_HELLO
+            if self.state in _IN_TRANSACTION:
+                return TLS_IN_TRANSACTION
         elif verb == "RCPT":
             if self.state not in _IN_TRANSACTION:
                 return NEED_MAIL

@@ -147,13 +147,13 @@ def _kind(kind: str) -> str:
     return kind
 
 
-# The text form's fields, in the order `DeliveryEvent.to_log_line` writes them. `node` and
-# `reason` are optional: logs written before they existed lack them.
+# The text form's fields, in the order `DeliveryEvent.to_log_line` writes them. `node`,
+# `reason` and `tls` are optional: logs written before they existed lack them.
 _KEYS = (
     "node", "session", "id", "client", "helo", "from", "to", "dest", "route", "size", "code",
-    "stage", "reason", "duration",
+    "stage", "reason", "tls", "duration",
 )  # fmt: skip
-_OPTIONAL = frozenset({"node", "reason"})
+_OPTIONAL = frozenset({"node", "reason", "tls"})
 _BRACKETED = frozenset({"from", "to"})  # <address> and <address>,<address>; followed by to=, dest=
 
 
@@ -246,6 +246,7 @@ def _parse_text(text: str) -> DeliveryEvent:
         duration=_float(fields["duration"], "duration"),
         node=_dash(fields.get("node", "-")),
         reason=_dash(fields.get("reason", "-")),
+        tls=_dash(fields.get("tls", "-")),
         time=parse_time(stamp),
     )
 
@@ -297,5 +298,6 @@ def _parse_json(text: str) -> DeliveryEvent:
         duration=float(duration),
         node=_get(record, "node", str, ""),
         reason=_get(record, "reason", str, ""),
+        tls=_get(record, "tls", str, ""),
         time=parse_time(_get(record, "time", str, "")),
     )

@@ -1,0 +1,97 @@
+"""SMTPUTF8 (RFC 6531), SIZE (RFC 1870) and BODY (RFC 6152) towards legs that do or do not
+advertise them: an SMTPUTF8 transaction or a too-large declared size is refused at RCPT for
+the legs that cannot take it, before any body is sent."""
+
+from __future__ import annotations
+
+import smtplib
+from collections.abc import Callable
+
+import trio
+
+from peers.client import READ_TIMEOUT, SmtpClient
+from peers.moxy import StartMoxy
+from peers.recorder import DEFAULT_EHLO_KEYWORDS, Recorder
+
+from .helpers import BODY, split_received
+
+MakeRecorder = Callable[..., Recorder]
+WITHOUT_UTF8 = DEFAULT_EHLO_KEYWORDS
+WITH_UTF8 = (*DEFAULT_EHLO_KEYWORDS, "SMTPUTF8")
+
+
+def smtplib_utf8(host: str, port: int, rcpts: list[str]) -> dict[str, tuple[int, bytes]]:
+    """Blocking: one SMTPUTF8 message, as smtplib sends it (UTF-8 commands after EHLO)."""
+    message = "From: jöran@bücher.example\r\nSubject: grüße\r\n\r\nHallo.\r\n".encode()
+    with smtplib.SMTP(host, port, "smtplib.test", timeout=READ_TIMEOUT) as smtp:
+        return smtp.sendmail("jöran@bücher.example", rcpts, message,
+                             mail_options=["SMTPUTF8", "BODY=8BITMIME"])
+
+
+async def test_smtputf8_goes_only_to_legs_that_advertise_it(
+    moxy: StartMoxy, make_recorder: MakeRecorder
+) -> None:
+    utf8 = make_recorder(ehlo_keywords=WITH_UTF8, name="utf8")
+    ascii_only = make_recorder(ehlo_keywords=WITHOUT_UTF8, name="ascii")
+    server = await moxy({"example.org": utf8, "example.net": ascii_only})
+    refused = await trio.to_thread.run_sync(
+        smtplib_utf8, server.host, server.port, ["用户@example.org", "b@example.net"]
+    )
+    assert refused == {
+        "b@example.net": (553, b"5.6.7 SMTPUTF8 is required, but was not offered by the "
+                               b"destination"),
+    }
+    assert ascii_only.connections[0].commands[:1] == ["EHLO relay.moxy.test"]
+    assert "MAIL" not in ascii_only.verbs()
+    [message] = utf8.delivered
+    assert (message.mail_from, message.rcpts) == ("jöran@bücher.example", ["用户@example.org"])
+    assert "SMTPUTF8" in message.mail_params.split() and "BODY=8BITMIME" in message.mail_params
+    assert message.data is not None
+    assert b" with UTF8SMTP id " in split_received(message.data)[0]
+    assert "Subject: grüße".encode() in message.data
+
+
+async def test_declared_size_above_a_legs_limit_is_refused_at_rcpt_for_that_leg_only(
+    moxy: StartMoxy, make_recorder: MakeRecorder
+) -> None:
+    small = make_recorder(
+        ehlo_keywords=("PIPELINING", "SIZE 10000", "ENHANCEDSTATUSCODES"), name="small"
+    )
+    large = make_recorder(name="large")  # SIZE 209715200, 8BITMIME
+    server = await moxy({"example.org": small, "example.net": large})
+    async with await trio.open_tcp_stream(server.host, server.port) as stream:
+        client = SmtpClient(stream)
+        await client.greeting_and_ehlo()
+        replies = [
+            await client.command("MAIL FROM:<s@client.test> SIZE=50000 BODY=8BITMIME"),
+            await client.command("RCPT TO:<a@example.org>"),
+            await client.command("RCPT TO:<b@example.net>"),
+            await client.command("DATA"),
+        ]
+        assert [(r.code, r.enhanced) for r in replies] == [
+            (250, "2.1.0"), (552, "5.3.4"), (250, "2.1.5"), (354, None)
+        ], client.dump()
+        await client.send(BODY + b".\r\n")
+        assert (await client.reply()).code == 250
+    assert "MAIL" not in small.verbs()
+    [message] = large.delivered
+    # The size grows by the Received header Moxy adds; BODY goes only where 8BITMIME is.
+    assert message.mail_params == "SIZE=51024 BODY=8BITMIME"
+
+
+async def test_size_and_body_are_left_out_for_legs_without_the_extensions(
+    moxy: StartMoxy, make_recorder: MakeRecorder
+) -> None:
+    bare = make_recorder(ehlo_keywords=("PIPELINING",))
+    server = await moxy({"example.org": bare})
+    async with await trio.open_tcp_stream(server.host, server.port) as stream:
+        client = SmtpClient(stream)
+        await client.greeting_and_ehlo()
+        assert (await client.command("MAIL FROM:<s@client.test> SIZE=100 BODY=8BITMIME")).code \
+            == 250
+        assert (await client.command("RCPT TO:<a@example.org>")).code == 250
+        assert (await client.command("DATA")).code == 354
+        await client.send(BODY + b".\r\n")
+        assert (await client.reply()).code == 250
+    [message] = bare.delivered
+    assert message.mail_params == ""
