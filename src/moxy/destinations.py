@@ -20,6 +20,7 @@ import trio
 
 from moxy.config import DestinationSettings
 from moxy.lookup.base import Destination
+from moxy.metrics import Metrics
 
 logger = logging.getLogger("moxy.destinations")
 
@@ -94,8 +95,11 @@ class Slot:
 
 
 class Destinations:
-    def __init__(self, settings: DestinationSettings | None = None) -> None:
+    def __init__(
+        self, settings: DestinationSettings | None = None, metrics: Metrics | None = None
+    ) -> None:
         self.settings = settings or DestinationSettings()
+        self.metrics = metrics or Metrics()
         self._down: dict[Destination, _Down] = {}
         self._slots: dict[Destination, trio.Semaphore] = {}
         self._caps = {o.destination: o.concurrency for o in self.settings.override}
@@ -114,7 +118,11 @@ class Destinations:
     async def admit(self, address: Destination, named: Destination | None = None) -> Slot:
         """A slot for one connection attempt to `address`, or `Unavailable` at once if it is
         down, or after `concurrency_wait` if it stays at its cap."""
-        slot = Slot(self, address, probe=self._may_try(address))
+        try:
+            slot = Slot(self, address, probe=self._may_try(address))
+        except Unavailable as exc:
+            self.metrics.destination_skipped(exc.stage)
+            raise
         try:
             cap = self.cap(address, named)
             if cap:
@@ -132,6 +140,10 @@ class Destinations:
                 if not slot.probe and address in self._down:
                     # Marked down by another leg while this one waited for its slot.
                     raise Unavailable("down", self._down[address].reason)
+        except Unavailable as exc:
+            self.metrics.destination_skipped(exc.stage)
+            slot.release()
+            raise
         except BaseException:
             slot.release()
             raise
@@ -163,6 +175,8 @@ class Destinations:
         if state is None:
             self._prune(now)
             self._down[address] = _Down(1, time.time(), now + base, reason)
+            self.metrics.destination_marked_down()
+            self.metrics.destinations_down(len(self._down))
             logger.warning("destination %s marked down for %gs: %s", address, base, reason)
         elif probe:
             state.failures += 1
@@ -177,6 +191,7 @@ class Destinations:
     def mark_up(self, address: Destination) -> None:
         state = self._down.pop(address, None)
         if state is not None:
+            self.metrics.destinations_down(len(self._down))
             logger.warning("destination %s up again after %.0fs down",
                            address, time.time() - state.since)
 
@@ -191,6 +206,7 @@ class Destinations:
         horizon = now - max(self.settings.down_time_max, self.settings.down_time)
         for address in [a for a, s in self._down.items() if s.until < horizon and not s.probing]:
             del self._down[address]
+        self.metrics.destinations_down(len(self._down))
 
     def forget_idle(self, address: Destination, semaphore: trio.Semaphore) -> None:
         """Drop an address's semaphore once nobody holds or waits for it (bounded memory)."""
@@ -218,6 +234,7 @@ class Destinations:
         for a in cleared:
             del self._down[a]
             logger.warning("destination %s cleared from the dead set by the operator", a)
+        self.metrics.destinations_down(len(self._down))
         return [str(a) for a in sorted(cleared)]
 
 

@@ -133,6 +133,17 @@ class Metrics:
     def upstream(self, destination: object) -> UpstreamStats:
         return _NO_UPSTREAM
 
+    # -- the dead set and the caps (destinations.py) --------------------------------------
+
+    def destinations_down(self, count: int) -> None:
+        """How many addresses the dead set holds now."""
+
+    def destination_marked_down(self) -> None:
+        """An address failed to connect or greet, and is skipped for a while."""
+
+    def destination_skipped(self, stage: str) -> None:
+        """A leg did not try an address: "down" (dead set) or "busy" (at its cap)."""
+
     # -- the route cache (lookup/cache.py: a CacheObserver) -------------------------------
 
     def observe_router(self, router: object) -> None:
@@ -236,6 +247,18 @@ class Prometheus(Metrics):
         self.cache_misses = Counter(
             "moxy_route_cache_misses", "Route lookups that asked the route sources", registry=r
         )
+        self.down_count = Gauge(
+            "moxy_destinations_down", "Destination addresses in the dead set",
+            registry=r, multiprocess_mode="livesum",
+        )
+        self.marked_down = Counter(
+            "moxy_destination_marked_down", "Destination addresses marked down (failed to "
+            "connect or greet)", registry=r,
+        )
+        self.skipped = Counter(
+            "moxy_destination_skipped", "Connection attempts not made: address down, or at its "
+            "concurrency cap", ["reason"], registry=r,
+        )
         self.sink_backlog = Gauge(
             "moxy_accounting_backlog", "Accounting events held by a sink (backend slow or down)",
             ["sink"], registry=r, multiprocess_mode="livesum",
@@ -248,6 +271,7 @@ class Prometheus(Metrics):
         self._messages = {k: self.messages.labels(v) for k, v in RESULTS.items()}
         self._recipients = {k: self.recipients.labels(v) for k, v in RESULTS.items()}
         self._rcpt_refused = {x: self.recipients_refused.labels(x) for x in RECIPIENT_REASONS}
+        self._skipped = {x: self.skipped.labels(x) for x in ("down", "busy")}
         self._upstreams: dict[str, UpstreamStats] = {}
         self._all_upstreams = _Upstream(self, ()) if not per_destination else None
         self._sinks: dict[str, _Sink] = {}
@@ -284,6 +308,15 @@ class Prometheus(Metrics):
 
     def recipient_refused(self, reason: str) -> None:
         self._rcpt_refused[reason].inc()
+
+    def destinations_down(self, count: int) -> None:
+        self.down_count.set(count)
+
+    def destination_marked_down(self) -> None:
+        self.marked_down.inc()
+
+    def destination_skipped(self, stage: str) -> None:
+        self._skipped[stage].inc()
 
     def upstream(self, destination: object) -> UpstreamStats:
         """Called once per upstream connection, which keeps what it gets."""

@@ -76,7 +76,7 @@ async def serve(
     metrics = metrics_for_config(config)
     shared = Shared(
         accounting.emit, Drain(), ClientLimiter(config.limits), metrics,
-        Destinations(config.destinations),
+        Destinations(config.destinations, metrics),
     )
     current = Generation.build(config, shared, routing=routing, router=router)
     control_path = config.destinations.control_socket

@@ -342,3 +342,16 @@ async def test_the_dashboard_uses_only_exported_metrics(
                for label in labels.split(",")}
     known = m.label_names() | {"le", "sink"}  # "sink": no accounting sink reports in this test
     assert grouped <= known, grouped - known
+
+
+async def test_the_dead_set_is_counted(moxy: StartMoxy) -> None:
+    down = f"127.0.0.1:{free_port()}"  # nothing listens: connection refused
+    server, port = await start(moxy, {"down.test": down})
+    for _ in range(3):
+        outcome = await send_one(server, ["user@down.test"])
+        assert [r.code for r in outcome.rcpt] == [451]
+    m = await fetch(port)
+    assert m.value("moxy_destination_marked_down_total") == 1  # the first sender's attempt
+    assert m.value("moxy_destination_skipped_total", reason="down") == 2  # not tried again
+    assert m.value("moxy_destination_skipped_total", reason="busy") == 0
+    assert m.value("moxy_destinations_down") == 1
