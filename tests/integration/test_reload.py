@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import functools
 import logging
+import shutil
 import signal
+import smtplib
+import ssl
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,6 +21,7 @@ from moxy.server import serve
 from peers.client import SmtpClient
 from peers.moxy import MoxyProcess
 from peers.recorder import Recorder
+from peers.tls import make_tls_files
 from peers.waiting import eventually
 
 from .helpers import SENDER, open_session
@@ -183,3 +187,43 @@ async def test_sighup_with_workers_reloads_every_worker_and_the_master_checks_fi
     assert len(stderr_lines(moxy, "reload failed")) == 1
     assert len(stderr_lines(moxy, "reloaded")) == 2
     assert await send(address) == 250
+
+
+def _starttls_verifies(address: tuple[str, int], ca: Path) -> bool:
+    """Blocking: does Moxy's STARTTLS certificate verify against `ca`?"""
+    with smtplib.SMTP(*address, "reload.test", timeout=10) as smtp:
+        try:
+            smtp.starttls(context=ssl.create_default_context(cafile=str(ca)))
+        except ssl.SSLCertVerificationError:
+            return False
+        return True
+
+
+async def test_reload_reads_the_certificates_again(
+    write_config: Callable[..., Path], make_recorder: MakeRecorder, tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="moxy")
+    first, second = make_tls_files(tmp_path / "first"), make_tls_files(tmp_path / "second")
+    live = tmp_path / "live"
+    live.mkdir()
+    for name in ("server.crt", "server.key"):
+        shutil.copy(tmp_path / "first" / name, live / name)
+    path = write_config(
+        {"example.org": make_recorder()},
+        tls={"cert": str(live / "server.crt"), "key": str(live / "server.key")},
+    )
+    send_reload, reloads = trio.open_memory_channel[None](1)
+    async with trio.open_nursery() as nursery:
+        [address, *_] = await nursery.start(
+            functools.partial(serve, load_config(path), reloads=reloads)
+        )
+        assert await trio.to_thread.run_sync(_starttls_verifies, address, first.ca)
+        # The certificate is renewed in place (as certbot does), then Moxy is told to reload.
+        for name in ("server.crt", "server.key"):
+            shutil.copy(tmp_path / "second" / name, live / name)
+        await send_reload.send(None)
+        await eventually(lambda: "reloaded" in caplog.text, what="the reload")
+        assert await trio.to_thread.run_sync(_starttls_verifies, address, second.ca)
+        assert not await trio.to_thread.run_sync(_starttls_verifies, address, first.ca)
+        nursery.cancel_scope.cancel()
