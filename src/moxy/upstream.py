@@ -366,7 +366,7 @@ async def _connect_address(
             elif mode == "required":
                 raise conn.error("tls", "STARTTLS required but not offered")
             else:
-                logger.info("upstream %s does not offer STARTTLS: plain text", where)
+                logger.debug("upstream %s does not offer STARTTLS: plain text", where)
         if destination.xclient and settings.client is not None and "XCLIENT" in conn.extensions:
             await send_xclient(conn, settings.client, helo)
     except BaseException:
