@@ -20,7 +20,7 @@ import trio
 
 from integration.helpers import SENDER, send_one
 from peers.moxy import RunningMoxy, StartMoxy
-from peers.recorder import Message, Recorder
+from peers.recorder import DISCONNECT, Message, Recorder
 from peers.redis_server import RedisServer
 from peers.sink import free_port
 from peers.waiting import eventually
@@ -395,3 +395,31 @@ async def test_moxystats_reads_the_config_of_the_running_server(
     rows = {line.split()[0]: line.split()[1:5] for line in table[2:]}
     assert rows[plain.address][0] == "2" and rows[mirror.address][0] == "1"
     assert rows[mirror.address][1:3] == [str(on_mirror), "B"]
+
+
+async def test_a_mirror_with_a_dead_group_and_a_leg_cut_at_end_of_data(
+    moxy: StartMoxy, make_recorder: MakeRecorder, redis_server: RedisServer
+) -> None:
+    """A mirror's second group refuses connections: the recipient is refused (all of its groups
+    or none), and the live group delivers nothing. A destination that drops the connection
+    after the data (no reply): a failed leg, code 0, counted refused."""
+    live = make_recorder()
+    dropping = make_recorder({"end_of_data": DISCONNECT})
+    dead = f"127.0.0.1:{free_port()}"
+    server = await moxy(
+        {"example.net": [live, dead], "example.com": dropping}, **accounting(redis_server)
+    )
+    mirrored = await send_one(server, ["ann@example.net"])
+    assert [r.code for r in mirrored.rcpt] == [451] and mirrored.final is None
+    cut = await send_one(server, ["bob@example.com"])
+    assert cut.final is not None and cut.final.klass == 4
+    [message] = dropping.messages
+    assert live.messages == [] and dropping.delivered == []
+    await counters_become(redis_server, {
+        "dest": {dead: (0, 0, 1), dropping.address: (0, 0, 1)},
+        "rcpt": {"ann@example.net": (0, 0, 1), "bob@example.com": (0, 0, 1)},
+        "domain": {"example.net": (0, 0, 1), "example.com": (0, 0, 1)},
+        **origin("mx-e2e", 0, 0, refused=2),
+    })
+    [leg] = await legs_logged(server, 1)
+    assert (leg["dest"], leg["code"], leg["size"]) == (dropping.address, 0, sizes([message]))
