@@ -8,6 +8,10 @@ client connections, and after a large message.
 
     .venv/bin/python benchmarks/bench_throughput.py [--messages 3000] [--sessions 20] ...
 
+`--accounting` adds Moxy's Redis counters (`[accounting] sinks = ["file", "redis"]`) on a
+throwaway redis-server, so that a run with and one without it show what accounting costs; the
+run ends by reading the counters back (copies counted against messages sent).
+
 Everything binds 127.0.0.1 and stops by itself. Results and how to read them: docs/benchmarks.md.
 """
 
@@ -70,10 +74,47 @@ def sink(port: int) -> Iterator[None]:
         proc.wait()
 
 
+REDIS_SERVER = "/usr/bin/redis-server"
+
+
+@contextlib.contextmanager
+def redis_server(workdir: Path) -> Iterator[str]:
+    """A throwaway redis-server on a free loopback port (nothing saved); yields its URL."""
+    if not Path(REDIS_SERVER).exists():
+        raise SystemExit(f"bench: {REDIS_SERVER} not found; install it with: "
+                         "apt-get install redis-server")
+    port = free_port()
+    directory = workdir / "redis"
+    directory.mkdir()
+    proc = subprocess.Popen(
+        [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory),
+         "--save", "", "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning"],
+        stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        wait_port(port)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+def counted_copies(redis_url: str) -> tuple[int, int]:
+    """Copies and bytes the Redis counters hold, summed over nodes (what every node counted)."""
+    import redis  # Moxy's own dependency; only --accounting needs it
+
+    client = redis.Redis.from_url(redis_url, socket_timeout=5)
+    msgs = sum(score for _, score in client.zrange("moxy:acct:total:node:msgs", 0, -1,
+                                                   withscores=True))
+    size = sum(score for _, score in client.zrange("moxy:acct:total:node:bytes", 0, -1,
+                                                   withscores=True))
+    return int(msgs), int(size)
+
+
 @contextlib.contextmanager
 def moxy(
     port: int, sink_port: int, workdir: Path, workers: int, idle_upstreams: int,
-    metrics: bool = False,
+    metrics: bool = False, redis_url: str | None = None,
 ) -> Iterator[subprocess.Popen[bytes]]:
     (workdir / "routes").write_text(f"bench.test  127.0.0.1:{sink_port}\n")
     (workdir / "moxy.toml").write_text(
@@ -86,6 +127,10 @@ def moxy(
         # Every session goes to the one sink: without lifting the per-destination cap (20 by
         # default), --sessions above 20 would measure 451 4.4.5 replies, not throughput.
         + "[destinations]\nconcurrency = 0\n"
+        # The message log is written either way (the "file" sink is the default); this adds
+        # the Redis counters every node of a cluster would keep.
+        + (f'[accounting]\nsinks = ["file", "redis"]\n[accounting.redis]\nurl = "{redis_url}"\n'
+           if redis_url else "")
     )
     proc = subprocess.Popen(
         [sys.executable, "-m", "moxy", "serve", "-c", str(workdir / "moxy.toml")]
@@ -126,22 +171,37 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=1, help="Moxy's [server] workers")
     ap.add_argument("--idle-upstreams", type=int, default=0, help="Moxy's limits.idle_upstreams")
     ap.add_argument("--metrics", action="store_true", help="Moxy's Prometheus endpoint on")
+    ap.add_argument("--accounting", action="store_true",
+                    help='Redis counters on ([accounting] sinks = ["file", "redis"], '
+                         "a throwaway redis-server)")
     ap.add_argument("--idle", type=int, default=1000, help="idle connections for the memory test")
     ap.add_argument("--large", type=int, default=50_000_000, help="bytes of the large message")
     args = ap.parse_args()
 
     sink_port, moxy_port = free_port(), free_port()
-    with tempfile.TemporaryDirectory() as tmp, sink(sink_port), \
-            moxy(moxy_port, sink_port, Path(tmp), args.workers, args.idle_upstreams,
-                 args.metrics) as proc:
+    with contextlib.ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        redis_url = stack.enter_context(redis_server(tmp)) if args.accounting else None
+        stack.enter_context(sink(sink_port))
+        proc = stack.enter_context(moxy(moxy_port, sink_port, tmp, args.workers,
+                                        args.idle_upstreams, args.metrics, redis_url))
+        if redis_url:
+            print(f"accounting: message log and Redis counters ({redis_url})")
         print(f"{'size':>8} {'conn':>6} {'direct msg/s':>13} {'moxy msg/s':>11} {'ratio':>6}")
+        sent = 0
         for size in (int(s) for s in args.sizes.split(",")):
             for reuse in (False, True):
                 common = (args.messages, args.sessions, size, reuse, args.recipients)
                 direct = args.messages / source(sink_port, *common)
                 proxied = args.messages / source(moxy_port, *common)
+                sent += args.messages
                 print(f"{size:>8} {'reuse' if reuse else 'new':>6} {direct:>13.0f}"
                       f" {proxied:>11.0f} {proxied / direct:>6.2f}")
+        if redis_url:
+            time.sleep(2.5)  # a flush every second ([accounting.redis] flush_interval)
+            copies, size_counted = counted_copies(redis_url)
+            print(f"\naccounting: {copies} of {sent} copies counted in Redis"
+                  f" ({size_counted / 1e6:.1f} MB)")
 
         if args.workers > 1:
             return  # the memory figures below are for one process

@@ -38,10 +38,16 @@ ROUTES_BASE = "ou=routes,dc=example,dc=net"
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 10.0  # per process group, before SIGKILL
 
-# Extra TOML for both nodes' configurations, with {redis_port} and {name} filled in: accounting
-# ([accounting] sinks with [accounting.redis] on the cluster's Redis) goes here once it exists.
+# Extra TOML for both nodes' configurations, with {redis_port} and {name} filled in: both
+# nodes count what they deliver in the cluster's Redis, which `moxystats` (step 7) reads.
 # While empty, the moxystats step is not printed.
-ACCOUNTING_TOML = ""
+ACCOUNTING_TOML = """
+[accounting]
+sinks = ["file", "redis"]
+
+[accounting.redis]
+url = "redis://127.0.0.1:{redis_port}/0"
+"""
 
 
 class Stopped(Exception):

@@ -8,6 +8,7 @@ the lines the recording servers print, then sends SIGINT to the group as Ctrl-C 
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import re
@@ -154,7 +155,12 @@ def test_walk_through_as_printed_then_ctrl_c_leaves_nothing(
     )
     assert directory.is_dir()
     commands = [line[3:] for line in output.lines if re.match(r"^   \S", line)]
-    assert len(commands) in (7, 8), output.lines  # 8: moxystats, once accounting exists
+    assert len(commands) == 8, output.lines
+    printed = "\n".join(output.lines)
+    servers = {
+        name: re.search(rf"{name} server +(127\.0\.0\.1:\d+)", printed).group(1)  # type: ignore[union-attr]
+        for name in ("old", "new")
+    }
     children = _descendants(process.pid)
     assert sorted(map(_kind, children.values())) == ["moxy", "moxy", "redis", "slapd"], children
 
@@ -174,7 +180,7 @@ def test_walk_through_as_printed_then_ctrl_c_leaves_nothing(
             assert match is not None
             arrivals.append(match.groups())  # type: ignore[arg-type]
 
-    send_a, route_set, send_b, send_a_again, lookup, send_ldap, route_del, *stats = commands
+    send_a, route_set, send_b, send_a_again, lookup, send_ldap, route_del, stats = commands
     lands(send_a, "old")
     assert arrivals[-1] == ("old", "node-a", "alice@example.test", "step 1 via A")
     assert re.fullmatch(r"moxy: example\.test -> 127\.0\.0\.1:\d+\n", run(route_set))
@@ -192,9 +198,25 @@ def test_walk_through_as_printed_then_ctrl_c_leaves_nothing(
     assert run(route_del) == "moxy: example.test deleted\n"
     lands(send_a.replace("step 1", "after undo"), "old")
     assert arrivals[-1] == ("old", "node-a", "alice@example.test", "after undo via A")
-    for command in stats:
-        assert "moxystats" in command and command.endswith(" --once")
-        assert run(command)
+    # Step 7: both nodes' counters in Redis. Each server got three copies (the LDAP route's
+    # message went to both); the nodes flush every second, so the JSON form is asked until
+    # every copy is counted, then the command runs as printed.
+    assert "moxystats" in stats and stats.endswith(" --once")
+    deadline = time.monotonic() + 15
+    while True:
+        rows = {row["key"]: row for row in json.loads(run(f"{stats} --json"))}
+        counted = {name: rows.get(dest, {}).get("messages") for name, dest in servers.items()}
+        if counted == {"old": 3, "new": 3} or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert counted == {"old": 3, "new": 3}, rows
+    by_node = {row["key"]: row["messages"] for row in json.loads(run(f"{stats} --json --by node"))}
+    assert by_node == {"node-a": 3, "node-b": 3}
+    table = run(stats).splitlines()
+    assert table[0].startswith("moxystats: Redis redis://127.0.0.1:") and ", by dest, " in table[0]
+    assert sorted(line.split()[:2] for line in table[2:]) == sorted(
+        [[servers["old"], "3"], [servers["new"], "3"]]
+    )
 
     # Ctrl-C: the terminal signals the whole foreground process group.
     os.killpg(process.pid, signal.SIGINT)

@@ -335,8 +335,8 @@ def test_prometheus_and_grafana_wiring(compose: dict[str, Any]) -> None:
     assert static["targets"] == ["moxy-a:9325", "moxy-b:9325"]
     assert all(target.split(":")[0] in services for target in static["targets"])
     settings = tomllib.loads((DOCKER / "moxy" / "moxy.toml").read_text())
-    if "metrics" in settings:  # the nodes' metrics endpoint is what Prometheus scrapes
-        assert settings["metrics"]["listen"] == "0.0.0.0:9325"
+    # The nodes' metrics endpoint is what Prometheus scrapes.
+    assert settings["metrics"]["listen"] == "0.0.0.0:9325"
     [mount] = services["prometheus"]["volumes"]
     assert mount == "./prometheus.yml:/etc/prometheus/prometheus.yml:ro"
     provisioning = DOCKER / "grafana" / "provisioning"
@@ -345,6 +345,28 @@ def test_prometheus_and_grafana_wiring(compose: dict[str, Any]) -> None:
     ]
     assert source["url"] == "http://prometheus:9090"
     assert "127.0.0.1:9090:9090" in services["prometheus"]["ports"]
+    # Moxy's dashboard is mounted where the dashboard provider looks, and its data source
+    # variable finds the provisioned (default) Prometheus.
+    [provider] = yaml.safe_load((provisioning / "dashboards" / "moxy.yaml").read_text())[
+        "providers"
+    ]
+    mounts = dict(volume.rsplit(":", 2)[:2] for volume in services["grafana"]["volumes"])
+    assert mounts["./grafana/provisioning"] == "/etc/grafana/provisioning"
+    [dashboard] = [target for source, target in mounts.items() if source.endswith(".json")]
+    assert Path(dashboard).parent == Path(provider["options"]["path"])
+    source_file = (DOCKER / next(s for s, t in mounts.items() if t == dashboard)).resolve()
+    assert source_file == ROOT / "deploy" / "grafana" / "moxy-dashboard.json"
+    variables = json.loads(source_file.read_text())["templating"]["list"]
+    [variable] = [v for v in variables if v["type"] == "datasource"]
+    assert variable["query"] == source["type"]
+    assert source["isDefault"] is True
+
+
+def test_compose_nodes_count_in_the_cluster_redis(compose: dict[str, Any]) -> None:
+    settings = tomllib.loads((DOCKER / "moxy" / "moxy.toml").read_text())
+    assert settings["accounting"]["sinks"] == ["file", "redis"]
+    assert settings["accounting"]["redis"]["url"] == settings["routes"]["redis"]["url"]
+    assert "file" not in settings["log"]  # the message log goes to docker logs
 
 
 # --- the LDAP image's directory, built and served for real -------------------------------------

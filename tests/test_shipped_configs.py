@@ -11,7 +11,9 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.parametrize("config", ["examples/moxy.toml", "deploy/moxy.toml"])
+@pytest.mark.parametrize(
+    "config", ["examples/moxy.toml", "examples/moxy-redis.toml", "deploy/moxy.toml"]
+)
 def test_shipped_configuration_passes_check_config(config: str) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "moxy", "check-config", "--config", str(ROOT / config)],

@@ -1,6 +1,7 @@
 """moxylogalyze over the log of a real `moxy serve`: messages sent with smtplib to recording
 upstreams (one plain route, one mirrored, one whose destination refuses the message, and a
-recipient Moxy refuses), then the totals checked against what the upstreams received."""
+recipient Moxy refuses), then the totals checked against what the upstreams received and the
+refused recipient found counted (by reason, per sender and IP)."""
 
 from __future__ import annotations
 
@@ -60,6 +61,9 @@ def test_totals_of_a_real_run_match_what_the_destinations_received(
     assert summary["legs_delivered"] == 4 and summary["legs_failed"] == 1
     assert summary["bytes_delivered"] == received
     assert summary["recipients_accepted"] == 3
+    # The recipient Moxy refused (no route) is a "refused" event of its own.
+    assert summary["refused"] == {"relay-denied": 1}
+    assert summary["connections"] == {}
     assert summary["senders"] == 3 and summary["client_ips"] == 1
     assert summary["destinations"] == 3
 
@@ -71,16 +75,20 @@ def test_totals_of_a_real_run_match_what_the_destinations_received(
     assert by_dest[mirror.address]["bytes"] == mirror.delivered[0].size
     assert (by_dest[refusing.address]["failed"], by_dest[refusing.address]["bytes"]) == (1, 0)
 
+    # A refusal that names no destination is listed under "-".
+    assert (by_dest["-"]["refused"], by_dest["-"]["messages"]) == (1, 0)
+    assert all(r["refused"] == 0 for dest, r in by_dest.items() if dest != "-")
+
     by_from = {r["from"]: r for r in logalyze(log, "-l", "from", "--format", "json").json()}
-    assert {k: (r["messages"], r["failed"]) for k, r in by_from.items()} == {
-        "a@client.test": (2, 0), "b@client.test": (1, 0), "c@client.test": (0, 1),
+    assert {k: (r["messages"], r["refused"], r["failed"]) for k, r in by_from.items()} == {
+        "a@client.test": (2, 1, 0), "b@client.test": (1, 0, 0), "c@client.test": (0, 0, 1),
     }  # fmt: skip
     for sender, totals in by_from.items():
         assert totals["bytes"] == sum(
             m.size for p in (plain, mirror) for m in p.delivered if m.mail_from == sender
         )
     [ip] = logalyze(log, "-l", "ip", "--format", "json").json()
-    assert (ip["ip"], ip["messages"], ip["bytes"]) == ("127.0.0.1", 3, received)
+    assert (ip["ip"], ip["messages"], ip["bytes"], ip["refused"]) == ("127.0.0.1", 3, received, 1)
 
 
 def test_verbose_over_a_real_run_shows_each_message_with_its_legs(
