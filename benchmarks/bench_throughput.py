@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
-import shutil
 import smtplib
 import socket
 import subprocess
@@ -30,27 +28,14 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_port(port: int, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
-            return
-        time.sleep(0.05)
-    raise SystemExit(f"bench: nothing answers on 127.0.0.1:{port}")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from proxies import free_port, wait_port
+from proxies import need as _need
+from proxies import smtp_sink as sink
 
 
 def need(tool: str) -> str:
-    path = shutil.which(tool) or shutil.which(tool, path="/usr/sbin:/usr/bin")
-    if path is None:
-        raise SystemExit(f"bench: {tool} not found; install it with: apt-get install postfix")
-    return path
+    return _need(tool, "postfix")
 
 
 def rss_kib(pid: int, field: str = "VmRSS") -> int:
@@ -58,20 +43,6 @@ def rss_kib(pid: int, field: str = "VmRSS") -> int:
         if line.startswith(field + ":"):
             return int(line.split()[1])
     return 0
-
-
-@contextlib.contextmanager
-def sink(port: int) -> Iterator[None]:
-    args = [need("smtp-sink")]
-    if os.geteuid() == 0:
-        args += ["-u", "nobody"]
-    proc = subprocess.Popen([*args, f"127.0.0.1:{port}", "1024"], stdout=subprocess.DEVNULL)
-    try:
-        wait_port(port)
-        yield
-    finally:
-        proc.terminate()
-        proc.wait()
 
 
 REDIS_SERVER = "/usr/bin/redis-server"
@@ -122,6 +93,8 @@ def moxy(
         f"workers = {workers}\n"
         '[routes]\nfile = "routes"\n[log]\nfile = "moxy.log"\nlevel = "warning"\n'
         "[limits]\nmessage_size = 104857600\nconnections = 5000\n"
+        # Every client of a benchmark comes from 127.0.0.1: no per-address cap.
+        "connections_per_ip = 0\n"
         f"idle_upstreams = {idle_upstreams}\n"
         + (f'[metrics]\nlisten = "127.0.0.1:{free_port()}"\n' if metrics else "")
         # Every session goes to the one sink: without lifting the per-destination cap (20 by

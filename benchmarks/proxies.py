@@ -38,6 +38,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def wait_port(port: int, timeout: float = 20.0) -> None:
+    """Until something accepts connections on `port`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+            return
+        time.sleep(0.05)
+    raise SystemExit(f"bench: nothing answers on 127.0.0.1:{port}")
+
+
 def wait_greeting(port: int, timeout: float = 30.0) -> None:
     """Until a server on `port` sends its 220 greeting."""
     deadline = time.monotonic() + timeout
@@ -99,6 +109,8 @@ def moxy(
         f"workers = {workers}\n"
         '[routes]\nfile = "routes"\n[log]\nfile = "moxy.log"\nlevel = "warning"\n'
         "[limits]\nmessage_size = 104857600\nconnections = 5000\n"
+        # Every client of a benchmark comes from 127.0.0.1: no per-address cap.
+        "connections_per_ip = 0\n"
         f"idle_upstreams = {idle_upstreams}\n"
     )
     args = [sys.executable, "-m", "moxy", "serve", "-c", str(workdir / "moxy.toml")]
