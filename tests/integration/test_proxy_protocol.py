@@ -156,3 +156,28 @@ async def test_moxy_serve_with_workers_binds_listen_proxy_and_offers_starttls(
     first, second = (split_received(m.data or b"")[0] for m in upstream.delivered)
     assert b"([198.51.100.4])" in first and b" with ESMTP id " in first
     assert b"([127.0.0.1])\r\n\t(using TLSv1.3 " in second and b" with ESMTPS id " in second
+
+
+async def test_per_client_limits_count_the_address_the_header_carries(
+    moxy: StartMoxy, make_recorder: MakeRecorder
+) -> None:
+    server = await moxy(
+        {"example.org": make_recorder()},
+        server={"listen_proxy": ["127.0.0.1:0"], "proxy_protocol_from": ["127.0.0.1/32"]},
+        limits={"connections_per_ip": 1},
+    )
+    host, port = server.bound[-1]
+    # Every connection comes from the load balancer's 127.0.0.1; only the header tells clients
+    # apart, so one session each for two clients, and a second one for the first is refused.
+    first = await SmtpClient.connect(host, port)
+    await first.send(b"PROXY TCP4 203.0.113.1 192.0.2.25 40000 25\r\n")
+    assert (await first.reply()).code == 220
+    other = await SmtpClient.connect(host, port)
+    await other.send(b"PROXY TCP4 203.0.113.2 192.0.2.25 40001 25\r\n")
+    assert (await other.reply()).code == 220
+    again = await SmtpClient.connect(host, port)
+    await again.send(b"PROXY TCP4 203.0.113.1 192.0.2.25 40002 25\r\n")
+    refused = await again.reply()
+    assert (refused.code, refused.enhanced) == (421, "4.7.0")
+    for client in (first, other, again):
+        await client.aclose()
