@@ -15,7 +15,7 @@ from moxy.smtp.client import ReplyParser, parse_ehlo
 from moxy.tls import describe
 
 if TYPE_CHECKING:
-    from moxy.upstream import Connection
+    from moxy.connection import Connection
 
 logger = logging.getLogger("moxy.upstream")
 

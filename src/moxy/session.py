@@ -8,14 +8,8 @@ can be delivered upstream because the end-of-data sequence is only sent on a com
 
 from __future__ import annotations
 
-import email.utils
-import itertools
 import logging
-import secrets
-import ssl
 import time
-from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import NoReturn
 
 import attrs
@@ -23,118 +17,21 @@ import trio
 
 from moxy.accounting import events as acct
 from moxy.accounting.events import DeliveryEvent
-from moxy.clientlimits import ClientLimiter
-from moxy.config import Config
-from moxy.destinations import Destinations
+from moxy.context import ServerContext
 from moxy.leg_setup import ClientIdentity
-from moxy.lookup.base import BadRouteData, DestinationGroup, LookupFailed, Router
-from moxy.metrics import Metrics
-from moxy.relay import RelayPolicy, sender_routed
+from moxy.lookup.base import BadRouteData, DestinationGroup, LookupFailed
+from moxy.relay import sender_routed
 from moxy.smtp import events as ev
 from moxy.smtp.replies import Reply
 from moxy.smtp.server import ServerConnection
-from moxy.tls import UpstreamTls, describe, server_context
+from moxy.tls import describe
+from moxy.trace import new_session_id, received_header
 from moxy.transaction import Transaction, decide_final
-from moxy.upstream import ConnectionPool, Envelope, Leg, UpstreamSettings
+from moxy.upstream import Envelope, Leg, UpstreamSettings
+
+__all__ = ["ClientGone", "Session", "received_header"]
 
 logger = logging.getLogger("moxy.session")
-
-_ids = itertools.count(1)
-
-
-def new_session_id() -> str:
-    """Short, unique enough across restarts and nodes: random prefix + counter."""
-    return f"{secrets.token_hex(3).upper()}{next(_ids):06X}"
-
-
-class Drain:
-    """Graceful shutdown, as sessions see it: once started, a session waiting for the client's
-    next command is told 421 and closed; one busy with a message finishes it first."""
-
-    def __init__(self) -> None:
-        self.draining = False
-        self.waiting: set[trio.CancelScope] = set()  # sessions waiting for a command
-
-    def start(self) -> None:
-        self.draining = True
-        for scope in self.waiting:
-            scope.cancel()
-
-
-@attrs.frozen
-class ServerContext:
-    """What every session started under one configuration shares. A reload (SIGHUP) builds a
-    new one for new sessions; a session keeps the one it started with to its end."""
-
-    config: Config
-    router: Router
-    emit: Callable[[DeliveryEvent], None]
-    upstream: UpstreamSettings
-    drain: Drain = attrs.field(factory=Drain)
-    metrics: Metrics = attrs.field(factory=Metrics)
-    relay: RelayPolicy = attrs.field(factory=RelayPolicy)
-    clients: ClientLimiter | None = None  # per-client limits; outlive reloads
-    tls: ssl.SSLContext | None = attrs.field(default=None, eq=False)  # None: no STARTTLS
-
-    @classmethod
-    def build(
-        cls,
-        config: Config,
-        *,
-        router: Router,
-        emit: Callable[[DeliveryEvent], None],
-        drain: Drain,
-        clients: ClientLimiter | None = None,
-        metrics: Metrics | None = None,
-        destinations: Destinations | None = None,
-    ) -> ServerContext:
-        """Everything that follows from one configuration, for `moxy serve` and each reload.
-        `router`, `emit`, `drain`, `clients`, `metrics` and `destinations` are made by the
-        server (the router needs its background tasks, the others outlive a reload). Whoever
-        runs the context runs `upstream.pool.run` when there is a pool. The certificates are
-        read here, so a reload reads them again."""
-        pool = None
-        if config.limits.idle_upstreams:
-            pool = ConnectionPool(config.limits.idle_upstreams, config.timeouts.upstream_idle)
-        return cls(
-            config=config,
-            router=router,
-            emit=emit,
-            upstream=UpstreamSettings(
-                helo_name=config.proxy.helo_name or config.server.hostname,
-                timeouts=config.timeouts,
-                reply_line=config.limits.reply_line,
-                pool=pool,
-                metrics=metrics or Metrics(),
-                destinations=destinations or Destinations(config.destinations),
-                tls=UpstreamTls.from_config(config),
-            ),
-            drain=drain,
-            relay=RelayPolicy.from_settings(config.relay),
-            clients=clients,
-            metrics=metrics or Metrics(),
-            tls=server_context(config),
-        )
-
-
-def received_header(
-    helo: str, client_ip: str, hostname: str, protocol: str, message_id: str,
-    recipients: list[str], when: float | None = None, tls: str = "",
-) -> bytes:
-    """The RFC 5321 §4.4 trace header that destinations see (folded onto three lines, four
-    with TLS: Postfix's "(using TLSv1.3 with cipher ...)" comment)."""
-    ip = f"IPv6:{client_ip}" if ":" in client_ip else client_ip
-    moment = datetime.fromtimestamp(time.time() if when is None else when, UTC)
-    date = email.utils.format_datetime(moment)  # "+0000": UTC, not the "-0000" of unknown zone
-    for_clause = f"\r\n\tfor <{recipients[0]}>" if len(recipients) == 1 else ""
-    using = f"\t(using {tls})\r\n" if tls else ""
-    text = (
-        f"Received: from {helo or 'unknown'} ([{ip}])\r\n{using}"
-        f"\tby {hostname} (Moxy) with {protocol} id {message_id}{for_clause};\r\n"
-        f"\t{date}\r\n"
-    )
-    return text.encode("utf-8", "replace")
-
 
 class ClientGone(Exception):
     pass
