@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import logging
-import math
 import socket
 import time
 from typing import TYPE_CHECKING
@@ -23,6 +22,7 @@ from moxy.lookup.base import Destination
 from moxy.metrics import Metrics
 from moxy.smtp.client import ReplyParser, UpstreamProtocolError, parse_ehlo
 from moxy.smtp.replies import Reply
+from moxy.stream import Stream, StreamBroken, StreamTimeout
 from moxy.tls import UpstreamTls
 
 if TYPE_CHECKING:
@@ -31,7 +31,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger("moxy.upstream")
 
 RECEIVE_SIZE = 65536
-_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)  # Linux only
 
 
 class LegError(Exception):
@@ -105,7 +104,7 @@ class Connection:
     """An SMTP client connection to one destination, past greeting and EHLO/HELO."""
 
     def __init__(
-        self, stream: trio.abc.Stream, destination: Destination, settings: UpstreamSettings
+        self, stream: Stream, destination: Destination, settings: UpstreamSettings
     ) -> None:
         self.stream = stream
         self.destination = destination
@@ -126,51 +125,49 @@ class Connection:
         return LegError(stage, str(self.destination), detail, reply)
 
     async def read_reply(self, stage: str, timeout: float, more: bool = False) -> Reply:
-        """The next reply. `more`: further replies to pipelined commands are still due."""
-        with trio.move_on_after(timeout):
-            try:
-                received = False
-                while True:
-                    reply = self.parser.next_reply()
-                    if reply is not None:
-                        self.stats.replied(stage, time.monotonic() - self.sent_at)
-                        if reply.code == 421:
-                            raise self.error(stage, f"service closing: {reply}", reply)
-                        if more and received and not self.parser.buffered:
-                            self._ack_now()
-                        return reply
-                    data = await self.stream.receive_some(RECEIVE_SIZE)
-                    if not data:
-                        raise self.error(stage, "connection closed by upstream")
-                    self.parser.receive_data(bytes(data))
-                    received = True
-            except UpstreamProtocolError as exc:
-                raise self.error(stage, f"malformed reply: {exc}") from None
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                raise self.error(stage, f"connection lost: {exc}") from None
-        raise self.error(stage, f"no reply within {timeout:g}s")
+        """The next reply, all of it within `timeout`. `more`: further replies to pipelined
+        commands are still due."""
+        reply = self.parser.next_reply()
+        if reply is None:
+            reply = await self._receive_reply(stage, timeout, more)
+        self.stats.replied(stage, time.monotonic() - self.sent_at)
+        if reply.code == 421:
+            raise self.error(stage, f"service closing: {reply}", reply)
+        return reply
 
-    def _ack_now(self) -> None:
-        """ACK what arrived at once instead of after the delayed-ACK timer (~40 ms on Linux).
-
-        A destination that leaves Nagle on and writes each pipelined reply separately holds
-        the next reply until its previous segment is ACKed; Moxy has nothing to send that the
-        ACK could ride on while it waits for that reply. Linux clears TCP_QUICKACK by itself,
-        so it is set again each time, and only when a reply arrived alone."""
-        sock = getattr(self.stream, "socket", None)
-        if sock is not None and _QUICKACK is not None:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
+    async def _receive_reply(self, stage: str, timeout: float, more: bool) -> Reply:
+        deadline = trio.current_time() + timeout
+        try:
+            while True:
+                data = await self.stream.receive(RECEIVE_SIZE, deadline)
+                if not data:
+                    raise self.error(stage, "connection closed by upstream")
+                self.parser.receive_data(data)
+                reply = self.parser.next_reply()
+                if reply is not None:
+                    if more and not self.parser.buffered:
+                        # A destination that leaves Nagle on and writes each pipelined reply
+                        # separately holds the next one until this segment is ACKed, and Moxy
+                        # has nothing to send that the ACK could ride on: ACK at once instead of
+                        # after the delayed-ACK timer (~40 ms on Linux). Linux clears
+                        # TCP_QUICKACK by itself, so it is set each time a reply came alone.
+                        self.stream.ack_now()
+                    return reply
+        except UpstreamProtocolError as exc:
+            raise self.error(stage, f"malformed reply: {exc}") from None
+        except StreamBroken as exc:
+            raise self.error(stage, f"connection lost: {exc}") from None
+        except StreamTimeout:
+            raise self.error(stage, f"no reply within {timeout:g}s") from None
 
     async def send(self, data: bytes, stage: str, timeout: float) -> None:
         self.sent_at = time.monotonic()
-        with trio.move_on_after(timeout):
-            try:
-                await self.stream.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                raise self.error(stage, f"connection lost: {exc}") from None
-            return
-        raise self.error(stage, f"could not send within {timeout:g}s")
+        try:
+            await self.stream.send(data, trio.current_time() + timeout)
+        except StreamBroken as exc:
+            raise self.error(stage, f"connection lost: {exc}") from None
+        except StreamTimeout:
+            raise self.error(stage, f"could not send within {timeout:g}s") from None
 
     async def command(self, line: bytes, stage: str, timeout: float) -> Reply:
         await self.send(line, stage, timeout)
@@ -200,26 +197,24 @@ class Connection:
     async def close(self) -> None:
         if self.slot is not None:
             self.slot.release()
-        await trio.aclose_forcefully(self.stream)
+        await self.stream.aclose()
 
-    async def quit(self) -> None:
-        """QUIT politely (the caller bounds the wait), then close."""
+    async def send_quit(self, timeout: float) -> None:
+        """QUIT, without waiting for the 221 (as Postfix's smtp client does by default): the
+        connection holds no transaction, so its answer cannot change anything."""
         with contextlib.suppress(LegError):
-            await self.command(b"QUIT\r\n", "quit", math.inf)
+            await self.send(b"QUIT\r\n", "quit", timeout)
+
+    async def quit(self, timeout: float) -> None:
+        await self.send_quit(timeout)
         await self.close()
 
 
-async def _open_stream(address: Destination) -> trio.SocketStream:
-    """A TCP connection to an IP address; trio's SocketStream sets TCP_NODELAY on it."""
+async def _open_stream(address: Destination) -> Stream:
+    """A TCP connection to an IP address, with TCP_NODELAY."""
     family = socket.AF_INET6 if ipaddress.ip_address(address.host).version == 6 \
         else socket.AF_INET
-    sock = trio.socket.socket(family, socket.SOCK_STREAM)
-    try:
-        await sock.connect((address.host, address.port))
-    except BaseException:
-        sock.close()
-        raise
-    return trio.SocketStream(sock)
+    return await Stream.connect(family, (address.host, address.port))
 
 
 # Failures at these stages mark an address down (src/moxy/destinations.py); a greeting heard

@@ -8,7 +8,6 @@ import ssl
 from collections.abc import Callable
 
 import attrs
-import trio
 
 from moxy.accounting.events import DeliveryEvent
 from moxy.clientlimits import ClientLimiter
@@ -18,6 +17,7 @@ from moxy.lookup.base import Router
 from moxy.metrics import Metrics
 from moxy.pool import ConnectionPool
 from moxy.relay import RelayPolicy
+from moxy.stream import Stream
 from moxy.tls import UpstreamTls, server_context
 from moxy.upstream import UpstreamSettings
 
@@ -28,12 +28,14 @@ class Drain:
 
     def __init__(self) -> None:
         self.draining = False
-        self.waiting: set[trio.CancelScope] = set()  # sessions waiting for a command
+        self.waiting: set[Stream] = set()  # the sessions' client streams
 
     def start(self) -> None:
+        """Interrupt the sessions' waits for a command (and every later one): a wait for body
+        bytes is not interruptible, so a message in DATA finishes first."""
         self.draining = True
-        for scope in self.waiting:
-            scope.cancel()
+        for stream in self.waiting:
+            stream.interrupt()
 
 
 @attrs.frozen

@@ -60,8 +60,7 @@ class ConnectionPool:
                         del self._idle[destination]
                 expired, self._expired = self._expired, []
                 for conn in expired:
-                    with trio.move_on_after(min(self.idle_time, 5.0)):
-                        await conn.quit()
+                    await conn.quit(min(self.idle_time, 5.0))
         finally:
             with trio.CancelScope(shield=True):
                 for idle in self._idle.values():

@@ -34,6 +34,7 @@ from moxy.proxy_protocol import ProxyProtocolError, read_header
 from moxy.reload import Generation, Shared, next_generation
 from moxy.session import Session
 from moxy.smtp.replies import Reply
+from moxy.stream import Stream
 
 logger = logging.getLogger("moxy")
 
@@ -156,7 +157,7 @@ async def serve(
             generation.enter()
             metrics.session_started()
             try:
-                await Session(stream, client_ip, ctx).run()
+                await Session(Stream.from_trio(stream), client_ip, ctx).run()
             except Exception:
                 logger.exception("session from %s failed", client_ip)
             finally:

@@ -24,6 +24,7 @@ from moxy.relay import sender_routed
 from moxy.smtp import events as ev
 from moxy.smtp.replies import Reply
 from moxy.smtp.server import ServerConnection
+from moxy.stream import Stream, StreamBroken, StreamTimeout
 from moxy.tls import describe
 from moxy.trace import new_session_id, received_header
 from moxy.transaction import Transaction, decide_final
@@ -38,7 +39,7 @@ class ClientGone(Exception):
 
 
 class Session:
-    def __init__(self, stream: trio.abc.Stream, client_ip: str, ctx: ServerContext) -> None:
+    def __init__(self, stream: Stream, client_ip: str, ctx: ServerContext) -> None:
         self.stream = stream
         self.client_ip = client_ip
         self.ctx = ctx
@@ -68,6 +69,7 @@ class Session:
         self.body_refusal: Reply | None = None
         self.output = bytearray()  # replies not yet written
         self.ended_by: str | None = None  # why Moxy ended the session (a "connection" event)
+        self._upstream: UpstreamSettings | None = None  # see upstream_settings()
 
     # -- I/O with the client ---------------------------------------------------------------
 
@@ -82,14 +84,15 @@ class Session:
         data = bytes(self.output)
         self.output.clear()
         # A client that stops reading must not hold the session forever.
-        with trio.move_on_after(self.ctx.config.timeouts.client_command):
-            try:
-                await self.stream.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                raise ClientGone from None
-            return
-        self.log_connection(0, "client did not read its replies", acct.CLIENT_TIMEOUT, "reply")
-        raise ClientGone
+        timeout = self.ctx.config.timeouts.client_command
+        try:
+            await self.stream.send(data, trio.current_time() + timeout)
+        except StreamBroken:
+            raise ClientGone from None
+        except StreamTimeout:
+            self.log_connection(0, "client did not read its replies", acct.CLIENT_TIMEOUT,
+                                "reply")
+            raise ClientGone from None
 
     async def next_event(self) -> ev.Event:
         while True:
@@ -106,18 +109,14 @@ class Session:
                     await self.say_goodbye(Reply.make(
                         421, "4.3.2", f"{self.hostname} Service shutting down; try again later"
                     ))
-                data = b""
-                with trio.move_on_after(timeout) as scope:
-                    if not in_data:
-                        drain.waiting.add(scope)
-                    try:
-                        size = self.ctx.config.limits.data_chunk
-                        data = bytes(await self.stream.receive_some(size))
-                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                        data = b""
-                    finally:
-                        drain.waiting.discard(scope)
-                if scope.cancelled_caught:
+                try:
+                    data = await self.stream.receive(
+                        self.ctx.config.limits.data_chunk, trio.current_time() + timeout,
+                        interruptible=not in_data,  # by the drain: see Drain.start
+                    )
+                except StreamBroken:
+                    data = b""
+                except StreamTimeout:
                     if drain.draining and not in_data:
                         continue  # say goodbye at the top of the loop
                     goodbye = Reply.make(421, "4.4.2", f"{self.hostname} Timeout, closing")
@@ -144,6 +143,7 @@ class Session:
 
     async def run(self) -> None:
         logger.debug("session %s from %s", self.id, self.client_ip)
+        self.ctx.drain.waiting.add(self.stream)
         try:
             banner = f"{self.hostname} {self.ctx.config.server.banner}".strip()
             self.reply(Reply(220, (banner,)))
@@ -222,20 +222,21 @@ class Session:
                 "discarded (command injection?)", self.id, self.client_ip, self.smtp.discarded,
             )
         assert self.ctx.tls is not None
-        stream = trio.SSLStream(self.stream, self.ctx.tls, server_side=True)
-        self.stream = stream
-        failure = f"no handshake within {self.ctx.config.timeouts.client_command:g}s"
-        with trio.move_on_after(self.ctx.config.timeouts.client_command):
-            try:
-                await stream.do_handshake()
-                failure = ""
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                failure = str(exc.__cause__ or exc) or type(exc).__name__
+        timeout = self.ctx.config.timeouts.client_command
+        failure = ""
+        try:
+            await self.stream.start_tls(
+                self.ctx.tls, trio.current_time() + timeout, server_side=True
+            )
+        except StreamTimeout:
+            failure = f"no handshake within {timeout:g}s"
+        except StreamBroken as exc:
+            failure = str(exc)
         if failure:
             logger.info("session %s from %s: TLS handshake failed: %s",
                         self.id, self.client_ip, failure)
             raise ClientGone
-        self.tls = describe(stream)
+        self.tls = describe(self.stream.ssl)
         self.helo, self.protocol = "", "SMTP"
         logger.info("session %s from %s: TLS established: %s", self.id, self.client_ip, self.tls)
 
@@ -267,10 +268,17 @@ class Session:
         self.reply(Reply.make(250, "2.1.0", "Ok"))
 
     def upstream_settings(self) -> UpstreamSettings:
-        """The server's settings plus who this client is (for XCLIENT to trusted legs)."""
+        """The server's settings plus who this client is (for XCLIENT to trusted legs), made
+        again only when the client's HELO changed."""
         protocol = "ESMTP" if self.protocol == "ESMTP" else "SMTP"
-        identity = ClientIdentity(self.client_ip, self.helo, protocol)
-        return attrs.evolve(self.ctx.upstream, client=identity)
+        settings = self._upstream
+        known = settings.client if settings is not None else None
+        if settings is None or known is None or (known.helo, known.protocol) != (
+            self.helo, protocol
+        ):
+            identity = ClientIdentity(self.client_ip, self.helo, protocol)
+            settings = self._upstream = attrs.evolve(self.ctx.upstream, client=identity)
+        return settings
 
     async def rcpt(self, address: str) -> Reply:
         assert self.transaction is not None
@@ -378,7 +386,8 @@ class Session:
                         await leg.quit()
             for leg in self.legs.values():
                 await leg.drop()
-            await trio.aclose_forcefully(self.stream)
+            self.ctx.drain.waiting.discard(self.stream)
+            await self.stream.aclose()
 
     # -- logging -----------------------------------------------------------------------------
 

@@ -5,6 +5,7 @@ Received: trace header (RFC 5321 §4.4).
 from __future__ import annotations
 
 import email.utils
+import functools
 import itertools
 import secrets
 import time
@@ -25,8 +26,7 @@ def received_header(
     """The RFC 5321 §4.4 trace header that destinations see (folded onto three lines, four
     with TLS: Postfix's "(using TLSv1.3 with cipher ...)" comment)."""
     ip = f"IPv6:{client_ip}" if ":" in client_ip else client_ip
-    moment = datetime.fromtimestamp(time.time() if when is None else when, UTC)
-    date = email.utils.format_datetime(moment)  # "+0000": UTC, not the "-0000" of unknown zone
+    date = _date(int(time.time() if when is None else when))
     for_clause = f"\r\n\tfor <{recipients[0]}>" if len(recipients) == 1 else ""
     using = f"\t(using {tls})\r\n" if tls else ""
     text = (
@@ -35,3 +35,10 @@ def received_header(
         f"\t{date}\r\n"
     )
     return text.encode("utf-8", "replace")
+
+
+@functools.lru_cache(maxsize=4)
+def _date(second: int) -> str:
+    """RFC 5322 date of a second; cached, since a busy server stamps many messages a second."""
+    moment = datetime.fromtimestamp(second, UTC)
+    return email.utils.format_datetime(moment)  # "+0000": UTC, not the "-0000" of unknown zone

@@ -11,11 +11,7 @@ connection instead (`Leg.abort()`), which makes the upstream discard a partial m
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import math
-
-import trio
 
 from moxy.connection import (
     TRACE_ALLOWANCE,
@@ -268,9 +264,7 @@ class Leg:
         if conn is None:
             return
         if not self.in_data:
-            with trio.move_on_after(min(self.settings.timeouts.upstream_command, 5.0)):
-                with contextlib.suppress(LegError):
-                    await conn.command(b"QUIT\r\n", "quit", math.inf)
+            await conn.send_quit(min(self.settings.timeouts.upstream_command, 5.0))
         await self.drop()
 
 
