@@ -6,7 +6,6 @@ replies (pipelined when the destination offers PIPELINING) over a `moxy.stream.S
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import logging
 import socket
 import time
@@ -16,7 +15,7 @@ import attrs
 import trio
 
 from moxy.config import Timeouts
-from moxy.destinations import Destinations, Slot, Unavailable, resolve
+from moxy.destinations import Destinations, Slot, Unavailable, is_ip_literal, resolve
 from moxy.leg_setup import ClientIdentity, send_xclient, start_tls
 from moxy.lookup.base import Destination
 from moxy.metrics import Metrics
@@ -212,8 +211,7 @@ class Connection:
 
 async def _open_stream(address: Destination) -> Stream:
     """A TCP connection to an IP address, with TCP_NODELAY."""
-    family = socket.AF_INET6 if ipaddress.ip_address(address.host).version == 6 \
-        else socket.AF_INET
+    family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
     return await Stream.connect(family, (address.host, address.port))
 
 
@@ -229,8 +227,11 @@ async def connect(destination: Destination, settings: UpstreamSettings) -> Conne
     where = str(destination)
     timeout = settings.timeouts.upstream_connect
     try:
-        with trio.fail_after(timeout):
-            addresses = await resolve(destination)
+        if is_ip_literal(destination.host):
+            addresses = [destination]
+        else:
+            with trio.fail_after(timeout):
+                addresses = await resolve(destination)
     except trio.TooSlowError:
         raise LegError("connect", where, f"no address within {timeout:g}s") from None
     except OSError as exc:
