@@ -270,13 +270,14 @@ async def _connect_address(
     t = settings.timeouts
     where = str(destination) if address == destination else f"{destination} ({address})"
     started = time.monotonic()
+    stream = None
     try:
-        with trio.fail_after(t.upstream_connect):
+        with trio.move_on_after(t.upstream_connect):
             stream = await _open_stream(address)
-    except trio.TooSlowError:
-        raise LegError("connect", where, f"no connection within {t.upstream_connect:g}s") from None
     except OSError as exc:
         raise LegError("connect", where, exc.strerror or str(exc)) from None
+    if stream is None:
+        raise LegError("connect", where, f"no connection within {t.upstream_connect:g}s")
     conn = Connection(stream, destination, settings)
     conn.stats.connected(time.monotonic() - started)
     try:

@@ -14,6 +14,7 @@ pieces has one deadline for all of them; errors are `StreamTimeout` and `StreamB
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
@@ -55,14 +56,23 @@ class Stream:
 
     @classmethod
     async def connect(cls, family: int, address: tuple[str, int]) -> Stream:
-        """A TCP connection to `address` (the caller bounds the wait), with TCP_NODELAY."""
-        tsock = trio.socket.socket(family, socket.SOCK_STREAM)
+        """A TCP connection to the IP address `address` (the caller bounds the wait), with
+        TCP_NODELAY. OSError when it cannot be made."""
+        sock = socket.socket(family, socket.SOCK_STREAM)
         try:
-            await tsock.connect(address)
-            tsock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock = socket.socket(family, socket.SOCK_STREAM, fileno=tsock.detach())
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            try:
+                sock.connect(address)
+                await trio.lowlevel.checkpoint()
+            except BlockingIOError:  # EINPROGRESS: writable once the handshake is over
+                await trio.lowlevel.wait_writable(sock)
+                error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if error:
+                    raise OSError(error, os.strerror(error)) from None
         except BaseException:
-            tsock.close()
+            trio.lowlevel.notify_closing(sock)
+            sock.close()
             raise
         return cls(sock)
 
