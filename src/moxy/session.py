@@ -380,9 +380,11 @@ class Session(SessionEvents):
             for leg in self.legs.values():
                 if leg.in_data:
                     await leg.drop()
-            with trio.move_on_after(5):
-                for leg in self.legs.values():
-                    if not leg.release():
+            # Clean connections go to the pool; the others get QUIT, within 5 s in all.
+            to_quit = [leg for leg in self.legs.values() if not leg.release() and leg.conn]
+            if to_quit:
+                with trio.move_on_after(5):
+                    for leg in to_quit:
                         await leg.quit()
             for leg in self.legs.values():
                 await leg.drop()

@@ -46,6 +46,7 @@ class Stream:
         self.ssl: trio.SSLStream[trio.SocketStream] | None = None
         self.interrupted = False  # see interrupt()
         self._scope: trio.CancelScope | None = None  # an interruptible wait in progress
+        self._waiters = 0  # tasks in a readiness wait on the socket (see aclose)
 
     @classmethod
     def from_trio(cls, stream: trio.SocketStream) -> Stream:
@@ -133,12 +134,14 @@ class Stream:
         with trio.CancelScope(deadline=deadline) as scope:
             if interruptible:
                 self._scope = scope
+            self._waiters += 1
             try:
                 await wait(self.socket)
             except trio.ClosedResourceError as exc:
                 raise StreamBroken(_detail(exc)) from None
             finally:
                 self._scope = None
+                self._waiters -= 1
         if scope.cancelled_caught:
             raise StreamTimeout
 
@@ -194,6 +197,6 @@ class Stream:
         if self.ssl is not None:
             await trio.aclose_forcefully(self.ssl)
             return
-        if self.socket.fileno() != -1:
+        if self._waiters:  # wake them (ClosedResourceError): they must not wait forever
             trio.lowlevel.notify_closing(self.socket)
-            self.socket.close()
+        self.socket.close()
