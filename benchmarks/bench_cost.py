@@ -59,7 +59,8 @@ def under_callgrind(workdir: Path) -> Iterator[None]:
 
 def instructions(pid: int, workdir: Path) -> int:
     """Instructions counted since the last zeroing, dumped now."""
-    subprocess.run(["callgrind_control", "-d", str(pid)], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(["callgrind_control", "-d", str(pid)], check=True, stdout=subprocess.DEVNULL,
+                                       stderr=subprocess.DEVNULL)
     time.sleep(1)
     newest = max(workdir.glob("cg.*"), key=lambda p: p.stat().st_mtime)
     out = subprocess.run(["callgrind_annotate", str(newest)], check=True, capture_output=True,
