@@ -147,7 +147,7 @@ def _serve(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
         return EXIT_USAGE
-    from moxy.server import run  # imported late: the CLI must not need the server to check configs
+    from moxy.daemon import run  # imported late: the CLI must not need the server to check configs
 
     try:
         return run(config)

@@ -10,6 +10,7 @@ lives; the slot carries the attempt's verdict back (`Slot.done`).
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 import socket
@@ -129,9 +130,13 @@ class Destinations:
                 semaphore = self._slots.get(address)
                 if semaphore is None:
                     semaphore = self._slots[address] = trio.Semaphore(cap, max_value=cap)
-                with trio.move_on_after(self.settings.concurrency_wait):
-                    await semaphore.acquire()
+                try:
+                    semaphore.acquire_nowait()  # usually free: no deadline needed
                     slot._semaphore = semaphore
+                except trio.WouldBlock:
+                    with trio.move_on_after(self.settings.concurrency_wait):
+                        await semaphore.acquire()
+                        slot._semaphore = semaphore
                 if slot._semaphore is None:
                     raise Unavailable(
                         "busy", f"{cap} connections in use, none free within "
@@ -238,13 +243,19 @@ class Destinations:
         return [str(a) for a in sorted(cleared)]
 
 
+@functools.lru_cache(maxsize=1024)
+def is_ip_literal(host: str) -> bool:
+    """Whether `host` is an IP address (cached: asked at every connection)."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 async def resolve(destination: Destination) -> list[Destination]:
     """The addresses of `destination`, in the resolver's order (an IP literal is its own)."""
-    try:
-        ipaddress.ip_address(destination.host)
-    except ValueError:
-        pass
-    else:
+    if is_ip_literal(destination.host):
         return [destination]
     infos = await trio.socket.getaddrinfo(
         destination.host, destination.port, type=socket.SOCK_STREAM

@@ -12,10 +12,11 @@ import attrs
 import trio
 
 from moxy.smtp.client import ReplyParser, parse_ehlo
+from moxy.stream import StreamBroken, StreamTimeout
 from moxy.tls import describe
 
 if TYPE_CHECKING:
-    from moxy.upstream import Connection
+    from moxy.connection import Connection
 
 logger = logging.getLogger("moxy.upstream")
 
@@ -68,19 +69,19 @@ async def start_tls(conn: Connection, helo: bytes) -> None:
     # wants, not sent as SNI (Python's ssl does both).
     name = destination.sni or destination.host
     context = conn.settings.tls.context(destination.verify)
-    stream = trio.SSLStream(conn.stream, context, server_hostname=name)
-    conn.stream = stream
-    detail = f"no TLS handshake within {t.upstream_command:g}s"
-    with trio.move_on_after(t.upstream_command):
-        try:
-            await stream.do_handshake()
-            detail = ""
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            detail = str(exc.__cause__ or exc) or type(exc).__name__
+    detail = ""
+    try:
+        await conn.stream.start_tls(
+            context, trio.current_time() + t.upstream_command, server_hostname=name
+        )
+    except StreamTimeout:
+        detail = f"no TLS handshake within {t.upstream_command:g}s"
+    except StreamBroken as exc:
+        detail = str(exc)
     if detail:
         logger.warning("upstream %s: TLS handshake failed: %s", conn.destination, detail)
         raise conn.error("tls", f"TLS handshake failed: {detail}")
-    conn.tls = describe(stream)
+    conn.tls = describe(conn.stream.ssl)
     conn.parser = ReplyParser(max_line=conn.settings.reply_line)
     ehlo = await conn.command(b"EHLO " + helo + b"\r\n", "ehlo", t.upstream_command)
     if ehlo.klass != 2:

@@ -128,7 +128,7 @@ class Metrics:
 
     def recipient_refused(self, reason: str) -> None: ...
 
-    # -- destinations (upstream.py) -------------------------------------------------------
+    # -- destinations (connection.py) -------------------------------------------------------
 
     def upstream(self, destination: object) -> UpstreamStats:
         return _NO_UPSTREAM

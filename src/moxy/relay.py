@@ -10,6 +10,7 @@ group. Addresses with sender-specified routing (`user%other@routed`, `"user@othe
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 
 import attrs
@@ -21,8 +22,10 @@ SMARTHOST = "smarthost"  # Route.source of a recipient sent to the smarthost
 ACCOUNTING_ONLY = "accounting-only"  # Route.source in accounting-only mode
 
 
+@functools.lru_cache(maxsize=4096)
 def client_address(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    """The client's address, an IPv4-mapped IPv6 address as IPv4; None if not an address."""
+    """The client's address, an IPv4-mapped IPv6 address as IPv4; None if not an address.
+    Cached: asked for every connection, and parsing an address is not cheap."""
     try:
         address = ipaddress.ip_address(ip.partition("%")[0])  # without an IPv6 zone
     except ValueError:
@@ -53,6 +56,8 @@ class RelayPolicy:
         return cls(settings.trusted_networks, settings.smarthost, settings.accounting_only)
 
     def trusts(self, ip: str) -> bool:
+        if not self.trusted_networks:
+            return False
         address = client_address(ip)
         return address is not None and any(address in net for net in self.trusted_networks)
 

@@ -19,12 +19,12 @@ import trio
 from moxy.accounting.events import DeliveryEvent
 from moxy.clientlimits import ClientLimiter
 from moxy.config import Config, ConfigError, load_config
+from moxy.context import Drain, ServerContext
 from moxy.destinations import Destinations
 from moxy.lookup.base import Router
 from moxy.lookup.build import Routing
 from moxy.lookup.file import RoutesFileError
 from moxy.metrics import Metrics
-from moxy.session import Drain, ServerContext
 
 logger = logging.getLogger("moxy")
 

@@ -1,8 +1,8 @@
-"""Listeners and the server's lifetime: one nursery owns every session, signals stop it.
+"""Listeners and the server's lifetime: one nursery owns every session, a shutdown event
+drains them, reload requests start configuration generations.
 
-`serve()` is the async entry point (tests start it with `nursery.start`); `run()` is what
-`moxy serve` calls: logging, signals, trio.run — in this process, or in `[server] workers`
-processes under a master (src/moxy/workers.py).
+`serve()` is the async entry point (tests start it with `nursery.start`); `moxy serve` runs it
+through src/moxy/daemon.py (logging, signals, workers, privileges).
 """
 
 from __future__ import annotations
@@ -13,19 +13,18 @@ import functools
 import ipaddress
 import logging
 import math
-import signal
 import socket
-import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 
-from moxy import control, metrics_http, privileges, workers
+from moxy import control, metrics_http
 from moxy.accounting import events as acct
-from moxy.accounting.dispatch import Accounting, check_sinks
+from moxy.accounting.dispatch import Accounting
 from moxy.clientlimits import ClientLimiter
 from moxy.config import Config
+from moxy.context import Drain, ServerContext
 from moxy.destinations import Destinations
 from moxy.lookup.base import Router
 from moxy.lookup.build import Routing
@@ -33,8 +32,9 @@ from moxy.metrics import Metrics
 from moxy.metrics import for_config as metrics_for_config
 from moxy.proxy_protocol import ProxyProtocolError, read_header
 from moxy.reload import Generation, Shared, next_generation
-from moxy.session import Drain, ServerContext, Session
+from moxy.session import Session
 from moxy.smtp.replies import Reply
+from moxy.stream import Stream
 
 logger = logging.getLogger("moxy")
 
@@ -157,7 +157,7 @@ async def serve(
             generation.enter()
             metrics.session_started()
             try:
-                await Session(stream, client_ip, ctx).run()
+                await Session(Stream.from_trio(stream), client_ip, ctx).run()
             except Exception:
                 logger.exception("session from %s failed", client_ip)
             finally:
@@ -340,156 +340,3 @@ async def _accept_loop(
 def _fmt(address: tuple[str, int]) -> str:
     host, port = address
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s moxy[%(process)d] %(levelname)s %(name)s: %(message)s",
-    )
-
-
-async def _main(
-    config: Config,
-    routing: Routing,
-    sockets: Sequence[socket.socket] | None = None,
-    control_socket: socket.socket | None = None,
-) -> None:
-    """Serve until SIGTERM/SIGINT, then drain gracefully; a second signal stops at once.
-    SIGHUP reloads the configuration; SIGUSR1 makes the accounting sinks reopen their files
-    (after logrotate)."""
-    shutdown = trio.Event()
-    accounting = Accounting.from_config(config)
-    send_reload, reloads = trio.open_memory_channel[None](1)
-
-    async def signals(stop_now: trio.CancelScope) -> None:
-        with trio.open_signal_receiver(
-            signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1
-        ) as received:
-            # SIGHUP and SIGUSR1 were blocked since the start (see run): one sent meanwhile
-            # arrives now (Linux keeps a blocked signal pending even while it is ignored).
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP, signal.SIGUSR1})
-            async for signum in received:
-                name = signal.Signals(signum).name
-                if signum == signal.SIGUSR1:
-                    logger.info("received SIGUSR1, reopening the accounting sinks")
-                    accounting.reopen()
-                elif signum == signal.SIGHUP:
-                    logger.info("received SIGHUP, reloading %s", config.path)
-                    # When a reload is pending already, it reads the newest file anyway.
-                    with contextlib.suppress(trio.WouldBlock):
-                        send_reload.send_nowait(None)
-                elif not shutdown.is_set():
-                    logger.info("received %s, stopping (again to stop at once)", name)
-                    shutdown.set()
-                else:
-                    logger.info("received %s again, stopping now", name)
-                    stop_now.cancel()
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(signals, nursery.cancel_scope)
-        await serve(config, routing=routing, sockets=sockets, shutdown=shutdown,
-                    accounting=accounting, control_socket=control_socket, reloads=reloads)
-        nursery.cancel_scope.cancel()
-
-
-def run(config: Config) -> int:
-    """`moxy serve`: serve until SIGTERM/SIGINT, then drain for up to
-    `timeouts.shutdown_grace`. Messages still in DATA after that (or at a second signal) are
-    aborted upstream (no partial delivery) and their clients, which got no 250, retry.
-    SIGHUP reloads the configuration (src/moxy/reload.py).
-
-    A routes or GDBM file that cannot be used raises `RoutesFileError` or `ConfigError`
-    before anything listens. Started as root, Moxy binds its listeners, then serves as
-    `[server] user` (src/moxy/privileges.py)."""
-    configure_logging(config.log.level)
-    # Until the event loop takes SIGHUP over, a reload request must neither kill the process
-    # nor be lost: blocked, it stays pending (in a worker too, which inherits the mask) until
-    # _main's receiver unblocks it. Ignored once that receiver is gone (the very end).
-    # SIGUSR1 (logrotate) likewise: a worker still starting must not miss its reopen.
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP, signal.SIGUSR1})
-    try:
-        switch = privileges.plan(config)
-    except privileges.PrivilegeError as exc:
-        print(f"moxy: {exc}", file=sys.stderr)
-        return 2
-    routing = Routing.build(config)
-    check_sinks(config)  # a sink that cannot be made, or an unwritable log, stops the start
-    if config.server.workers > 1:
-        # Checked once here so that a broken routes file stops the start; every worker then
-        # builds its own sources after the fork (no connection is shared between processes).
-        del routing
-        # The master binds the workers' control sockets too: a bad path stops the start, and a
-        # restarted worker answers on the same socket.
-        controls = _bind_controls(config)
-        if controls is None:
-            return 1
-        try:
-            return workers.supervise(config, functools.partial(_worker, controls), switch)
-        finally:
-            _unbind_controls(config, controls)
-    if switch is None:
-        return _serve_here(config, routing)
-    # Root binds what needs binding (port 25, the control socket), then Moxy gives root up.
-    controls = _bind_controls(config)
-    if controls is None:
-        return 1
-    try:
-        try:
-            sockets = workers.bind(config)
-            privileges.drop(switch)
-        except OSError as exc:
-            print(f"moxy: {exc.strerror or exc}", file=sys.stderr)
-            return 1
-        return _serve_here(config, routing, sockets, controls[0] if controls else None)
-    finally:
-        _unbind_controls(config, controls)
-
-
-def _bind_controls(config: Config) -> list[socket.socket] | None:
-    """The control sockets (one, or one per worker); None after one line when one cannot be
-    bound."""
-    paths = control.socket_paths(config)
-    controls: list[socket.socket] = []
-    try:
-        for path in paths:
-            controls.append(control.bind(path))
-    except OSError as exc:
-        for sock, path in zip(controls, paths, strict=False):
-            control.unbind(sock, path)
-        print(f"moxy: {exc.strerror or exc}", file=sys.stderr)
-        return None
-    return controls
-
-
-def _unbind_controls(config: Config, controls: list[socket.socket]) -> None:
-    for sock, path in zip(controls, control.socket_paths(config), strict=True):
-        control.unbind(sock, path)
-
-
-def _serve_here(
-    config: Config,
-    routing: Routing,
-    sockets: Sequence[socket.socket] | None = None,
-    control_socket: socket.socket | None = None,
-) -> int:
-    status = 0
-    # Until the signal task listens, a SIGUSR1 (logrotate) must not kill the process.
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    try:
-        trio.run(_main, config, routing, sockets, control_socket)
-    except* OSError as group:
-        for error in group.exceptions:
-            print(f"moxy: {getattr(error, 'strerror', None) or error}", file=sys.stderr)
-        status = 1
-    return status
-
-
-def _worker(
-    controls: list[socket.socket], config: Config, sockets: list[socket.socket], number: int
-) -> int:
-    control_socket = controls[number] if controls else None
-    return _serve_here(config, Routing.build(config), sockets, control_socket)

@@ -8,140 +8,38 @@ can be delivered upstream because the end-of-data sequence is only sent on a com
 
 from __future__ import annotations
 
-import email.utils
-import itertools
 import logging
-import secrets
-import ssl
 import time
-from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import NoReturn
 
 import attrs
 import trio
 
 from moxy.accounting import events as acct
-from moxy.accounting.events import DeliveryEvent
-from moxy.clientlimits import ClientLimiter
-from moxy.config import Config
-from moxy.destinations import Destinations
+from moxy.context import ServerContext
 from moxy.leg_setup import ClientIdentity
-from moxy.lookup.base import BadRouteData, DestinationGroup, LookupFailed, Router
-from moxy.metrics import Metrics
-from moxy.relay import RelayPolicy, sender_routed
+from moxy.lookup.base import BadRouteData, DestinationGroup, LookupFailed
+from moxy.relay import sender_routed
+from moxy.session_events import SessionEvents
 from moxy.smtp import events as ev
 from moxy.smtp.replies import Reply
 from moxy.smtp.server import ServerConnection
-from moxy.tls import UpstreamTls, describe, server_context
+from moxy.stream import Stream, StreamBroken, StreamTimeout
+from moxy.tls import describe
+from moxy.trace import new_session_id, received_header
 from moxy.transaction import Transaction, decide_final
-from moxy.upstream import ConnectionPool, Envelope, Leg, UpstreamSettings
+from moxy.upstream import Envelope, Leg, UpstreamSettings
+
+__all__ = ["ClientGone", "Session", "received_header"]
 
 logger = logging.getLogger("moxy.session")
-
-_ids = itertools.count(1)
-
-
-def new_session_id() -> str:
-    """Short, unique enough across restarts and nodes: random prefix + counter."""
-    return f"{secrets.token_hex(3).upper()}{next(_ids):06X}"
-
-
-class Drain:
-    """Graceful shutdown, as sessions see it: once started, a session waiting for the client's
-    next command is told 421 and closed; one busy with a message finishes it first."""
-
-    def __init__(self) -> None:
-        self.draining = False
-        self.waiting: set[trio.CancelScope] = set()  # sessions waiting for a command
-
-    def start(self) -> None:
-        self.draining = True
-        for scope in self.waiting:
-            scope.cancel()
-
-
-@attrs.frozen
-class ServerContext:
-    """What every session started under one configuration shares. A reload (SIGHUP) builds a
-    new one for new sessions; a session keeps the one it started with to its end."""
-
-    config: Config
-    router: Router
-    emit: Callable[[DeliveryEvent], None]
-    upstream: UpstreamSettings
-    drain: Drain = attrs.field(factory=Drain)
-    metrics: Metrics = attrs.field(factory=Metrics)
-    relay: RelayPolicy = attrs.field(factory=RelayPolicy)
-    clients: ClientLimiter | None = None  # per-client limits; outlive reloads
-    tls: ssl.SSLContext | None = attrs.field(default=None, eq=False)  # None: no STARTTLS
-
-    @classmethod
-    def build(
-        cls,
-        config: Config,
-        *,
-        router: Router,
-        emit: Callable[[DeliveryEvent], None],
-        drain: Drain,
-        clients: ClientLimiter | None = None,
-        metrics: Metrics | None = None,
-        destinations: Destinations | None = None,
-    ) -> ServerContext:
-        """Everything that follows from one configuration, for `moxy serve` and each reload.
-        `router`, `emit`, `drain`, `clients`, `metrics` and `destinations` are made by the
-        server (the router needs its background tasks, the others outlive a reload). Whoever
-        runs the context runs `upstream.pool.run` when there is a pool. The certificates are
-        read here, so a reload reads them again."""
-        pool = None
-        if config.limits.idle_upstreams:
-            pool = ConnectionPool(config.limits.idle_upstreams, config.timeouts.upstream_idle)
-        return cls(
-            config=config,
-            router=router,
-            emit=emit,
-            upstream=UpstreamSettings(
-                helo_name=config.proxy.helo_name or config.server.hostname,
-                timeouts=config.timeouts,
-                reply_line=config.limits.reply_line,
-                pool=pool,
-                metrics=metrics or Metrics(),
-                destinations=destinations or Destinations(config.destinations),
-                tls=UpstreamTls.from_config(config),
-            ),
-            drain=drain,
-            relay=RelayPolicy.from_settings(config.relay),
-            clients=clients,
-            metrics=metrics or Metrics(),
-            tls=server_context(config),
-        )
-
-
-def received_header(
-    helo: str, client_ip: str, hostname: str, protocol: str, message_id: str,
-    recipients: list[str], when: float | None = None, tls: str = "",
-) -> bytes:
-    """The RFC 5321 §4.4 trace header that destinations see (folded onto three lines, four
-    with TLS: Postfix's "(using TLSv1.3 with cipher ...)" comment)."""
-    ip = f"IPv6:{client_ip}" if ":" in client_ip else client_ip
-    moment = datetime.fromtimestamp(time.time() if when is None else when, UTC)
-    date = email.utils.format_datetime(moment)  # "+0000": UTC, not the "-0000" of unknown zone
-    for_clause = f"\r\n\tfor <{recipients[0]}>" if len(recipients) == 1 else ""
-    using = f"\t(using {tls})\r\n" if tls else ""
-    text = (
-        f"Received: from {helo or 'unknown'} ([{ip}])\r\n{using}"
-        f"\tby {hostname} (Moxy) with {protocol} id {message_id}{for_clause};\r\n"
-        f"\t{date}\r\n"
-    )
-    return text.encode("utf-8", "replace")
-
 
 class ClientGone(Exception):
     pass
 
 
-class Session:
-    def __init__(self, stream: trio.abc.Stream, client_ip: str, ctx: ServerContext) -> None:
+class Session(SessionEvents):
+    def __init__(self, stream: Stream, client_ip: str, ctx: ServerContext) -> None:
         self.stream = stream
         self.client_ip = client_ip
         self.ctx = ctx
@@ -171,6 +69,7 @@ class Session:
         self.body_refusal: Reply | None = None
         self.output = bytearray()  # replies not yet written
         self.ended_by: str | None = None  # why Moxy ended the session (a "connection" event)
+        self._upstream: UpstreamSettings | None = None  # see upstream_settings()
 
     # -- I/O with the client ---------------------------------------------------------------
 
@@ -185,14 +84,15 @@ class Session:
         data = bytes(self.output)
         self.output.clear()
         # A client that stops reading must not hold the session forever.
-        with trio.move_on_after(self.ctx.config.timeouts.client_command):
-            try:
-                await self.stream.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                raise ClientGone from None
-            return
-        self.log_connection(0, "client did not read its replies", acct.CLIENT_TIMEOUT, "reply")
-        raise ClientGone
+        timeout = self.ctx.config.timeouts.client_command
+        try:
+            await self.stream.send(data, trio.current_time() + timeout)
+        except StreamBroken:
+            raise ClientGone from None
+        except StreamTimeout:
+            self.log_connection(0, "client did not read its replies", acct.CLIENT_TIMEOUT,
+                                "reply")
+            raise ClientGone from None
 
     async def next_event(self) -> ev.Event:
         while True:
@@ -209,18 +109,14 @@ class Session:
                     await self.say_goodbye(Reply.make(
                         421, "4.3.2", f"{self.hostname} Service shutting down; try again later"
                     ))
-                data = b""
-                with trio.move_on_after(timeout) as scope:
-                    if not in_data:
-                        drain.waiting.add(scope)
-                    try:
-                        size = self.ctx.config.limits.data_chunk
-                        data = bytes(await self.stream.receive_some(size))
-                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                        data = b""
-                    finally:
-                        drain.waiting.discard(scope)
-                if scope.cancelled_caught:
+                try:
+                    data = await self.stream.receive(
+                        self.ctx.config.limits.data_chunk, trio.current_time() + timeout,
+                        interruptible=not in_data,  # by the drain: see Drain.start
+                    )
+                except StreamBroken:
+                    data = b""
+                except StreamTimeout:
                     if drain.draining and not in_data:
                         continue  # say goodbye at the top of the loop
                     goodbye = Reply.make(421, "4.4.2", f"{self.hostname} Timeout, closing")
@@ -247,6 +143,7 @@ class Session:
 
     async def run(self) -> None:
         logger.debug("session %s from %s", self.id, self.client_ip)
+        self.ctx.drain.waiting.add(self.stream)
         try:
             banner = f"{self.hostname} {self.ctx.config.server.banner}".strip()
             self.reply(Reply(220, (banner,)))
@@ -325,20 +222,21 @@ class Session:
                 "discarded (command injection?)", self.id, self.client_ip, self.smtp.discarded,
             )
         assert self.ctx.tls is not None
-        stream = trio.SSLStream(self.stream, self.ctx.tls, server_side=True)
-        self.stream = stream
-        failure = f"no handshake within {self.ctx.config.timeouts.client_command:g}s"
-        with trio.move_on_after(self.ctx.config.timeouts.client_command):
-            try:
-                await stream.do_handshake()
-                failure = ""
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                failure = str(exc.__cause__ or exc) or type(exc).__name__
+        timeout = self.ctx.config.timeouts.client_command
+        failure = ""
+        try:
+            await self.stream.start_tls(
+                self.ctx.tls, trio.current_time() + timeout, server_side=True
+            )
+        except StreamTimeout:
+            failure = f"no handshake within {timeout:g}s"
+        except StreamBroken as exc:
+            failure = str(exc)
         if failure:
             logger.info("session %s from %s: TLS handshake failed: %s",
                         self.id, self.client_ip, failure)
             raise ClientGone
-        self.tls = describe(stream)
+        self.tls = describe(self.stream.ssl)
         self.helo, self.protocol = "", "SMTP"
         logger.info("session %s from %s: TLS established: %s", self.id, self.client_ip, self.tls)
 
@@ -370,10 +268,17 @@ class Session:
         self.reply(Reply.make(250, "2.1.0", "Ok"))
 
     def upstream_settings(self) -> UpstreamSettings:
-        """The server's settings plus who this client is (for XCLIENT to trusted legs)."""
+        """The server's settings plus who this client is (for XCLIENT to trusted legs), made
+        again only when the client's HELO changed."""
         protocol = "ESMTP" if self.protocol == "ESMTP" else "SMTP"
-        identity = ClientIdentity(self.client_ip, self.helo, protocol)
-        return attrs.evolve(self.ctx.upstream, client=identity)
+        settings = self._upstream
+        known = settings.client if settings is not None else None
+        if settings is None or known is None or (known.helo, known.protocol) != (
+            self.helo, protocol
+        ):
+            identity = ClientIdentity(self.client_ip, self.helo, protocol)
+            settings = self._upstream = attrs.evolve(self.ctx.upstream, client=identity)
+        return settings
 
     async def rcpt(self, address: str) -> Reply:
         assert self.transaction is not None
@@ -475,68 +380,13 @@ class Session:
             for leg in self.legs.values():
                 if leg.in_data:
                     await leg.drop()
-            with trio.move_on_after(5):
-                for leg in self.legs.values():
-                    if not leg.release():
+            # Clean connections go to the pool; the others get QUIT, within 5 s in all.
+            to_quit = [leg for leg in self.legs.values() if not leg.release() and leg.conn]
+            if to_quit:
+                with trio.move_on_after(5):
+                    for leg in to_quit:
                         await leg.quit()
             for leg in self.legs.values():
                 await leg.drop()
-            await trio.aclose_forcefully(self.stream)
-
-    # -- logging -----------------------------------------------------------------------------
-
-    def _event(self, kind: str, **fields: object) -> DeliveryEvent:
-        t = self.transaction
-        envelope = t.envelope if t is not None else None
-        fields.setdefault("duration", time.monotonic() - self.data_started)
-        return DeliveryEvent(
-            kind=kind,
-            session_id=self.id,
-            message_id=self.message_id,
-            client_ip=self.client_ip,
-            helo=self.helo,
-            mail_from=envelope.mail_from if envelope else "",
-            node=self.ctx.config.server.node,
-            tls=acct.tls_field(self.tls) if self.tls else "",
-            **fields,  # type: ignore[arg-type]
-        )
-
-    def log_leg(self, leg: Leg, destination: str, outcome: Reply | Exception) -> None:
-        if isinstance(outcome, Reply):
-            code, text, stage = outcome.code, str(outcome), "end-of-data"
-        else:
-            code, text, stage = 0, str(outcome), getattr(outcome, "stage", "?")
-        self.ctx.emit(self._event(
-            "leg", recipients=tuple(leg.accepted), destination=destination,
-            route=str(leg.group), size=leg.sent, code=code, reply=text, stage=stage,
-        ))
-
-    def log_message(self, reply: Reply, stage: str, size: int) -> None:
-        self.ctx.metrics.message(reply.code)
-        t = self.transaction
-        self.ctx.emit(self._event(
-            "message", recipients=tuple(t.recipients) if t else (), destination="-",
-            route=" ".join(str(g) for g in t.legs) if t else "", size=size,
-            code=reply.code, reply=str(reply), stage=stage,
-        ))
-
-    def log_refused(
-        self, address: str, reply: Reply, reason: str, destination: str = "-", route: str = ""
-    ) -> Reply:
-        """A recipient refused at RCPT; returns `reply`."""
-        self.ctx.metrics.recipient_refused(reason)
-        self.ctx.emit(self._event(
-            "refused", recipients=(address,), destination=destination, route=route, size=0,
-            code=reply.code, reply=str(reply), stage="rcpt", reason=reason, duration=0.0,
-        ))
-        return reply
-
-    def log_connection(self, code: int, text: str, reason: str, stage: str) -> None:
-        """Moxy ends the session (once, whatever else then fails)."""
-        if self.ended_by is None:
-            self.ended_by = reason
-            self.ctx.metrics.connection_refused(reason)
-            self.ctx.emit(acct.connection_event(
-                self.client_ip, code, text, reason, self.ctx.config.server.node,
-                session_id=self.id, helo=self.helo, stage=stage,
-            ))
+            self.ctx.drain.waiting.discard(self.stream)
+            await self.stream.aclose()

@@ -100,6 +100,11 @@ def _refusal(replies: list[Reply], accepted_code: int | None, stage: str) -> Rep
 
 async def gather(calls: Sequence[Callable[[], Awaitable[Reply]]]) -> list[Outcome]:
     """Run calls concurrently; each ends in a Reply or a LegError (other errors propagate)."""
+    if len(calls) == 1:  # the usual case: no task, no nursery
+        try:
+            return [await calls[0]()]
+        except LegError as exc:
+            return [exc]
     results: list[Outcome | None] = [None] * len(calls)
 
     async def one(i: int) -> None:
@@ -108,12 +113,9 @@ async def gather(calls: Sequence[Callable[[], Awaitable[Reply]]]) -> list[Outcom
         except LegError as exc:
             results[i] = exc
 
-    if len(calls) == 1:
-        await one(0)
-    else:
-        async with trio.open_nursery() as nursery:
-            for i in range(len(calls)):
-                nursery.start_soon(one, i)
+    async with trio.open_nursery() as nursery:
+        for i in range(len(calls)):
+            nursery.start_soon(one, i)
     return [r for r in results if r is not None]
 
 

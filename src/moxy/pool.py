@@ -1,0 +1,72 @@
+"""Idle upstream connections kept between client sessions (`limits.idle_upstreams`), per
+destination, closed with QUIT once idle for `timeouts.upstream_idle`.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import trio
+
+from moxy.connection import Connection
+from moxy.lookup.base import Destination
+
+
+class ConnectionPool:
+    """Idle upstream connections kept between client sessions, like Postfix's connection cache:
+    the next session's leg to that destination skips connect, greeting and EHLO.
+
+    Only connections in a clean state (no transaction open upstream) come back here. A pooled
+    connection the upstream has closed meanwhile is noticed at its first command, and the leg
+    then connects afresh (the transaction is replayed, nothing is lost)."""
+
+    def __init__(self, per_destination: int, idle_time: float) -> None:
+        self.per_destination = per_destination
+        self.idle_time = idle_time
+        self._idle: dict[Destination, deque[tuple[float, Connection]]] = {}
+        self._expired: list[Connection] = []
+
+    def take(self, destination: Destination) -> Connection | None:
+        idle = self._idle.get(destination)
+        now = trio.current_time()
+        while idle:
+            since, conn = idle.pop()  # the most recently used first: the likeliest alive
+            if now - since < self.idle_time:
+                return conn
+            self._expired.append(conn)
+        return None
+
+    def give(self, conn: Connection) -> bool:
+        """Keep `conn` for later; False when the pool for its destination is full."""
+        idle = self._idle.setdefault(conn.destination, deque())
+        if len(idle) >= self.per_destination or conn.parser.buffered or conn.xclient:
+            return False
+        idle.append((trio.current_time(), conn))
+        return True
+
+    def __len__(self) -> int:
+        return sum(len(idle) for idle in self._idle.values())
+
+    async def run(self) -> None:
+        """Close connections idle for `idle_time` (with QUIT) until cancelled, then all."""
+        try:
+            while True:
+                await trio.sleep(min(max(self.idle_time / 2, 0.05), 5.0))
+                now = trio.current_time()
+                for destination, idle in list(self._idle.items()):
+                    while idle and now - idle[0][0] >= self.idle_time:
+                        self._expired.append(idle.popleft()[1])
+                    if not idle:
+                        del self._idle[destination]
+                expired, self._expired = self._expired, []
+                for conn in expired:
+                    await conn.quit(min(self.idle_time, 5.0))
+        finally:
+            with trio.CancelScope(shield=True):
+                for idle in self._idle.values():
+                    for _, conn in idle:
+                        await conn.close()
+                for conn in self._expired:
+                    await conn.close()
+                self._idle.clear()
+                self._expired.clear()

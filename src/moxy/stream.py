@@ -1,0 +1,202 @@
+"""The hot path's byte stream, for the client side and the legs alike: where speed lives.
+
+A plain TCP connection is used through its socket directly: a read yields once, tries the
+socket, and only when the kernel has nothing waits for readiness under a deadline; a write
+goes straight to the socket and waits only when the kernel's buffer is full. trio's
+SocketStream adds two checkpoints and a conflict detector per call, and a `move_on_after` per
+call costs a cancel scope even when nothing waits. After STARTTLS the stream reads and writes
+through a `trio.SSLStream` over the same socket instead.
+
+Timeouts are absolute deadlines (`trio.current_time()` based), so a reply read in several
+pieces has one deadline for all of them; errors are `StreamTimeout` and `StreamBroken`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import ssl
+from collections.abc import Awaitable, Callable
+
+import trio
+
+_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)  # Linux only
+_LOST = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+
+
+class StreamTimeout(Exception):
+    """The deadline passed (or the wait was interrupted, see `Stream.interrupt`)."""
+
+
+class StreamBroken(Exception):
+    """The connection is gone; the text says how."""
+
+
+def _detail(exc: BaseException) -> str:
+    return str(exc.__cause__ or exc) or type(exc).__name__
+
+
+class Stream:
+    """One TCP connection, plain or (after `start_tls`) TLS."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self.socket = sock
+        self.ssl: trio.SSLStream[trio.SocketStream] | None = None
+        self.interrupted = False  # see interrupt()
+        self._scope: trio.CancelScope | None = None  # an interruptible wait in progress
+        self._waiters = 0  # tasks in a readiness wait on the socket (see aclose)
+
+    @classmethod
+    def from_trio(cls, stream: trio.SocketStream) -> Stream:
+        """Take the socket over from a trio SocketStream (which is unusable afterwards)."""
+        tsock = stream.socket
+        sock = socket.socket(tsock.family, tsock.type, tsock.proto, fileno=tsock.detach())
+        return cls(sock)
+
+    @classmethod
+    async def connect(cls, family: int, address: tuple[str, int]) -> Stream:
+        """A TCP connection to the IP address `address` (the caller bounds the wait), with
+        TCP_NODELAY. OSError when it cannot be made."""
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            try:
+                sock.connect(address)
+                await trio.lowlevel.checkpoint()
+            except BlockingIOError:  # EINPROGRESS: writable once the handshake is over
+                await trio.lowlevel.wait_writable(sock)
+                error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if error:
+                    raise OSError(error, os.strerror(error)) from None
+        except BaseException:
+            trio.lowlevel.notify_closing(sock)
+            sock.close()
+            raise
+        return cls(sock)
+
+    # -- reading and writing -------------------------------------------------------------
+
+    async def receive(self, size: int, deadline: float, interruptible: bool = False) -> bytes:
+        """Up to `size` bytes; b"" at the end of the stream. `interruptible`: `interrupt()`
+        ends this wait (and every later one) with StreamTimeout."""
+        if self.ssl is not None:
+            return await self._receive_tls(size, deadline, interruptible)
+        # Yield once first: the peer's answer has often arrived by then, which saves a wait.
+        await trio.lowlevel.checkpoint()
+        sock = self.socket
+        while True:
+            try:
+                return sock.recv(size)
+            except BlockingIOError:
+                pass
+            except OSError as exc:
+                raise StreamBroken(_detail(exc)) from None
+            await self._wait(trio.lowlevel.wait_readable, deadline, interruptible)
+
+    async def send(self, data: bytes, deadline: float) -> None:
+        """All of `data`, or StreamTimeout/StreamBroken."""
+        if self.ssl is not None:
+            with trio.move_on_at(deadline):
+                try:
+                    await self.ssl.send_all(data)
+                except _LOST as exc:
+                    raise StreamBroken(_detail(exc)) from None
+                return
+            raise StreamTimeout
+        await trio.lowlevel.checkpoint_if_cancelled()
+        sock = self.socket
+        view: memoryview | None = None
+        while True:
+            try:
+                sent = sock.send(data if view is None else view)
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                raise StreamBroken(_detail(exc)) from None
+            if view is None:
+                if sent == len(data):
+                    return
+                view = memoryview(data)
+            view = view[sent:]
+            if not view:
+                return
+            await self._wait(trio.lowlevel.wait_writable, deadline, False)
+
+    async def _wait(
+        self, wait: Callable[[socket.socket], Awaitable[None]], deadline: float,
+        interruptible: bool,
+    ) -> None:
+        if interruptible and self.interrupted:
+            raise StreamTimeout
+        with trio.CancelScope(deadline=deadline) as scope:
+            if interruptible:
+                self._scope = scope
+            self._waiters += 1
+            try:
+                await wait(self.socket)
+            except trio.ClosedResourceError as exc:
+                raise StreamBroken(_detail(exc)) from None
+            finally:
+                self._scope = None
+                self._waiters -= 1
+        if scope.cancelled_caught:
+            raise StreamTimeout
+
+    async def _receive_tls(self, size: int, deadline: float, interruptible: bool) -> bytes:
+        assert self.ssl is not None
+        if interruptible and self.interrupted:
+            raise StreamTimeout
+        with trio.CancelScope(deadline=deadline) as scope:
+            if interruptible:
+                self._scope = scope
+            try:
+                return bytes(await self.ssl.receive_some(size))
+            except _LOST as exc:
+                raise StreamBroken(_detail(exc)) from None
+            finally:
+                self._scope = None
+        raise StreamTimeout
+
+    def interrupt(self) -> None:
+        """End the interruptible wait in progress, if any, and refuse to start new ones (a
+        server shutting down tells sessions waiting for a command so)."""
+        self.interrupted = True
+        if self._scope is not None:
+            self._scope.cancel()
+
+    # -- TLS, options, closing ---------------------------------------------------------------
+
+    async def start_tls(
+        self, context: ssl.SSLContext, deadline: float, *, server_side: bool = False,
+        server_hostname: str | None = None,
+    ) -> None:
+        """Switch to TLS and do the handshake: StreamTimeout, or StreamBroken with the reason."""
+        transport = trio.SocketStream(trio.socket.from_stdlib_socket(self.socket))
+        self.ssl = trio.SSLStream(
+            transport, context, server_side=server_side, server_hostname=server_hostname
+        )
+        with trio.move_on_at(deadline):
+            try:
+                await self.ssl.do_handshake()
+            except _LOST as exc:
+                raise StreamBroken(_detail(exc)) from None
+            return
+        raise StreamTimeout
+
+    def ack_now(self) -> None:
+        """TCP_QUICKACK: ACK what arrived at once rather than after the delayed-ACK timer."""
+        if _QUICKACK is not None:
+            with contextlib.suppress(OSError):
+                self.socket.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
+
+    async def aclose(self) -> None:
+        """Close at once (TLS without close_notify): callers close only to end or abandon."""
+        if self.ssl is not None:
+            await trio.aclose_forcefully(self.ssl)
+            return
+        if self._waiters:  # wake them (ClosedResourceError): they must not wait forever
+            trio.lowlevel.notify_closing(self.socket)
+        self.socket.close()
