@@ -289,9 +289,9 @@ def main() -> None:
             the_routes = routes.format(sink=sink_port) + \
                 f"mirror.test  127.0.0.1:{sink_port}  127.0.0.1:{mirror_port}\n"
             for name, options in [
-                ("moxy", {}),
-                ("moxy pool", {"idle_upstreams": 64}),
-                (f"moxy {workers}w+pool", {"idle_upstreams": 64, "workers": workers}),
+                ("moxy no pool", {"idle_upstreams": 0}),
+                ("moxy", {}),  # defaults: upstream pool of 20 per destination
+                (f"moxy {workers}w", {"workers": workers}),
             ]:
                 with workdir(root, name.replace(" ", "-").replace("+", "-")) as wd, \
                         proxies.moxy(wd, the_routes, name=name, **options) as moxy:

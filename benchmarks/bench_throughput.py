@@ -84,7 +84,7 @@ def counted_copies(redis_url: str) -> tuple[int, int]:
 
 @contextlib.contextmanager
 def moxy(
-    port: int, sink_port: int, workdir: Path, workers: int, idle_upstreams: int,
+    port: int, sink_port: int, workdir: Path, workers: int, idle_upstreams: int | None,
     metrics: bool = False, redis_url: str | None = None,
 ) -> Iterator[subprocess.Popen[bytes]]:
     (workdir / "routes").write_text(f"bench.test  127.0.0.1:{sink_port}\n")
@@ -95,7 +95,7 @@ def moxy(
         "[limits]\nmessage_size = 104857600\nconnections = 5000\n"
         # Every client of a benchmark comes from 127.0.0.1: no per-address cap.
         "connections_per_ip = 0\n"
-        f"idle_upstreams = {idle_upstreams}\n"
+        + ("" if idle_upstreams is None else f"idle_upstreams = {idle_upstreams}\n")
         + (f'[metrics]\nlisten = "127.0.0.1:{free_port()}"\n' if metrics else "")
         # Every session goes to the one sink: without lifting the per-destination cap (20 by
         # default), --sessions above 20 would measure 451 4.4.5 replies, not throughput.
@@ -142,7 +142,8 @@ def main() -> None:
     ap.add_argument("--sizes", default="1024,10240,102400", help="message sizes in bytes")
     ap.add_argument("--recipients", type=int, default=1)
     ap.add_argument("--workers", type=int, default=1, help="Moxy's [server] workers")
-    ap.add_argument("--idle-upstreams", type=int, default=0, help="Moxy's limits.idle_upstreams")
+    ap.add_argument("--idle-upstreams", type=int, default=None,
+                    help="Moxy's limits.idle_upstreams (default: Moxy's default, 20)")
     ap.add_argument("--metrics", action="store_true", help="Moxy's Prometheus endpoint on")
     ap.add_argument("--accounting", action="store_true",
                     help='Redis counters on ([accounting] sinks = ["file", "redis"], '

@@ -100,7 +100,8 @@ def smtp_sink(port: int) -> Iterator[int]:
 
 @contextlib.contextmanager
 def moxy(
-    workdir: Path, routes: str, *, workers: int = 1, idle_upstreams: int = 0, name: str = "moxy"
+    workdir: Path, routes: str, *, workers: int = 1, idle_upstreams: int | None = None,
+    name: str = "moxy",
 ) -> Iterator[Proxy]:
     port = free_port()
     (workdir / "routes").write_text(routes)
@@ -111,7 +112,7 @@ def moxy(
         "[limits]\nmessage_size = 104857600\nconnections = 5000\n"
         # Every client of a benchmark comes from 127.0.0.1: no per-address cap.
         "connections_per_ip = 0\n"
-        f"idle_upstreams = {idle_upstreams}\n"
+        + ("" if idle_upstreams is None else f"idle_upstreams = {idle_upstreams}\n")
     )
     args = [sys.executable, "-m", "moxy", "serve", "-c", str(workdir / "moxy.toml")]
     with _process(args, cwd=workdir) as pid:

@@ -92,7 +92,11 @@ async def test_normalised_smuggling_attempt_arrives_as_one_crlf_message(
     moxy: StartMoxy, make_recorder: MakeRecorder, separator: bytes
 ) -> None:
     upstream = make_recorder(lenient_end_of_data=True)
-    server = await moxy({"example.org": upstream}, proxy={"bare_newlines": "normalise"})
+    # Without the pool, the upstream session ends with the client's: all it got is recorded.
+    server = await moxy(
+        {"example.org": upstream}, proxy={"bare_newlines": "normalise"},
+        limits={"idle_upstreams": 0},
+    )
     outcome = await send_one(server, ["user@example.org"], smuggling_body(separator))
     assert outcome.final is not None and outcome.final.code == 250, outcome.transcript
     await eventually_all_closed(upstream)

@@ -28,7 +28,7 @@ async def test_without_pooling_each_client_session_has_its_own_upstream_session(
     moxy: StartMoxy, make_recorder: MakeRecorder
 ) -> None:
     upstream = make_recorder()
-    server = await moxy({"example.org": upstream})  # idle_upstreams = 0, the default
+    server = await moxy({"example.org": upstream}, limits={"idle_upstreams": 0})
     await send(server, 1)
     await send(server, 2)
     assert len(upstream.messages) == 2

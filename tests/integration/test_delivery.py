@@ -170,11 +170,13 @@ async def test_second_transaction_in_a_session_reuses_the_upstream_connection(
     assert {m.connection for m in upstream.delivered} == {0}
 
 
-async def test_client_quit_sends_quit_to_every_leg(
+async def test_client_quit_sends_quit_to_every_leg_without_the_pool(
     moxy: StartMoxy, make_recorder: MakeRecorder
 ) -> None:
     first, second = make_recorder(), make_recorder()
-    server = await moxy({"example.org": first, "example.net": second})
+    server = await moxy(
+        {"example.org": first, "example.net": second}, limits={"idle_upstreams": 0}
+    )
     outcome = await send_one(server, ["a@example.org", "b@example.net"])
     assert outcome.final is not None and outcome.final.code == 250, outcome.transcript
     await eventually(lambda: first.connections[0].quit and second.connections[0].quit, what="QUIT")

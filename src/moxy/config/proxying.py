@@ -76,7 +76,7 @@ class Limits:
     data_chunk: int = attrs.field(default=65_536, metadata=_COUNT)
     connections: int = attrs.field(default=1000, metadata=_COUNT)
     idle_upstreams: int = attrs.field(
-        default=0, metadata=_key(_integer(0, zero_means="no reuse across client sessions"))
+        default=20, metadata=_key(_integer(0, zero_means="no reuse across client sessions"))
     )
     # Per client address (IPv6: per /64); see src/moxy/clientlimits.py.
     connections_per_ip: int = attrs.field(
