@@ -73,16 +73,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=3000)
     parser.add_argument("--callgrind", action="store_true", help="count instructions instead")
+    parser.add_argument("--accounting", action="store_true",
+                        help="with the Redis counters (a throwaway redis-server) and the log")
     args = parser.parse_args()
     sessions = 5 if args.callgrind else 20
     sink_port = free_port()
-    with proxies.smtp_sink(sink_port):
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(proxies.smtp_sink(sink_port))
+        extra = ""
+        if args.accounting:
+            cache = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+            # Under callgrind Moxy runs ~50 times slower: flushing every 30 s instead of every
+            # second spreads a flush over about as many messages as at full speed.
+            url = stack.enter_context(proxies.redis_server(cache))
+            extra = proxies.accounting_toml(url, 30.0 if args.callgrind else 1.0)
         for name, (reuse, pool) in MODES.items():
             with tempfile.TemporaryDirectory() as tmp:
                 workdir = Path(tmp)
                 runner = under_callgrind(workdir) if args.callgrind else contextlib.nullcontext()
                 with runner, proxies.moxy(workdir, f"{ROUTE}  127.0.0.1:{sink_port}\n",
-                                          idle_upstreams=pool) as moxy:
+                                          idle_upstreams=pool, extra=extra) as moxy:
                     warm = min(300, args.messages)
                     smtp_source(moxy.port, warm, 100, reuse, f"u@{ROUTE}", sessions=sessions)
                     if args.callgrind:

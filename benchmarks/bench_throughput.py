@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from proxies import free_port, wait_port
+from proxies import accounting_toml, free_port, redis_server, wait_port
 from proxies import need as _need
 from proxies import smtp_sink as sink
 
@@ -43,31 +43,6 @@ def rss_kib(pid: int, field: str = "VmRSS") -> int:
         if line.startswith(field + ":"):
             return int(line.split()[1])
     return 0
-
-
-REDIS_SERVER = "/usr/bin/redis-server"
-
-
-@contextlib.contextmanager
-def redis_server(workdir: Path) -> Iterator[str]:
-    """A throwaway redis-server on a free loopback port (nothing saved); yields its URL."""
-    if not Path(REDIS_SERVER).exists():
-        raise SystemExit(f"bench: {REDIS_SERVER} not found; install it with: "
-                         "apt-get install redis-server")
-    port = free_port()
-    directory = workdir / "redis"
-    directory.mkdir()
-    proc = subprocess.Popen(
-        [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory),
-         "--save", "", "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning"],
-        stdout=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        wait_port(port)
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        proc.terminate()
-        proc.wait()
 
 
 def counted_copies(redis_url: str) -> tuple[int, int]:
@@ -102,8 +77,7 @@ def moxy(
         + "[destinations]\nconcurrency = 0\n"
         # The message log is written either way (the "file" sink is the default); this adds
         # the Redis counters every node of a cluster would keep.
-        + (f'[accounting]\nsinks = ["file", "redis"]\n[accounting.redis]\nurl = "{redis_url}"\n'
-           if redis_url else "")
+        + (accounting_toml(redis_url) if redis_url else "")
     )
     proc = subprocess.Popen(
         [sys.executable, "-m", "moxy", "serve", "-c", str(workdir / "moxy.toml")]

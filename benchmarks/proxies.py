@@ -101,8 +101,9 @@ def smtp_sink(port: int) -> Iterator[int]:
 @contextlib.contextmanager
 def moxy(
     workdir: Path, routes: str, *, workers: int = 1, idle_upstreams: int | None = None,
-    name: str = "moxy",
+    name: str = "moxy", extra: str = "",
 ) -> Iterator[Proxy]:
+    """Moxy with a route file and `extra` TOML tables appended to its configuration."""
     port = free_port()
     (workdir / "routes").write_text(routes)
     (workdir / "moxy.toml").write_text(
@@ -113,11 +114,32 @@ def moxy(
         # Every client of a benchmark comes from 127.0.0.1: no per-address cap.
         "connections_per_ip = 0\n"
         + ("" if idle_upstreams is None else f"idle_upstreams = {idle_upstreams}\n")
+        + extra
     )
     args = [sys.executable, "-m", "moxy", "serve", "-c", str(workdir / "moxy.toml")]
     with _process(args, cwd=workdir) as pid:
         wait_greeting(port)
         yield Proxy(name, port, pid)
+
+
+@contextlib.contextmanager
+def redis_server(workdir: Path) -> Iterator[str]:
+    """A throwaway redis-server on a free loopback port (nothing saved); yields its URL."""
+    binary = need("redis-server", "redis-server")
+    port = free_port()
+    directory = workdir / "redis"
+    directory.mkdir()
+    args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory),
+            "--save", "", "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning"]
+    with _process(args):
+        wait_port(port)
+        yield f"redis://127.0.0.1:{port}/0"
+
+
+def accounting_toml(redis_url: str, flush_interval: float = 1.0) -> str:
+    """Moxy's message log plus the Redis counters every node of a cluster would keep."""
+    return (f'[accounting]\nsinks = ["file", "redis"]\n[accounting.redis]\nurl = "{redis_url}"\n'
+            f"flush_interval = {flush_interval}\n")
 
 
 _NGINX_CONF = """\

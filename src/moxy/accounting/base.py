@@ -28,6 +28,8 @@ class Sink(Protocol):
     """One destination of accounting events (file, syslog, gdbm, redis, ...)."""
 
     name: str
+    # Optional attribute `gather`: seconds the dispatcher may let events gather after the first
+    # before calling `write` (absent or 0: at once); for sinks that write on a schedule anyway.
 
     async def write(self, batch: Sequence[DeliveryEvent]) -> None:
         """Record a batch of events. An outage is not an error: the sink keeps what it can

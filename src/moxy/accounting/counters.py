@@ -9,9 +9,6 @@ from __future__ import annotations
 import calendar
 import functools
 import time
-from collections.abc import Iterator
-
-import attrs
 
 from moxy.accounting.events import DeliveryEvent
 
@@ -22,14 +19,9 @@ NO_SENDER = "<>"  # the null reverse-path of bounces
 NO_NODE = "-"
 
 
-@attrs.frozen
-class Increment:
-    """Add `amount` to `member`'s score in the sorted set of (`dimension`, `metric`)."""
-
-    dimension: str
-    member: str
-    metric: str
-    amount: int
+# (dimension, member, metric, amount): add `amount` to `member`'s score in the sorted set of
+# (`dimension`, `metric`). Plain tuples: a dozen are made per delivered copy.
+Increment = tuple[str, str, str, int]
 
 
 def day_period(when: float) -> str:
@@ -76,7 +68,7 @@ def normal_address(address: str) -> str:
     return f"{address.rpartition('@')[0]}@{domain}" if domain is not None else address
 
 
-def increments(event: DeliveryEvent) -> Iterator[Increment]:
+def increments(event: DeliveryEvent) -> list[Increment]:
     """What `event` adds to the counters (the same for every period).
 
     - A delivered leg (2xx) is one copy: its destination, sender, client IP and node each get
@@ -98,13 +90,15 @@ def increments(event: DeliveryEvent) -> Iterator[Increment]:
             *_origin(event),
         ]
         if event.delivered:
+            size = event.size
+            out: list[Increment] = []
             for dimension, member in members:
-                yield Increment(dimension, member, "msgs", 1)
-                yield Increment(dimension, member, "bytes", event.size)
-        else:
-            for dimension, member in members:
-                yield Increment(dimension, member, "refused", 1)
-    elif event.kind == "refused":
+                out.append((dimension, member, "msgs", 1))
+                out.append((dimension, member, "bytes", size))
+            return out
+        return [(dimension, member, "refused", 1) for dimension, member in members]
+    if event.kind == "refused":
+        out = []
         for recipient in event.recipients:
             address = normal_address(recipient)
             domain = domain_of(address)
@@ -113,8 +107,9 @@ def increments(event: DeliveryEvent) -> Iterator[Increment]:
                 members.append(("domain", domain))
             if event.destination not in ("", "-"):
                 members.append(("dest", event.destination))
-            for dimension, member in members:
-                yield Increment(dimension, member, "refused", 1)
+            out += [(dimension, member, "refused", 1) for dimension, member in members]
+        return out
+    return []
 
 
 def _origin(event: DeliveryEvent) -> list[tuple[str, str]]:

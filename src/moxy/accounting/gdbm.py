@@ -73,6 +73,7 @@ class GdbmSink:
 
     def __init__(self, settings: GdbmSinkSettings) -> None:
         self.settings = settings
+        self.gather = settings.flush_interval / 20  # as RedisSink.gather
         self._limiter = trio.CapacityLimiter(1)
         self._pending: dict[bytes, Totals] = {}
         self._dropped = 0

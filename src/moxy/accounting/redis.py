@@ -16,6 +16,8 @@ import trio
 
 from moxy.accounting.base import SinkStats
 from moxy.accounting.counters import (
+    DIMENSIONS,
+    METRICS,
     TOTAL,
     bucket_expiry,
     counter_key,
@@ -31,6 +33,8 @@ from moxy.lookup.settings import RedisSettings
 log = logging.getLogger("moxy.accounting")
 
 Counter = tuple[str, str]  # (key, member)
+_Sum = tuple[int, str, str, str]  # (minute since the epoch, dimension, member, metric)
+_Keys = dict[tuple[str, str], str]  # (dimension, metric) -> the key of one bucket
 
 
 def client_for(settings: RedisSinkSettings) -> redis.Redis:
@@ -69,18 +73,26 @@ class RedisSink:
 
     def __init__(self, settings: RedisSinkSettings, *, client: redis.Redis | None = None) -> None:
         self.settings = settings
+        # Counters reach Redis every flush_interval: the dispatcher may let events gather
+        # for a twentieth of it (see dispatch._feed), which delays nothing one can see.
+        self.gather = settings.flush_interval / 20
         self._client = client if client is not None else client_for(settings)
         self._where = describe(settings)
         self._limiter = trio.CapacityLimiter(1)
         # Touched by the flushing thread too, but never at the same time as by the event loop:
         # the dispatcher never calls a sink concurrently, and a flush is awaited to its end.
-        self._pending: dict[Counter, int] = {}
+        # Events are summed per minute of event time first (a dozen additions per delivered
+        # copy), and spread over their buckets (total, day, minute) only before a flush.
+        self._sums: dict[_Sum, int] = {}
+        self._pending: dict[Counter, int] = {}  # per Redis key and member: what a flush writes
         self._expiry: dict[str, int | None] = {}
         self._dropped = 0
         self._down = False
         self._failures = 0
         self._dropped_at_outage = 0
         self._next_flush: float | None = None
+        # Per minute of event time: the buckets' keys and expiries (see _periods).
+        self._buckets: dict[int, list[tuple[_Keys, dict[str, int | None], int | None]]] = {}
 
     # --- the Sink interface ---------------------------------------------------------------
 
@@ -89,14 +101,14 @@ class RedisSink:
         now = time.time()
         for event in batch:
             self._add(event, now)
-            if len(self._pending) >= threshold and not self._down:
+            if self._held_at_most() >= threshold and not self._down:
                 await self._flush()
 
     async def tick(self) -> None:
         now = trio.current_time()
         if self._next_flush is None:
             self._next_flush = now + self.settings.flush_interval
-        if self._pending and now >= self._next_flush:
+        if (self._pending or self._sums) and now >= self._next_flush:
             await self._flush()
 
     async def reopen(self) -> None:
@@ -104,7 +116,7 @@ class RedisSink:
 
     async def aclose(self) -> None:
         with trio.move_on_after(self.settings.timeout * 2) as deadline:
-            if self._pending:
+            if self._pending or self._sums:
                 await self._flush(abandon_on_cancel=True)
         if self._pending:
             what = "no answer in time" if deadline.cancelled_caught else "unreachable"
@@ -116,46 +128,90 @@ class RedisSink:
             await trio.to_thread.run_sync(self._client.close, abandon_on_cancel=True)
 
     def stats(self) -> SinkStats:
-        return SinkStats(backlog=len(self._pending), dropped=self._dropped)
+        return SinkStats(backlog=self._held(time.time()), dropped=self._dropped)
 
     # --- summing --------------------------------------------------------------------------
 
     def _add(self, event: DeliveryEvent, now: float) -> None:
-        adds = list(increments(event))
+        adds = increments(event)
         if not adds:
             return
-        counted: list[tuple[str, str, int]] = []
-        expiries: dict[str, int | None] = {}
-        for period in (TOTAL, day_period(event.time), minute_period(event.time)):
-            expiry = bucket_expiry(
-                period,
-                retention_days=self.settings.retention_days,
-                minute_retention=self.settings.minute_retention,
-            )
-            if expiry is not None and expiry <= now:
-                continue  # a bucket already gone (an event from long ago): nothing to add to
-            for add in adds:
-                key = counter_key(self.settings.key_prefix, period, add.dimension, add.metric)
-                expiries[key] = expiry
-                counted.append((key, add.member, add.amount))
-        new = len({(key, member) for key, member, _ in counted} - self._pending.keys())
-        if len(self._pending) + new > self.settings.backlog:
-            self._dropped += 1
-            if self._dropped == self._dropped_at_outage + 1:
-                log.error(
-                    "accounting: redis backlog full (%d counters), dropping events until %s "
-                    "is back", len(self._pending), self._where,
-                )
-            return
-        self._expiry.update(expiries)
-        for key, member, amount in counted:
-            self._pending[key, member] = self._pending.get((key, member), 0) + amount
+        minute = int(event.time // 60)
+        if self._held_at_most() + 3 * len(adds) > self.settings.backlog:
+            # Only near the bound is it worth counting exactly which counters would be new.
+            extra = [(minute, dimension, member, metric) for dimension, member, metric, _ in adds]
+            if self._held(now, extra) > self.settings.backlog:
+                self._dropped += 1
+                if self._dropped == self._dropped_at_outage + 1:
+                    log.error(
+                        "accounting: redis backlog full (%d counters), dropping events until "
+                        "%s is back", self._held(now), self._where,
+                    )
+                return
+        sums = self._sums
+        for dimension, member, metric, amount in adds:
+            key = (minute, dimension, member, metric)
+            sums[key] = sums.get(key, 0) + amount
+
+    def _held_at_most(self) -> int:
+        """An upper bound of `_held()`, for free: each sum spreads over at most 3 buckets."""
+        return len(self._pending) + 3 * len(self._sums)
+
+    def _held(self, now: float, extra: Sequence[_Sum] = ()) -> int:
+        """Distinct counters held (pending and summed, plus `extra`): what `backlog` bounds."""
+        counters = set(self._pending)
+        for minute, dimension, member, metric in (*self._sums, *extra):
+            for keys, _expiries in self._periods(minute, now):
+                counters.add((keys[dimension, metric], member))
+        return len(counters)
+
+    def _spread(self, now: float) -> None:
+        """Move the per-minute sums into the per-key counters a flush writes."""
+        pending, expiry = self._pending, self._expiry
+        for (minute, dimension, member, metric), amount in self._sums.items():
+            for keys, expiries in self._periods(minute, now):
+                key = keys[dimension, metric]
+                counter = (key, member)
+                pending[counter] = pending.get(counter, 0) + amount
+                expiry[key] = expiries[key]
+        self._sums.clear()
+
+    def _periods(self, minute: int, now: float) -> list[tuple[_Keys, dict[str, int | None]]]:
+        """The buckets an event of `minute` (minutes since the epoch) counts in, each as its
+        keys by (dimension, metric) and their expiry; a bucket already expired is left out.
+        Made once per minute, not once per event."""
+        made = self._buckets.get(minute)
+        if made is None:
+            if len(self._buckets) > 16:
+                self._buckets.clear()
+            when = minute * 60.0
+            made = self._buckets[minute] = [
+                self._bucket(period) for period in (TOTAL, day_period(when), minute_period(when))
+            ]
+        return [
+            (keys, expiries) for keys, expiries, expiry in made if expiry is None or expiry > now
+        ]
+
+    def _bucket(self, period: str) -> tuple[_Keys, dict[str, int | None], int | None]:
+        expiry = bucket_expiry(
+            period,
+            retention_days=self.settings.retention_days,
+            minute_retention=self.settings.minute_retention,
+        )
+        keys = {
+            (dimension, metric): counter_key(self.settings.key_prefix, period, dimension, metric)
+            for dimension in DIMENSIONS
+            for metric in METRICS
+        }
+        return keys, dict.fromkeys(keys.values(), expiry), expiry
 
     # --- writing --------------------------------------------------------------------------
 
     async def _flush(self, *, abandon_on_cancel: bool = False) -> None:
         self._next_flush = trio.current_time() + self.settings.flush_interval
-        self._forget_expired(time.time())
+        now = time.time()
+        self._spread(now)
+        self._forget_expired(now)
         if not self._pending:
             return
         held = len(self._pending)
