@@ -25,11 +25,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from proxies import accounting_toml, free_port, redis_server, wait_port
+import proxies
+from proxies import accounting_toml, free_port, redis_server
 from proxies import need as _need
 from proxies import smtp_sink as sink
 
@@ -57,37 +57,15 @@ def counted_copies(redis_url: str) -> tuple[int, int]:
     return int(msgs), int(size)
 
 
-@contextlib.contextmanager
-def moxy(
-    port: int, sink_port: int, workdir: Path, workers: int, idle_upstreams: int | None,
-    metrics: bool = False, redis_url: str | None = None,
-) -> Iterator[subprocess.Popen[bytes]]:
-    (workdir / "routes").write_text(f"bench.test  127.0.0.1:{sink_port}\n")
-    (workdir / "moxy.toml").write_text(
-        f'[server]\nlisten = ["127.0.0.1:{port}"]\nhostname = "bench.moxy.test"\n'
-        f"workers = {workers}\n"
-        '[routes]\nfile = "routes"\n[log]\nfile = "moxy.log"\nlevel = "warning"\n'
-        "[limits]\nmessage_size = 104857600\nconnections = 5000\n"
-        # Every client of a benchmark comes from 127.0.0.1: no per-address cap.
-        "connections_per_ip = 0\n"
-        + ("" if idle_upstreams is None else f"idle_upstreams = {idle_upstreams}\n")
-        + (f'[metrics]\nlisten = "127.0.0.1:{free_port()}"\n' if metrics else "")
-        # Every session goes to the one sink: without lifting the per-destination cap (20 by
-        # default), --sessions above 20 would measure 451 4.4.5 replies, not throughput.
-        + "[destinations]\nconcurrency = 0\n"
-        # The message log is written either way (the "file" sink is the default); this adds
-        # the Redis counters every node of a cluster would keep.
-        + (accounting_toml(redis_url) if redis_url else "")
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moxy", "serve", "-c", str(workdir / "moxy.toml")]
-    )
-    try:
-        wait_port(port)
-        yield proc
-    finally:
-        proc.terminate()
-        proc.wait()
+def moxy_extra(metrics: bool, redis_url: str | None) -> str:
+    """The configuration tables this benchmark adds to proxies.moxy's."""
+    extra = f'[metrics]\nlisten = "127.0.0.1:{free_port()}"\n' if metrics else ""
+    # Every session goes to the one sink: without lifting the per-destination cap (20 by
+    # default), --sessions above 20 would measure 451 4.4.5 replies, not throughput.
+    extra += "[destinations]\nconcurrency = 0\n"
+    # The message log is written either way (the "file" sink is the default); this adds the
+    # Redis counters every node of a cluster would keep.
+    return extra + (accounting_toml(redis_url) if redis_url else "")
 
 
 def source(port: int, messages: int, sessions: int, size: int, reuse: bool, rcpts: int) -> float:
@@ -126,13 +104,16 @@ def main() -> None:
     ap.add_argument("--large", type=int, default=50_000_000, help="bytes of the large message")
     args = ap.parse_args()
 
-    sink_port, moxy_port = free_port(), free_port()
+    sink_port = free_port()
     with contextlib.ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
         redis_url = stack.enter_context(redis_server(tmp)) if args.accounting else None
         stack.enter_context(sink(sink_port))
-        proc = stack.enter_context(moxy(moxy_port, sink_port, tmp, args.workers,
-                                        args.idle_upstreams, args.metrics, redis_url))
+        proc = stack.enter_context(proxies.moxy(
+            tmp, f"bench.test  127.0.0.1:{sink_port}\n", workers=args.workers,
+            idle_upstreams=args.idle_upstreams, extra=moxy_extra(args.metrics, redis_url),
+        ))
+        moxy_port = proc.port
         if redis_url:
             print(f"accounting: message log and Redis counters ({redis_url})")
         print(f"{'size':>8} {'conn':>6} {'direct msg/s':>13} {'moxy msg/s':>11} {'ratio':>6}")

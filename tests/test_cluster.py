@@ -229,9 +229,13 @@ def test_walk_through_as_printed_then_ctrl_c_leaves_nothing(
 
 
 def test_make_cluster_runs_the_script() -> None:
+    # Under `make test` this make is a sub-make: without the parent's flags, and without the
+    # "Entering directory" lines a sub-make prints.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
     done = subprocess.run(
-        ["make", "-n", "-o", ".venv/.run-installed", "-o", "test-debs", "cluster"],
-        cwd=ROOT, capture_output=True, text=True, check=False,
+        ["make", "--no-print-directory", "-n", "-o", ".venv/.run-installed", "-o", "test-debs",
+         "cluster"],
+        cwd=ROOT, capture_output=True, text=True, check=False, env=env,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == [".venv/bin/python scripts/cluster.py"]

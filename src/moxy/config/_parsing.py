@@ -5,6 +5,7 @@ that gives a key its parser, and the value parsers shared by the sections, each 
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import math
 import re
@@ -227,3 +228,32 @@ def _networks(value: object, ctx: _Context) -> tuple[Network, ...]:
 _COUNT = _key(_integer(1))
 _SECONDS = _key(_seconds())
 _ZERO_OK = _seconds(zero_ok=True)
+
+
+def _names(known: tuple[str, ...], *, kind: str, example: str, empty_ok: bool) -> _Parser:
+    """An array of distinct names out of `known` (case-insensitive), such as the route chain or
+    the accounting sinks; `kind` names one ("route source"), for the messages."""
+    array = "an array" if empty_ok else "a non-empty array"
+
+    def parse(value: object, ctx: _Context) -> tuple[str, ...]:
+        if not isinstance(value, list) or not (value or empty_ok):
+            raise _Invalid(f"expected {array} such as {example}, got {_show(value)}")
+        problems: list[str] = []
+        names: list[str] = []
+        for entry in value:
+            if not isinstance(entry, str):
+                problems.append(f"expected {kind.split()[-1]} names such as {known[0]!r}, "
+                                f"got {_show(entry)}")
+            elif entry.lower() not in known:
+                hint = difflib.get_close_matches(entry.lower(), known, n=1)
+                suffix = f"did you mean {hint[0]!r}?" if hint else "known: " + ", ".join(known)
+                problems.append(f"unknown {kind} {entry!r} ({suffix})")
+            elif entry.lower() in names:
+                problems.append(f"{entry!r} is listed twice")
+            else:
+                names.append(entry.lower())
+        if problems:
+            raise _Invalid(*problems)
+        return tuple(names)
+
+    return parse

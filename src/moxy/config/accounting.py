@@ -4,7 +4,6 @@ class), [log] (the message log's file and the log level) and [metrics] (Promethe
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 
 import attrs
@@ -24,6 +23,7 @@ from moxy.config._parsing import (
     _Context,
     _Invalid,
     _key,
+    _names,
     _path,
     _show,
 )
@@ -32,25 +32,7 @@ from moxy.config.server import ListenAddress
 _SINKS_EXAMPLE = '["file", "syslog"]'
 
 
-def _sinks(value: object, ctx: _Context) -> tuple[str, ...]:
-    if not isinstance(value, list):
-        raise _Invalid(f"expected an array such as {_SINKS_EXAMPLE}, got {_show(value)}")
-    problems: list[str] = []
-    sinks: list[str] = []
-    for entry in value:
-        if not isinstance(entry, str):
-            problems.append(f"expected sink names such as 'file', got {_show(entry)}")
-        elif entry.lower() not in SINK_NAMES:
-            hint = difflib.get_close_matches(entry.lower(), SINK_NAMES, n=1)
-            suffix = f"did you mean {hint[0]!r}?" if hint else "known: " + ", ".join(SINK_NAMES)
-            problems.append(f"unknown accounting sink {entry!r} ({suffix})")
-        elif entry.lower() in sinks:
-            problems.append(f"{entry!r} is listed twice")
-        else:
-            sinks.append(entry.lower())
-    if problems:
-        raise _Invalid(*problems)
-    return tuple(sinks)
+_sinks = _names(SINK_NAMES, kind="accounting sink", example=_SINKS_EXAMPLE, empty_ok=True)
 
 
 @attrs.frozen

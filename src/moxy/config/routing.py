@@ -4,7 +4,6 @@ settings class (moxy.lookup.settings), and the checks that the chain and the tab
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 
 import attrs
@@ -12,11 +11,9 @@ import attrs
 from moxy.config._parsing import (
     _ZERO_OK,
     _backend_table,
-    _Context,
-    _Invalid,
     _key,
+    _names,
     _path,
-    _show,
 )
 from moxy.lookup.settings import CacheSettings, GdbmSettings, LdapSettings, RedisSettings
 
@@ -24,25 +21,7 @@ SOURCE_NAMES = ("redis", "ldap", "gdbm", "file")
 _CHAIN_EXAMPLE = '["redis", "ldap", "gdbm", "file"]'
 
 
-def _chain(value: object, ctx: _Context) -> tuple[str, ...]:
-    if not isinstance(value, list) or not value:
-        raise _Invalid(f"expected a non-empty array such as {_CHAIN_EXAMPLE}, got {_show(value)}")
-    problems: list[str] = []
-    chain: list[str] = []
-    for entry in value:
-        if not isinstance(entry, str):
-            problems.append(f"expected source names such as 'redis', got {_show(entry)}")
-        elif entry.lower() not in SOURCE_NAMES:
-            hint = difflib.get_close_matches(entry.lower(), SOURCE_NAMES, n=1)
-            suffix = f"did you mean {hint[0]!r}?" if hint else "known: " + ", ".join(SOURCE_NAMES)
-            problems.append(f"unknown route source {entry!r} ({suffix})")
-        elif entry.lower() in chain:
-            problems.append(f"{entry!r} is listed twice")
-        else:
-            chain.append(entry.lower())
-    if problems:
-        raise _Invalid(*problems)
-    return tuple(chain)
+_chain = _names(SOURCE_NAMES, kind="route source", example=_CHAIN_EXAMPLE, empty_ok=False)
 
 
 @attrs.frozen
