@@ -231,6 +231,13 @@ def fmt_cpu(cell: Cell | None, reference: Cell | None) -> str:
     return text
 
 
+def fmt_body(cell: Cell | None, size: int) -> str:
+    """Message octets carried per second of the proxy's CPU (issue 13's figure for bodies)."""
+    if cell is None or not cell.cpu_us or size < 1024:
+        return "–"
+    return f"{size / cell.cpu_us:,.1f}"  # octets per µs = MB per second
+
+
 def size_name(size: int) -> str:
     return f"{size} B" if size < 1024 else f"{size // 1024} KB"
 
@@ -345,10 +352,11 @@ def render(rows: dict[str, dict[tuple[int, bool], Cell]], fanout: dict[str, dict
         f"Run {when} on {machine()}.",
         "; ".join(versions) + ".",
         f"{args.messages} messages per cell from `smtp-source -s 20` to `smtp-sink`; CPU is "
-        "the proxy's whole process tree (user + system) per message; × is the ratio to nginx.",
+        "the proxy's whole process tree (user + system) per message; × is the ratio to nginx; "
+        "body MB per CPU second is the message size over that CPU time (10 KB and up).",
         "",
-        "| path | size | conn | msgs/s | CPU per message |",
-        "|---|---|---|---|---|",
+        "| path | size | conn | msgs/s | CPU per message | body MB per CPU second |",
+        "|---|---|---|---|---|---|",
     ]
     for name, cells in rows.items():
         for size in sizes:
@@ -356,7 +364,7 @@ def render(rows: dict[str, dict[tuple[int, bool], Cell]], fanout: dict[str, dict
                 cell = cells.get((size, reuse))
                 ref = None if name == "nginx" else rows.get("nginx", {}).get((size, reuse))
                 out.append(f"| {name} | {size_name(size)} | {'reuse' if reuse else 'new'} | "
-                           f"{fmt_rate(cell)} | {fmt_cpu(cell, ref)} |")
+                           f"{fmt_rate(cell)} | {fmt_cpu(cell, ref)} | {fmt_body(cell, size)} |")
     out += ["", f"Fan-out ({size_name(sizes[0])}, connections reused):", "",
             "| path | one route, two destinations (2 copies) | ten domains → one destination |",
             "|---|---|---|"]
