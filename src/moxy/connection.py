@@ -111,6 +111,7 @@ class Connection:
         self.parser = ReplyParser(max_line=settings.reply_line)
         self.extensions: dict[str, str] = {}
         self.stats = settings.metrics.upstream(destination)
+        self.timed = self.stats.active  # reply times are measured only for metrics
         self.sent_at = time.monotonic()  # reply times count from the last write
         self.slot: Slot | None = None  # its place under the address's concurrency cap
         self.tls = ""  # "TLSv1.3 with cipher ..." once STARTTLS succeeded
@@ -126,41 +127,39 @@ class Connection:
     async def read_reply(self, stage: str, timeout: float, more: bool = False) -> Reply:
         """The next reply, all of it within `timeout`. `more`: further replies to pipelined
         commands are still due."""
-        reply = self.parser.next_reply()
-        if reply is None:
-            reply = await self._receive_reply(stage, timeout, more)
-        self.stats.replied(stage, time.monotonic() - self.sent_at)
-        if reply.code == 421:
-            raise self.error(stage, f"service closing: {reply}", reply)
-        return reply
-
-    async def _receive_reply(self, stage: str, timeout: float, more: bool) -> Reply:
-        deadline = trio.current_time() + timeout
+        parser = self.parser
         try:
-            while True:
-                data = await self.stream.receive(RECEIVE_SIZE, deadline)
-                if not data:
-                    raise self.error(stage, "connection closed by upstream")
-                self.parser.receive_data(data)
-                reply = self.parser.next_reply()
-                if reply is not None:
-                    if more and not self.parser.buffered:
-                        # A destination that leaves Nagle on and writes each pipelined reply
-                        # separately holds the next one until this segment is ACKed, and Moxy
-                        # has nothing to send that the ACK could ride on: ACK at once instead of
-                        # after the delayed-ACK timer (~40 ms on Linux). Linux clears
-                        # TCP_QUICKACK by itself, so it is set each time a reply came alone.
-                        self.stream.ack_now()
-                    return reply
+            reply = parser.next_reply()
+            if reply is None:
+                deadline = trio.current_time() + timeout
+                while reply is None:
+                    data = await self.stream.receive(RECEIVE_SIZE, deadline)
+                    if not data:
+                        raise self.error(stage, "connection closed by upstream")
+                    parser.receive_data(data)
+                    reply = parser.next_reply()
+                if more and not parser.buffered:
+                    # A destination that leaves Nagle on and writes each pipelined reply
+                    # separately holds the next one until this segment is ACKed, and Moxy has
+                    # nothing to send that the ACK could ride on: ACK at once instead of after
+                    # the delayed-ACK timer (~40 ms on Linux). Linux clears TCP_QUICKACK by
+                    # itself, so it is set each time a reply came alone.
+                    self.stream.ack_now()
         except UpstreamProtocolError as exc:
             raise self.error(stage, f"malformed reply: {exc}") from None
         except StreamBroken as exc:
             raise self.error(stage, f"connection lost: {exc}") from None
         except StreamTimeout:
             raise self.error(stage, f"no reply within {timeout:g}s") from None
+        if self.timed:  # metrics on: the hook is not even called otherwise
+            self.stats.replied(stage, time.monotonic() - self.sent_at)
+        if reply.code == 421:
+            raise self.error(stage, f"service closing: {reply}", reply)
+        return reply
 
     async def send(self, data: bytes, stage: str, timeout: float) -> None:
-        self.sent_at = time.monotonic()
+        if self.timed:
+            self.sent_at = time.monotonic()
         try:
             await self.stream.send(data, trio.current_time() + timeout)
         except StreamBroken as exc:

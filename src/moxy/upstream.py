@@ -221,26 +221,31 @@ class Leg:
 
     async def send_body(self, data: bytes) -> None:
         assert self.conn is not None and self.in_data
-        await self.conn.send(data, "body", self.settings.timeouts.upstream_data_block)
+        conn = self.conn
+        await conn.send(data, "body", self.settings.timeouts.upstream_data_block)
         self.sent += len(data)
-        self.conn.stats.sent(len(data))
+        if conn.timed:  # metrics on
+            conn.stats.sent(len(data))
 
     async def finish(self, tail: bytes = b"") -> Reply:
         """Send the rest of the body and the end-of-data sequence, in one write, and read the
         verdict: the one commit point."""
         assert self.conn is not None and self.in_data
         t = self.settings.timeouts
-        stats = self.conn.stats
+        conn = self.conn
         try:
-            await self.conn.send(tail + b".\r\n", "end-of-data", t.upstream_data_block)
+            await conn.send(tail + b".\r\n", "end-of-data", t.upstream_data_block)
             self.sent += len(tail)
-            stats.sent(len(tail))
-            reply = await self.conn.read_reply("end-of-data", t.upstream_data_end)
+            if conn.timed:  # metrics on
+                conn.stats.sent(len(tail))
+            reply = await conn.read_reply("end-of-data", t.upstream_data_end)
         except LegError:
-            stats.finished(0)
+            if conn.timed:
+                conn.stats.finished(0)
             await self.drop()
             raise
-        stats.finished(reply.code)
+        if conn.timed:
+            conn.stats.finished(reply.code)
         self.in_data = False
         self.needs_reset = False  # a final reply ends the upstream transaction
         return reply

@@ -221,3 +221,20 @@ async def test_smtp_sink_closing_with_421_at_rcpt_is_451_to_the_client(
     outcome = await send_one(server, ["user@example.org"])
     assert outcome.rcpt[0].code == 451, outcome.transcript
     assert sink.messages() == []
+
+
+async def test_a_malformed_reply_behind_a_pipelined_one_fails_over(
+    moxy: StartMoxy, make_recorder: MakeRecorder
+) -> None:
+    """The RCPT reply, already read with the MAIL reply in one packet, is not a reply: the leg
+    treats the destination as broken (a LegError, so failover), it does not crash the session."""
+    broken = make_recorder({"mail": "250 2.1.0 Ok\r\nnot a reply"}, name="broken")
+    backup = make_recorder(name="backup")
+    server = await moxy({"example.org": f"{broken.address}|{backup.address}"},
+                        timeouts=FAST_TIMEOUTS)
+    outcome = await send_one(server, ["user@example.org"])
+    assert outcome.rcpt[0].code == 250, outcome.transcript
+    assert outcome.final is not None and outcome.final.code == 250, outcome.transcript
+    [message] = backup.messages
+    assert body_of(message) == BODY
+    assert not broken.messages

@@ -142,6 +142,89 @@ def test_any_bytes_give_replies_or_the_protocol_error(packets: list[bytes]) -> N
         pass
 
 
+# -- the fast path for a whole single-line reply ---------------------------------------------
+
+
+class SlowParser(ReplyParser):
+    """The parser without its fast path: every line through the general line reader."""
+
+    def next_reply(self) -> Reply | None:
+        return self._next_reply_checked()
+
+
+def read_all(parser: ReplyParser, pieces: list[bytes]) -> list[Reply | str]:
+    """Replies as they come out, then the error that ended the stream (if any)."""
+    out: list[Reply | str] = []
+    try:
+        for piece in [*pieces, b""]:
+            parser.receive_data(piece)
+            while (reply := parser.next_reply()) is not None:
+                out.append(reply)
+    except UpstreamProtocolError as exc:
+        out.append(f"error: {exc}")
+    return out
+
+
+PIPELINED = (
+    b"250 2.1.0 Ok\r\n250-2.1.5 first\r\n250 2.1.5 second\r\n354 End data\n"
+    b"250 \r\n250\r\n550 5.7.1 caf\xc3\xa9 \x1b\r\r\n221 Bye\r\n"
+)
+
+
+@pytest.mark.parametrize("point", range(len(PIPELINED) + 1))
+def test_replies_split_at_any_offset_read_as_without_the_fast_path(point: int) -> None:
+    pieces = split_at(PIPELINED, point)
+    fast = read_all(ReplyParser(), pieces)
+    assert fast == read_all(SlowParser(), pieces)
+    assert [r.code for r in fast if isinstance(r, Reply)] == [250, 250, 354, 250, 250, 550, 221]
+
+
+def test_replies_fed_byte_by_byte_read_as_in_one_piece() -> None:
+    one_by_one = [PIPELINED[i : i + 1] for i in range(len(PIPELINED))]
+    assert read_all(ReplyParser(), one_by_one) == read_all(ReplyParser(), [PIPELINED])
+
+
+def test_single_line_reply_longer_than_the_limit_is_refused_on_the_fast_path_too() -> None:
+    for wire in (b"250 " + b"x" * 45 + b"\r\n", b"250 " + b"x" * 46 + b"\n"):
+        assert len(wire) == 51
+        assert read_all(ReplyParser(max_line=50), [wire]) == ["error: reply line too long"]
+    assert read_all(ReplyParser(max_line=50), [b"250 " + b"x" * 44 + b"\r\n"]) == [
+        Reply(250, ("x" * 44,)),
+        "error: connection closed",
+    ]
+
+
+def test_buffered_counts_what_follows_a_fast_path_reply() -> None:
+    parser = ReplyParser()
+    parser.receive_data(b"250 Ok\r\n354 Go")
+    assert parser.next_reply() == Reply(250, ("Ok",))
+    assert parser.buffered == len(b"354 Go")
+
+
+def test_a_parser_must_allow_one_line() -> None:
+    with pytest.raises(ValueError):
+        ReplyParser(max_lines=0)
+
+
+REPLY_LINES = st.lists(
+    st.tuples(
+        st.sampled_from([b"250", b"354", b"421", b"550", b"199", b"25", b"2x0"]),
+        st.sampled_from([b" ", b"-", b"", b"x"]),
+        st.binary(max_size=12),
+        st.sampled_from([b"\r\n", b"\n", b"\r\r\n"]),
+    ).map(b"".join),
+    max_size=8,
+).map(b"".join)
+
+
+@given(REPLY_LINES, st.lists(st.integers(min_value=0, max_value=120), max_size=4))
+def test_fast_path_reads_like_the_general_reader(wire: bytes, points: list[int]) -> None:
+    pieces = split_at(wire, *points)
+    assert read_all(ReplyParser(max_line=30, max_lines=3), pieces) == read_all(
+        SlowParser(max_line=30, max_lines=3), pieces
+    )
+
+
 @pytest.mark.parametrize(
     ("verb", "arg", "wire"),
     [

@@ -14,6 +14,9 @@ from moxy.smtp.replies import Reply
 END_OF_DATA = b".\r\n"
 
 _REPLY_LINE = re.compile(rb"([2-5][0-9][0-9])(?:([ -])(.*))?", re.DOTALL)
+# The usual case, a whole single-line reply at the start of the buffer ("250 2.0.0 Ok\r\n"):
+# the same line rule as _REPLY_LINE with a space after the code, up to and with its LF.
+_SINGLE_LINE = re.compile(rb"([2-5][0-9][0-9]) ([^\n]*)\n")
 _ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}(?: |$)")
 # Control characters in a peer's text would travel on to our client inside our own replies.
 _CONTROLS = {c: "?" for c in (*range(0x00, 0x09), *range(0x0A, 0x20), 0x7F)}
@@ -31,6 +34,8 @@ class ReplyParser:
     """
 
     def __init__(self, max_line: int = 2048, max_lines: int = 100) -> None:
+        if max_lines < 1:
+            raise ValueError("a reply has at least one line")
         self.max_line = max_line  # bytes per line, including CRLF
         self.max_lines = max_lines
         self._buf = bytearray()
@@ -42,7 +47,9 @@ class ReplyParser:
     @property
     def buffered(self) -> int:
         """Bytes received and not yet part of a returned reply (0 between replies)."""
-        return len(self._buf) + sum(len(line) for line in self._lines)
+        if self._lines:
+            return len(self._buf) + sum(len(line) for line in self._lines)
+        return len(self._buf)
 
     def receive_data(self, data: bytes) -> None:
         """Bytes from the server; b"" means it closed the connection."""
@@ -57,6 +64,21 @@ class ReplyParser:
         Raises `UpstreamProtocolError` on malformed input or a close before a complete reply;
         once raised, it raises again on every call: the connection is beyond repair.
         """
+        if self._lines or self._error is not None:  # a multi-line reply under way, or broken
+            return self._next_reply_checked()
+        if not self._buf:
+            return self._next_reply_checked() if self._eof else None
+        # Fast path: a complete single-line reply first in the buffer, read as _add_line would.
+        m = _SINGLE_LINE.match(self._buf)
+        if m is None or m.end() > self.max_line:
+            return self._next_reply_checked()
+        code, text = m.groups()  # before the buffer changes: a match reads it lazily
+        del self._buf[: m.end()]
+        if text.endswith(b"\r"):
+            text = text[:-1]
+        return Reply(int(code), (text.decode("utf-8", "replace").translate(_CONTROLS),))
+
+    def _next_reply_checked(self) -> Reply | None:
         if self._error is not None:
             raise self._error
         try:
