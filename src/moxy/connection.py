@@ -9,6 +9,7 @@ import contextlib
 import logging
 import socket
 import time
+from operator import itemgetter
 from typing import TYPE_CHECKING
 
 import attrs
@@ -129,16 +130,22 @@ class Connection:
         commands are still due."""
         parser = self.parser
         try:
-            reply = parser.next_reply()
+            reply = parser.next_reply() if parser.unread else None
             if reply is None:
-                deadline = trio.current_time() + timeout
-                while reply is None:
-                    data = await self.stream.receive(RECEIVE_SIZE, deadline)
+                stream = self.stream
+                data = await stream.receive_within(RECEIVE_SIZE, timeout)
+                deadline = 0.0
+                while True:
                     if not data:
                         raise self.error(stage, "connection closed by upstream")
                     parser.receive_data(data)
                     reply = parser.next_reply()
-                if more and not parser.buffered:
+                    if reply is not None:
+                        break
+                    # A reply in pieces: all of it within `timeout` of the first wait.
+                    deadline = deadline or stream.deadline or trio.current_time() + timeout
+                    data = await stream.receive(RECEIVE_SIZE, deadline)
+                if more and not parser.unread:
                     # A destination that leaves Nagle on and writes each pipelined reply
                     # separately holds the next one until this segment is ACKed, and Moxy has
                     # nothing to send that the ACK could ride on: ACK at once instead of after
@@ -161,7 +168,7 @@ class Connection:
         if self.timed:
             self.sent_at = time.monotonic()
         try:
-            await self.stream.send(data, trio.current_time() + timeout)
+            await self.stream.send_within(data, timeout)
         except StreamBroken as exc:
             raise self.error(stage, f"connection lost: {exc}") from None
         except StreamTimeout:
@@ -178,12 +185,12 @@ class Connection:
         answered 503); the returned list is then shorter than `commands`.
         """
         if self.pipelining:
-            await self.send(b"".join(c[0] for c in commands), commands[0][1], commands[0][2])
+            await self.send(b"".join(map(itemgetter(0), commands)), commands[0][1], commands[0][2])
             last = len(commands) - 1
-            return [
-                await self.read_reply(stage, timeout, more=i < last)
-                for i, (_, stage, timeout) in enumerate(commands)
-            ]
+            replies = []
+            for i, (_, stage, timeout) in enumerate(commands):
+                replies.append(await self.read_reply(stage, timeout, more=i < last))
+            return replies
         replies = []
         for line, stage, timeout in commands:
             reply = await self.command(line, stage, timeout)

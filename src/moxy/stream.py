@@ -45,6 +45,7 @@ class Stream:
         self.socket = sock
         self.ssl: trio.SSLStream[trio.SocketStream] | None = None
         self.interrupted = False  # see interrupt()
+        self.deadline = 0.0  # see receive_within()
         self._scope: trio.CancelScope | None = None  # an interruptible wait in progress
         self._waiters = 0  # tasks in a readiness wait on the socket (see aclose)
 
@@ -86,44 +87,93 @@ class Stream:
             return await self._receive_tls(size, deadline, interruptible)
         # Yield once first: the peer's answer has often arrived by then, which saves a wait.
         await trio.lowlevel.checkpoint()
+        try:
+            return self.socket.recv(size)
+        except BlockingIOError:
+            pass
+        except OSError as exc:
+            raise StreamBroken(_detail(exc)) from None
+        return await self._receive_waiting(size, deadline, interruptible)
+
+    async def receive_within(self, size: int, timeout: float) -> bytes:
+        """`receive` within `timeout` seconds, whose deadline is only computed when the call
+        must wait (most reads take what arrived during the yield): then it is also kept in
+        `self.deadline` for the rest of a reply that comes in pieces; otherwise that is 0."""
+        if self.ssl is not None:
+            self.deadline = deadline = trio.current_time() + timeout
+            return await self._receive_tls(size, deadline, False)
+        await trio.lowlevel.checkpoint()
+        try:
+            data = self.socket.recv(size)
+        except BlockingIOError:
+            self.deadline = deadline = trio.current_time() + timeout
+            return await self._receive_waiting(size, deadline, False)
+        except OSError as exc:
+            raise StreamBroken(_detail(exc)) from None
+        self.deadline = 0.0
+        return data
+
+    async def _receive_waiting(self, size: int, deadline: float, interruptible: bool) -> bytes:
         sock = self.socket
         while True:
+            await self._wait(trio.lowlevel.wait_readable, deadline, interruptible)
             try:
                 return sock.recv(size)
             except BlockingIOError:
                 pass
             except OSError as exc:
                 raise StreamBroken(_detail(exc)) from None
-            await self._wait(trio.lowlevel.wait_readable, deadline, interruptible)
 
     async def send(self, data: bytes, deadline: float) -> None:
         """All of `data`, or StreamTimeout/StreamBroken."""
         if self.ssl is not None:
-            with trio.move_on_at(deadline):
-                try:
-                    await self.ssl.send_all(data)
-                except _LOST as exc:
-                    raise StreamBroken(_detail(exc)) from None
-                return
-            raise StreamTimeout
+            return await self._send_tls(data, deadline)
         await trio.lowlevel.checkpoint_if_cancelled()
+        try:
+            sent = self.socket.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            raise StreamBroken(_detail(exc)) from None
+        if sent < len(data):
+            await self._send_rest(memoryview(data)[sent:], deadline)
+
+    async def send_within(self, data: bytes, timeout: float) -> None:
+        """`send` within `timeout` seconds, whose deadline is only computed when the call must
+        wait (the kernel's buffer was full)."""
+        if self.ssl is not None:
+            return await self._send_tls(data, trio.current_time() + timeout)
+        await trio.lowlevel.checkpoint_if_cancelled()
+        try:
+            sent = self.socket.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            raise StreamBroken(_detail(exc)) from None
+        if sent < len(data):
+            await self._send_rest(memoryview(data)[sent:], trio.current_time() + timeout)
+
+    async def _send_rest(self, view: memoryview, deadline: float) -> None:
         sock = self.socket
-        view: memoryview | None = None
-        while True:
+        while view:
+            await self._wait(trio.lowlevel.wait_writable, deadline, False)
             try:
-                sent = sock.send(data if view is None else view)
+                sent = sock.send(view)
             except BlockingIOError:
-                sent = 0
+                continue
             except OSError as exc:
                 raise StreamBroken(_detail(exc)) from None
-            if view is None:
-                if sent == len(data):
-                    return
-                view = memoryview(data)
             view = view[sent:]
-            if not view:
-                return
-            await self._wait(trio.lowlevel.wait_writable, deadline, False)
+
+    async def _send_tls(self, data: bytes, deadline: float) -> None:
+        assert self.ssl is not None
+        with trio.move_on_at(deadline):
+            try:
+                await self.ssl.send_all(data)
+            except _LOST as exc:
+                raise StreamBroken(_detail(exc)) from None
+            return
+        raise StreamTimeout
 
     async def _wait(
         self, wait: Callable[[socket.socket], Awaitable[None]], deadline: float,

@@ -140,7 +140,8 @@ class Leg:
             commands.append((b"RSET\r\n", "rset", t.upstream_command))
         if replay:
             commands.append((self.envelope.mail_line(conn.extensions), "mail", t.upstream_mail))
-            commands += [(_rcpt_line(r), "rcpt", t.upstream_rcpt) for r in self.accepted]
+            for accepted in self.accepted:
+                commands.append((_rcpt_line(accepted), "rcpt", t.upstream_rcpt))
         if recipient is not None:
             commands.append((_rcpt_line(recipient), "rcpt", t.upstream_rcpt))
         if not commands:
@@ -159,29 +160,34 @@ class Leg:
                 if self.accepted:
                     self.failure = conn.error("mail", f"replay refused: {self.mail_reply}")
                 return self.mail_reply
-            replayed, replies = replies[: len(self.accepted)], replies[len(self.accepted) :]
-            if len(replayed) < len(self.accepted) or any(r.klass != 2 for r in replayed):
-                self.failure = conn.error("rcpt", "replayed recipient no longer accepted")
-                return Reply.make(451, "4.3.0", "Destination changed its answer; try again later")
+            if self.accepted:
+                replayed, replies = replies[: len(self.accepted)], replies[len(self.accepted) :]
+                if len(replayed) < len(self.accepted) or any(r.klass != 2 for r in replayed):
+                    self.failure = conn.error("rcpt", "replayed recipient no longer accepted")
+                    return Reply.make(
+                        451, "4.3.0", "Destination changed its answer; try again later"
+                    )
             self.synced = True
         elif self.mail_reply is not None and self.mail_reply.klass != 2:
             return self.mail_reply
         return replies[0] if recipient is not None and replies else None
 
-    async def _with_failover(self, recipient: str | None) -> Reply | None:
-        """`_sync`, retried once on a fresh connection (next alternative) if the upstream goes
-        away; the transaction is replayed there."""
+    async def _failover(self, exc: LegError, recipient: str | None) -> Reply | None:
+        """`_sync` failed with `exc`: once more on a fresh connection (next alternative) if the
+        upstream went away; the transaction is replayed there. A failure here is the leg's
+        `failure` for this transaction."""
         try:
-            return await self._sync(recipient)
-        except LegError as exc:
             failed = self.conn.destination if self.conn else None
             was_reused = self.reused
             await self.drop()
             if failed is None and not was_reused:
-                raise  # could not open at all: _open already tried every alternative
+                raise exc  # could not open at all: _open already tried every alternative
             logger.info("leg %s lost at %s (%s); retrying", self.group, exc.stage, exc.detail)
             await self._open(skip=None if was_reused else failed, fresh=True)
             return await self._sync(recipient)
+        except LegError as error:
+            self.failure = error
+            raise
 
     async def rcpt(self, recipient: str) -> Reply:
         """The upstream's answer for `recipient` (MAIL is sent first if this transaction has
@@ -191,10 +197,9 @@ class Leg:
         if self.synced and self.mail_reply is not None and self.mail_reply.klass != 2:
             return self.mail_reply
         try:
-            reply = await self._with_failover(recipient)
+            reply = await self._sync(recipient)
         except LegError as exc:
-            self.failure = exc
-            raise
+            reply = await self._failover(exc, recipient)
         assert reply is not None
         return reply
 
@@ -204,7 +209,10 @@ class Leg:
             raise self.failure
         try:
             if not self.synced:
-                reply = await self._with_failover(None)
+                try:
+                    reply = await self._sync(None)
+                except LegError as exc:
+                    reply = await self._failover(exc, None)
                 if self.failure is not None:
                     raise self.failure
                 if reply is not None and reply.klass != 2:

@@ -39,6 +39,7 @@ class ReplyParser:
         self.max_line = max_line  # bytes per line, including CRLF
         self.max_lines = max_lines
         self._buf = bytearray()
+        self.unread = self._buf  # the same buffer, for callers: empty, no reply can be ready
         self._code: int | None = None  # of the multi-line reply being read
         self._lines: list[str] = []
         self._eof = False
