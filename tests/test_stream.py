@@ -1,0 +1,135 @@
+"""The hot path's byte stream and an upstream connection's reply reading over real sockets
+(socket pairs): the paths that compute a deadline only when a call must wait."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+
+import pytest
+import trio
+
+from moxy.config import Timeouts
+from moxy.connection import Connection, LegError, UpstreamSettings
+from moxy.lookup.base import Destination
+from moxy.smtp.replies import Reply
+from moxy.stream import Stream, StreamTimeout
+from smtp.splits import split_at
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[Stream, socket.socket]]:
+    """A Stream and the plain socket at the other end."""
+    ours, theirs = socket.socketpair()
+    theirs.setblocking(False)
+    stream = Stream(ours)
+    yield stream, theirs
+    stream.socket.close()
+    theirs.close()
+
+
+async def test_receive_within_takes_what_arrived_without_a_deadline(
+    pair: tuple[Stream, socket.socket],
+) -> None:
+    stream, peer = pair
+    peer.send(b"250 Ok\r\n")
+    assert await stream.receive_within(1024, 5.0) == b"250 Ok\r\n"
+    assert stream.deadline == 0.0
+
+
+async def test_receive_within_waits_and_keeps_its_deadline(
+    pair: tuple[Stream, socket.socket],
+) -> None:
+    stream, peer = pair
+
+    async def answer_later() -> None:
+        await trio.sleep(0.05)
+        peer.send(b"late")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(answer_later)
+        started = trio.current_time()
+        assert await stream.receive_within(1024, 30.0) == b"late"
+    assert started + 30.0 <= stream.deadline <= trio.current_time() + 30.0
+
+
+async def test_receive_within_times_out(pair: tuple[Stream, socket.socket]) -> None:
+    stream, _ = pair
+    with pytest.raises(StreamTimeout):
+        await stream.receive_within(1024, 0.05)
+
+
+async def test_send_within_waits_for_a_slow_reader_and_sends_everything(
+    pair: tuple[Stream, socket.socket],
+) -> None:
+    stream, peer = pair
+    data = bytes(range(256)) * 40000  # ~10 MB: far more than the socket buffers hold
+    received = bytearray()
+
+    async def read_all() -> None:
+        while len(received) < len(data):
+            await trio.lowlevel.wait_readable(peer)
+            received.extend(peer.recv(1 << 20))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read_all)
+        await stream.send_within(data, 30.0)
+    assert received == data
+
+
+async def test_send_within_times_out_when_the_peer_never_reads(
+    pair: tuple[Stream, socket.socket],
+) -> None:
+    stream, _ = pair
+    with pytest.raises(StreamTimeout):
+        await stream.send_within(b"x" * (32 << 20), 0.2)
+
+
+# -- Connection.read_reply over a socket -----------------------------------------------------
+
+
+def connection(stream: Stream, command_timeout: float = 30.0) -> Connection:
+    timeouts = Timeouts(upstream_command=command_timeout)
+    return Connection(stream, Destination("127.0.0.1", 25), UpstreamSettings("moxy.test", timeouts))
+
+
+WIRE = b"250-mx.example\r\n250-PIPELINING\r\n250 SIZE 100\r\n250 2.1.0 Ok\r\n"
+
+
+@pytest.mark.parametrize("point", range(1, len(WIRE)))
+async def test_replies_split_across_reads_at_any_offset(
+    pair: tuple[Stream, socket.socket], point: int
+) -> None:
+    stream, peer = pair
+    conn = connection(stream)
+
+    async def write_in_two() -> None:
+        for piece in split_at(WIRE, point):
+            peer.send(piece)
+            await trio.sleep(0.01)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(write_in_two)
+        first = await conn.read_reply("ehlo", 30.0)
+        second = await conn.read_reply("mail", 30.0)
+    assert first == Reply(250, ("mx.example", "PIPELINING", "SIZE 100"))
+    assert second == Reply(250, ("2.1.0 Ok",))
+
+
+async def test_a_reply_left_half_written_times_out(pair: tuple[Stream, socket.socket]) -> None:
+    stream, peer = pair
+    conn = connection(stream)
+    peer.send(b"250-mx.example\r\n250-PIPE")
+    with pytest.raises(LegError) as caught:
+        await conn.read_reply("ehlo", 0.1)
+    assert (caught.value.stage, caught.value.detail) == ("ehlo", "no reply within 0.1s")
+
+
+async def test_a_close_mid_reply_is_a_lost_leg(pair: tuple[Stream, socket.socket]) -> None:
+    stream, peer = pair
+    conn = connection(stream)
+    peer.send(b"250-mx.example\r\n")
+    peer.shutdown(socket.SHUT_WR)
+    with pytest.raises(LegError) as caught:
+        await conn.read_reply("ehlo", 5.0)
+    assert caught.value.detail == "connection closed by upstream"
