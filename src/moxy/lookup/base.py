@@ -37,7 +37,9 @@ def _check_port(instance: object, attribute: attrs.Attribute[int], value: int) -
 TLS_MODES = ("none", "opportunistic", "required")
 
 
-@attrs.frozen(order=True)
+# Both are dictionary keys on every message (legs by group, pooled connections by destination):
+# their hash is computed once, not from their fields on each lookup.
+@attrs.frozen(order=True, cache_hash=True)
 class Destination:
     """One upstream SMTP server: a host name or IP literal, and a TCP port; with the options a
     route may give it after `;` (`mx.example.org:25;tls=required;verify;sni=mail.example.org`).
@@ -72,7 +74,7 @@ class Destination:
         return ";".join([self.address, *options])
 
 
-@attrs.frozen
+@attrs.frozen(cache_hash=True)
 class DestinationGroup:
     """Failover alternatives (`a|b|c`): the first that accepts the connection and greets wins."""
 

@@ -105,26 +105,23 @@ class ReplyParser:
                 raise UpstreamProtocolError("reply line too long")
             raw = bytes(self._buf[:lf])
             del self._buf[: lf + 1]
-            reply = self._add_line(raw[:-1] if raw.endswith(b"\r") else raw)
-            if reply is not None:
+            # One line of the reply (in this loop rather than a method of its own: an EHLO
+            # reply has a dozen lines).
+            line = raw[:-1] if raw.endswith(b"\r") else raw
+            m = _REPLY_LINE.fullmatch(line)
+            if m is None:
+                raise UpstreamProtocolError(f"malformed reply line: {line[:80]!r}")
+            code = int(m[1])
+            if self._code is not None and code != self._code:
+                raise UpstreamProtocolError(f"reply code changed from {self._code} to {code}")
+            if len(self._lines) >= self.max_lines:
+                raise UpstreamProtocolError(f"reply longer than {self.max_lines} lines")
+            self._code = code
+            self._lines.append((m[3] or b"").decode("utf-8", "replace").translate(_CONTROLS))
+            if m[2] != b"-":
+                reply = Reply(code, tuple(self._lines))
+                self._code, self._lines = None, []
                 return reply
-
-    def _add_line(self, raw: bytes) -> Reply | None:
-        m = _REPLY_LINE.fullmatch(raw)
-        if m is None:
-            raise UpstreamProtocolError(f"malformed reply line: {raw[:80]!r}")
-        code = int(m[1])
-        if self._code is not None and code != self._code:
-            raise UpstreamProtocolError(f"reply code changed from {self._code} to {code}")
-        if len(self._lines) >= self.max_lines:
-            raise UpstreamProtocolError(f"reply longer than {self.max_lines} lines")
-        self._code = code
-        self._lines.append((m[3] or b"").decode("utf-8", "replace").translate(_CONTROLS))
-        if m[2] == b"-":
-            return None
-        reply = Reply(code, tuple(self._lines))
-        self._code, self._lines = None, []
-        return reply
 
 
 def format_command(verb: str, arg: str = "") -> bytes:
