@@ -59,6 +59,23 @@ async def test_receive_within_times_out(pair: tuple[Stream, socket.socket]) -> N
         await stream.receive_within(1024, 0.05)
 
 
+async def test_receive_within_is_interruptible_like_receive(
+    pair: tuple[Stream, socket.socket],
+) -> None:
+    stream, _ = pair
+
+    async def interrupt_later() -> None:
+        await trio.sleep(0.05)
+        stream.interrupt()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(interrupt_later)
+        with pytest.raises(StreamTimeout):
+            await stream.receive_within(1024, 30.0, interruptible=True)
+    with pytest.raises(StreamTimeout):  # and every later wait
+        await stream.receive_within(1024, 30.0, interruptible=True)
+
+
 async def test_send_within_waits_for_a_slow_reader_and_sends_everything(
     pair: tuple[Stream, socket.socket],
 ) -> None:

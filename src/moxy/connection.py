@@ -137,8 +137,7 @@ class Connection:
                 while True:
                     if not data:
                         raise self.error(stage, "connection closed by upstream")
-                    parser.receive_data(data)
-                    reply = parser.next_reply()
+                    reply = parser.feed(data)
                     if reply is not None:
                         break
                     # A reply in pieces: all of it within `timeout` of the first wait.

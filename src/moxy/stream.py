@@ -95,19 +95,21 @@ class Stream:
             raise StreamBroken(_detail(exc)) from None
         return await self._receive_waiting(size, deadline, interruptible)
 
-    async def receive_within(self, size: int, timeout: float) -> bytes:
+    async def receive_within(
+        self, size: int, timeout: float, interruptible: bool = False
+    ) -> bytes:
         """`receive` within `timeout` seconds, whose deadline is only computed when the call
         must wait (most reads take what arrived during the yield): then it is also kept in
         `self.deadline` for the rest of a reply that comes in pieces; otherwise that is 0."""
         if self.ssl is not None:
             self.deadline = deadline = trio.current_time() + timeout
-            return await self._receive_tls(size, deadline, False)
+            return await self._receive_tls(size, deadline, interruptible)
         await trio.lowlevel.checkpoint()
         try:
             data = self.socket.recv(size)
         except BlockingIOError:
             self.deadline = deadline = trio.current_time() + timeout
-            return await self._receive_waiting(size, deadline, False)
+            return await self._receive_waiting(size, deadline, interruptible)
         except OSError as exc:
             raise StreamBroken(_detail(exc)) from None
         self.deadline = 0.0

@@ -201,6 +201,27 @@ def test_buffered_counts_what_follows_a_fast_path_reply() -> None:
     assert parser.buffered == len(b"354 Go")
 
 
+def test_replies_read_again_are_equal_and_the_memory_of_them_is_bounded() -> None:
+    from moxy.smtp import client
+
+    wire = b"".join(b"250 2.0.0 Ok: queued as Q%d\r\n" % i for i in range(600))
+    first = read_all(ReplyParser(), [wire])
+    assert read_all(ReplyParser(), [wire]) == first == read_all(SlowParser(), [wire])
+    assert first[599] == Reply(250, ("2.0.0 Ok: queued as Q599",))
+    assert len(client._SEEN) <= client._SEEN_MAX
+    long = b"250 " + b"y" * 300 + b"\r\n"
+    assert read_all(ReplyParser(), [long]) == [Reply(250, ("y" * 300,)), "error: connection closed"]
+    assert long not in client._SEEN
+
+
+def test_feed_is_receive_data_then_next_reply() -> None:
+    parser = ReplyParser()
+    assert parser.feed(b"250 2.1.0 Ok\r\n250 2.1") == Reply(250, ("2.1.0 Ok",))
+    assert parser.feed(b".5 Ok\r\n") == Reply(250, ("2.1.5 Ok",))
+    assert parser.feed(b"250-a\r\n") is None
+    assert parser.feed(b"250 b\r\n") == Reply(250, ("a", "b"))
+
+
 def test_a_parser_must_allow_one_line() -> None:
     with pytest.raises(ValueError):
         ReplyParser(max_lines=0)

@@ -17,6 +17,12 @@ _REPLY_LINE = re.compile(rb"([2-5][0-9][0-9])(?:([ -])(.*))?", re.DOTALL)
 # The usual case, a whole single-line reply at the start of the buffer ("250 2.0.0 Ok\r\n"):
 # the same line rule as _REPLY_LINE with a space after the code, up to and with its LF.
 _SINGLE_LINE = re.compile(rb"([2-5][0-9][0-9]) ([^\n]*)\n")
+# Replies are values, and a destination says the same few lines again and again ("250 2.1.0
+# Ok", "354 End data with ..."): single-line replies already read, by their wire form. Bounded:
+# emptied when full (a destination naming its queue id in every reply fills it).
+_SEEN: dict[bytes, Reply] = {}
+_SEEN_MAX = 256
+_SEEN_LINE = 200  # bytes: longer lines are not kept
 _ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}(?: |$)")
 # Control characters in a peer's text would travel on to our client inside our own replies.
 _CONTROLS = {c: "?" for c in (*range(0x00, 0x09), *range(0x0A, 0x20), 0x7F)}
@@ -69,15 +75,30 @@ class ReplyParser:
             return self._next_reply_checked()
         if not self._buf:
             return self._next_reply_checked() if self._eof else None
-        # Fast path: a complete single-line reply first in the buffer, read as _add_line would.
+        # Fast path: a complete single-line reply first in the buffer, read as the general
+        # reader would, and most often one this process has read before.
         m = _SINGLE_LINE.match(self._buf)
-        if m is None or m.end() > self.max_line:
+        if m is None:
             return self._next_reply_checked()
-        code, text = m.groups()  # before the buffer changes: a match reads it lazily
-        del self._buf[: m.end()]
-        if text.endswith(b"\r"):
-            text = text[:-1]
-        return Reply(int(code), (text.decode("utf-8", "replace").translate(_CONTROLS),))
+        end = m.end()
+        if end > self.max_line:
+            return self._next_reply_checked()
+        wire = m[0]  # before the buffer changes: a match reads it lazily
+        del self._buf[:end]
+        reply = _SEEN.get(wire)
+        if reply is None:
+            text = wire[4:-2] if wire.endswith(b"\r\n") else wire[4:-1]
+            reply = Reply(int(wire[:3]), (text.decode("utf-8", "replace").translate(_CONTROLS),))
+            if len(wire) <= _SEEN_LINE:
+                if len(_SEEN) >= _SEEN_MAX:
+                    _SEEN.clear()
+                _SEEN[wire] = reply
+        return reply
+
+    def feed(self, data: bytes) -> Reply | None:
+        """`receive_data(data)` (not empty), then `next_reply()`: one call instead of two."""
+        self._buf += data
+        return self.next_reply()
 
     def _next_reply_checked(self) -> Reply | None:
         if self._error is not None:
