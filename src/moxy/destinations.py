@@ -110,6 +110,8 @@ class Destinations:
     def cap(self, address: Destination, named: Destination | None = None) -> int:
         """The concurrency cap of `address`: an override for it, else one for the destination
         as the route `named` it, else `concurrency` (0: none)."""
+        if not self._caps:  # no overrides (the usual case): no lookups
+            return self.settings.concurrency
         if address in self._caps:
             return self._caps[address]
         if named is not None and named in self._caps:
@@ -157,6 +159,8 @@ class Destinations:
     def _may_try(self, address: Destination) -> bool:
         """Raise `Unavailable` while `address` is down; True when this attempt is the one
         let through after its time is up."""
+        if not self._down:  # nothing is down (the usual case): no lookup
+            return False
         state = self._down.get(address)
         if state is None:
             return False

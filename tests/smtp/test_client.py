@@ -214,6 +214,26 @@ def test_replies_read_again_are_equal_and_the_memory_of_them_is_bounded() -> Non
     assert long not in client._SEEN
 
 
+def test_a_multi_line_reply_read_before_is_still_held_to_each_parsers_limits() -> None:
+    ehlo = b"250-mx.example\r\n250-PIPELINING\r\n250-SIZE 10240000\r\n250 8BITMIME\r\n"
+    expected = Reply(250, ("mx.example", "PIPELINING", "SIZE 10240000", "8BITMIME"))
+    for _ in range(2):  # the second time from memory
+        assert read_all(ReplyParser(), [ehlo])[0] == expected
+    assert read_all(ReplyParser(max_line=18), [ehlo]) == ["error: reply line too long"]
+    assert read_all(ReplyParser(max_line=19), [ehlo])[0] == expected
+    assert read_all(ReplyParser(max_lines=3), [ehlo]) == ["error: reply longer than 3 lines"]
+    assert read_all(ReplyParser(max_lines=4), [ehlo])[0] == expected
+    changed = ehlo.replace(b"250 8BIT", b"251 8BIT")
+    assert read_all(ReplyParser(), [changed]) == ["error: reply code changed from 250 to 251"]
+
+
+def test_parsed_ehlo_extensions_are_a_callers_own() -> None:
+    reply = Reply(250, ("mx", "PIPELINING", "SIZE 100"))
+    first = parse_ehlo(reply)
+    first["SIZE"] = "changed"
+    assert parse_ehlo(reply) == {"PIPELINING": "", "SIZE": "100"}
+
+
 def test_feed_is_receive_data_then_next_reply() -> None:
     parser = ReplyParser()
     assert parser.feed(b"250 2.1.0 Ok\r\n250 2.1") == Reply(250, ("2.1.0 Ok",))

@@ -6,6 +6,7 @@ and turns anything malformed into `UpstreamProtocolError`; the leg treats that a
 
 from __future__ import annotations
 
+import functools
 import re
 
 from moxy.smtp.replies import Reply
@@ -23,6 +24,14 @@ _SINGLE_LINE = re.compile(rb"([2-5][0-9][0-9]) ([^\n]*)\n")
 _SEEN: dict[bytes, Reply] = {}
 _SEEN_MAX = 256
 _SEEN_LINE = 200  # bytes: longer lines are not kept
+# A whole multi-line reply first in the buffer (a greeting or EHLO reply, which a destination
+# sends the same on every connection). Which of them are valid is the general reader's call:
+# _SEEN_MULTI keeps those it accepted, with their longest line, for parsers whose limits allow
+# them.
+_MULTI_LINE = re.compile(rb"(?:[2-5][0-9][0-9]-[^\n]*\n)+[2-5][0-9][0-9] [^\n]*\n")
+_SEEN_MULTI: dict[bytes, tuple[Reply, int]] = {}
+_SEEN_MULTI_MAX = 64
+_SEEN_MULTI_SIZE = 2048  # bytes: longer replies are not kept
 _ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}(?: |$)")
 # Control characters in a peer's text would travel on to our client inside our own replies.
 _CONTROLS = {c: "?" for c in (*range(0x00, 0x09), *range(0x0A, 0x20), 0x7F)}
@@ -79,7 +88,7 @@ class ReplyParser:
         # reader would, and most often one this process has read before.
         m = _SINGLE_LINE.match(self._buf)
         if m is None:
-            return self._next_reply_checked()
+            return self._next_multi_line()
         end = m.end()
         if end > self.max_line:
             return self._next_reply_checked()
@@ -94,6 +103,24 @@ class ReplyParser:
                     _SEEN.clear()
                 _SEEN[wire] = reply
         return reply
+
+    def _next_multi_line(self) -> Reply | None:
+        m = _MULTI_LINE.match(self._buf)
+        if m is None:
+            return self._next_reply_checked()
+        wire = m[0]
+        seen = _SEEN_MULTI.get(wire)
+        if seen is not None:
+            reply, longest = seen
+            if longest <= self.max_line and len(reply.lines) <= self.max_lines:
+                del self._buf[: len(wire)]
+                return reply
+        read = self._next_reply_checked()  # raises if any line of it is not acceptable
+        if read is not None and len(wire) <= _SEEN_MULTI_SIZE:
+            if len(_SEEN_MULTI) >= _SEEN_MULTI_MAX:
+                _SEEN_MULTI.clear()
+            _SEEN_MULTI[wire] = (read, max(len(line) + 1 for line in wire.split(b"\n")[:-1]))
+        return read
 
     def feed(self, data: bytes) -> Reply | None:
         """`receive_data(data)` (not empty), then `next_reply()`: one call instead of two."""
@@ -163,6 +190,11 @@ def parse_ehlo(reply: Reply) -> dict[str, str]:
     Keywords are upper-cased; their parameters keep the server's text. The first line is the
     server's name, not an extension. A reply other than 250 has no extensions.
     """
+    return dict(_parse_ehlo(reply))  # a copy: the cached one must not change
+
+
+@functools.lru_cache(maxsize=64)  # a destination sends the same EHLO reply every time
+def _parse_ehlo(reply: Reply) -> dict[str, str]:
     extensions: dict[str, str] = {}
     if reply.code != 250:
         return extensions
