@@ -14,6 +14,7 @@ from moxy.connection import Connection, LegError, UpstreamSettings
 from moxy.lookup.base import Destination
 from moxy.smtp.replies import Reply
 from moxy.stream import Stream, StreamTimeout
+from peers.dark import black_hole, refusing_address
 from smtp.splits import split_at
 
 
@@ -150,3 +151,35 @@ async def test_a_close_mid_reply_is_a_lost_leg(pair: tuple[Stream, socket.socket
     with pytest.raises(LegError) as caught:
         await conn.read_reply("ehlo", 5.0)
     assert caught.value.detail == "connection closed by upstream"
+
+
+# -- Stream.connect ------------------------------------------------------------------------------
+
+
+async def test_connect_over_loopback_is_ready_at_once_and_sets_nodelay() -> None:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        stream = await Stream.connect(socket.AF_INET, listener.getsockname(), 5.0)
+        try:
+            assert stream.socket.getpeername() == listener.getsockname()
+            assert stream.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+            peer, _ = listener.accept()
+            with peer:
+                peer.sendall(b"220 hi\r\n")
+                assert await stream.receive_within(100, 5.0) == b"220 hi\r\n"
+        finally:
+            await stream.aclose()
+
+
+async def test_connect_refused_is_an_oserror() -> None:
+    host, port = refusing_address().rsplit(":", 1)
+    with pytest.raises(OSError):
+        await Stream.connect(socket.AF_INET, (host, int(port)), 5.0)
+
+
+async def test_connect_that_hangs_times_out() -> None:
+    with black_hole() as address:
+        host, port = address.rsplit(":", 1)
+        with pytest.raises(StreamTimeout):
+            await Stream.connect(socket.AF_INET, (host, int(port)), 0.2)

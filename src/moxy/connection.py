@@ -216,10 +216,10 @@ class Connection:
         await self.close()
 
 
-async def _open_stream(address: Destination) -> Stream:
-    """A TCP connection to an IP address, with TCP_NODELAY."""
+async def _open_stream(address: Destination, timeout: float) -> Stream:
+    """A TCP connection to an IP address within `timeout`, with TCP_NODELAY."""
     family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
-    return await Stream.connect(family, (address.host, address.port))
+    return await Stream.connect(family, (address.host, address.port), timeout)
 
 
 # Failures at these stages mark an address down (src/moxy/destinations.py); a greeting heard
@@ -281,15 +281,13 @@ async def _connect_address(
 ) -> Connection:
     t = settings.timeouts
     started = time.monotonic()
-    stream = None
     try:
-        with trio.move_on_after(t.upstream_connect):
-            stream = await _open_stream(address)
+        stream = await _open_stream(address, t.upstream_connect)
+    except StreamTimeout:
+        raise LegError("connect", _where(destination, address),
+                       f"no connection within {t.upstream_connect:g}s") from None
     except OSError as exc:
         raise LegError("connect", _where(destination, address), exc.strerror or str(exc)) from None
-    if stream is None:
-        raise LegError("connect", _where(destination, address),
-                       f"no connection within {t.upstream_connect:g}s")
     conn = Connection(stream, destination, settings)
     if conn.timed:
         conn.stats.connected(time.monotonic() - started)

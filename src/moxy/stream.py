@@ -39,6 +39,17 @@ def _detail(exc: BaseException) -> str:
     return str(exc.__cause__ or exc) or type(exc).__name__
 
 
+async def _connected(sock: socket.socket, timeout: float) -> None:
+    """Wait for a connection attempt under way (EINPROGRESS) to end: OSError if it failed."""
+    with trio.move_on_after(timeout):
+        await trio.lowlevel.wait_writable(sock)
+        error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if error:
+            raise OSError(error, os.strerror(error))
+        return
+    raise StreamTimeout
+
+
 class Stream:
     """One TCP connection, plain or (after `start_tls`) TLS."""
 
@@ -59,21 +70,23 @@ class Stream:
         return cls(sock)
 
     @classmethod
-    async def connect(cls, family: int, address: tuple[str, int]) -> Stream:
-        """A TCP connection to the IP address `address` (the caller bounds the wait), with
-        TCP_NODELAY. OSError when it cannot be made."""
+    async def connect(cls, family: int, address: tuple[str, int], timeout: float) -> Stream:
+        """A TCP connection to the IP address `address` within `timeout` seconds (else
+        StreamTimeout), with TCP_NODELAY. OSError when it cannot be made."""
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             try:
                 sock.connect(address)
-                await trio.lowlevel.checkpoint()
             except BlockingIOError:  # EINPROGRESS: writable once the handshake is over
-                await trio.lowlevel.wait_writable(sock)
-                error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-                if error:
-                    raise OSError(error, os.strerror(error)) from None
+                try:
+                    # Over loopback the handshake is already over when connect() returns: then
+                    # no deadline, no readiness wait.
+                    sock.getpeername()
+                except OSError:
+                    await _connected(sock, timeout)
+            await trio.lowlevel.checkpoint_if_cancelled()
         except BaseException:
             trio.lowlevel.notify_closing(sock)
             sock.close()
