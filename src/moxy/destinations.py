@@ -198,6 +198,8 @@ class Destinations:
             state.reason = reason  # an attempt that began before it was marked down
 
     def mark_up(self, address: Destination) -> None:
+        if not self._down:  # after every greeting: nothing to forget, usually
+            return
         state = self._down.pop(address, None)
         if state is not None:
             self.metrics.destinations_down(len(self._down))
