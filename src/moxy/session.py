@@ -71,6 +71,32 @@ def _bye(hostname: str) -> Reply:
     return Reply.make(221, "2.0.0", f"{hostname} Bye")
 
 
+class _ClientSettings:
+    """The server's UpstreamSettings with a client's identity, kept for the clients seen
+    lately: attrs.evolve is slow, and most sessions come from clients seen before. Keyed by
+    the identity of the server's settings object (a reload makes a new one; its equality
+    ignores the pool, so it cannot be the key)."""
+
+    LIMIT = 1024
+
+    def __init__(self) -> None:
+        self.base: UpstreamSettings | None = None
+        self.made: dict[ClientIdentity, UpstreamSettings] = {}
+
+    def get(self, base: UpstreamSettings, identity: ClientIdentity) -> UpstreamSettings:
+        if base is not self.base:
+            self.base, self.made = base, {}
+        settings = self.made.get(identity)
+        if settings is None:
+            if len(self.made) >= self.LIMIT:
+                self.made = {}
+            settings = self.made[identity] = attrs.evolve(base, client=identity)
+        return settings
+
+
+_client_settings = _ClientSettings()
+
+
 class Session(SessionEvents):
     def __init__(self, stream: Stream, client_ip: str, ctx: ServerContext) -> None:
         self.stream = stream
@@ -80,6 +106,7 @@ class Session(SessionEvents):
         self.timeouts = cfg.timeouts
         self.data_chunk = cfg.limits.data_chunk
         self.clock = trio.lowlevel.current_clock()  # now(): deadlines without trio's wrappers
+        self.hostname = cfg.server.hostname
         self.id = new_session_id()
         self.trusted = ctx.relay.trusts(client_ip)  # [relay] trusted_networks
         self.smtp = ServerConnection(
@@ -171,10 +198,6 @@ class Session(SessionEvents):
         self.reply(reply)
         await self.flush()
         raise ClientGone
-
-    @property
-    def hostname(self) -> str:
-        return self.ctx.config.server.hostname
 
     # -- the session -----------------------------------------------------------------------
 
@@ -308,7 +331,7 @@ class Session(SessionEvents):
             self.helo, protocol
         ):
             identity = ClientIdentity(self.client_ip, self.helo, protocol)
-            settings = self._upstream = attrs.evolve(self.ctx.upstream, client=identity)
+            settings = self._upstream = _client_settings.get(self.ctx.upstream, identity)
         return settings
 
     async def rcpt(self, address: str) -> Reply:

@@ -49,8 +49,6 @@ def leg_error_reply(exc: LegError) -> Reply:
 def _as_reply(outcome: Outcome, default_enhanced: str) -> Reply:
     if isinstance(outcome, LegError):
         return leg_error_reply(outcome)
-    if outcome.enhanced is not None:  # the usual case: no new string, no new reply
-        return outcome
     return outcome.with_enhanced(f"{outcome.klass}{default_enhanced[1:]}")
 
 

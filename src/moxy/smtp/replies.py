@@ -58,7 +58,10 @@ class Reply:
         """This reply with `default` put on every line that has no enhanced code of its own."""
         if self.enhanced is not None:
             return self
-        return Reply(self.code, tuple(f"{default} {ln}" if ln else default for ln in self.lines))
+        lines = self.lines
+        if len(lines) == 1:  # the usual case, without the generator
+            return Reply(self.code, (f"{default} {lines[0]}" if lines[0] else default,))
+        return Reply(self.code, tuple(f"{default} {ln}" if ln else default for ln in lines))
 
     def to_bytes(self) -> bytes:
         wire = self._wire
