@@ -441,6 +441,7 @@ class Session(SessionEvents):
                     for leg in to_quit:
                         await leg.quit()
             for leg in self.legs.values():
-                await leg.drop()
+                if leg.conn is not None:  # pooled or quit: nothing left to close
+                    await leg.drop()
             self.ctx.drain.waiting.discard(self.stream)
             await self.stream.aclose()

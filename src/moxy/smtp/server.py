@@ -178,6 +178,8 @@ class ServerConnection:
             return self._emit(self._queue.popleft())
         if self._awaiting is not None:
             return PAUSED
+        if not self._buf and not self._eof:
+            return NEED_DATA  # what either reader below would say, without asking it
         if state is _DATA:
             return self._next_body_event()
         return self._next_command_event()
