@@ -130,7 +130,7 @@ class Session(SessionEvents):
         self.data_started = 0.0
         self.received_bytes = 0
         self.body_refusal: Reply | None = None
-        self.output = b""  # replies not yet written
+        self.output: list[bytes] = []  # replies not yet written
         self.ended_by: str | None = None  # why Moxy ended the session (a "connection" event)
         self._upstream: UpstreamSettings | None = None  # see upstream_settings()
 
@@ -139,13 +139,13 @@ class Session(SessionEvents):
     def reply(self, reply: Reply) -> None:
         """Queue a reply. Replies go out when Moxy next waits for the client, so the answers to
         a pipelined group of commands leave in one write (RFC 2920 §3.2)."""
-        self.output += self.smtp.send(reply)  # b"" + reply: no copy for the first
+        self.output.append(self.smtp.send(reply))
 
     async def flush(self) -> None:
-        data = self.output
-        if not data:
+        if not self.output:
             return
-        self.output = b""
+        data = b"".join(self.output)  # one reply: that very bytes object, no copy
+        self.output.clear()
         # A client that stops reading must not hold the session forever.
         timeout = self.timeouts.client_command
         try:
