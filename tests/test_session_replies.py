@@ -10,7 +10,7 @@ import attrs
 
 from moxy.config.proxying import Timeouts
 from moxy.leg_setup import ClientIdentity
-from moxy.session import _ClientSettings, greeting, hello_reply
+from moxy.session_kept import _ClientSettings, greeting, hello_reply
 from moxy.smtp.replies import Reply
 from moxy.smtp.server import ServerConnection
 from moxy.upstream import UpstreamSettings

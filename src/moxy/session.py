@@ -8,12 +8,10 @@ can be delivered upstream because the end-of-data sequence is only sent on a com
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from typing import NoReturn
 
-import attrs
 import trio
 
 from moxy.accounting import events as acct
@@ -22,6 +20,17 @@ from moxy.leg_setup import ClientIdentity
 from moxy.lookup.base import BadRouteData, DestinationGroup, LookupFailed
 from moxy.relay import sender_routed
 from moxy.session_events import SessionEvents
+from moxy.session_kept import (
+    HELP_REPLY,
+    MAIL_OK,
+    OK,
+    TLS_READY,
+    VRFY_REPLY,
+    bye,
+    client_settings,
+    greeting,
+    hello_reply,
+)
 from moxy.smtp import events as ev
 from moxy.smtp.events import NEED_DATA, PAUSED
 from moxy.smtp.replies import Reply
@@ -38,63 +47,6 @@ logger = logging.getLogger("moxy.session")
 
 class ClientGone(Exception):
     pass
-
-
-# Replies that never change, made (and encoded: Reply.to_bytes keeps its bytes) once.
-MAIL_OK = Reply.make(250, "2.1.0", "Ok")
-OK = Reply.make(250, "2.0.0", "Ok")
-TLS_READY = Reply.make(220, "2.0.0", "Ready to start TLS")
-VRFY_REPLY = Reply.make(252, "2.5.0", "Cannot VRFY user; try RCPT")
-HELP_REPLY = Reply.make(
-    214, "2.0.0", "Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP"
-)
-
-
-@functools.lru_cache(maxsize=64)
-def greeting(hostname: str, banner: str) -> Reply:
-    """The 220 of a configuration: the same for every session."""
-    return Reply(220, (f"{hostname} {banner}".strip(),))
-
-
-@functools.lru_cache(maxsize=1024)
-def hello_reply(hostname: str, verb: str, domain: str, extensions: tuple[str, ...]) -> Reply:
-    """The 250 to HELO or EHLO. Most sessions of a server come from a few clients that greet
-    alike, so the replies are kept (bounded) and encoded once."""
-    greeting = f"{hostname} greets {domain}"
-    if verb != "EHLO":
-        return Reply(250, (greeting,))
-    return Reply(250, (greeting, *extensions))
-
-
-@functools.lru_cache(maxsize=64)
-def _bye(hostname: str) -> Reply:
-    return Reply.make(221, "2.0.0", f"{hostname} Bye")
-
-
-class _ClientSettings:
-    """The server's UpstreamSettings with a client's identity, kept for the clients seen
-    lately: attrs.evolve is slow, and most sessions come from clients seen before. Keyed by
-    the identity of the server's settings object (a reload makes a new one; its equality
-    ignores the pool, so it cannot be the key)."""
-
-    LIMIT = 1024
-
-    def __init__(self) -> None:
-        self.base: UpstreamSettings | None = None
-        self.made: dict[ClientIdentity, UpstreamSettings] = {}
-
-    def get(self, base: UpstreamSettings, identity: ClientIdentity) -> UpstreamSettings:
-        if base is not self.base:
-            self.base, self.made = base, {}
-        settings = self.made.get(identity)
-        if settings is None:
-            if len(self.made) >= self.LIMIT:
-                self.made = {}
-            settings = self.made[identity] = attrs.evolve(base, client=identity)
-        return settings
-
-
-_client_settings = _ClientSettings()
 
 
 class Session(SessionEvents):
@@ -254,7 +206,7 @@ class Session(SessionEvents):
             case ev.Help():
                 self.reply(HELP_REPLY)
             case ev.Quit():
-                self.reply(_bye(self.hostname))
+                self.reply(bye(self.hostname))
                 return False
             case ev.Invalid(reply=reply, recipient=recipient):
                 self.ctx.metrics.invalid(reply)
@@ -331,7 +283,7 @@ class Session(SessionEvents):
             self.helo, protocol
         ):
             identity = ClientIdentity(self.client_ip, self.helo, protocol)
-            settings = self._upstream = _client_settings.get(self.ctx.upstream, identity)
+            settings = self._upstream = client_settings.get(self.ctx.upstream, identity)
         return settings
 
     async def rcpt(self, address: str) -> Reply:
