@@ -120,3 +120,19 @@ def test_leg_failures_are_always_temporary(error: LegError, enhanced: str) -> No
 def test_no_legs_is_never_an_acceptance() -> None:
     assert decide_data([]).code == 451
     assert decide_final([], "ABC.1").code == 451
+
+
+def test_single_leg_354_is_moxys_own_and_a_refusal_is_the_legs() -> None:
+    # One leg (the fast path): the client hears Moxy's 354 text whatever the leg said, and
+    # a leg's refusal as it is, as with several legs.
+    assert decide_data([GO]).lines == ("End data with <CR><LF>.<CR><LF>",)
+    assert decide_data([GO]) == decide_data([GO, GO])
+    assert decide_data([PERM2]) == PERM2 == decide_data([PERM2, PERM])
+
+
+def test_single_leg_replies_get_the_default_enhanced_code_on_every_line() -> None:
+    multi = Reply(250, ("Ok", "still ok"))
+    assert merge_rcpt([multi]).lines == ("2.1.5 Ok", "2.1.5 still ok")
+    assert decide_final([multi], "ABC.1").lines == ("2.0.0 Ok", "2.0.0 still ok")
+    assert merge_rcpt([multi]) == merge_rcpt([multi, multi])
+    assert decide_final([LOST], "ABC.1") == leg_error_reply(LOST)

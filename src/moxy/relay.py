@@ -40,7 +40,7 @@ def sender_routed(recipient: str) -> bool:
     local, at, _ = recipient.rpartition("@")
     if not at:
         return False  # a bare local part (postmaster)
-    return any(c in local for c in "@%!")
+    return "@" in local or "%" in local or "!" in local
 
 
 @attrs.frozen

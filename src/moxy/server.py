@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import functools
 import ipaddress
 import logging
 import math
@@ -34,7 +33,7 @@ from moxy.proxy_protocol import ProxyProtocolError, read_header
 from moxy.reload import Generation, Shared, next_generation
 from moxy.session import Session
 from moxy.smtp.replies import Reply
-from moxy.stream import Stream
+from moxy.stream import Stream, StreamBroken, StreamTimeout
 
 logger = logging.getLogger("moxy")
 
@@ -120,9 +119,10 @@ async def serve(
     drained = trio.Event()
     refusals = _RefusalLog()
 
-    async def handle(stream: trio.SocketStream, behind_proxy: bool = False) -> None:
+    async def handle(stream: trio.SocketStream | Stream, client_ip: str) -> None:
+        """One connection: a trio SocketStream from a PROXY listener (the header comes
+        first), a Stream from any other."""
         nonlocal active
-        client_ip = _peer_ip(stream)
         generation = current
         ctx = generation.ctx
         hostname = ctx.config.server.hostname
@@ -137,13 +137,14 @@ async def serve(
         # Counted from here: a connection still owing its PROXY header holds a place too.
         active += 1
         try:
-            if behind_proxy:
+            if isinstance(stream, trio.SocketStream):  # behind a load balancer
                 proxy_ip = client_ip
                 client_ip = await _proxied_client(stream, client_ip, ctx.config)
                 if not client_ip:
                     await trio.aclose_forcefully(stream)
                     return
                 logger.debug("PROXY header from %s: client %s", proxy_ip, client_ip)
+                stream = Stream.from_trio(stream)
             reason = shared.clients.admit(client_ip)
             if reason is not None:
                 refusals.note(client_ip, reason)
@@ -157,7 +158,7 @@ async def serve(
             generation.enter()
             metrics.session_started()
             try:
-                await Session(Stream.from_trio(stream), client_ip, ctx).run()
+                await Session(stream, client_ip, ctx).run()
             except Exception:
                 logger.exception("session from %s failed", client_ip)
             finally:
@@ -175,8 +176,8 @@ async def serve(
         with accepting:
             async with trio.open_nursery() as acceptors:
                 for listener in listeners:
-                    handler = functools.partial(handle, behind_proxy=listener in proxied)
-                    acceptors.start_soon(_accept_loop, listener, handler, nursery)
+                    acceptors.start_soon(_accept_loop, listener, handle, nursery,
+                                         listener in proxied)
 
     async def drain(shutdown: trio.Event, nursery: trio.Nursery) -> None:
         """Graceful shutdown: stop accepting, let sessions finish the message they are busy
@@ -250,8 +251,13 @@ async def _observe_sinks(accounting: Accounting, metrics: Metrics) -> None:
         await trio.sleep(1)
 
 
-async def _refuse(stream: trio.SocketStream, reply: Reply) -> None:
+async def _refuse(stream: trio.SocketStream | Stream, reply: Reply) -> None:
     """Send `reply` (within 5 s) and close."""
+    if isinstance(stream, Stream):
+        with contextlib.suppress(StreamBroken, StreamTimeout):
+            await stream.send(reply.to_bytes(), trio.current_time() + 5)
+        await stream.aclose()
+        return
     with trio.move_on_after(5):
         with contextlib.suppress(trio.BrokenResourceError, OSError):
             await stream.send_all(reply.to_bytes())
@@ -317,24 +323,64 @@ async def _proxied_client(stream: trio.SocketStream, peer: str, config: Config) 
 
 # Accept errors that mean "out of resources for now", as trio.serve_listeners treats them.
 _RESOURCE_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+# Accept errors about that one connection (gone before it was accepted, refused by a
+# firewall...): trio.SocketListener.accept ignores the same.
+_IGNORED_ERRORS = {
+    getattr(errno, name) for name in (
+        "EPERM", "ECONNABORTED", "EPROTO", "ENETDOWN", "ENOPROTOOPT", "EHOSTDOWN", "ENONET",
+        "EHOSTUNREACH", "EOPNOTSUPP", "ENETUNREACH", "ENOSR", "ESOCKTNOSUPPORT",
+        "EPROTONOSUPPORT", "ETIMEDOUT", "ECONNRESET",
+    ) if hasattr(errno, name)
+}
+_NOTSENT_LOWAT: int | None = getattr(socket, "TCP_NOTSENT_LOWAT", None)
 
 
 async def _accept_loop(
     listener: trio.SocketListener,
-    handle: Callable[[trio.SocketStream], Awaitable[None]],
+    handle: Callable[[trio.SocketStream | Stream, str], Awaitable[None]],
     nursery: trio.Nursery,
+    behind_proxy: bool = False,
 ) -> None:
-    """Accept connections into `nursery`, so that they outlive this loop when it is stopped."""
+    """Accept connections into `nursery`, so that they outlive this loop when it is stopped.
+
+    A PROXY listener's connections start as trio SocketStreams (the header is read through
+    one); the others become a Stream at once, with the socket options trio's listener would
+    set, and the client's address from accept(): no SocketStream made only to be taken apart
+    (src/moxy/stream.py), no getpeername()."""
+    tsock = listener.socket
     while True:
+        stream: trio.SocketStream | Stream
         try:
-            stream = await listener.accept()
+            if behind_proxy:
+                proxied = await listener.accept()
+                stream, client_ip = proxied, _peer_ip(proxied)
+            else:
+                conn, address = await tsock.accept()
+                stream = _plain_stream(conn)
+                client_ip = str(address[0]) if isinstance(address, tuple) else str(address)
         except OSError as exc:
+            if exc.errno in _IGNORED_ERRORS:
+                continue
+            if exc.errno == errno.EBADF:  # as trio.SocketListener.accept says it
+                raise trio.ClosedResourceError from None
             if exc.errno not in _RESOURCE_ERRORS:
                 raise
             logger.error("accept: %s; pausing 100 ms", exc.strerror)
             await trio.sleep(0.1)
             continue
-        nursery.start_soon(handle, stream)
+        nursery.start_soon(handle, stream, client_ip)
+
+
+def _plain_stream(conn: trio.socket.SocketType) -> Stream:
+    """A Stream over an accepted trio socket, with TCP_NODELAY (and TCP_NOTSENT_LOWAT at 16
+    KiB) as trio.SocketStream sets them."""
+    sock = socket.socket(fileno=conn.detach())
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if _NOTSENT_LOWAT is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, _NOTSENT_LOWAT, 2**14)
+    return Stream(sock)
 
 
 def _fmt(address: tuple[str, int]) -> str:

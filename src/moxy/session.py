@@ -12,7 +12,6 @@ import logging
 import time
 from typing import NoReturn
 
-import attrs
 import trio
 
 from moxy.accounting import events as acct
@@ -21,7 +20,19 @@ from moxy.leg_setup import ClientIdentity
 from moxy.lookup.base import BadRouteData, DestinationGroup, LookupFailed
 from moxy.relay import sender_routed
 from moxy.session_events import SessionEvents
+from moxy.session_kept import (
+    HELP_REPLY,
+    MAIL_OK,
+    OK,
+    TLS_READY,
+    VRFY_REPLY,
+    bye,
+    client_settings,
+    greeting,
+    hello_reply,
+)
 from moxy.smtp import events as ev
+from moxy.smtp.events import NEED_DATA, PAUSED
 from moxy.smtp.replies import Reply
 from moxy.smtp.server import ServerConnection
 from moxy.stream import Stream, StreamBroken, StreamTimeout
@@ -44,6 +55,10 @@ class Session(SessionEvents):
         self.client_ip = client_ip
         self.ctx = ctx
         cfg = ctx.config
+        self.timeouts = cfg.timeouts
+        self.data_chunk = cfg.limits.data_chunk
+        self.clock = trio.lowlevel.current_clock()  # now(): deadlines without trio's wrappers
+        self.hostname = cfg.server.hostname
         self.id = new_session_id()
         self.trusted = ctx.relay.trusts(client_ip)  # [relay] trusted_networks
         self.smtp = ServerConnection(
@@ -67,7 +82,7 @@ class Session(SessionEvents):
         self.data_started = 0.0
         self.received_bytes = 0
         self.body_refusal: Reply | None = None
-        self.output = bytearray()  # replies not yet written
+        self.output: list[bytes] = []  # replies not yet written
         self.ended_by: str | None = None  # why Moxy ended the session (a "connection" event)
         self._upstream: UpstreamSettings | None = None  # see upstream_settings()
 
@@ -76,17 +91,17 @@ class Session(SessionEvents):
     def reply(self, reply: Reply) -> None:
         """Queue a reply. Replies go out when Moxy next waits for the client, so the answers to
         a pipelined group of commands leave in one write (RFC 2920 §3.2)."""
-        self.output += self.smtp.send(reply)
+        self.output.append(self.smtp.send(reply))
 
     async def flush(self) -> None:
         if not self.output:
             return
-        data = bytes(self.output)
+        data = b"".join(self.output)  # one reply: that very bytes object, no copy
         self.output.clear()
         # A client that stops reading must not hold the session forever.
-        timeout = self.ctx.config.timeouts.client_command
+        timeout = self.timeouts.client_command
         try:
-            await self.stream.send(data, trio.current_time() + timeout)
+            await self.stream.send(data, self.clock.current_time() + timeout)
         except StreamBroken:
             raise ClientGone from None
         except StreamTimeout:
@@ -95,14 +110,15 @@ class Session(SessionEvents):
             raise ClientGone from None
 
     async def next_event(self) -> ev.Event:
+        smtp = self.smtp
         while True:
-            event = self.smtp.next_event()
-            if event is ev.NEED_DATA:
-                await self.flush()
+            event = smtp.next_event()
+            if event is NEED_DATA:
+                if self.output:
+                    await self.flush()
                 in_data = self.transaction is not None and bool(self.transaction.streaming)
                 timeout = (
-                    self.ctx.config.timeouts.client_data if in_data
-                    else self.ctx.config.timeouts.client_command
+                    self.timeouts.client_data if in_data else self.timeouts.client_command
                 )
                 drain = self.ctx.drain
                 if drain.draining and not in_data:
@@ -111,7 +127,7 @@ class Session(SessionEvents):
                     ))
                 try:
                     data = await self.stream.receive(
-                        self.ctx.config.limits.data_chunk, trio.current_time() + timeout,
+                        self.data_chunk, self.clock.current_time() + timeout,
                         interruptible=not in_data,  # by the drain: see Drain.start
                     )
                 except StreamBroken:
@@ -123,9 +139,9 @@ class Session(SessionEvents):
                     self.log_connection(goodbye.code, str(goodbye), acct.CLIENT_TIMEOUT,
                                         "data" if in_data else "command")
                     await self.say_goodbye(goodbye)
-                self.smtp.receive_data(data)
+                smtp.receive_data(data)
                 continue
-            assert event is not ev.PAUSED, "a command was left without a reply"
+            assert event is not PAUSED, "a command was left without a reply"
             return event  # type: ignore[return-value]
 
     async def say_goodbye(self, reply: Reply) -> NoReturn:
@@ -135,18 +151,13 @@ class Session(SessionEvents):
         await self.flush()
         raise ClientGone
 
-    @property
-    def hostname(self) -> str:
-        return self.ctx.config.server.hostname
-
     # -- the session -----------------------------------------------------------------------
 
     async def run(self) -> None:
         logger.debug("session %s from %s", self.id, self.client_ip)
         self.ctx.drain.waiting.add(self.stream)
         try:
-            banner = f"{self.hostname} {self.ctx.config.server.banner}".strip()
-            self.reply(Reply(220, (banner,)))
+            self.reply(greeting(self.hostname, self.ctx.config.server.banner))
             while await self.handle(await self.next_event()):
                 pass
             await self.flush()
@@ -157,22 +168,7 @@ class Session(SessionEvents):
 
     async def handle(self, event: ev.Event) -> bool:
         """Answer one event; False ends the session."""
-        match event:
-            case ev.BodyChunk(data=data):
-                assert self.transaction is not None
-                self.received_bytes += len(data)
-                self.ctx.metrics.received(len(data))
-                await self.transaction.send(data)
-            case ev.BodyRefused(reply=reply):
-                self.body_refusal = reply
-                await self.abort_transaction(keep=True)
-            case ev.BodyEnd():
-                await self.end_of_data()
-            case ev.Hello(verb=verb, domain=domain):
-                await self.end_transaction()
-                self.helo = domain
-                self.protocol = "ESMTP" if verb == "EHLO" else "SMTP"
-                self.reply(self.hello_reply(verb, domain))
+        match event:  # the commands of every message first
             case ev.MailFrom():
                 await self.mail(event)
             case ev.RcptTo(address=address):
@@ -181,23 +177,36 @@ class Session(SessionEvents):
                 self.reply(reply)
             case ev.Data():
                 await self.data()
+            case ev.BodyChunk(data=data):
+                assert self.transaction is not None
+                size = len(data)
+                self.received_bytes += size
+                self.ctx.metrics.received(size)
+                await self.transaction.send(data)
+            case ev.BodyEnd():
+                await self.end_of_data()
+            case ev.BodyRefused(reply=reply):
+                self.body_refusal = reply
+                await self.abort_transaction(keep=True)
+            case ev.Hello(verb=verb, domain=domain):
+                await self.end_transaction()
+                self.helo = domain
+                self.protocol = "ESMTP" if verb == "EHLO" else "SMTP"
+                self.reply(self.hello_reply(verb, domain))
             case ev.Reset():
                 await self.end_transaction()
-                self.reply(Reply.make(250, "2.0.0", "Ok"))
+                self.reply(OK)
             case ev.StartTls():
-                self.reply(Reply.make(220, "2.0.0", "Ready to start TLS"))
+                self.reply(TLS_READY)
                 await self.start_tls()
             case ev.Noop():
-                self.reply(Reply.make(250, "2.0.0", "Ok"))
+                self.reply(OK)
             case ev.Verify():
-                self.reply(Reply.make(252, "2.5.0", "Cannot VRFY user; try RCPT"))
+                self.reply(VRFY_REPLY)
             case ev.Help():
-                self.reply(Reply.make(
-                    214, "2.0.0",
-                    "Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP",
-                ))
+                self.reply(HELP_REPLY)
             case ev.Quit():
-                self.reply(Reply.make(221, "2.0.0", f"{self.hostname} Bye"))
+                self.reply(bye(self.hostname))
                 return False
             case ev.Invalid(reply=reply, recipient=recipient):
                 self.ctx.metrics.invalid(reply)
@@ -241,10 +250,7 @@ class Session(SessionEvents):
         logger.info("session %s from %s: TLS established: %s", self.id, self.client_ip, self.tls)
 
     def hello_reply(self, verb: str, domain: str) -> Reply:
-        greeting = f"{self.hostname} greets {domain}"
-        if verb != "EHLO":
-            return Reply(250, (greeting,))
-        return Reply(250, (greeting, *self.smtp.extensions))
+        return hello_reply(self.hostname, verb, domain, self.smtp.extensions)
 
     async def mail(self, event: ev.MailFrom) -> None:
         await self.end_transaction()
@@ -265,7 +271,7 @@ class Session(SessionEvents):
         )
         self.messages += 1
         self.message_id = f"{self.id}.{self.messages}"
-        self.reply(Reply.make(250, "2.1.0", "Ok"))
+        self.reply(MAIL_OK)
 
     def upstream_settings(self) -> UpstreamSettings:
         """The server's settings plus who this client is (for XCLIENT to trusted legs), made
@@ -277,7 +283,7 @@ class Session(SessionEvents):
             self.helo, protocol
         ):
             identity = ClientIdentity(self.client_ip, self.helo, protocol)
-            settings = self._upstream = attrs.evolve(self.ctx.upstream, client=identity)
+            settings = self._upstream = client_settings.get(self.ctx.upstream, identity)
         return settings
 
     async def rcpt(self, address: str) -> Reply:
@@ -387,6 +393,7 @@ class Session(SessionEvents):
                     for leg in to_quit:
                         await leg.quit()
             for leg in self.legs.values():
-                await leg.drop()
+                if leg.conn is not None:  # pooled or quit: nothing left to close
+                    await leg.drop()
             self.ctx.drain.waiting.discard(self.stream)
             await self.stream.aclose()

@@ -52,9 +52,14 @@ def _as_reply(outcome: Outcome, default_enhanced: str) -> Reply:
     return outcome.with_enhanced(f"{outcome.klass}{default_enhanced[1:]}")
 
 
+DATA_GO = Reply(354, ("End data with <CR><LF>.<CR><LF>",))
+
+
 def merge_rcpt(outcomes: Sequence[Outcome]) -> Reply:
     """One recipient, several destination groups: the client hears the worst class; among
     replies of that class, the first group's (its own code, enhanced code and text)."""
+    if len(outcomes) == 1:  # one group: its reply is the worst and the first
+        return _as_reply(outcomes[0], "2.1.5")
     replies = [_as_reply(o, "2.1.5") for o in outcomes]
     worst = max(_CLASS_ORDER.get(r.klass, 2) for r in replies)
     return next(r for r in replies if _CLASS_ORDER.get(r.klass, 2) == worst)
@@ -62,17 +67,22 @@ def merge_rcpt(outcomes: Sequence[Outcome]) -> Reply:
 
 def decide_data(outcomes: Sequence[Outcome]) -> Reply:
     """The DATA command: 354 only when every leg said 354."""
+    if len(outcomes) == 1:  # one leg: its refusal as it is, or our own 354
+        reply = _as_reply(outcomes[0], "2.0.0")
+        return DATA_GO if reply.code == 354 else reply
     replies = [_as_reply(o, "2.0.0") for o in outcomes]
     if not replies:  # cannot happen (DATA needs an accepted recipient); never accept to nowhere
         return Reply.make(451, "4.3.0", "No destination for this message; try again later")
     if all(r.code == 354 for r in replies):
-        return Reply(354, ("End data with <CR><LF>.<CR><LF>",))
+        return DATA_GO
     return _refusal(replies, accepted_code=354, stage="DATA")
 
 
 def decide_final(outcomes: Sequence[Outcome], message_id: str) -> Reply:
     """After end-of-data: 250 only when every leg accepted; same-class refusals pass through;
     anything mixed is 451 so the sender retries (a duplicate is possible, a loss is not)."""
+    if len(outcomes) == 1:  # one leg: its verdict, accepted or refused, as it is
+        return _as_reply(outcomes[0], "2.0.0")
     replies = [_as_reply(o, "2.0.0") for o in outcomes]
     if not replies:
         return Reply.make(451, "4.3.0", "No destination took this message; try again later")
@@ -178,7 +188,9 @@ class Transaction:
         return leg
 
     async def add_recipient(self, recipient: str, route: Route) -> Reply:
-        groups = tuple(dict.fromkeys(route.groups))  # a group listed twice is one leg
+        groups = route.groups
+        if len(groups) > 1:
+            groups = tuple(dict.fromkeys(groups))  # a group listed twice is one leg
         if (
             self.split_destinations
             and self.destination_set is not None
@@ -189,7 +201,15 @@ class Transaction:
                 452, "4.5.3", "Recipient has other destinations; send it in a new transaction"
             )
         legs = [self._leg(g) for g in groups]
-        outcomes = await gather([functools.partial(leg.rcpt, recipient) for leg in legs])
+        if len(legs) == 1:  # the usual case: no task, no partial
+            outcome: Outcome
+            try:
+                outcome = await legs[0].rcpt(recipient)
+            except LegError as exc:
+                outcome = exc
+            outcomes: Sequence[Outcome] = (outcome,)
+        else:
+            outcomes = await gather([functools.partial(leg.rcpt, recipient) for leg in legs])
         reply = merge_rcpt(outcomes)
         if reply.klass == 2:
             for leg in legs:
@@ -199,8 +219,8 @@ class Transaction:
                 self.destination_set = frozenset(groups)
         else:
             self.refusal = _refusal_of(reply, legs, outcomes)
-            for leg, outcome in zip(legs, outcomes, strict=True):
-                if isinstance(outcome, Reply) and outcome.klass == 2:
+            for leg, result in zip(legs, outcomes, strict=True):
+                if isinstance(result, Reply) and result.klass == 2:
                     leg.unaccept(recipient)
         return reply
 
@@ -210,7 +230,15 @@ class Transaction:
 
     async def start_data(self, header: bytes) -> Reply:
         legs = self.active_legs
-        outcomes = await gather([leg.data for leg in legs])
+        if len(legs) == 1:
+            outcome: Outcome
+            try:
+                outcome = await legs[0].data()
+            except LegError as exc:
+                outcome = exc
+            outcomes: Sequence[Outcome] = (outcome,)
+        else:
+            outcomes = await gather([leg.data for leg in legs])
         reply = decide_data(outcomes)
         if reply.code != 354:
             for leg in legs:
@@ -247,9 +275,18 @@ class Transaction:
         if self.body_failure is not None:
             return [LegResult(leg, leg.destination, self.body_failure) for leg in self.streaming]
         legs = self.streaming
-        destinations = [leg.destination for leg in legs]
         tail = bytes(self.pending)
         self.pending.clear()
+        if len(legs) == 1:  # the usual case: no task, no partial
+            leg = legs[0]
+            destination = leg.destination  # before finish(), which may drop the connection
+            outcome: Outcome
+            try:
+                outcome = await leg.finish(tail)
+            except LegError as exc:
+                outcome = exc
+            return [LegResult(leg, destination, outcome)]
+        destinations = [leg.destination for leg in legs]
         outcomes = await gather([functools.partial(leg.finish, tail) for leg in legs])
         return [
             LegResult(leg, dest, outcome)
@@ -260,7 +297,8 @@ class Transaction:
         """Drop every leg that is inside DATA: a partial message is never delivered."""
         self.pending.clear()
         for leg in self.legs.values():
-            await leg.abort()
+            if leg.in_data:  # Leg.abort() does nothing otherwise
+                await leg.abort()
 
     def close(self) -> None:
         for leg in self.legs.values():

@@ -337,3 +337,53 @@ async def test_a_chain_of_every_real_source_routes_key_major(
     assert await where("boss@example.org") == ("ldap", "boss@example.org", "[2001:db8::25]:25")
     assert await where("sales@example.com") == ("redis", "example.com", "redis.example.net:25")
     assert await where("x@unknown.example") == ("redis", "*", "catchall.example.net:2525")
+
+
+# --- the hit path of every RCPT ----------------------------------------------------------------
+
+
+class CountingObserver:
+    def __init__(self) -> None:
+        self.hits = self.misses = 0
+
+    def cache_hit(self) -> None:
+        self.hits += 1
+
+    def cache_miss(self) -> None:
+        self.misses += 1
+
+    def route_lookup(self, seconds: float) -> None:
+        pass
+
+
+async def test_a_cache_hit_counts_per_key_and_gives_the_same_route(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    source = TableSource("t", {"example.org": "mx.example:25"})
+    chain = router(source)
+    chain.observer = observer = CountingObserver()
+    first = await chain.route("user@example.org")  # two keys asked: the address, the domain
+    assert (observer.hits, observer.misses) == (0, 2)
+    again = await chain.route("user@example.org")
+    assert (observer.hits, observer.misses) == (2, 2)  # a hit for each key, as on a miss
+    assert again is not None and again == first
+    assert again is await chain.route("other@example.org")  # the domain key's Route, kept
+    assert source.calls == ["user@example.org", "example.org", "other@example.org"]
+
+
+async def test_a_cached_route_is_forgotten_when_its_key_is_invalidated() -> None:
+    source = TableSource("t", {"example.org": "old.example:25"})
+    chain = router(source)
+    assert str(await chain.route("user@example.org")) == "old.example:25"
+    source.table["example.org"] = "new.example:25"
+    chain.invalidate("example.org")
+    assert str(await chain.route("user@example.org")) == "new.example:25"
+
+
+async def test_a_cached_bad_value_fails_every_hit() -> None:
+    source = TableSource("t", {"example.org": "!bad"})
+    chain = router(source)
+    for _ in range(3):
+        with pytest.raises(BadRouteData, match=r"source t for 'example\.org'"):
+            await chain.route("user@example.org")
+    assert source.calls == ["user@example.org", "example.org"]

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from moxy.smtp.commands import parse_command
+from moxy.smtp.commands import command_verb, parse_command, split_command
 from moxy.smtp.events import (
     Data,
     Event,
@@ -193,3 +193,12 @@ def test_any_address_the_grammar_accepts_is_printable_ascii(address: str) -> Non
     if isinstance(event, RcptTo):
         assert all(0x20 <= ord(c) < 0x7F for c in event.address)
         assert "<" not in event.address.split("@")[-1]
+
+
+@given(st.binary(max_size=40))
+def test_split_verb_is_the_command_verb_for_ascii_verbs(line: bytes) -> None:
+    verb, _ = split_command(line)
+    if verb != "?":
+        assert verb == command_verb(line)
+    else:  # not ASCII: never one of the verbs with order rules
+        assert command_verb(line) not in ("MAIL", "RCPT", "DATA", "STARTTLS")

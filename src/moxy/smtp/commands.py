@@ -52,6 +52,7 @@ PARAMS_NEED_EHLO = _invalid(555, "5.5.4", "Error: parameters require EHLO")
 SIZE_TOO_BIG = _invalid(552, "5.3.4", "Message size exceeds fixed limit")
 # RFC 6531 §3.5 / RFC 6533: a UTF-8 address in a transaction without SMTPUTF8.
 NEEDS_SMTPUTF8 = _invalid(553, "5.6.7", "Non-ASCII address requires SMTPUTF8")
+DATA = Data()  # no fields: one value serves every DATA command
 
 # RFC 5321 §4.1.2, printable ASCII only: without SMTPUTF8 a non-ASCII or control byte in a path
 # is a syntax error, and refusing it here keeps it out of upstream commands and Received headers.
@@ -90,6 +91,17 @@ def command_verb(line: bytes) -> str:
     return line.strip(b" \t").partition(b" ")[0].decode("ascii", "replace").upper()
 
 
+def split_command(line: bytes) -> tuple[str, str]:
+    """The verb (upper-cased; "?" when not ASCII) and the rest of a command line.
+
+    The verb is what `command_verb` gives for every ASCII verb, so the state machine can check
+    the command order on it and then parse the same split line (`parse_verb`)."""
+    # latin-1 maps every byte to one character, so decoding cannot fail and the grammar
+    # regexes (printable ASCII only) reject whatever is not ASCII.
+    verb, _, arg = line.strip(b" \t").decode("latin-1").partition(" ")
+    return (verb.upper() if verb.isascii() else "?"), arg  # "ß".upper() is "SS"
+
+
 def parse_command(
     line: bytes, *, esmtp: bool = True, max_message_size: int = 0, smtputf8: bool = False
 ) -> Event:
@@ -99,12 +111,20 @@ def parse_command(
     `max_message_size` (0: no limit) is checked against a MAIL SIZE= parameter; `smtputf8`
     says whether the current transaction's MAIL carried SMTPUTF8 (UTF-8 in RCPT addresses).
     """
-    # latin-1 maps every byte to one character, so decoding cannot fail and the grammar
-    # regexes (printable ASCII only) reject whatever is not ASCII.
-    text = line.strip(b" \t").decode("latin-1")
-    verb, _, arg = text.partition(" ")
-    verb = verb.upper() if verb.isascii() else "?"  # "ß".upper() is "SS"
+    verb, arg = split_command(line)
+    return parse_verb(verb, arg, esmtp, max_message_size, smtputf8)
+
+
+def parse_verb(verb: str, arg: str, esmtp: bool, max_message_size: int, smtputf8: bool) -> Event:
+    """`parse_command` on a line already split by `split_command`."""
     arg = arg.strip(" ")
+    # The commands of every transaction first.
+    if verb == "RCPT":
+        return _parse_rcpt(arg, smtputf8)
+    if verb == "MAIL":
+        return _parse_mail(arg, esmtp, max_message_size)
+    if verb == "DATA" and not arg:
+        return DATA
     if not verb:
         return EMPTY_COMMAND
     if verb not in VERBS:
@@ -113,10 +133,6 @@ def parse_command(
         if not _HOST.fullmatch(arg):
             return _invalid(501, "5.5.4", f"Syntax: {verb} hostname")
         return Hello(verb, arg)
-    if verb == "MAIL":
-        return _parse_mail(arg, esmtp, max_message_size)
-    if verb == "RCPT":
-        return _parse_rcpt(arg, smtputf8)
     if verb == "STARTTLS":  # whether it is offered is the state machine's business
         return StartTls() if not arg else _invalid(501, "5.5.4", "Syntax: STARTTLS")
     if not _PRINTABLE.fullmatch(arg):
@@ -212,7 +228,9 @@ def _parse_rcpt(arg: str, smtputf8: bool) -> Event:
 def parse_params(text: str | None) -> Mapping[str, str | None] | Invalid:
     """`KEY=VALUE KEY2` → {"KEY": "VALUE", "KEY2": None}; keys upper-cased, duplicates refused."""
     params: dict[str, str | None] = {}
-    for word in (text or "").split(" "):
+    if not text:
+        return params
+    for word in text.split(" "):
         if not word:
             continue  # tolerate runs of spaces
         m = _PARAM.fullmatch(word)

@@ -9,7 +9,7 @@ import attrs
 _ENHANCED_RE = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?= |$)")
 
 
-@attrs.frozen
+@attrs.frozen(init=False)
 class Reply:
     """One SMTP reply: a three-digit code and one or more text lines (without the code).
 
@@ -19,16 +19,26 @@ class Reply:
 
     code: int
     lines: tuple[str, ...] = ("",)
+    # 2, 3, 4 or 5: positive, intermediate, transient or permanent. A field, not a property:
+    # the hot path asks for it several times per reply.
+    klass: int = attrs.field(init=False, eq=False, repr=False)
+    # The wire form, made at the first to_bytes(): constant replies are encoded once.
+    _wire: bytes | None = attrs.field(init=False, eq=False, repr=False)
+
+    def __init__(self, code: int, lines: tuple[str, ...] = ("",)) -> None:
+        setattr = object.__setattr__  # frozen: the one place fields are set
+        setattr(self, "code", code)
+        setattr(self, "lines", lines)
+        setattr(self, "klass", code // 100)
+        setattr(self, "_wire", None)
 
     @classmethod
     def make(cls, code: int, enhanced: str, *text: str) -> Reply:
         """`Reply.make(550, "5.7.1", "Relaying denied")`: each line opens with that code."""
+        if len(text) == 1:  # the usual case, without the generator
+            t = text[0]
+            return cls(code, (f"{enhanced} {t}" if t else enhanced,))
         return cls(code, tuple(f"{enhanced} {t}" if t else enhanced for t in (text or ("",))))
-
-    @property
-    def klass(self) -> int:
-        """2, 3, 4 or 5: positive, intermediate, transient or permanent."""
-        return self.code // 100
 
     @property
     def enhanced(self) -> str | None:
@@ -48,14 +58,26 @@ class Reply:
         """This reply with `default` put on every line that has no enhanced code of its own."""
         if self.enhanced is not None:
             return self
-        return Reply(self.code, tuple(f"{default} {ln}" if ln else default for ln in self.lines))
+        lines = self.lines
+        if len(lines) == 1:  # the usual case, without the generator
+            return Reply(self.code, (f"{default} {lines[0]}" if lines[0] else default,))
+        return Reply(self.code, tuple(f"{default} {ln}" if ln else default for ln in lines))
 
     def to_bytes(self) -> bytes:
-        last = len(self.lines) - 1
-        parts = [
-            f"{self.code}{'-' if i < last else ' '}{line}\r\n" for i, line in enumerate(self.lines)
-        ]
-        return "".join(parts).encode("utf-8", "replace")
+        wire = self._wire
+        if wire is not None:
+            return wire
+        lines = self.lines
+        if len(lines) == 1:
+            text = f"{self.code} {lines[0]}\r\n"
+        else:
+            last = len(lines) - 1
+            text = "".join(
+                f"{self.code}{'-' if i < last else ' '}{line}\r\n" for i, line in enumerate(lines)
+            )
+        wire = text.encode("utf-8", "replace")
+        object.__setattr__(self, "_wire", wire)
+        return wire
 
     def __str__(self) -> str:
         return f"{self.code} {' / '.join(self.lines)}"

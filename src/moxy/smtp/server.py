@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import deque
 from enum import Enum
 
-from moxy.smtp.commands import NOT_IMPLEMENTED, command_verb, parse_command
+from moxy.smtp.commands import NOT_IMPLEMENTED, parse_verb, split_command
 from moxy.smtp.data import BareNewlines, BodyReader
 from moxy.smtp.events import (
     NEED_DATA,
@@ -66,6 +66,11 @@ _TRANSITIONS: dict[tuple[type, int], State] = {
     (Reset, 2): State.READY,  # GREETED if there was no HELO/EHLO yet, see send()
 }
 _IN_TRANSACTION = (State.MAIL, State.RCPT)
+_ORDERED = frozenset({"MAIL", "RCPT", "DATA", "STARTTLS"})  # verbs with order rules
+# The states as module constants: read on every event.
+_GREETED, _READY, _MAIL, _RCPT, _DATA, _CLOSED = (
+    State.GREETED, State.READY, State.MAIL, State.RCPT, State.DATA, State.CLOSED
+)
 _CLOSING_CODES = (221, 421)
 # Replies that are ordinary outcomes of pipelining, not client mistakes: they do not count
 # towards max_errors (a client pipelining 150 RCPTs must not be disconnected).
@@ -131,19 +136,19 @@ class ServerConnection:
         self._discarding = False  # inside an over-long command line, dropping up to its LF
         self._queue: deque[Event] = deque()
         self._awaiting: Event | _Greeting | None = _Greeting()
+        self._keywords: tuple[str, ...] = (
+            "PIPELINING", f"SIZE {max_message_size}", "8BITMIME", "ENHANCEDSTATUSCODES",
+            "SMTPUTF8",
+        )
 
     @property
     def extensions(self) -> tuple[str, ...]:
         """The EHLO keywords matching what this core accepts (RFC 1870: SIZE 0 = no limit).
 
         No CHUNKING: see docs/security.md ("BDAT")."""
-        keywords: tuple[str, ...] = (
-            "PIPELINING", f"SIZE {self.max_message_size}", "8BITMIME", "ENHANCEDSTATUSCODES",
-            "SMTPUTF8",
-        )
         if self.starttls and not self.tls:
-            keywords += ("STARTTLS",)
-        return keywords
+            return (*self._keywords, "STARTTLS")
+        return self._keywords
 
     @property
     def buffered(self) -> int:
@@ -166,13 +171,16 @@ class ServerConnection:
     def next_event(self) -> Event | Sentinel:
         """The next event, NEED_DATA (call receive_data), or PAUSED: a reply is owed first,
         or the connection is CLOSED and nothing more will come."""
-        if self.state is State.CLOSED:
+        state = self.state
+        if state is _CLOSED:
             return PAUSED
         if self._queue:
             return self._emit(self._queue.popleft())
         if self._awaiting is not None:
             return PAUSED
-        if self.state is State.DATA:
+        if not self._buf and not self._eof:
+            return NEED_DATA  # what either reader below would say, without asking it
+        if state is _DATA:
             return self._next_body_event()
         return self._next_command_event()
 
@@ -182,19 +190,21 @@ class ServerConnection:
         A 421 may be sent at any time (shutdown, timeout); any other reply must answer the
         greeting or the last event that needs a reply.
         """
-        if self.state is State.CLOSED:
+        if self.state is _CLOSED:
             raise LocalProtocolError("send() on a closed connection")
-        if not 200 <= reply.code <= 599:
-            raise LocalProtocolError(f"not an SMTP reply code: {reply.code}")
+        code = reply.code
+        if not 200 <= code <= 599:
+            raise LocalProtocolError(f"not an SMTP reply code: {code}")
         answered = self._awaiting
-        if answered is None and reply.code != 421:
-            raise LocalProtocolError(f"reply {reply.code} answers nothing")
+        if answered is None and code != 421:
+            raise LocalProtocolError(f"reply {code} answers nothing")
         self._awaiting = None
-        if reply.code in _CLOSING_CODES:
-            self.state = State.CLOSED
+        kind = type(answered)
+        if code in _CLOSING_CODES:
+            self.state = _CLOSED
             self._queue.clear()
             self._buf.clear()
-        elif isinstance(answered, StartTls) and reply.code == 220:
+        elif kind is StartTls and code == 220:
             # RFC 3207 §4.2: forget everything learnt before TLS. Bytes the client pipelined
             # after STARTTLS came in clear text and could be an attacker's (CVE-2011-0411):
             # they are dropped, never parsed.
@@ -203,28 +213,30 @@ class ServerConnection:
             self._discarding = False
             self.tls = True
             self.hello = self.hello_domain = None
-            self._enter(State.GREETED)
+            self._enter(_GREETED)
         else:
-            new = _TRANSITIONS.get((type(answered), reply.klass))
-            if isinstance(answered, Hello) and new is State.READY:
-                self.hello, self.hello_domain = answered.verb, answered.domain
-            if new is State.READY and self.hello is None:
-                new = State.GREETED  # RSET before any HELO/EHLO
-            if isinstance(answered, RcptTo) and new is State.RCPT:
+            new = _TRANSITIONS.get((kind, reply.klass))
+            if new is _RCPT:  # only an accepted RcptTo leads here
                 self.accepted_recipients += 1
-            if isinstance(answered, MailFrom) and new is State.MAIL:
-                self.smtputf8 = answered.smtputf8
-            if new is not None:
+                self.state = new
+            elif new is not None:
+                if new is _READY:
+                    if kind is Hello:
+                        self.hello, self.hello_domain = answered.verb, answered.domain  # type: ignore[union-attr]
+                    elif self.hello is None:
+                        new = _GREETED  # RSET before any HELO/EHLO
+                elif new is _MAIL:  # only an accepted MailFrom leads here
+                    self.smtputf8 = answered.smtputf8  # type: ignore[union-attr]
                 self._enter(new)
         return reply.to_bytes()
 
     def _enter(self, new: State) -> None:
-        if new in (State.READY, State.GREETED, State.MAIL):
+        if new is _READY or new is _GREETED or new is _MAIL:
             self.accepted_recipients = 0  # a new or no transaction
             self.body = None
-            if new is not State.MAIL:
+            if new is not _MAIL:
                 self.smtputf8 = False
-        elif new is State.DATA:
+        elif new is _DATA:
             self.body = BodyReader(
                 max_message_size=self.max_message_size,
                 max_text_line=self.max_text_line,
@@ -234,7 +246,8 @@ class ServerConnection:
 
     def _emit(self, event: Event) -> Event:
         # Every command, and the end of a body, gets exactly one reply; nothing else does.
-        if not isinstance(event, BodyChunk | BodyRefused | ConnectionClosed):
+        kind = type(event)
+        if kind is not BodyChunk and kind is not BodyRefused and kind is not ConnectionClosed:
             self._awaiting = event
         return event
 
@@ -252,71 +265,71 @@ class ServerConnection:
         return NEED_DATA
 
     def _next_command_event(self) -> Event | Sentinel:
-        lf = self._buf.find(b"\n")
+        buf = self._buf
+        lf = buf.find(b"\n")
         if self._discarding:
             if lf < 0:
-                self._buf.clear()
+                buf.clear()
                 return ConnectionClosed(mid_data=False) if self._eof else NEED_DATA
-            del self._buf[: lf + 1]
+            del buf[: lf + 1]
             self._discarding = False
             return self._invalid(LINE_TOO_LONG)
         if lf < 0:
-            if len(self._buf) >= self.max_command_line:
+            if len(buf) >= self.max_command_line:
                 # Too long whatever follows; drop it now and the rest as it comes, then answer
                 # once the line ends so replies stay in step with pipelined commands.
                 self._discarding = True
-                self._buf.clear()
+                buf.clear()
                 return self._next_command_event()
             return ConnectionClosed(mid_data=False) if self._eof else NEED_DATA
-        if lf + 1 > self.max_command_line:
-            del self._buf[: lf + 1]
+        if lf >= self.max_command_line:
+            del buf[: lf + 1]
             return self._invalid(LINE_TOO_LONG)
-        line = bytes(self._buf[:lf])
-        del self._buf[: lf + 1]
-        return self._command(line[:-1] if line.endswith(b"\r") else line)
+        line = bytes(buf[: lf - 1 if lf and buf[lf - 1] == 13 else lf])  # without CRLF or LF
+        del buf[: lf + 1]
+        return self._command(line)
 
     def _command(self, line: bytes) -> Event:
-        order_error = self._order_error(command_verb(line))
-        if order_error is not None:
-            return self._invalid(order_error)
-        event = parse_command(
-            line, esmtp=self.hello == "EHLO", max_message_size=self.max_message_size,
-            smtputf8=self.smtputf8,
-        )
-        if isinstance(event, Invalid):
-            return self._invalid(event.reply)
-        if isinstance(event, StartTls):
+        verb, arg = split_command(line)
+        if verb in _ORDERED:
+            order_error = self._order_error(verb)
+            if order_error is not None:
+                return self._invalid(order_error)
+        event = parse_verb(verb, arg, self.hello == "EHLO", self.max_message_size, self.smtputf8)
+        kind = type(event)
+        if kind is RcptTo:
+            if self.max_recipients and self.accepted_recipients >= self.max_recipients:
+                return self._invalid(TOO_MANY_RECIPIENTS, recipient=event.address)  # type: ignore[union-attr]
+        elif kind is Invalid:
+            return self._invalid(event.reply)  # type: ignore[union-attr]
+        elif kind is StartTls:
             if not self.starttls:
                 return self._invalid(NOT_IMPLEMENTED.reply)
             if self.tls:
                 return self._invalid(TLS_ACTIVE)
-        if (
-            isinstance(event, RcptTo)
-            and self.max_recipients
-            and self.accepted_recipients >= self.max_recipients
-        ):
-            return self._invalid(TOO_MANY_RECIPIENTS, recipient=event.address)
-        return self._emit(event)
+        self._awaiting = event  # every command gets exactly one reply
+        return event
 
     def _order_error(self, verb: str) -> Reply | None:
         """RFC 5321 §4.1.4 command order, checked before syntax as Postfix does."""
+        state = self.state
         if verb == "MAIL":
-            if self.state is State.GREETED:
+            if state is _GREETED:
                 return NEED_HELLO
-            if self.state in _IN_TRANSACTION:
+            if state in _IN_TRANSACTION:
                 return NESTED_MAIL
             if self.require_tls and not self.tls:
                 return NEED_STARTTLS
         elif verb == "STARTTLS" and self.starttls and not self.tls:
-            if self.state is State.GREETED:
+            if state is _GREETED:
                 return NEED_HELLO
-            if self.state in _IN_TRANSACTION:
+            if state in _IN_TRANSACTION:
                 return TLS_IN_TRANSACTION
         elif verb == "RCPT":
-            if self.state not in _IN_TRANSACTION:
+            if state is not _MAIL and state is not _RCPT:
                 return NEED_MAIL
         elif verb == "DATA":
-            if self.state not in _IN_TRANSACTION:
+            if state is not _MAIL and state is not _RCPT:
                 return NEED_MAIL
             if self.accepted_recipients == 0:
                 return NO_RECIPIENTS

@@ -1,0 +1,69 @@
+"""What sessions keep between them: the replies that never change or change only with the
+configuration (made and encoded once), and the upstream settings with a client's identity.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import attrs
+
+from moxy.leg_setup import ClientIdentity
+from moxy.smtp.replies import Reply
+from moxy.upstream import UpstreamSettings
+
+# Replies that never change, made (and encoded: Reply.to_bytes keeps its bytes) once.
+MAIL_OK = Reply.make(250, "2.1.0", "Ok")
+OK = Reply.make(250, "2.0.0", "Ok")
+TLS_READY = Reply.make(220, "2.0.0", "Ready to start TLS")
+VRFY_REPLY = Reply.make(252, "2.5.0", "Cannot VRFY user; try RCPT")
+HELP_REPLY = Reply.make(
+    214, "2.0.0", "Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP"
+)
+
+
+@functools.lru_cache(maxsize=64)
+def greeting(hostname: str, banner: str) -> Reply:
+    """The 220 of a configuration: the same for every session."""
+    return Reply(220, (f"{hostname} {banner}".strip(),))
+
+
+@functools.lru_cache(maxsize=1024)
+def hello_reply(hostname: str, verb: str, domain: str, extensions: tuple[str, ...]) -> Reply:
+    """The 250 to HELO or EHLO. Most sessions of a server come from a few clients that greet
+    alike, so the replies are kept (bounded) and encoded once."""
+    greeting = f"{hostname} greets {domain}"
+    if verb != "EHLO":
+        return Reply(250, (greeting,))
+    return Reply(250, (greeting, *extensions))
+
+
+@functools.lru_cache(maxsize=64)
+def bye(hostname: str) -> Reply:
+    return Reply.make(221, "2.0.0", f"{hostname} Bye")
+
+
+class _ClientSettings:
+    """The server's UpstreamSettings with a client's identity, kept for the clients seen
+    lately: attrs.evolve is slow, and most sessions come from clients seen before. Keyed by
+    the identity of the server's settings object (a reload makes a new one; its equality
+    ignores the pool, so it cannot be the key)."""
+
+    LIMIT = 1024
+
+    def __init__(self) -> None:
+        self.base: UpstreamSettings | None = None
+        self.made: dict[ClientIdentity, UpstreamSettings] = {}
+
+    def get(self, base: UpstreamSettings, identity: ClientIdentity) -> UpstreamSettings:
+        if base is not self.base:
+            self.base, self.made = base, {}
+        settings = self.made.get(identity)
+        if settings is None:
+            if len(self.made) >= self.LIMIT:
+                self.made = {}
+            settings = self.made[identity] = attrs.evolve(base, client=identity)
+        return settings
+
+
+client_settings = _ClientSettings()

@@ -1,0 +1,68 @@
+"""Reply values: the class and the wire form are computed once, and nothing else changes."""
+
+from __future__ import annotations
+
+import attrs
+import pytest
+
+from moxy.smtp.replies import Reply
+
+
+@pytest.mark.parametrize(("code", "klass"), [(220, 2), (354, 3), (451, 4), (550, 5)])
+def test_klass_is_the_first_digit(code: int, klass: int) -> None:
+    assert Reply(code, ("x",)).klass == klass
+    assert attrs.evolve(Reply(250, ("x",)), code=code).klass == klass
+
+
+@pytest.mark.parametrize(
+    ("reply", "wire"),
+    [
+        (Reply(250, ("2.0.0 Ok",)), b"250 2.0.0 Ok\r\n"),
+        (Reply(250), b"250 \r\n"),
+        (Reply(250, ("mx greets you", "PIPELINING", "SIZE 10")),
+         b"250-mx greets you\r\n250-PIPELINING\r\n250 SIZE 10\r\n"),
+        (Reply(550, ("5.7.1 <\u00e9@x>: denied",)), "550 5.7.1 <\u00e9@x>: denied\r\n".encode()),
+    ],
+)
+def test_wire_form_is_the_same_every_time(reply: Reply, wire: bytes) -> None:
+    assert reply.to_bytes() == wire
+    assert reply.to_bytes() is reply.to_bytes()  # encoded once
+
+
+def test_the_kept_wire_form_is_no_part_of_equality_or_repr() -> None:
+    used, fresh = Reply(250, ("2.0.0 Ok",)), Reply(250, ("2.0.0 Ok",))
+    used.to_bytes()
+    assert used == fresh and hash(used) == hash(fresh)
+    assert repr(used) == repr(fresh) == "Reply(code=250, lines=('2.0.0 Ok',))"
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        used.code = 550  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("args", "lines"),
+    [
+        ((), ("2.0.0",)),
+        (("",), ("2.0.0",)),
+        (("Ok",), ("2.0.0 Ok",)),
+        (("one", "", "three"), ("2.0.0 one", "2.0.0", "2.0.0 three")),
+    ],
+)
+def test_make_opens_every_line_with_the_enhanced_code(
+    args: tuple[str, ...], lines: tuple[str, ...]
+) -> None:
+    assert Reply.make(250, "2.0.0", *args) == Reply(250, lines)
+
+
+@pytest.mark.parametrize(
+    ("reply", "lines"),
+    [
+        (Reply(250, ("Ok queued",)), ("2.0.0 Ok queued",)),
+        (Reply(250, ("",)), ("2.0.0",)),
+        (Reply(250, ("Ok", "", "more")), ("2.0.0 Ok", "2.0.0", "2.0.0 more")),
+        (Reply(250, ("2.6.0 queued",)), ("2.6.0 queued",)),  # its own code stays
+    ],
+)
+def test_with_enhanced_adds_the_default_only_where_none_is(
+    reply: Reply, lines: tuple[str, ...]
+) -> None:
+    assert reply.with_enhanced("2.0.0").lines == lines
