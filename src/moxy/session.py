@@ -57,7 +57,6 @@ class Session(SessionEvents):
         cfg = ctx.config
         self.timeouts = cfg.timeouts
         self.data_chunk = cfg.limits.data_chunk
-        self.clock = trio.lowlevel.current_clock()  # now(): deadlines without trio's wrappers
         self.hostname = cfg.server.hostname
         self.id = new_session_id()
         self.trusted = ctx.relay.trusts(client_ip)  # [relay] trusted_networks
@@ -101,7 +100,7 @@ class Session(SessionEvents):
         # A client that stops reading must not hold the session forever.
         timeout = self.timeouts.client_command
         try:
-            await self.stream.send(data, self.clock.current_time() + timeout)
+            await self.stream.send_within(data, timeout)
         except StreamBroken:
             raise ClientGone from None
         except StreamTimeout:
@@ -126,8 +125,8 @@ class Session(SessionEvents):
                         421, "4.3.2", f"{self.hostname} Service shutting down; try again later"
                     ))
                 try:
-                    data = await self.stream.receive(
-                        self.data_chunk, self.clock.current_time() + timeout,
+                    data = await self.stream.receive_within(
+                        self.data_chunk, timeout,
                         interruptible=not in_data,  # by the drain: see Drain.start
                     )
                 except StreamBroken:
