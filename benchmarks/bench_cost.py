@@ -8,7 +8,9 @@ behind it. By default it reports the user and system CPU time of Moxy's process 
 Moxy runs under valgrind and the figure is user-space instructions per message, which do not
 depend on the machine's load (5 sessions; slow, so use a few hundred messages).
 
-    .venv/bin/python benchmarks/bench_cost.py [--messages 3000] [--callgrind]
+    .venv/bin/python benchmarks/bench_cost.py [--messages 3000] [--callgrind] [--size 102400]
+
+`--size` sets the message size in bytes (default 100); `--modes` picks some of the three modes.
 
 To compare two versions, run it with PYTHONPATH pointing at the other version's `src`.
 """
@@ -73,9 +75,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=3000)
     parser.add_argument("--callgrind", action="store_true", help="count instructions instead")
+    parser.add_argument("--size", type=int, default=100,
+                        help="message size in bytes, smtp-source -l (default 100)")
+    parser.add_argument("--modes", default=",".join(MODES),
+                        help="comma-separated modes to run (default: all three)")
     parser.add_argument("--accounting", action="store_true",
                         help="with the Redis counters (a throwaway redis-server) and the log")
     args = parser.parse_args()
+    unknown = set(args.modes.split(",")) - set(MODES)
+    if unknown:
+        parser.error(f"unknown mode(s) {', '.join(sorted(unknown))}; known: {', '.join(MODES)}")
     sessions = 5 if args.callgrind else 20
     sink_port = free_port()
     with contextlib.ExitStack() as stack:
@@ -87,24 +96,25 @@ def main() -> None:
             # second spreads a flush over about as many messages as at full speed.
             url = stack.enter_context(proxies.redis_server(cache))
             extra = proxies.accounting_toml(url, 30.0 if args.callgrind else 1.0)
-        for name, (reuse, pool) in MODES.items():
+        for name in args.modes.split(","):
+            reuse, pool = MODES[name]
             with tempfile.TemporaryDirectory() as tmp:
                 workdir = Path(tmp)
                 runner = under_callgrind(workdir) if args.callgrind else contextlib.nullcontext()
                 with runner, proxies.moxy(workdir, f"{ROUTE}  127.0.0.1:{sink_port}\n",
                                           idle_upstreams=pool, extra=extra) as moxy:
                     warm = min(300, args.messages)
-                    smtp_source(moxy.port, warm, 100, reuse, f"u@{ROUTE}", sessions=sessions)
+                    smtp_source(moxy.port, warm, args.size, reuse, f"u@{ROUTE}", sessions=sessions)
                     if args.callgrind:
                         subprocess.run(["callgrind_control", "-z", str(moxy.pid)], check=True,
                                        stdout=subprocess.DEVNULL)
-                        smtp_source(moxy.port, args.messages, 100, reuse, f"u@{ROUTE}",
-                                    sessions=sessions)
+                        smtp_source(moxy.port, args.messages, args.size, reuse,
+                                    f"u@{ROUTE}", sessions=sessions)
                         count = instructions(moxy.pid, workdir)
                         print(f"{name:9s} {count / args.messages / 1e6:6.2f} M instructions/msg")
                         continue
                     user0, sys0 = process_cpu(moxy.pid)
-                    took = smtp_source(moxy.port, args.messages, 100, reuse, f"u@{ROUTE}")
+                    took = smtp_source(moxy.port, args.messages, args.size, reuse, f"u@{ROUTE}")
                     user1, sys1 = process_cpu(moxy.pid)
                     per = 1e6 / args.messages
                     print(f"{name:9s} {(user1 - user0 + sys1 - sys0) * per:5.0f} µs/msg "

@@ -255,12 +255,16 @@ class Transaction:
         Pieces smaller than COALESCE wait in `pending` (bounded by COALESCE plus one chunk)."""
         if self.body_failure is not None or not data:
             return
-        if self.pending or len(data) < COALESCE:
-            self.pending += data
-            if len(self.pending) < COALESCE:
+        pending = self.pending
+        if pending:
+            if len(pending) + len(data) < COALESCE:
+                pending += data
                 return
-            data = bytes(self.pending)
-            self.pending.clear()
+            data = b"".join((pending, data))  # one copy, where bytes(pending + data) made two
+            pending.clear()
+        elif len(data) < COALESCE:
+            pending += data
+            return
         for leg in self.streaming:
             try:
                 await leg.send_body(data)

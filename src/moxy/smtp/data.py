@@ -93,7 +93,8 @@ class BodyReader:
         if self.done:
             self.leftover += data
             return []
-        buf = self._held + data  # the held tail is at most a few bytes
+        held = self._held  # at most a few bytes; none when the last read ended mid-line
+        buf = held + data if held else bytes(data)  # bytes(bytes) is no copy
         end = buf.find(TERMINATOR)
         if end >= 0:
             cut = end + 2  # the body keeps the CRLF that opens the terminator
@@ -150,14 +151,20 @@ class BodyReader:
         turns about once per `limit` bytes, not once per line.
         """
         limit = self._max_line + 2
-        run, pos, n = self._run, 0, len(region)
-        while True:
-            window_end = pos + limit - run
-            if window_end > n:
-                last = region.rfind(b"\n", pos)
-                self._run = run + n - pos if last < 0 else n - last - 1
-                return True
-            last = region.rfind(b"\n", pos, window_end)
-            if last < 0:
+        n = len(region)
+        last = region.rfind(b"\n")
+        if last < 0:  # no line ends here: the carried one goes on
+            self._run += n
+            return self._run < limit
+        # The run carried in plus the first line, then each window of `limit` bytes must
+        # hold an LF; the tail after the last LF is carried on.
+        rfind = region.rfind
+        start, window_end = 0, limit - self._run
+        while window_end <= last:
+            found = rfind(b"\n", start, window_end)
+            if found < 0:
                 return False
-            pos, run = last + 1, 0
+            start = found + 1
+            window_end = start + limit
+        self._run = n - last - 1
+        return self._run < limit

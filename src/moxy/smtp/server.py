@@ -132,6 +132,7 @@ class ServerConnection:
         self.errors = 0
         self.body: BodyReader | None = None  # the current message's reader, in state DATA
         self._buf = bytearray()
+        self._body_in = b""  # body bytes received in state DATA, not yet fed to the reader
         self._eof = False
         self._discarding = False  # inside an over-long command line, dropping up to its LF
         self._queue: deque[Event] = deque()
@@ -153,7 +154,7 @@ class ServerConnection:
     @property
     def buffered(self) -> int:
         """Bytes received and not yet turned into events."""
-        return len(self._buf)
+        return len(self._buf) + len(self._body_in)
 
     def receive_data(self, data: bytes) -> None:
         """Bytes from the client; b"" means it closed its side."""
@@ -165,6 +166,9 @@ class ServerConnection:
             pass  # nothing more will be parsed; do not let it pile up
         elif self._discarding and not self._buf and b"\n" not in data:
             pass  # still inside an over-long line: memory stays bounded however long it is
+        elif self.state is _DATA and not self._buf and not (self.body is None or self.body.done):
+            # A body read goes to the reader as it is, without a copy into the command buffer.
+            self._body_in = self._body_in + data if self._body_in else data
         else:
             self._buf += data
 
@@ -178,7 +182,7 @@ class ServerConnection:
             return self._emit(self._queue.popleft())
         if self._awaiting is not None:
             return PAUSED
-        if not self._buf and not self._eof:
+        if not self._buf and not self._body_in and not self._eof:
             return NEED_DATA  # what either reader below would say, without asking it
         if state is _DATA:
             return self._next_body_event()
@@ -204,6 +208,7 @@ class ServerConnection:
             self.state = _CLOSED
             self._queue.clear()
             self._buf.clear()
+            self._body_in = b""
         elif kind is StartTls and code == 220:
             # RFC 3207 §4.2: forget everything learnt before TLS. Bytes the client pipelined
             # after STARTTLS came in clear text and could be an attacker's (CVE-2011-0411):
@@ -252,16 +257,21 @@ class ServerConnection:
         return event
 
     def _next_body_event(self) -> Event | Sentinel:
-        assert self.body is not None
-        if self._buf:
-            self._queue.extend(self.body.feed(self._buf))
+        body = self.body
+        assert body is not None
+        if self._buf:  # bytes that came with the DATA command, before the 354
+            self._queue.extend(body.feed(self._buf))
             self._buf.clear()
-            if self.body.done:
-                self._buf += self.body.leftover  # pipelined commands after the message
+        if self._body_in:
+            data, self._body_in = self._body_in, b""
+            self._queue.extend(body.feed(data))
+        if body.done and body.leftover:
+            self._buf += body.leftover  # pipelined commands after the message
+            body.leftover = b""
         if self._queue:
             return self._emit(self._queue.popleft())
         if self._eof:
-            return ConnectionClosed(mid_data=not self.body.done)
+            return ConnectionClosed(mid_data=not body.done)
         return NEED_DATA
 
     def _next_command_event(self) -> Event | Sentinel:
