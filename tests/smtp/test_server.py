@@ -357,6 +357,39 @@ def test_refused_body_gets_its_final_reply_after_the_end() -> None:
     assert conn.state is State.READY
 
 
+def test_body_reads_received_before_next_event_are_read_in_order() -> None:
+    # In DATA the core hands received bytes to the body reader without its command buffer.
+    conn = in_transaction()
+    command(conn, "DATA", GO_AHEAD)
+    conn.receive_data(b"one\r\n")
+    conn.receive_data(b"two\r")
+    assert conn.buffered == 9
+    conn.receive_data(b"\n.\r\nNOOP\r\n")
+    assert drain(conn) == [BodyChunk(b"one\r\ntwo\r\n"), BodyEnd(), PAUSED]
+    conn.receive_data(b"QUIT\r\n")  # pipelined while the final reply is owed
+    conn.send(OK)
+    assert conn.next_event() == Noop()
+    conn.send(OK)
+    assert conn.next_event() == Quit() and conn.buffered == 0
+
+
+def test_bytes_before_the_354_and_after_it_stay_in_order() -> None:
+    conn = in_transaction()
+    conn.receive_data(b"DATA\r\nfirst\r\n")
+    assert conn.next_event() == Data()
+    conn.send(GO_AHEAD)
+    conn.receive_data(b"second\r\n.\r\n")
+    assert drain(conn) == [BodyChunk(b"first\r\nsecond\r\n"), BodyEnd(), PAUSED]
+
+
+def test_a_421_in_data_drops_the_unread_body() -> None:
+    conn = in_transaction()
+    command(conn, "DATA", GO_AHEAD)
+    conn.receive_data(b"never read\r\n")
+    conn.send(Reply.make(421, "4.4.2", "Timeout"))
+    assert (conn.state, conn.buffered, conn.next_event()) == (State.CLOSED, 0, PAUSED)
+
+
 def test_body_text_line_limit_comes_from_the_connection() -> None:
     conn = in_transaction(max_text_line=4)
     command(conn, "DATA", GO_AHEAD)
