@@ -380,19 +380,36 @@ class Session(SessionEvents):
             self.transaction = None
 
     async def close(self) -> None:
-        with trio.CancelScope(shield=True):
-            # First, before anything that may wait: no leg may stay inside DATA.
-            for leg in self.legs.values():
-                if leg.in_data:
-                    await leg.drop()
-            # Clean connections go to the pool; the others get QUIT, within 5 s in all.
-            to_quit = [leg for leg in self.legs.values() if not leg.release() and leg.conn]
-            if to_quit:
-                with trio.move_on_after(5):
-                    for leg in to_quit:
-                        await leg.quit()
-            for leg in self.legs.values():
-                if leg.conn is not None:  # pooled or quit: nothing left to close
-                    await leg.drop()
-            self.ctx.drain.waiting.discard(self.stream)
-            await self.stream.aclose()
+        # Most sessions end with every leg clean (pooled now) or none at all: then nothing
+        # waits, so no shielded scope is needed.
+        legs = self.legs
+        if legs:
+            for leg in legs.values():
+                if leg.conn is not None and (leg.in_data or not leg.release()):
+                    with trio.CancelScope(shield=True):
+                        await self._close_legs()
+                    break
+        self.ctx.drain.waiting.discard(self.stream)
+        stream = self.stream
+        if stream.ssl is None:
+            await stream.aclose()  # a plain socket closes at once, nothing waits
+        else:
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+
+    async def _close_legs(self) -> None:
+        """The legs left after `close` pooled what it could (a clean leg's `release` already
+        gave it to the pool: its `conn` is None)."""
+        # First, before anything that may wait: no leg may stay inside DATA.
+        for leg in self.legs.values():
+            if leg.in_data:
+                await leg.drop()
+        # Clean connections go to the pool; the others get QUIT, within 5 s in all.
+        to_quit = [leg for leg in self.legs.values() if not leg.release() and leg.conn]
+        if to_quit:
+            with trio.move_on_after(5):
+                for leg in to_quit:
+                    await leg.quit()
+        for leg in self.legs.values():
+            if leg.conn is not None:  # pooled or quit: nothing left to close
+                await leg.drop()
