@@ -15,6 +15,7 @@ import math
 import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 import trio
 
@@ -137,7 +138,7 @@ async def serve(
         # Counted from here: a connection still owing its PROXY header holds a place too.
         active += 1
         try:
-            if isinstance(stream, trio.SocketStream):  # behind a load balancer
+            if not isinstance(stream, Stream):  # behind a load balancer (Stream: no ABC)
                 proxy_ip = client_ip
                 client_ip = await _proxied_client(stream, client_ip, ctx.config)
                 if not client_ip:
@@ -351,13 +352,18 @@ async def _accept_loop(
     accepted socket costs no more system calls than it needs. A PROXY listener's connections
     start as trio SocketStreams (the header is read through one)."""
     sock = getattr(listener.socket, "_sock", None)  # the stdlib socket inside trio's
-    if behind_proxy or type(sock) is not socket.socket:
+    # socket.accept() without its wrapper, which reads the listener's family and type as
+    # enums for every connection: the accepted socket's are the listener's.
+    accept: Callable[[], tuple[int, Any]] | None = getattr(sock, "_accept", None)
+    if behind_proxy or type(sock) is not socket.socket or accept is None:
         await _accept_trio(listener, handle, nursery, behind_proxy)
         return
+    family, kind, proto = int(sock.family), int(sock.type), sock.proto
     in_row = 0
     while True:
         try:
-            conn, address = sock.accept()
+            fd, address = accept()
+            conn = socket.socket(family, kind, proto, fd)
         except BlockingIOError:
             in_row = 0
             await trio.lowlevel.wait_readable(sock)

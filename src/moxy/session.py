@@ -380,15 +380,12 @@ class Session(SessionEvents):
             self.transaction = None
 
     async def close(self) -> None:
-        # Most sessions end with every leg clean (pooled now) or none at all: then nothing
-        # waits, so no shielded scope is needed.
-        legs = self.legs
-        if legs:
-            for leg in legs.values():
-                if leg.conn is not None and (leg.in_data or not leg.release()):
-                    with trio.CancelScope(shield=True):
-                        await self._close_legs()
-                    break
+        # Most sessions end with each leg clean (pooled now) or gone: then nothing waits.
+        for leg in self.legs.values():
+            if leg.conn is not None and (leg.in_data or not leg.release()):
+                with trio.CancelScope(shield=True):
+                    await self._close_legs()
+                break
         self.ctx.drain.waiting.discard(self.stream)
         stream = self.stream
         if stream.ssl is None:
@@ -398,8 +395,7 @@ class Session(SessionEvents):
                 await stream.aclose()
 
     async def _close_legs(self) -> None:
-        """The legs left after `close` pooled what it could (a clean leg's `release` already
-        gave it to the pool: its `conn` is None)."""
+        """What `close` could not pool: the legs in DATA dropped, the others quit."""
         # First, before anything that may wait: no leg may stay inside DATA.
         for leg in self.legs.values():
             if leg.in_data:
