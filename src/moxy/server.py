@@ -117,6 +117,7 @@ async def serve(
         name = listener.socket.getsockname()
         bound.append((str(name[0]), int(name[1])))
     active = 0
+    counting = metrics.registry is not None  # metrics off: no calls to hooks doing nothing
     drained = trio.Event()
     refusals = _RefusalLog()
 
@@ -127,7 +128,8 @@ async def serve(
         generation = current
         ctx = generation.ctx
         hostname = ctx.config.server.hostname
-        metrics.connection_accepted()
+        if counting:
+            metrics.connection_accepted()
         if active >= ctx.config.limits.connections:
             logger.warning("connection limit %d reached; refusing %s",
                            ctx.config.limits.connections, client_ip)
@@ -157,13 +159,15 @@ async def serve(
                 await _refuse(stream, reply)
                 return
             generation.enter()
-            metrics.session_started()
+            if counting:
+                metrics.session_started()
             try:
                 await Session(stream, client_ip, ctx).run()
             except Exception:
                 logger.exception("session from %s failed", client_ip)
             finally:
-                metrics.session_ended()
+                if counting:
+                    metrics.session_ended()
                 generation.leave()
                 shared.clients.release(client_ip)
         finally:

@@ -16,7 +16,6 @@ import trio
 
 from moxy.accounting import events as acct
 from moxy.context import ServerContext
-from moxy.leg_setup import ClientIdentity
 from moxy.lookup.base import BadRouteData, DestinationGroup, LookupFailed
 from moxy.relay import sender_routed
 from moxy.session_events import SessionEvents
@@ -281,8 +280,9 @@ class Session(SessionEvents):
         if settings is None or known is None or (known.helo, known.protocol) != (
             self.helo, protocol
         ):
-            identity = ClientIdentity(self.client_ip, self.helo, protocol)
-            settings = self._upstream = client_settings.get(self.ctx.upstream, identity)
+            settings = self._upstream = client_settings.get(
+                self.ctx.upstream, self.client_ip, self.helo, protocol
+            )
         return settings
 
     async def rcpt(self, address: str) -> Reply:
@@ -402,7 +402,9 @@ class Session(SessionEvents):
                 await leg.drop()
         # Clean connections go to the pool; the others get QUIT, within 5 s in all.
         to_quit = [leg for leg in self.legs.values() if not leg.release() and leg.conn]
-        if to_quit:
+        if len(to_quit) == 1:  # its QUIT's write has a deadline of at most 5 s itself
+            await to_quit[0].quit()
+        elif to_quit:
             with trio.move_on_after(5):
                 for leg in to_quit:
                     await leg.quit()
