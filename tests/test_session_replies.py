@@ -46,18 +46,21 @@ def test_client_settings_are_the_servers_with_the_identity() -> None:
     cache = _ClientSettings()
     base = settings()
     alice = ClientIdentity("192.0.2.1", "a.example", "ESMTP")
-    made = cache.get(base, alice)
+    made = cache.get(base, "192.0.2.1", "a.example", "ESMTP")
     assert made == attrs.evolve(base, client=alice) and made.pool is base.pool
-    assert cache.get(base, ClientIdentity("192.0.2.1", "a.example", "ESMTP")) is made
-    assert cache.get(base, ClientIdentity("192.0.2.1", "b.example", "ESMTP")).client != alice
+    assert made.client == alice
+    assert cache.get(base, "192.0.2.1", "a.example", "ESMTP") is made
+    assert cache.get(base, "192.0.2.1", "b.example", "ESMTP").client != alice
+    assert cache.get(base, "192.0.2.1", "a.example", "SMTP").client == ClientIdentity(
+        "192.0.2.1", "a.example", "SMTP"
+    )
 
 
 def test_client_settings_follow_a_new_server_settings_object() -> None:
     cache = _ClientSettings()
     old, new = settings(), settings()  # equal (the pool is no part of equality), not the same
-    alice = ClientIdentity("192.0.2.1", "a.example", "ESMTP")
-    from_old = cache.get(old, alice)
-    from_new = cache.get(new, alice)
+    from_old = cache.get(old, "192.0.2.1", "a.example", "ESMTP")
+    from_new = cache.get(new, "192.0.2.1", "a.example", "ESMTP")
     assert from_new is not from_old and from_new.destinations is new.destinations
 
 
@@ -65,5 +68,5 @@ def test_client_settings_stay_bounded() -> None:
     cache = _ClientSettings()
     base = settings()
     for i in range(cache.LIMIT + 10):
-        cache.get(base, ClientIdentity(f"192.0.2.{i % 250}", f"h{i}.example", "SMTP"))
+        cache.get(base, f"192.0.2.{i % 250}", f"h{i}.example", "SMTP")
     assert len(cache.made) <= cache.LIMIT

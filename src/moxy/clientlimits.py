@@ -91,9 +91,10 @@ class ClientLimiter:
         counted). An admitted connection must be `release`d when it ends."""
         key = client_key(ip)
         reason = None
+        rate = self.connection_rate
         if self.per_ip and self._open.get(key, 0) >= self.per_ip:
             reason = CONNECTIONS_PER_IP
-        elif not self.connection_rate.allow(key):
+        elif rate.per_minute > 0 and not rate.allow(key):  # no call with the limit off
             reason = CONNECTION_RATE
         if reason is not None:
             self.refused[reason] += 1

@@ -38,8 +38,12 @@ class ConnectionPool:
 
     def give(self, conn: Connection) -> bool:
         """Keep `conn` for later; False when the pool for its destination is full."""
-        idle = self._idle.setdefault(conn.destination, deque())
-        if len(idle) >= self.per_destination or conn.parser.buffered or conn.xclient:
+        idle = self._idle.get(conn.destination)
+        if idle is None:
+            idle = self._idle[conn.destination] = deque()
+        elif len(idle) >= self.per_destination:
+            return False
+        if conn.parser.buffered or conn.xclient:
             return False
         idle.append((trio.current_time(), conn))
         return True

@@ -15,6 +15,7 @@ import math
 import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 import trio
 
@@ -116,6 +117,7 @@ async def serve(
         name = listener.socket.getsockname()
         bound.append((str(name[0]), int(name[1])))
     active = 0
+    counting = metrics.registry is not None  # metrics off: no calls to hooks doing nothing
     drained = trio.Event()
     refusals = _RefusalLog()
 
@@ -126,7 +128,8 @@ async def serve(
         generation = current
         ctx = generation.ctx
         hostname = ctx.config.server.hostname
-        metrics.connection_accepted()
+        if counting:
+            metrics.connection_accepted()
         if active >= ctx.config.limits.connections:
             logger.warning("connection limit %d reached; refusing %s",
                            ctx.config.limits.connections, client_ip)
@@ -137,7 +140,7 @@ async def serve(
         # Counted from here: a connection still owing its PROXY header holds a place too.
         active += 1
         try:
-            if isinstance(stream, trio.SocketStream):  # behind a load balancer
+            if not isinstance(stream, Stream):  # behind a load balancer (Stream: no ABC)
                 proxy_ip = client_ip
                 client_ip = await _proxied_client(stream, client_ip, ctx.config)
                 if not client_ip:
@@ -156,13 +159,15 @@ async def serve(
                 await _refuse(stream, reply)
                 return
             generation.enter()
-            metrics.session_started()
+            if counting:
+                metrics.session_started()
             try:
                 await Session(stream, client_ip, ctx).run()
             except Exception:
                 logger.exception("session from %s failed", client_ip)
             finally:
-                metrics.session_ended()
+                if counting:
+                    metrics.session_ended()
                 generation.leave()
                 shared.clients.release(client_ip)
         finally:
@@ -332,7 +337,8 @@ _IGNORED_ERRORS = {
         "EPROTONOSUPPORT", "ETIMEDOUT", "ECONNRESET",
     ) if hasattr(errno, name)
 }
-_NOTSENT_LOWAT: int | None = getattr(socket, "TCP_NOTSENT_LOWAT", None)
+# Connections accepted in a row before the accept loop lets the other tasks run.
+_ACCEPT_BATCH = 16
 
 
 async def _accept_loop(
@@ -343,10 +349,70 @@ async def _accept_loop(
 ) -> None:
     """Accept connections into `nursery`, so that they outlive this loop when it is stopped.
 
-    A PROXY listener's connections start as trio SocketStreams (the header is read through
-    one); the others become a Stream at once, with the socket options trio's listener would
-    set, and the client's address from accept(): no SocketStream made only to be taken apart
-    (src/moxy/stream.py), no getpeername()."""
+    A plain listener's connections become a Stream at once, with TCP_NODELAY, and the client's
+    address from accept(): no SocketStream made only to be taken apart (src/moxy/stream.py), no
+    getpeername(). The listening socket is read directly: accept() until it would block, then
+    one wait for readiness; so a burst of connections costs one wake-up, not one each, and an
+    accepted socket costs no more system calls than it needs. A PROXY listener's connections
+    start as trio SocketStreams (the header is read through one)."""
+    sock = getattr(listener.socket, "_sock", None)  # the stdlib socket inside trio's
+    # socket.accept() without its wrapper, which reads the listener's family and type as
+    # enums for every connection: the accepted socket's are the listener's.
+    accept: Callable[[], tuple[int, Any]] | None = getattr(sock, "_accept", None)
+    if behind_proxy or type(sock) is not socket.socket or accept is None:
+        await _accept_trio(listener, handle, nursery, behind_proxy)
+        return
+    family, kind, proto = int(sock.family), int(sock.type), sock.proto
+    in_row = 0
+    while True:
+        try:
+            fd, address = accept()
+            conn = socket.socket(family, kind, proto, fd)
+        except BlockingIOError:
+            in_row = 0
+            await trio.lowlevel.wait_readable(sock)
+            continue
+        except OSError as exc:
+            await _accept_failed(exc)
+            in_row = 0
+            continue
+        # Blocking until Stream() makes it non-blocking (one system call, not two); the
+        # options are set before that, no I/O is done in between. (No contextlib.suppress:
+        # its frames cost more than the try.)
+        try:  # noqa: SIM105
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+        client_ip = str(address[0]) if isinstance(address, tuple) else str(address)
+        nursery.start_soon(handle, Stream(conn), client_ip)
+        in_row += 1
+        if in_row >= _ACCEPT_BATCH:  # a flood must not starve the sessions
+            in_row = 0
+            await trio.lowlevel.checkpoint()
+
+
+async def _accept_failed(exc: OSError) -> None:
+    """An accept error: ignored when it concerns that one connection, a 100 ms pause when out
+    of resources (file descriptors, memory), raised otherwise."""
+    if exc.errno in _IGNORED_ERRORS:
+        await trio.lowlevel.checkpoint()
+        return
+    if exc.errno == errno.EBADF:  # as trio.SocketListener.accept says it
+        raise trio.ClosedResourceError from None
+    if exc.errno not in _RESOURCE_ERRORS:
+        raise exc
+    logger.error("accept: %s; pausing 100 ms", exc.strerror)
+    await trio.sleep(0.1)
+
+
+async def _accept_trio(
+    listener: trio.SocketListener,
+    handle: Callable[[trio.SocketStream | Stream, str], Awaitable[None]],
+    nursery: trio.Nursery,
+    behind_proxy: bool,
+) -> None:
+    """Accept through trio's listener: a PROXY listener, or a trio without the stdlib socket
+    where `_accept_loop` looks for it."""
     tsock = listener.socket
     while True:
         stream: trio.SocketStream | Stream
@@ -356,31 +422,15 @@ async def _accept_loop(
                 stream, client_ip = proxied, _peer_ip(proxied)
             else:
                 conn, address = await tsock.accept()
-                stream = _plain_stream(conn)
+                sock = socket.socket(conn.family, conn.type, conn.proto, fileno=conn.detach())
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                stream = Stream(sock)
                 client_ip = str(address[0]) if isinstance(address, tuple) else str(address)
         except OSError as exc:
-            if exc.errno in _IGNORED_ERRORS:
-                continue
-            if exc.errno == errno.EBADF:  # as trio.SocketListener.accept says it
-                raise trio.ClosedResourceError from None
-            if exc.errno not in _RESOURCE_ERRORS:
-                raise
-            logger.error("accept: %s; pausing 100 ms", exc.strerror)
-            await trio.sleep(0.1)
+            await _accept_failed(exc)
             continue
         nursery.start_soon(handle, stream, client_ip)
-
-
-def _plain_stream(conn: trio.socket.SocketType) -> Stream:
-    """A Stream over an accepted trio socket, with TCP_NODELAY (and TCP_NOTSENT_LOWAT at 16
-    KiB) as trio.SocketStream sets them."""
-    sock = socket.socket(fileno=conn.detach())
-    with contextlib.suppress(OSError):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    if _NOTSENT_LOWAT is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, _NOTSENT_LOWAT, 2**14)
-    return Stream(sock)
 
 
 def _fmt(address: tuple[str, int]) -> str:

@@ -16,7 +16,6 @@ import trio
 
 from moxy.accounting import events as acct
 from moxy.context import ServerContext
-from moxy.leg_setup import ClientIdentity
 from moxy.lookup.base import BadRouteData, DestinationGroup, LookupFailed
 from moxy.relay import sender_routed
 from moxy.session_events import SessionEvents
@@ -281,8 +280,9 @@ class Session(SessionEvents):
         if settings is None or known is None or (known.helo, known.protocol) != (
             self.helo, protocol
         ):
-            identity = ClientIdentity(self.client_ip, self.helo, protocol)
-            settings = self._upstream = client_settings.get(self.ctx.upstream, identity)
+            settings = self._upstream = client_settings.get(
+                self.ctx.upstream, self.client_ip, self.helo, protocol
+            )
         return settings
 
     async def rcpt(self, address: str) -> Reply:
@@ -380,19 +380,34 @@ class Session(SessionEvents):
             self.transaction = None
 
     async def close(self) -> None:
-        with trio.CancelScope(shield=True):
-            # First, before anything that may wait: no leg may stay inside DATA.
-            for leg in self.legs.values():
-                if leg.in_data:
-                    await leg.drop()
-            # Clean connections go to the pool; the others get QUIT, within 5 s in all.
-            to_quit = [leg for leg in self.legs.values() if not leg.release() and leg.conn]
-            if to_quit:
-                with trio.move_on_after(5):
-                    for leg in to_quit:
-                        await leg.quit()
-            for leg in self.legs.values():
-                if leg.conn is not None:  # pooled or quit: nothing left to close
-                    await leg.drop()
-            self.ctx.drain.waiting.discard(self.stream)
-            await self.stream.aclose()
+        # Most sessions end with each leg clean (pooled now) or gone: then nothing waits.
+        for leg in self.legs.values():
+            if leg.conn is not None and (leg.in_data or not leg.release()):
+                with trio.CancelScope(shield=True):
+                    await self._close_legs()
+                break
+        self.ctx.drain.waiting.discard(self.stream)
+        stream = self.stream
+        if stream.ssl is None:
+            await stream.aclose()  # a plain socket closes at once, nothing waits
+        else:
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+
+    async def _close_legs(self) -> None:
+        """What `close` could not pool: the legs in DATA dropped, the others quit."""
+        # First, before anything that may wait: no leg may stay inside DATA.
+        for leg in self.legs.values():
+            if leg.in_data:
+                await leg.drop()
+        # Clean connections go to the pool; the others get QUIT, within 5 s in all.
+        to_quit = [leg for leg in self.legs.values() if not leg.release() and leg.conn]
+        if len(to_quit) == 1:  # its QUIT's write has a deadline of at most 5 s itself
+            await to_quit[0].quit()
+        elif to_quit:
+            with trio.move_on_after(5):
+                for leg in to_quit:
+                    await leg.quit()
+        for leg in self.legs.values():
+            if leg.conn is not None:  # pooled or quit: nothing left to close
+                await leg.drop()

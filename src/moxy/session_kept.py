@@ -45,24 +45,28 @@ def bye(hostname: str) -> Reply:
 
 class _ClientSettings:
     """The server's UpstreamSettings with a client's identity, kept for the clients seen
-    lately: attrs.evolve is slow, and most sessions come from clients seen before. Keyed by
-    the identity of the server's settings object (a reload makes a new one; its equality
-    ignores the pool, so it cannot be the key)."""
+    lately: attrs.evolve is slow, and most sessions come from clients seen before. Kept for
+    one server settings object at a time, by identity (a reload makes a new one; its
+    equality ignores the pool, so it cannot be the key), keyed by the identity's fields (no
+    ClientIdentity made, hashed and compared for a client seen before)."""
 
     LIMIT = 1024
 
     def __init__(self) -> None:
         self.base: UpstreamSettings | None = None
-        self.made: dict[ClientIdentity, UpstreamSettings] = {}
+        self.made: dict[tuple[str, str, str], UpstreamSettings] = {}
 
-    def get(self, base: UpstreamSettings, identity: ClientIdentity) -> UpstreamSettings:
+    def get(self, base: UpstreamSettings, address: str, helo: str,
+            protocol: str) -> UpstreamSettings:
         if base is not self.base:
             self.base, self.made = base, {}
-        settings = self.made.get(identity)
+        key = (address, helo, protocol)
+        settings = self.made.get(key)
         if settings is None:
             if len(self.made) >= self.LIMIT:
                 self.made = {}
-            settings = self.made[identity] = attrs.evolve(base, client=identity)
+            identity = ClientIdentity(address, helo, protocol)
+            settings = self.made[key] = attrs.evolve(base, client=identity)
         return settings
 
 

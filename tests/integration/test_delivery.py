@@ -182,6 +182,18 @@ async def test_client_quit_sends_quit_to_every_leg_without_the_pool(
     await eventually(lambda: first.connections[0].quit and second.connections[0].quit, what="QUIT")
 
 
+async def test_client_quit_sends_quit_to_its_one_leg_without_the_pool(
+    moxy: StartMoxy, make_recorder: MakeRecorder
+) -> None:
+    """One leg to quit: Session.close sends its QUIT without the 5 s scope of several."""
+    upstream = make_recorder()
+    server = await moxy({"example.org": upstream}, limits={"idle_upstreams": 0})
+    outcome = await send_one(server, ["a@example.org"])
+    assert outcome.final is not None and outcome.final.code == 250, outcome.transcript
+    await eventually(lambda: upstream.connections[0].quit, what="QUIT")
+    assert len(upstream.delivered) == 1
+
+
 async def test_helo_fallback_when_the_upstream_refuses_ehlo(
     moxy: StartMoxy, make_recorder: MakeRecorder
 ) -> None:

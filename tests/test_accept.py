@@ -1,0 +1,108 @@
+"""The accept loop of a plain listener (src/moxy/server.py): a burst of connections accepted in
+batches from one wake-up, each a non-blocking Stream with TCP_NODELAY and the client's
+address; out of file descriptors, it pauses and goes on; session ids stay unique."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import resource
+import socket
+
+import pytest
+import trio
+
+from moxy.server import _ACCEPT_BATCH, _accept_loop
+from moxy.stream import Stream
+from moxy.trace import new_session_id
+
+
+async def _listener() -> tuple[trio.SocketListener, tuple[str, int]]:
+    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    host, port = listener.socket.getsockname()[:2]
+    return listener, (host, port)
+
+
+async def test_a_burst_is_accepted_in_batches() -> None:
+    listener, address = await _listener()
+    count = 2 * _ACCEPT_BATCH + 5
+    clients = [socket.create_connection(address) for _ in range(count)]  # queued, not accepted
+    seen: list[tuple[Stream, str]] = []
+    tasks_at_first: list[int] = []
+    done = trio.Event()
+    try:
+        async with trio.open_nursery() as nursery:
+
+            async def handle(stream: trio.SocketStream | Stream, client_ip: str) -> None:
+                assert isinstance(stream, Stream)
+                if not seen:  # the loop accepted a whole batch before any session ran
+                    tasks_at_first.append(len(nursery.child_tasks))
+                seen.append((stream, client_ip))
+                if len(seen) == count:
+                    done.set()
+
+            nursery.start_soon(_accept_loop, listener, handle, nursery)
+            with trio.fail_after(10):
+                await done.wait()
+            nursery.cancel_scope.cancel()
+        assert tasks_at_first[0] >= _ACCEPT_BATCH
+        for stream, client_ip in seen:
+            assert client_ip == "127.0.0.1"
+            assert stream.socket.getblocking() is False
+            assert stream.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+        # Each Stream is the client's connection: bytes go through.
+        stream, _ = seen[0]
+        peers = {c.getsockname(): c for c in clients}
+        peer = peers[stream.socket.getpeername()]
+        await stream.send(b"220 hi\r\n", trio.current_time() + 5)
+        assert peer.recv(100) == b"220 hi\r\n"
+        for stream, _ in seen:
+            await stream.aclose()
+    finally:
+        for c in clients:
+            c.close()
+        await listener.aclose()
+
+
+async def test_out_of_file_descriptors_pauses_then_accepts(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    listener, address = await _listener()
+    client = socket.create_connection(address)
+    seen: list[str] = []
+    limits = resource.getrlimit(resource.RLIMIT_NOFILE)
+    lowest = os.dup(0)  # the descriptor accept() would get
+    os.close(lowest)
+    caplog.set_level(logging.ERROR, logger="moxy")
+    try:
+        async with trio.open_nursery() as nursery:
+
+            async def handle(stream: trio.SocketStream | Stream, client_ip: str) -> None:
+                seen.append(client_ip)
+                await stream.aclose()
+
+            resource.setrlimit(resource.RLIMIT_NOFILE, (lowest, limits[1]))
+            try:
+                nursery.start_soon(_accept_loop, listener, handle, nursery)
+                with trio.fail_after(10):
+                    while "pausing 100 ms" not in caplog.text:
+                        await trio.sleep(0.01)
+                assert seen == []
+            finally:
+                resource.setrlimit(resource.RLIMIT_NOFILE, limits)
+            with trio.fail_after(10):  # the connection waited in the backlog meanwhile
+                while not seen:
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+        assert seen == ["127.0.0.1"]
+        assert "accept: Too many open files; pausing 100 ms" in caplog.text
+    finally:
+        client.close()
+        await listener.aclose()
+
+
+def test_session_ids_are_unique_and_short() -> None:
+    ids = [new_session_id() for _ in range(1000)]
+    assert len(set(ids)) == len(ids)
+    assert all(re.fullmatch(r"[0-9A-F]{12}", i) for i in ids)
