@@ -1,4 +1,4 @@
-"""The accept loop of a plain listener (src/moxy/server.py): a burst of connections accepted in
+"""The accept loop of a plain listener (src/moxy/accept.py): a burst of connections accepted in
 batches from one wake-up, each a non-blocking Stream with TCP_NODELAY and the client's
 address; out of file descriptors, it pauses and goes on; session ids stay unique."""
 
@@ -13,7 +13,7 @@ import socket
 import pytest
 import trio
 
-from moxy.server import _ACCEPT_BATCH, _accept_loop
+from moxy.accept import ACCEPT_BATCH, accept_loop
 from moxy.stream import Stream
 from moxy.trace import new_session_id
 
@@ -26,7 +26,7 @@ async def _listener() -> tuple[trio.SocketListener, tuple[str, int]]:
 
 async def test_a_burst_is_accepted_in_batches() -> None:
     listener, address = await _listener()
-    count = 2 * _ACCEPT_BATCH + 5
+    count = 2 * ACCEPT_BATCH + 5
     clients = [socket.create_connection(address) for _ in range(count)]  # queued, not accepted
     seen: list[tuple[Stream, str]] = []
     tasks_at_first: list[int] = []
@@ -42,11 +42,11 @@ async def test_a_burst_is_accepted_in_batches() -> None:
                 if len(seen) == count:
                     done.set()
 
-            nursery.start_soon(_accept_loop, listener, handle, nursery)
+            nursery.start_soon(accept_loop, listener, handle, nursery)
             with trio.fail_after(10):
                 await done.wait()
             nursery.cancel_scope.cancel()
-        assert tasks_at_first[0] >= _ACCEPT_BATCH
+        assert tasks_at_first[0] >= ACCEPT_BATCH
         for stream, client_ip in seen:
             assert client_ip == "127.0.0.1"
             assert stream.socket.getblocking() is False
@@ -84,7 +84,7 @@ async def test_out_of_file_descriptors_pauses_then_accepts(
 
             resource.setrlimit(resource.RLIMIT_NOFILE, (lowest, limits[1]))
             try:
-                nursery.start_soon(_accept_loop, listener, handle, nursery)
+                nursery.start_soon(accept_loop, listener, handle, nursery)
                 with trio.fail_after(10):
                     while "pausing 100 ms" not in caplog.text:
                         await trio.sleep(0.01)

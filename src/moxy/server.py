@@ -8,18 +8,17 @@ through src/moxy/daemon.py (logging, signals, workers, privileges).
 from __future__ import annotations
 
 import contextlib
-import errno
 import ipaddress
 import logging
 import math
 import socket
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import trio
 
 from moxy import control, metrics_http
+from moxy.accept import accept_loop
 from moxy.accounting import events as acct
 from moxy.accounting.dispatch import Accounting
 from moxy.clientlimits import ClientLimiter
@@ -37,14 +36,6 @@ from moxy.smtp.replies import Reply
 from moxy.stream import Stream, StreamBroken, StreamTimeout
 
 logger = logging.getLogger("moxy")
-
-
-def _peer_ip(stream: trio.SocketStream) -> str:
-    try:
-        peer = stream.socket.getpeername()
-    except OSError:
-        return "unknown"
-    return str(peer[0]) if isinstance(peer, tuple) else str(peer)
 
 
 async def serve(
@@ -181,7 +172,7 @@ async def serve(
         with accepting:
             async with trio.open_nursery() as acceptors:
                 for listener in listeners:
-                    acceptors.start_soon(_accept_loop, listener, handle, nursery,
+                    acceptors.start_soon(accept_loop, listener, handle, nursery,
                                          listener in proxied)
 
     async def drain(shutdown: trio.Event, nursery: trio.Nursery) -> None:
@@ -324,113 +315,6 @@ async def _proxied_client(stream: trio.SocketStream, peer: str, config: Config) 
         logger.warning("PROXY listener: connection from %s refused: %s", peer, exc)
         return ""
     return header.source or peer
-
-
-# Accept errors that mean "out of resources for now", as trio.serve_listeners treats them.
-_RESOURCE_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
-# Accept errors about that one connection (gone before it was accepted, refused by a
-# firewall...): trio.SocketListener.accept ignores the same.
-_IGNORED_ERRORS = {
-    getattr(errno, name) for name in (
-        "EPERM", "ECONNABORTED", "EPROTO", "ENETDOWN", "ENOPROTOOPT", "EHOSTDOWN", "ENONET",
-        "EHOSTUNREACH", "EOPNOTSUPP", "ENETUNREACH", "ENOSR", "ESOCKTNOSUPPORT",
-        "EPROTONOSUPPORT", "ETIMEDOUT", "ECONNRESET",
-    ) if hasattr(errno, name)
-}
-# Connections accepted in a row before the accept loop lets the other tasks run.
-_ACCEPT_BATCH = 16
-
-
-async def _accept_loop(
-    listener: trio.SocketListener,
-    handle: Callable[[trio.SocketStream | Stream, str], Awaitable[None]],
-    nursery: trio.Nursery,
-    behind_proxy: bool = False,
-) -> None:
-    """Accept connections into `nursery`, so that they outlive this loop when it is stopped.
-
-    A plain listener's connections become a Stream at once, with TCP_NODELAY, and the client's
-    address from accept(): no SocketStream made only to be taken apart (src/moxy/stream.py), no
-    getpeername(). The listening socket is read directly: accept() until it would block, then
-    one wait for readiness; so a burst of connections costs one wake-up, not one each, and an
-    accepted socket costs no more system calls than it needs. A PROXY listener's connections
-    start as trio SocketStreams (the header is read through one)."""
-    sock = getattr(listener.socket, "_sock", None)  # the stdlib socket inside trio's
-    # socket.accept() without its wrapper, which reads the listener's family and type as
-    # enums for every connection: the accepted socket's are the listener's.
-    accept: Callable[[], tuple[int, Any]] | None = getattr(sock, "_accept", None)
-    if behind_proxy or type(sock) is not socket.socket or accept is None:
-        await _accept_trio(listener, handle, nursery, behind_proxy)
-        return
-    family, kind, proto = int(sock.family), int(sock.type), sock.proto
-    in_row = 0
-    while True:
-        try:
-            fd, address = accept()
-            conn = socket.socket(family, kind, proto, fd)
-        except BlockingIOError:
-            in_row = 0
-            await trio.lowlevel.wait_readable(sock)
-            continue
-        except OSError as exc:
-            await _accept_failed(exc)
-            in_row = 0
-            continue
-        # Blocking until Stream() makes it non-blocking (one system call, not two); the
-        # options are set before that, no I/O is done in between. (No contextlib.suppress:
-        # its frames cost more than the try.)
-        try:  # noqa: SIM105
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass
-        client_ip = str(address[0]) if isinstance(address, tuple) else str(address)
-        nursery.start_soon(handle, Stream(conn), client_ip)
-        in_row += 1
-        if in_row >= _ACCEPT_BATCH:  # a flood must not starve the sessions
-            in_row = 0
-            await trio.lowlevel.checkpoint()
-
-
-async def _accept_failed(exc: OSError) -> None:
-    """An accept error: ignored when it concerns that one connection, a 100 ms pause when out
-    of resources (file descriptors, memory), raised otherwise."""
-    if exc.errno in _IGNORED_ERRORS:
-        await trio.lowlevel.checkpoint()
-        return
-    if exc.errno == errno.EBADF:  # as trio.SocketListener.accept says it
-        raise trio.ClosedResourceError from None
-    if exc.errno not in _RESOURCE_ERRORS:
-        raise exc
-    logger.error("accept: %s; pausing 100 ms", exc.strerror)
-    await trio.sleep(0.1)
-
-
-async def _accept_trio(
-    listener: trio.SocketListener,
-    handle: Callable[[trio.SocketStream | Stream, str], Awaitable[None]],
-    nursery: trio.Nursery,
-    behind_proxy: bool,
-) -> None:
-    """Accept through trio's listener: a PROXY listener, or a trio without the stdlib socket
-    where `_accept_loop` looks for it."""
-    tsock = listener.socket
-    while True:
-        stream: trio.SocketStream | Stream
-        try:
-            if behind_proxy:
-                proxied = await listener.accept()
-                stream, client_ip = proxied, _peer_ip(proxied)
-            else:
-                conn, address = await tsock.accept()
-                sock = socket.socket(conn.family, conn.type, conn.proto, fileno=conn.detach())
-                with contextlib.suppress(OSError):
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                stream = Stream(sock)
-                client_ip = str(address[0]) if isinstance(address, tuple) else str(address)
-        except OSError as exc:
-            await _accept_failed(exc)
-            continue
-        nursery.start_soon(handle, stream, client_ip)
 
 
 def _fmt(address: tuple[str, int]) -> str:
