@@ -1,4 +1,5 @@
-"""The file sink on its own: a full disk, reopening a moved file, standard error."""
+"""The file sink on its own: a full disk, reopening a moved file, standard error (lines are
+written by its own thread: `aclose` waits for them)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 from moxy.accounting.events import DeliveryEvent
 from moxy.accounting.filesink import FileSink
 from moxy.accounting.settings import FileSinkSettings
+from peers.waiting import eventually
 
 EVENT = DeliveryEvent(
     kind="message", session_id="S1", message_id="S1.1", client_ip="192.0.2.7", helo="c.test",
@@ -35,6 +37,8 @@ async def test_reopen_follows_a_moved_file(tmp_path: Path) -> None:
     path = tmp_path / "events.jsonl"
     sink = FileSink(FileSinkSettings(path, format="json"))
     await sink.write([EVENT])
+    # The writer thread has written it (and so opened the file) before logrotate moves it.
+    await eventually(lambda: sink.stats().backlog == 0, what="the first line written")
     path.rename(tmp_path / "events.jsonl.1")
     await sink.write([EVENT])  # still the old file, as until logrotate's signal
     await sink.reopen()

@@ -1,8 +1,11 @@
 """The accounting dispatcher: sessions hand it events, it hands them to every configured sink.
 
-`emit` never blocks: each sink has its own bounded queue and its own task, so a slow or dead
-sink delays neither mail nor the other sinks; what its queue cannot hold is counted and logged
-(once per outage). At shutdown every sink gets a bounded time to write what is queued.
+`emit` never blocks and wakes nothing: it appends the event to each sink's bounded list. One
+clock task looks at the lists every WINDOW seconds and wakes the task of each sink with events
+waiting (a full batch wakes it at once); so a sink costs a wake-up per batch, not per message.
+A slow or dead sink delays neither mail nor the other sinks; what its list cannot hold is
+counted and logged (once per outage). At shutdown every sink gets a bounded time to write
+what is queued.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from typing import Any, cast
 import trio
 
 from moxy.accounting.base import Sink, SinkStats
-from moxy.accounting.events import DeliveryEvent
+from moxy.accounting.events import DeliveryEvent, discard
 from moxy.accounting.filesink import FileSink
 from moxy.accounting.settings import RedisSinkSettings, SyslogSinkSettings
 from moxy.accounting.syslog import SyslogSink
@@ -26,7 +29,9 @@ logger = logging.getLogger("moxy.accounting")
 
 BATCH = 512  # events per Sink.write
 TICK = 1.0  # seconds between Sink.tick calls
-GATHER_STEP = 0.05  # seconds between looks at a gathering queue (see _feed)
+# Seconds between the clock's looks: events reach a sink within about this time. Every trio
+# timer costs as much as writing a few hundred log lines, so there is one, for all sinks.
+WINDOW = 0.5
 FLUSH_TIMEOUT = 5.0  # seconds every sink gets at shutdown to write its queue and close
 
 
@@ -35,21 +40,51 @@ class _Lane:
 
     def __init__(self, sink: Sink, size: int) -> None:
         self.sink = sink
-        self.send, self.receive = trio.open_memory_channel[DeliveryEvent](size)
+        self.queue: list[DeliveryEvent] = []  # swapped for a new list when its task takes it
         self.size = size
+        gather = getattr(sink, "gather", None)
+        self.gather = WINDOW if gather is None else float(gather)
+        # A full batch (or half the queue) wakes the task before its gathering time is up;
+        # a sink that gathers nothing is woken by every event.
+        self.wake_at = 1 if self.gather <= 0 else max(1, min(BATCH, size // 2))
+        self.next_look = 0.0  # when the clock wakes the task for what has gathered
+        self.next_tick = 0.0  # when the clock wakes it for Sink.tick
         self.dropped = 0  # events its full (or closed) queue refused
         self.overflowing = False  # in an outage: dropping since the last catch-up
         self.failing = False  # the sink raised (a bug) since its last good write
         self.reopen = False
         self.stopping = False
-        self.waiting: trio.CancelScope | None = None  # the wait for events, to wake it
+        self.closed = False  # its task has ended: what comes now is dropped
+        self.parked: trio.lowlevel.Task | None = None  # its task, while it waits to be woken
 
     def wake(self) -> None:
-        if self.waiting is not None:
-            self.waiting.cancel()
+        task = self.parked
+        if task is not None:
+            self.parked = None
+            trio.lowlevel.reschedule(task)
+
+    async def park(self) -> None:
+        """Wait for `wake` (a plain reschedule: no cancel scope, no timer)."""
+        self.parked = trio.lowlevel.current_task()
+
+        def abort(_: object) -> trio.lowlevel.Abort:
+            self.parked = None
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
 
     def queued(self) -> int:
-        return self.send.statistics().current_buffer_used
+        return len(self.queue)
+
+    def take(self) -> list[DeliveryEvent]:
+        """Up to BATCH events, oldest first."""
+        queue = self.queue
+        if len(queue) <= BATCH:
+            self.queue = []
+            return queue
+        batch = queue[:BATCH]
+        del queue[:BATCH]
+        return batch
 
 
 class Accounting:
@@ -60,6 +95,8 @@ class Accounting:
         if len(set(names)) != len(names):
             raise ValueError(f"accounting sinks need distinct names, got {names}")
         self.lanes = [_Lane(sink, queue) for sink in sinks]
+        # Without sinks, `emit` is `events.discard`, which tells sessions to make no events.
+        self.emit: Callable[[DeliveryEvent], None] = self._emit if self.lanes else discard
 
     @classmethod
     def from_config(cls, config: Config) -> Accounting:
@@ -67,18 +104,21 @@ class Accounting:
         return cls([build_sink(name, config) for name in config.accounting.sinks],
                    config.accounting.queue)
 
-    def emit(self, event: DeliveryEvent) -> None:
+    def _emit(self, event: DeliveryEvent) -> None:
         for lane in self.lanes:
-            try:
-                lane.send.send_nowait(event)
-            except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
-                lane.dropped += 1
-                if not lane.overflowing:
-                    lane.overflowing = True
-                    logger.error(
-                        "accounting sink %s is not keeping up (%d events queued): dropping "
-                        "events until it catches up", lane.sink.name, lane.size,
-                    )
+            queue = lane.queue
+            if len(queue) < lane.size and not lane.closed:
+                queue.append(event)
+                if len(queue) == lane.wake_at and lane.parked is not None:
+                    lane.wake()
+                continue
+            lane.dropped += 1
+            if not lane.overflowing:
+                lane.overflowing = True
+                logger.error(
+                    "accounting sink %s is not keeping up (%d events queued): dropping "
+                    "events until it catches up", lane.sink.name, lane.size,
+                )
 
     def reopen(self) -> None:
         """SIGUSR1: every sink reopens its files before it writes again."""
@@ -111,55 +151,56 @@ class Accounting:
 
     async def _lanes(self, stopping: trio.Event) -> None:
         with trio.CancelScope(shield=True) as scope:
-            async with trio.open_nursery() as nursery:
-                for lane in self.lanes:
-                    nursery.start_soon(self._feed, lane)
-                await stopping.wait()
-                scope.deadline = trio.current_time() + FLUSH_TIMEOUT
-                for lane in self.lanes:
-                    lane.stopping = True
+            async with trio.open_nursery() as outer:
+                outer.start_soon(self._clock)
+                async with trio.open_nursery() as feeds:
+                    for lane in self.lanes:
+                        feeds.start_soon(self._feed, lane)
+                    await stopping.wait()
+                    scope.deadline = trio.current_time() + FLUSH_TIMEOUT
+                    for lane in self.lanes:
+                        lane.stopping = True
+                        lane.wake()
+                outer.cancel_scope.cancel()  # every sink is closed: the clock too
+
+    async def _clock(self) -> None:
+        """Every WINDOW: wake each sink's task that has events gathered long enough, or a
+        tick due."""
+        while True:
+            await trio.sleep(WINDOW)
+            now = trio.current_time()
+            for lane in self.lanes:
+                if (lane.queue and now >= lane.next_look) or now >= lane.next_tick:
                     lane.wake()
 
     async def _feed(self, lane: _Lane) -> None:
-        """One sink's task: batches to `write`, `tick` about once a second, `reopen` when
-        asked; once stopping, what is queued is written and the sink closed."""
+        """One sink's task: what has gathered goes to `write` in batches when the clock (or a
+        full batch) wakes it; `tick` about once a second, `reopen` when asked; once stopping,
+        what is queued is written and the sink closed."""
         sink = lane.sink
-        # A sink that writes on its own schedule anyway (counters every flush_interval) lets
-        # events gather for `gather` seconds after the first, bounded by the next tick and by
-        # BATCH events: one wake-up of this task per batch instead of one per message.
-        gather = float(getattr(sink, "gather", 0.0))
-        next_tick = trio.current_time() + TICK
+        lane.next_tick = trio.current_time() + TICK
         try:
             while True:
-                batch: list[DeliveryEvent] = []
-                if not lane.stopping and not lane.reopen:
-                    with trio.move_on_at(next_tick) as lane.waiting:
-                        batch.append(await lane.receive.receive())
-                        if gather:
-                            until = min(next_tick, trio.current_time() + gather)
-                            while lane.queued() < BATCH and trio.current_time() < until:
-                                await trio.sleep(min(GATHER_STEP, until - trio.current_time()))
-                    lane.waiting = None
+                if not (lane.stopping or lane.reopen or len(lane.queue) >= lane.wake_at):
+                    await lane.park()
                 if lane.reopen:
                     lane.reopen = False
                     await self._call(lane, sink.reopen, "reopen")
-                while len(batch) < BATCH:
-                    try:
-                        batch.append(lane.receive.receive_nowait())
-                    except trio.WouldBlock:
-                        break
-                if batch:
-                    await self._write(lane, batch)
-                elif lane.stopping:
+                # Gathering starts again after a write: at most one write per `gather`.
+                lane.next_look = trio.current_time() + lane.gather - WINDOW / 2
+                while lane.queue:
+                    await self._write(lane, lane.take())
+                if lane.stopping:
                     break
-                if trio.current_time() >= next_tick:
+                if trio.current_time() >= lane.next_tick:
                     await self._call(lane, sink.tick, "tick")
-                    next_tick = trio.current_time() + TICK
+                    lane.next_tick = trio.current_time() + TICK
             await self._call(lane, sink.aclose, "close")
         finally:
-            left = lane.queued()
             # Events emitted from now on count as dropped instead of waiting forever.
-            lane.receive.close()
+            lane.closed = True
+            left = len(lane.queue)
+            lane.queue = []
             if left:
                 lane.dropped += left
                 logger.error("accounting sink %s: %d events not written at shutdown (gave up "
