@@ -109,10 +109,11 @@ def measure(args: argparse.Namespace, name: str, reuse: bool, pool: int, sink_po
             if args.callgrind:
                 subprocess.run(["callgrind_control", "-z", str(moxy.pid)], check=True,
                                stdout=subprocess.DEVNULL)
-                smtp_source(moxy.port, args.messages, 100, reuse, f"u@{ROUTE}",
-                            sessions=sessions)
+                took = smtp_source(moxy.port, args.messages, 100, reuse, f"u@{ROUTE}",
+                                   sessions=sessions)
                 per_message = instructions(moxy.pid, workdir) / args.messages
-                print(f"{name:22s} {per_message / 1e6:6.3f} M instructions/msg", flush=True)
+                print(f"{name:22s} {per_message / 1e6:6.3f} M instructions/msg "
+                      f"({args.messages / took:.0f} msg/s under valgrind)", flush=True)
                 return per_message
             user0, sys0 = process_cpu(moxy.pid)
             took = smtp_source(moxy.port, args.messages, 100, reuse, f"u@{ROUTE}")

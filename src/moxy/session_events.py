@@ -8,7 +8,10 @@ Two events per message are on the hot path: each is one tuple made from the sess
 
 from __future__ import annotations
 
+import functools
 import time
+from collections.abc import Callable
+from typing import Any
 
 from moxy.accounting import events as acct
 from moxy.accounting.events import DeliveryEvent, discard
@@ -18,7 +21,8 @@ from moxy.smtp.replies import Reply
 from moxy.transaction import Transaction
 from moxy.upstream import Leg
 
-_make = DeliveryEvent.make
+# DeliveryEvent.make without its Python frame: the 18 fields as one tuple.
+_make: Callable[[tuple[Any, ...]], DeliveryEvent] = functools.partial(tuple.__new__, DeliveryEvent)
 
 # str(group) per group object, by id (the entry holds the group, so the id stays its own):
 # the route cache hands out the same group objects message after message.

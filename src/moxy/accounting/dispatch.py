@@ -1,11 +1,11 @@
 """The accounting dispatcher: sessions hand it events, it hands them to every configured sink.
 
-`emit` never blocks and wakes nothing: it appends the event to each sink's bounded list. One
-clock task looks at the lists every WINDOW seconds and wakes the task of each sink with events
-waiting (a full batch wakes it at once); so a sink costs a wake-up per batch, not per message.
-A slow or dead sink delays neither mail nor the other sinks; what its list cannot hold is
-counted and logged (once per outage). At shutdown every sink gets a bounded time to write
-what is queued.
+`emit` never blocks and wakes nothing: it appends the event to one list. One clock task takes
+that list every WINDOW seconds (or as soon as a batch is full), adds it to each sink's bounded
+queue and wakes each sink's task with events gathered long enough; so a sink costs a wake-up
+per batch, not per message. A slow or dead sink delays neither mail nor the other sinks; what
+its queue cannot hold is counted and logged (once per outage). At shutdown every sink gets a
+bounded time to write what is queued.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ logger = logging.getLogger("moxy.accounting")
 BATCH = 512  # events per Sink.write
 TICK = 1.0  # seconds between Sink.tick calls
 # Seconds between the clock's looks: events reach a sink within about this time. Every trio
-# timer costs as much as writing a few hundred log lines, so there is one, for all sinks.
+# timer costs as much as writing a few log lines, so there is one, for all sinks.
 WINDOW = 0.5
 FLUSH_TIMEOUT = 5.0  # seconds every sink gets at shutdown to write its queue and close
 
@@ -42,11 +42,7 @@ class _Lane:
         self.sink = sink
         self.queue: list[DeliveryEvent] = []  # swapped for a new list when its task takes it
         self.size = size
-        gather = getattr(sink, "gather", None)
-        self.gather = WINDOW if gather is None else float(gather)
-        # A full batch (or half the queue) wakes the task before its gathering time is up;
-        # a sink that gathers nothing is woken by every event.
-        self.wake_at = 1 if self.gather <= 0 else max(1, min(BATCH, size // 2))
+        self.gather = max(WINDOW, float(getattr(sink, "gather", 0.0)))
         self.next_look = 0.0  # when the clock wakes the task for what has gathered
         self.next_tick = 0.0  # when the clock wakes it for Sink.tick
         self.dropped = 0  # events its full (or closed) queue refused
@@ -73,6 +69,23 @@ class _Lane:
 
         await trio.lowlevel.wait_task_rescheduled(abort)
 
+    def add(self, events: list[DeliveryEvent]) -> None:
+        """What the clock took from the intake; beyond `size` queued, dropped and counted."""
+        queue = self.queue
+        room = 0 if self.closed else self.size - len(queue)
+        if len(events) <= room:
+            queue += events
+            return
+        if room > 0:
+            queue += events[:room]
+        self.dropped += len(events) - max(room, 0)
+        if not self.overflowing:
+            self.overflowing = True
+            logger.error(
+                "accounting sink %s is not keeping up (%d events queued): dropping events "
+                "until it catches up", self.sink.name, self.size,
+            )
+
     def queued(self) -> int:
         return len(self.queue)
 
@@ -95,6 +108,13 @@ class Accounting:
         if len(set(names)) != len(names):
             raise ValueError(f"accounting sinks need distinct names, got {names}")
         self.lanes = [_Lane(sink, queue) for sink in sinks]
+        self.size = queue
+        # Events emitted since the clock's last look; a full batch (or half a queue) wakes it.
+        self._intake: list[DeliveryEvent] = []
+        self._wake_at = max(1, min(BATCH, queue // 2))
+        self._lost = 0  # events the intake itself refused (the loop is far behind, or stopped)
+        self._clock_wait: trio.CancelScope | None = None
+        self._stopped = False
         # Without sinks, `emit` is `events.discard`, which tells sessions to make no events.
         self.emit: Callable[[DeliveryEvent], None] = self._emit if self.lanes else discard
 
@@ -105,20 +125,25 @@ class Accounting:
                    config.accounting.queue)
 
     def _emit(self, event: DeliveryEvent) -> None:
-        for lane in self.lanes:
-            queue = lane.queue
-            if len(queue) < lane.size and not lane.closed:
-                queue.append(event)
-                if len(queue) == lane.wake_at and lane.parked is not None:
-                    lane.wake()
-                continue
-            lane.dropped += 1
-            if not lane.overflowing:
-                lane.overflowing = True
-                logger.error(
-                    "accounting sink %s is not keeping up (%d events queued): dropping "
-                    "events until it catches up", lane.sink.name, lane.size,
-                )
+        intake = self._intake
+        if len(intake) < self._wake_at:
+            intake.append(event)
+        else:
+            self._crowded(event)
+
+    def _crowded(self, event: DeliveryEvent) -> None:
+        """A batch has gathered before the clock's look: wake it. The intake holds at most a
+        queue's worth: beyond, the event is lost for every sink (counted as their drop)."""
+        if self._clock_wait is not None:
+            self._clock_wait.cancel()
+            self._clock_wait = None
+        if len(self._intake) < self.size and not self._stopped:
+            self._intake.append(event)
+            return
+        self._lost += 1
+        if self._lost == 1 or self._lost % 10_000 == 0:
+            logger.error("accounting: %d events lost before reaching any sink (the event loop "
+                         "is far behind, or accounting has stopped)", self._lost)
 
     def reopen(self) -> None:
         """SIGUSR1: every sink reopens its files before it writes again."""
@@ -129,10 +154,14 @@ class Accounting:
     def stats(self) -> dict[str, SinkStats]:
         """Per sink: events waiting (in its queue, or held by the sink) and events lost."""
         out = {}
+        waiting, lost = len(self._intake), self._lost
+        if self._stopped:
+            waiting, lost = 0, lost + waiting
         for lane in self.lanes:
             own = _sink_stats(lane)
             out[lane.sink.name] = SinkStats(
-                backlog=lane.queued() + own.backlog, dropped=lane.dropped + own.dropped
+                backlog=waiting + lane.queued() + own.backlog,
+                dropped=lost + lane.dropped + own.dropped,
             )
         return out
 
@@ -140,6 +169,9 @@ class Accounting:
         """Feed the sinks until cancelled; then give them FLUSH_TIMEOUT to write what is
         queued and close (the lanes are shielded, so they finish even though this task was
         cancelled)."""
+        if not self.lanes:  # no sinks: no tasks, no clock
+            task_status.started()
+            await trio.sleep_forever()
         stopping = trio.Event()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._lanes, stopping)
@@ -158,19 +190,34 @@ class Accounting:
                         feeds.start_soon(self._feed, lane)
                     await stopping.wait()
                     scope.deadline = trio.current_time() + FLUSH_TIMEOUT
+                    self._take_intake()  # the last sessions' events
                     for lane in self.lanes:
                         lane.stopping = True
                         lane.wake()
                 outer.cancel_scope.cancel()  # every sink is closed: the clock too
+            self._stopped = True
+
+    def _take_intake(self) -> None:
+        intake = self._intake
+        if intake:
+            events = intake.copy()  # `emit` appends to this very list: emptied, not replaced
+            intake.clear()
+            for lane in self.lanes:
+                lane.add(events)
 
     async def _clock(self) -> None:
-        """Every WINDOW: wake each sink's task that has events gathered long enough, or a
-        tick due."""
+        """Every WINDOW (sooner when a batch has gathered): the intake to the sinks' queues,
+        and a wake-up for each sink's task with events gathered long enough, or a tick due."""
         while True:
-            await trio.sleep(WINDOW)
+            with trio.CancelScope(deadline=trio.current_time() + WINDOW) as self._clock_wait:
+                await trio.sleep_forever()
+            self._clock_wait = None
+            self._take_intake()
             now = trio.current_time()
             for lane in self.lanes:
-                if (lane.queue and now >= lane.next_look) or now >= lane.next_tick:
+                queued = len(lane.queue)
+                if ((queued and (now >= lane.next_look or queued >= self._wake_at))
+                        or now >= lane.next_tick):
                     lane.wake()
 
     async def _feed(self, lane: _Lane) -> None:
@@ -181,7 +228,7 @@ class Accounting:
         lane.next_tick = trio.current_time() + TICK
         try:
             while True:
-                if not (lane.stopping or lane.reopen or len(lane.queue) >= lane.wake_at):
+                if not (lane.stopping or lane.reopen):
                     await lane.park()
                 if lane.reopen:
                     lane.reopen = False

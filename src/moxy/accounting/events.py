@@ -48,6 +48,7 @@ def tls_field(tls: str) -> str:
 # them reuse it (strftime and gmtime once a second, not once per event).
 _last_second = -1
 _last_stamp = ""
+_MILLIS = [f".{n:03d}Z" for n in range(1000)]
 
 
 def format_time(when: float) -> str:
@@ -57,7 +58,7 @@ def format_time(when: float) -> str:
     if second != _last_second or when < 0:
         _last_stamp = _time.strftime("%Y-%m-%dT%H:%M:%S", _time.gmtime(when))
         _last_second = second
-    return f"{_last_stamp}.{int(when * 1000) % 1000:03d}Z"
+    return _last_stamp + _MILLIS[int(when * 1000) % 1000]
 
 
 class _Fields(NamedTuple):
@@ -142,24 +143,49 @@ class DeliveryEvent(_Fields):
 
 
 def log_line(event: DeliveryEvent) -> str:
-    """The text form of one event, without the line break: one f-string, fields unpacked."""
-    (kind, session_id, message_id, client_ip, helo, mail_from, recipients, destination, route,
-     size, code, reply, stage, duration, node, reason, tls, when) = event
-    if "\n" in reply or '"' in reply:
-        reply = reply.replace("\n", " ").replace('"', "'")
-    to = ",".join([f"<{r}>" for r in recipients]) if recipients else "-"
-    return (
-        f"{format_time(when)} {kind} node={node or '-'} session={session_id}"
-        f" id={message_id or '-'} client={client_ip} helo={helo or '-'} from=<{mail_from}>"
-        f" to={to} dest={destination} route={route or '-'} size={size} code={code}"
-        f" stage={stage} reason={reason or '-'} tls={tls_field(tls) if tls else '-'}"
-        f' duration={duration:.3f} reply="{reply}"'
-    )
+    """The text form of one event, without the line break."""
+    return log_lines((event,))[:-1]
 
 
 def log_lines(batch: Iterable[DeliveryEvent]) -> str:
-    """Text lines of a batch, each ending in a line break: what the file sink writes."""
-    return "".join([log_line(event) + "\n" for event in batch])
+    """Text lines of a batch, each ending in a line break: what the file sink writes.
+
+    The hot part of the message log, so it does per event only what differs from the event
+    before: a message's leg and message events (and a session's messages) share the fields
+    from `node` to `from`, which are formatted again only when one of them is another object
+    than before; the date and time once per second."""
+    global _last_second, _last_stamp
+    out: list[str] = []
+    append = out.append
+    second, stamp = _last_second, _last_stamp
+    millis = _MILLIS
+    who: tuple[str, str, str, str, str, str] | None = None
+    origin = ""
+    for (kind, session_id, message_id, client_ip, helo, mail_from, recipients, destination,
+         route, size, code, reply, stage, duration, node, reason, tls, when) in batch:
+        if int(when) != second or when < 0:
+            second = int(when)
+            stamp = _time.strftime("%Y-%m-%dT%H:%M:%S", _time.gmtime(when))
+        if (who is None or session_id is not who[0] or message_id is not who[1]
+                or mail_from is not who[2] or helo is not who[3] or client_ip is not who[4]
+                or node is not who[5]):
+            who = (session_id, message_id, mail_from, helo, client_ip, node)
+            origin = (f" node={node or '-'} session={session_id} id={message_id or '-'}"
+                      f" client={client_ip} helo={helo or '-'} from=<{mail_from}> to=")
+        if "\n" in reply or '"' in reply:
+            reply = reply.replace("\n", " ").replace('"', "'")
+        if len(recipients) == 1:
+            to = f"<{recipients[0]}>"
+        else:
+            to = ",".join([f"<{r}>" for r in recipients]) or "-"
+        append(
+            f"{stamp}{millis[int(when * 1000) % 1000]} {kind}{origin}{to} dest={destination}"
+            f" route={route or '-'} size={size} code={code} stage={stage}"
+            f" reason={reason or '-'} tls={tls_field(tls) if tls else '-'}"
+            f' duration={duration:.3f} reply="{reply}"\n'
+        )
+    _last_second, _last_stamp = second, stamp
+    return "".join(out)
 
 
 def json_lines(batch: Iterable[DeliveryEvent]) -> str:
