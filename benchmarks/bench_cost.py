@@ -150,10 +150,13 @@ def main() -> None:
             return
         cache = Path(stack.enter_context(tempfile.TemporaryDirectory()))
         url = stack.enter_context(proxies.redis_server(cache))
-        # Under callgrind Moxy runs ~50 times slower: flushing every 30 s instead of every
-        # second spreads a flush over about as many messages as at full speed.
+        # Under callgrind Moxy runs 50-100 times slower: the Redis flush every 30 s instead of
+        # every second, and the hand-over to the sinks every 15 s instead of every half second
+        # (so, as at full speed, per 512 events), spread a flush and a batch over about as many
+        # messages as at full speed. Per-second costs would otherwise weigh 50-100 times more.
+        scale = 30.0 if args.callgrind else 1.0
         configs = {"without": proxies.accounting_toml(None),
-                   "file+redis": proxies.accounting_toml(url, 30.0 if args.callgrind else 1.0)}
+                   "file+redis": proxies.accounting_toml(url, scale, 0.5 * scale)}
         pairs = 1 if args.callgrind else args.pairs
         summary = []
         for name in modes:

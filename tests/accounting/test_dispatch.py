@@ -195,10 +195,11 @@ def test_emit_after_shutdown_counts_a_drop() -> None:
 
 def test_sinks_are_made_by_name_from_their_tables(write_config: WriteConfig) -> None:
     config = load_config(write_config(
-        {}, accounting={"sinks": ["file", "syslog"]},
+        {}, accounting={"sinks": ["file", "syslog"], "interval": 2.0},
         **{"accounting.syslog": {"address": "udp://127.0.0.1:5514", "tag": "mx"}},
     ))
     accounting = Accounting.from_config(config)
+    assert accounting.window == 2.0  # [accounting] interval
     file, syslog = (lane.sink for lane in accounting.lanes)
     assert isinstance(file, FileSink) and file.path == config.log.file
     assert isinstance(syslog, SyslogSink) and syslog.tag == "mx"

@@ -1,11 +1,11 @@
 """The accounting dispatcher: sessions hand it events, it hands them to every configured sink.
 
 `emit` never blocks and wakes nothing: it appends the event to one list. One clock task takes
-that list every WINDOW seconds (or as soon as a batch is full), adds it to each sink's bounded
-queue and wakes each sink's task with events gathered long enough; so a sink costs a wake-up
-per batch, not per message. A slow or dead sink delays neither mail nor the other sinks; what
-its queue cannot hold is counted and logged (once per outage). At shutdown every sink gets a
-bounded time to write what is queued.
+that list every `[accounting] interval` (half a second; sooner when a batch is full), adds it
+to each sink's bounded queue and wakes each sink's task with events gathered long enough; so a
+sink costs a wake-up per batch, not per message. A slow or dead sink delays neither mail nor
+the other sinks; what its queue cannot hold is counted and logged (once per outage). At
+shutdown every sink gets a bounded time to write what is queued.
 """
 
 from __future__ import annotations
@@ -29,8 +29,9 @@ logger = logging.getLogger("moxy.accounting")
 
 BATCH = 512  # events per Sink.write
 TICK = 1.0  # seconds between Sink.tick calls
-# Seconds between the clock's looks: events reach a sink within about this time. Every trio
-# timer costs as much as writing a few log lines, so there is one, for all sinks.
+# Seconds between the clock's looks by default (`[accounting] interval`): events reach a sink
+# within about this time. Every trio timer costs as much as writing a few log lines, so there
+# is one, for all sinks.
 WINDOW = 0.5
 FLUSH_TIMEOUT = 5.0  # seconds every sink gets at shutdown to write its queue and close
 
@@ -38,11 +39,12 @@ FLUSH_TIMEOUT = 5.0  # seconds every sink gets at shutdown to write its queue an
 class _Lane:
     """One sink, its queue and its bookkeeping."""
 
-    def __init__(self, sink: Sink, size: int) -> None:
+    def __init__(self, sink: Sink, size: int, window: float) -> None:
         self.sink = sink
         self.queue: list[DeliveryEvent] = []  # swapped for a new list when its task takes it
         self.size = size
-        self.gather = max(WINDOW, float(getattr(sink, "gather", 0.0)))
+        self.window = window
+        self.gather = max(window, float(getattr(sink, "gather", 0.0)))
         self.next_look = 0.0  # when the clock wakes the task for what has gathered
         self.next_tick = 0.0  # when the clock wakes it for Sink.tick
         self.dropped = 0  # events its full (or closed) queue refused
@@ -103,11 +105,14 @@ class _Lane:
 class Accounting:
     """The dispatcher: `emit` from sessions, `run` in the server's nursery."""
 
-    def __init__(self, sinks: Sequence[Sink], queue: int = 10_000) -> None:
+    def __init__(
+        self, sinks: Sequence[Sink], queue: int = 10_000, interval: float = WINDOW
+    ) -> None:
         names = [sink.name for sink in sinks]
         if len(set(names)) != len(names):
             raise ValueError(f"accounting sinks need distinct names, got {names}")
-        self.lanes = [_Lane(sink, queue) for sink in sinks]
+        self.window = interval
+        self.lanes = [_Lane(sink, queue, interval) for sink in sinks]
         self.size = queue
         # Events emitted since the clock's last look; a full batch (or half a queue) wakes it.
         self._intake: list[DeliveryEvent] = []
@@ -122,7 +127,7 @@ class Accounting:
     def from_config(cls, config: Config) -> Accounting:
         """The sinks `[accounting] sinks` names, each made from its settings."""
         return cls([build_sink(name, config) for name in config.accounting.sinks],
-                   config.accounting.queue)
+                   config.accounting.queue, config.accounting.interval)
 
     def _emit(self, event: DeliveryEvent) -> None:
         intake = self._intake
@@ -206,10 +211,10 @@ class Accounting:
                 lane.add(events)
 
     async def _clock(self) -> None:
-        """Every WINDOW (sooner when a batch has gathered): the intake to the sinks' queues,
+        """Every interval (sooner when a batch has gathered): the intake to the sinks' queues,
         and a wake-up for each sink's task with events gathered long enough, or a tick due."""
         while True:
-            with trio.CancelScope(deadline=trio.current_time() + WINDOW) as self._clock_wait:
+            with trio.CancelScope(deadline=trio.current_time() + self.window) as self._clock_wait:
                 await trio.sleep_forever()
             self._clock_wait = None
             self._take_intake()
@@ -234,7 +239,7 @@ class Accounting:
                     lane.reopen = False
                     await self._call(lane, sink.reopen, "reopen")
                 # Gathering starts again after a write: at most one write per `gather`.
-                lane.next_look = trio.current_time() + lane.gather - WINDOW / 2
+                lane.next_look = trio.current_time() + lane.gather - lane.window / 2
                 while lane.queue:
                     await self._write(lane, lane.take())
                 if lane.stopping:
