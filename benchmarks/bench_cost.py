@@ -8,9 +8,15 @@ behind it. By default it reports the user and system CPU time of Moxy's process 
 Moxy runs under valgrind and the figure is user-space instructions per message, which do not
 depend on the machine's load (5 sessions; slow, so use a few hundred messages).
 
-    .venv/bin/python benchmarks/bench_cost.py [--messages 3000] [--callgrind] [--size 102400]
+    .venv/bin/python benchmarks/bench_cost.py [--messages 3000] [--callgrind] [--accounting]
+                                              [--size 102400] [--modes new,new+pool,reuse]
 
 `--size` sets the message size in bytes (default 100); `--modes` picks some of the three modes.
+
+`--accounting` measures what accounting costs (issue 11: at most 5 %): per mode it runs Moxy
+twice, without any accounting (`[accounting] sinks = []`) and with the message log plus the
+Redis counters of a throwaway redis-server (`sinks = ["file", "redis"]`), and prints both and
+the difference. Without --callgrind, `--pairs N` alternates the two N times (CPU time is noisy).
 
 To compare two versions, run it with PYTHONPATH pointing at the other version's `src`.
 """
@@ -52,11 +58,18 @@ def under_callgrind(workdir: Path) -> Iterator[None]:
                     *args]
         return original(args, cwd, **env)
 
+    greeting = proxies.wait_greeting
+
+    def slow_greeting(port: int, timeout: float = 30.0) -> None:
+        greeting(port, timeout=max(timeout, 180.0))  # valgrind's start on a loaded machine
+
     proxies._process = wrapped  # type: ignore[assignment]
+    proxies.wait_greeting = slow_greeting
     try:
         yield
     finally:
         proxies._process = original
+        proxies.wait_greeting = greeting
 
 
 def instructions(pid: int, workdir: Path) -> int:
@@ -71,55 +84,101 @@ def instructions(pid: int, workdir: Path) -> int:
     return int(line.split()[0].replace(",", ""))
 
 
+@contextlib.contextmanager
+def _moxy_log_on_error(workdir: Path) -> Iterator[None]:
+    """A run that fails shows the end of Moxy's own log."""
+    try:
+        yield
+    except (subprocess.CalledProcessError, SystemExit):
+        log = workdir / "stderr.log"
+        if log.exists():
+            print("".join(log.read_text(errors="replace").splitlines(True)[-20:]),
+                  file=sys.stderr)
+        raise
+
+
+def measure(args: argparse.Namespace, name: str, reuse: bool, pool: int, sink_port: int,
+            extra: str) -> float:
+    """One Moxy, warmed up, then measured: instructions or CPU µs per message (printed too)."""
+    sessions = 5 if args.callgrind else 20
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        runner = under_callgrind(workdir) if args.callgrind else contextlib.nullcontext()
+        with runner, _moxy_log_on_error(workdir), proxies.moxy(
+            workdir, f"{ROUTE}  127.0.0.1:{sink_port}\n", idle_upstreams=pool, extra=extra
+        ) as moxy:
+            warm = min(300, args.messages)
+            smtp_source(moxy.port, warm, args.size, reuse, f"u@{ROUTE}", sessions=sessions)
+            if args.callgrind:
+                subprocess.run(["callgrind_control", "-z", str(moxy.pid)], check=True,
+                               stdout=subprocess.DEVNULL)
+                took = smtp_source(moxy.port, args.messages, args.size, reuse, f"u@{ROUTE}",
+                                   sessions=sessions)
+                per_message = instructions(moxy.pid, workdir) / args.messages
+                print(f"{name:22s} {per_message / 1e6:6.3f} M instructions/msg "
+                      f"({args.messages / took:.0f} msg/s under valgrind)", flush=True)
+                return per_message
+            user0, sys0 = process_cpu(moxy.pid)
+            took = smtp_source(moxy.port, args.messages, args.size, reuse, f"u@{ROUTE}")
+            user1, sys1 = process_cpu(moxy.pid)
+            per = 1e6 / args.messages
+            cpu = (user1 - user0 + sys1 - sys0) * per
+            print(f"{name:22s} {cpu:5.0f} µs/msg (user {(user1 - user0) * per:4.0f}, "
+                  f"system {(sys1 - sys0) * per:4.0f})  {args.messages / took:5.0f} msg/s",
+                  flush=True)
+            return cpu
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=3000)
     parser.add_argument("--callgrind", action="store_true", help="count instructions instead")
     parser.add_argument("--size", type=int, default=100,
                         help="message size in bytes, smtp-source -l (default 100)")
-    parser.add_argument("--modes", default=",".join(MODES),
-                        help="comma-separated modes to run (default: all three)")
     parser.add_argument("--accounting", action="store_true",
-                        help="with the Redis counters (a throwaway redis-server) and the log")
+                        help="without any accounting vs the message log + Redis counters")
+    parser.add_argument("--pairs", type=int, default=1,
+                        help="with --accounting: alternate without/with this many times")
+    parser.add_argument("--modes", default=",".join(MODES),
+                        help=f"comma-separated, of {', '.join(MODES)}")
     args = parser.parse_args()
-    unknown = set(args.modes.split(",")) - set(MODES)
-    if unknown:
-        parser.error(f"unknown mode(s) {', '.join(sorted(unknown))}; known: {', '.join(MODES)}")
-    sessions = 5 if args.callgrind else 20
+    modes = args.modes.split(",")
+    if unknown := set(modes) - set(MODES):
+        parser.error(f"unknown modes: {', '.join(sorted(unknown))}")
     sink_port = free_port()
     with contextlib.ExitStack() as stack:
         stack.enter_context(proxies.smtp_sink(sink_port))
-        extra = ""
-        if args.accounting:
-            cache = Path(stack.enter_context(tempfile.TemporaryDirectory()))
-            # Under callgrind Moxy runs ~50 times slower: flushing every 30 s instead of every
-            # second spreads a flush over about as many messages as at full speed.
-            url = stack.enter_context(proxies.redis_server(cache))
-            extra = proxies.accounting_toml(url, 30.0 if args.callgrind else 1.0)
-        for name in args.modes.split(","):
+        if not args.accounting:
+            for name in modes:
+                reuse, pool = MODES[name]
+                measure(args, name, reuse, pool, sink_port, "")
+            return
+        cache = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        url = stack.enter_context(proxies.redis_server(cache))
+        # Under callgrind Moxy runs 50-100 times slower: the Redis flush every 30 s instead of
+        # every second, and the hand-over to the sinks every 15 s instead of every half second
+        # (so, as at full speed, per 512 events), spread a flush and a batch over about as many
+        # messages as at full speed. Per-second costs would otherwise weigh 50-100 times more.
+        scale = 30.0 if args.callgrind else 1.0
+        configs = {"without": proxies.accounting_toml(None),
+                   "file+redis": proxies.accounting_toml(url, scale, 0.5 * scale)}
+        pairs = 1 if args.callgrind else args.pairs
+        summary = []
+        for name in modes:
             reuse, pool = MODES[name]
-            with tempfile.TemporaryDirectory() as tmp:
-                workdir = Path(tmp)
-                runner = under_callgrind(workdir) if args.callgrind else contextlib.nullcontext()
-                with runner, proxies.moxy(workdir, f"{ROUTE}  127.0.0.1:{sink_port}\n",
-                                          idle_upstreams=pool, extra=extra) as moxy:
-                    warm = min(300, args.messages)
-                    smtp_source(moxy.port, warm, args.size, reuse, f"u@{ROUTE}", sessions=sessions)
-                    if args.callgrind:
-                        subprocess.run(["callgrind_control", "-z", str(moxy.pid)], check=True,
-                                       stdout=subprocess.DEVNULL)
-                        smtp_source(moxy.port, args.messages, args.size, reuse,
-                                    f"u@{ROUTE}", sessions=sessions)
-                        count = instructions(moxy.pid, workdir)
-                        print(f"{name:9s} {count / args.messages / 1e6:6.2f} M instructions/msg")
-                        continue
-                    user0, sys0 = process_cpu(moxy.pid)
-                    took = smtp_source(moxy.port, args.messages, args.size, reuse, f"u@{ROUTE}")
-                    user1, sys1 = process_cpu(moxy.pid)
-                    per = 1e6 / args.messages
-                    print(f"{name:9s} {(user1 - user0 + sys1 - sys0) * per:5.0f} µs/msg "
-                          f"(user {(user1 - user0) * per:4.0f}, system {(sys1 - sys0) * per:4.0f})"
-                          f"  {args.messages / took:5.0f} msg/s", flush=True)
+            figures: dict[str, list[float]] = {config: [] for config in configs}
+            for _ in range(pairs):
+                for config, extra in configs.items():
+                    figures[config].append(
+                        measure(args, f"{name} {config}", reuse, pool, sink_port, extra))
+            without, with_ = (sum(v) / len(v) for v in figures.values())
+            summary.append(f"{name:9s} without {without / (1e6 if args.callgrind else 1):8.3f}  "
+                           f"file+redis {with_ / (1e6 if args.callgrind else 1):8.3f}  "
+                           f"cost {100 * (with_ / without - 1):+5.1f} %")
+        unit = "M instructions/msg" if args.callgrind else "µs/msg"
+        print(f"accounting cost ({unit}; without = sinks [], file+redis = the message log and "
+              "the Redis counters):")
+        print("\n".join(summary))
 
 
 if __name__ == "__main__":

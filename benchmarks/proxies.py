@@ -136,10 +136,14 @@ def redis_server(workdir: Path) -> Iterator[str]:
         yield f"redis://127.0.0.1:{port}/0"
 
 
-def accounting_toml(redis_url: str, flush_interval: float = 1.0) -> str:
-    """Moxy's message log plus the Redis counters every node of a cluster would keep."""
-    return (f'[accounting]\nsinks = ["file", "redis"]\n[accounting.redis]\nurl = "{redis_url}"\n'
-            f"flush_interval = {flush_interval}\n")
+def accounting_toml(redis_url: str | None, flush_interval: float = 1.0,
+                    interval: float = 0.5) -> str:
+    """Moxy's message log plus the Redis counters every node of a cluster would keep; with
+    `redis_url` None, no accounting at all (`sinks = []`: not even the message log)."""
+    if redis_url is None:
+        return "[accounting]\nsinks = []\n"
+    return (f'[accounting]\nsinks = ["file", "redis"]\ninterval = {interval}\n'
+            f'[accounting.redis]\nurl = "{redis_url}"\nflush_interval = {flush_interval}\n')
 
 
 _NGINX_CONF = """\

@@ -1,18 +1,43 @@
 """The delivery events a session emits (moxy.accounting.events): one per leg and per message
 at end-of-data, one per refused recipient, one when Moxy ends a connection itself. A mixin of
 `Session`, which keeps the state they describe.
+
+Two events per message are on the hot path: each is one tuple made from the session's state
+(`DeliveryEvent.make`), and none is made when accounting has no sinks.
 """
 
 from __future__ import annotations
 
+import functools
 import time
+from collections.abc import Callable
+from typing import Any
 
 from moxy.accounting import events as acct
-from moxy.accounting.events import DeliveryEvent
+from moxy.accounting.events import DeliveryEvent, discard
 from moxy.context import ServerContext
+from moxy.lookup.base import DestinationGroup
 from moxy.smtp.replies import Reply
 from moxy.transaction import Transaction
 from moxy.upstream import Leg
+
+# DeliveryEvent.make without its Python frame: the 18 fields as one tuple.
+_make: Callable[[tuple[Any, ...]], DeliveryEvent] = functools.partial(tuple.__new__, DeliveryEvent)
+
+# str(group) per group object, by id (the entry holds the group, so the id stays its own):
+# the route cache hands out the same group objects message after message.
+_group_texts: dict[int, tuple[DestinationGroup, str]] = {}
+
+
+def _group_text(group: DestinationGroup) -> str:
+    known = _group_texts.get(id(group))
+    if known is not None and known[0] is group:
+        return known[1]
+    if len(_group_texts) >= 4096:
+        _group_texts.clear()
+    text = str(group)
+    _group_texts[id(group)] = (group, text)
+    return text
 
 
 class SessionEvents:
@@ -27,50 +52,56 @@ class SessionEvents:
     transaction: Transaction | None
     ended_by: str | None
 
-    def _event(self, kind: str, **fields: object) -> DeliveryEvent:
-        t = self.transaction
-        envelope = t.envelope if t is not None else None
-        fields.setdefault("duration", time.monotonic() - self.data_started)
-        return DeliveryEvent(
-            kind=kind,
-            session_id=self.id,
-            message_id=self.message_id,
-            client_ip=self.client_ip,
-            helo=self.helo,
-            mail_from=envelope.mail_from if envelope else "",
-            node=self.ctx.config.server.node,
-            tls=acct.tls_field(self.tls) if self.tls else "",
-            **fields,  # type: ignore[arg-type]
-        )
-
     def log_leg(self, leg: Leg, destination: str, outcome: Reply | Exception) -> None:
+        emit = self.ctx.emit
+        if emit is discard:
+            return
         if isinstance(outcome, Reply):
             code, text, stage = outcome.code, str(outcome), "end-of-data"
         else:
             code, text, stage = 0, str(outcome), getattr(outcome, "stage", "?")
-        self.ctx.emit(self._event(
-            "leg", recipients=tuple(leg.accepted), destination=destination,
-            route=str(leg.group), size=leg.sent, code=code, reply=text, stage=stage,
-        ))
+        t = self.transaction
+        now = time.time()
+        emit(_make((
+            "leg", self.id, self.message_id, self.client_ip, self.helo,
+            t.envelope.mail_from if t is not None else "", tuple(leg.accepted), destination,
+            _group_text(leg.group), leg.sent, code, text, stage,
+            time.monotonic() - self.data_started, self.ctx.config.server.node, "",
+            acct.tls_field(self.tls) if self.tls else "", now,
+        )))
 
     def log_message(self, reply: Reply, stage: str, size: int) -> None:
         self.ctx.metrics.message(reply.code)
+        emit = self.ctx.emit
+        if emit is discard:
+            return
         t = self.transaction
-        self.ctx.emit(self._event(
-            "message", recipients=tuple(t.recipients) if t else (), destination="-",
-            route=" ".join(str(g) for g in t.legs) if t else "", size=size,
-            code=reply.code, reply=str(reply), stage=stage,
-        ))
+        if t is not None:
+            mail_from, recipients = t.envelope.mail_from, tuple(t.recipients)
+            route = " ".join([_group_text(g) for g in t.legs])
+        else:
+            mail_from, recipients, route = "", (), ""
+        emit(_make((
+            "message", self.id, self.message_id, self.client_ip, self.helo, mail_from,
+            recipients, "-", route, size, reply.code, str(reply), stage,
+            time.monotonic() - self.data_started, self.ctx.config.server.node, "",
+            acct.tls_field(self.tls) if self.tls else "", time.time(),
+        )))
 
     def log_refused(
         self, address: str, reply: Reply, reason: str, destination: str = "-", route: str = ""
     ) -> Reply:
         """A recipient refused at RCPT; returns `reply`."""
         self.ctx.metrics.recipient_refused(reason)
-        self.ctx.emit(self._event(
-            "refused", recipients=(address,), destination=destination, route=route, size=0,
-            code=reply.code, reply=str(reply), stage="rcpt", reason=reason, duration=0.0,
-        ))
+        emit = self.ctx.emit
+        if emit is not discard:
+            t = self.transaction
+            emit(_make((
+                "refused", self.id, self.message_id, self.client_ip, self.helo,
+                t.envelope.mail_from if t is not None else "", (address,), destination, route,
+                0, reply.code, str(reply), "rcpt", 0.0, self.ctx.config.server.node, reason,
+                acct.tls_field(self.tls) if self.tls else "", time.time(),
+            )))
         return reply
 
     def log_connection(self, code: int, text: str, reason: str, stage: str) -> None:
@@ -78,7 +109,8 @@ class SessionEvents:
         if self.ended_by is None:
             self.ended_by = reason
             self.ctx.metrics.connection_refused(reason)
-            self.ctx.emit(acct.connection_event(
-                self.client_ip, code, text, reason, self.ctx.config.server.node,
-                session_id=self.id, helo=self.helo, stage=stage,
-            ))
+            if self.ctx.emit is not discard:
+                self.ctx.emit(acct.connection_event(
+                    self.client_ip, code, text, reason, self.ctx.config.server.node,
+                    session_id=self.id, helo=self.helo, stage=stage,
+                ))

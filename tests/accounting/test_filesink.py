@@ -1,15 +1,19 @@
-"""The file sink on its own: a full disk, reopening a moved file, standard error."""
+"""The file sink on its own: a full disk, reopening a moved file, standard error (lines are
+written by its own thread: `aclose` waits for them)."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
+import trio
 
 from moxy.accounting.events import DeliveryEvent
-from moxy.accounting.filesink import FileSink
+from moxy.accounting.filesink import IN_FLIGHT, FileSink
 from moxy.accounting.settings import FileSinkSettings
+from peers.waiting import eventually
 
 EVENT = DeliveryEvent(
     kind="message", session_id="S1", message_id="S1.1", client_ip="192.0.2.7", helo="c.test",
@@ -35,6 +39,8 @@ async def test_reopen_follows_a_moved_file(tmp_path: Path) -> None:
     path = tmp_path / "events.jsonl"
     sink = FileSink(FileSinkSettings(path, format="json"))
     await sink.write([EVENT])
+    # The writer thread has written it (and so opened the file) before logrotate moves it.
+    await eventually(lambda: sink.stats().backlog == 0, what="the first line written")
     path.rename(tmp_path / "events.jsonl.1")
     await sink.write([EVENT])  # still the old file, as until logrotate's signal
     await sink.reopen()
@@ -53,3 +59,36 @@ async def test_without_a_path_lines_go_to_standard_error(
     await sink.reopen()  # nothing to reopen
     await sink.aclose()
     assert capfd.readouterr().err == EVENT.to_log_line() + "\n"
+
+
+async def test_a_stuck_file_holds_up_neither_the_loop_nor_more_than_a_bounded_backlog(
+    tmp_path: Path,
+) -> None:
+    """A FIFO nobody reads: the writer thread blocks in open() as on a hung disk. `write`
+    hands batches over until IN_FLIGHT events wait, then waits itself (so the dispatcher's
+    queue fills and drops); once read, every line arrives, in order."""
+    path = tmp_path / "fifo"
+    os.mkfifo(path)
+    sink = FileSink(FileSinkSettings(path))
+    batch = [EVENT] * 512
+    with trio.fail_after(5):  # the loop is not blocked: handing over is immediate
+        for _ in range(IN_FLIGHT // 512):
+            await sink.write(batch)
+    assert sink.stats().backlog == IN_FLIGHT
+    with trio.move_on_after(0.3) as waited:
+        await sink.write(batch)
+    assert waited.cancelled_caught  # beyond the bound the sink waits instead of growing
+    received: list[bytes] = []
+
+    def read() -> None:
+        with open(path, "rb") as fifo:
+            received.extend(iter(lambda: fifo.read(65536), b""))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trio.to_thread.run_sync, read)
+        await eventually(lambda: sink.stats().backlog == 0, what="the backlog written")
+        with trio.fail_after(5):
+            await sink.aclose()  # closes the FIFO: the reader sees its end
+    lines = b"".join(received).decode().splitlines()
+    assert lines == [EVENT.to_log_line()] * IN_FLIGHT
+    assert sink.stats().dropped == 0

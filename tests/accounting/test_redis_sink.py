@@ -182,6 +182,28 @@ async def test_increments_wait_for_flush_interval_or_batch_size(
     await small.aclose()
 
 
+async def test_events_of_one_tally_are_summed_first_and_count_exactly(
+    redis_server: RedisServer,
+) -> None:
+    """Many copies with the same destination, recipients, sender, client and node are summed
+    per minute before they are spread over counters: they hold no more counters than one, and
+    every one of them is counted."""
+    client = redis_server.client()
+    sink = sink_for(redis_server, flush_interval=3600.0)
+    when = time.time()
+    same = [leg("mx.example:25", ("a@example.org",), 10 + i, when=when) for i in range(1000)]
+    failed = [leg("mx.example:25", ("a@example.org",), 5, code=451, when=when)] * 3
+    await sink.write(same[:500] + failed + same[500:] + [refused("a@example.org")] * 2)
+    # 6 members x (msgs, bytes) x 3 periods, plus refused: the same 6 members and 3 periods.
+    assert sink.stats().backlog == 36 + 18
+    await sink.aclose()
+    sizes = sum(10 + i for i in range(1000))
+    for period in every_period(when):
+        assert table(client, "dest", period) == {"mx.example:25": (1000, sizes, 3)}
+        assert table(client, "rcpt", period) == {"a@example.org": (1000, sizes, 5)}
+        assert table(client, "sender", period) == {SENDER: (1000, sizes, 5)}
+
+
 async def test_buckets_expire_and_totals_do_not(redis_server: RedisServer) -> None:
     sink = sink_for(redis_server, retention_days=3, minute_retention=90)
     now = time.time()

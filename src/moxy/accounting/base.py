@@ -2,8 +2,9 @@
 
 Sessions never call a sink. They hand events to the dispatcher (`emit`, which never blocks);
 the dispatcher gives each configured sink its own bounded queue and its own task, which calls
-the methods below one at a time. So a sink may take its time (a slow disk, Redis down) without
-delaying mail or the other sinks; what its queue cannot hold is counted as dropped.
+the methods below one at a time, with events gathered in batches. So a sink may take its time
+(a slow disk, Redis down) without delaying mail or the other sinks; what its queue cannot hold
+is counted as dropped.
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ class Sink(Protocol):
     """One destination of accounting events (file, syslog, gdbm, redis, ...)."""
 
     name: str
-    # Optional attribute `gather`: seconds the dispatcher may let events gather after the first
-    # before calling `write` (absent or 0: at once); for sinks that write on a schedule anyway.
+    # Optional attribute `gather`: seconds the dispatcher lets events gather before it calls
+    # `write` (absent: dispatch.GATHER, a fifth of a second; 0: at once, one wake-up of the
+    # sink's task per event); sinks that write on a schedule anyway gather longer.
 
     async def write(self, batch: Sequence[DeliveryEvent]) -> None:
         """Record a batch of events. An outage is not an error: the sink keeps what it can

@@ -68,8 +68,32 @@ def normal_address(address: str) -> str:
     return f"{address.rpartition('@')[0]}@{domain}" if domain is not None else address
 
 
-def increments(event: DeliveryEvent) -> list[Increment]:
-    """What `event` adds to the counters (the same for every period).
+# What a delivery event counts, as `counted` takes it: the outcome, then the fields that
+# decide the members. Events with equal tallies add to the same counters (the Redis sink sums
+# them per tally and minute, and spreads each sum once per flush).
+DELIVERED = "delivered"  # a leg the destination accepted: msgs and bytes
+LEG_REFUSED = "leg-refused"  # a leg that failed: one refused copy
+RCPT_REFUSED = "rcpt-refused"  # a "refused" event: one refused recipient each
+Tally = tuple[str, str, tuple[str, ...], str, str, str]  # outcome, dest, rcpts, from, ip, node
+
+
+def tally(event: DeliveryEvent) -> Tally | None:
+    """What `event` counts for, or None ("message" and "connection" events count nothing)."""
+    kind = event.kind
+    if kind == "leg":
+        outcome = DELIVERED if 200 <= event.code < 300 else LEG_REFUSED
+    elif kind == "refused":
+        outcome = RCPT_REFUSED
+    else:
+        return None
+    return (outcome, event.destination, event.recipients, event.mail_from, event.client_ip,
+            event.node)
+
+
+def counted(what: Tally) -> list[tuple[str, str, str]]:
+    """The (dimension, member, metric) triples one event of `what` adds to: `msgs` and `bytes`
+    add one and the event's size, `refused` one. A triple may repeat (a "refused" event with
+    several recipients refuses each, and its sender as often).
 
     - A delivered leg (2xx) is one copy: its destination, sender, client IP and node each get
       one message and the leg's bytes; so does each distinct recipient address on it and each
@@ -78,43 +102,43 @@ def increments(event: DeliveryEvent) -> list[Increment]:
     - A failed leg is one refused copy: one `refused` for the same members.
     - A "refused" event refuses each of its recipients: one `refused` per recipient for the
       address, its domain, the sender, client IP and node, and the destination when it names one.
-    - "message" and "connection" events count nothing: legs already say what was delivered.
     """
-    if event.kind == "leg":
-        recipients = list(dict.fromkeys(normal_address(r) for r in event.recipients))
-        domains = list(dict.fromkeys(d for d in map(domain_of, recipients) if d is not None))
-        members = [
-            ("dest", event.destination),
-            *(("rcpt", r) for r in recipients),
-            *(("domain", d) for d in domains),
-            *_origin(event),
-        ]
-        if event.delivered:
-            size = event.size
-            out: list[Increment] = []
-            for dimension, member in members:
-                out.append((dimension, member, "msgs", 1))
-                out.append((dimension, member, "bytes", size))
-            return out
-        return [(dimension, member, "refused", 1) for dimension, member in members]
-    if event.kind == "refused":
+    outcome, destination, recipients, mail_from, client_ip, node = what
+    origin = [
+        ("sender", normal_address(mail_from) if mail_from else NO_SENDER),
+        ("ip", client_ip),
+        ("node", node or NO_NODE),
+    ]
+    if outcome == RCPT_REFUSED:
         out = []
-        for recipient in event.recipients:
+        for recipient in recipients:
             address = normal_address(recipient)
             domain = domain_of(address)
-            members = [("rcpt", address), *_origin(event)]
+            members = [("rcpt", address), *origin]
             if domain is not None:
                 members.append(("domain", domain))
-            if event.destination not in ("", "-"):
-                members.append(("dest", event.destination))
-            out += [(dimension, member, "refused", 1) for dimension, member in members]
+            if destination not in ("", "-"):
+                members.append(("dest", destination))
+            out += [(dimension, member, "refused") for dimension, member in members]
         return out
-    return []
-
-
-def _origin(event: DeliveryEvent) -> list[tuple[str, str]]:
-    return [
-        ("sender", normal_address(event.mail_from) if event.mail_from else NO_SENDER),
-        ("ip", event.client_ip),
-        ("node", event.node or NO_NODE),
+    addresses = list(dict.fromkeys(normal_address(r) for r in recipients))
+    domains = list(dict.fromkeys(d for d in map(domain_of, addresses) if d is not None))
+    members = [
+        ("dest", destination),
+        *(("rcpt", r) for r in addresses),
+        *(("domain", d) for d in domains),
+        *origin,
     ]
+    if outcome == DELIVERED:
+        return [(dimension, member, metric) for dimension, member in members
+                for metric in ("msgs", "bytes")]
+    return [(dimension, member, "refused") for dimension, member in members]
+
+
+def increments(event: DeliveryEvent) -> list[Increment]:
+    """What `event` adds to the counters (the same for every period): see `counted`."""
+    what = tally(event)
+    if what is None:
+        return []
+    return [(dimension, member, metric, event.size if metric == "bytes" else 1)
+            for dimension, member, metric in counted(what)]

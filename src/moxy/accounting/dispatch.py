@@ -1,8 +1,11 @@
 """The accounting dispatcher: sessions hand it events, it hands them to every configured sink.
 
-`emit` never blocks: each sink has its own bounded queue and its own task, so a slow or dead
-sink delays neither mail nor the other sinks; what its queue cannot hold is counted and logged
-(once per outage). At shutdown every sink gets a bounded time to write what is queued.
+`emit` never blocks and wakes nothing: it appends the event to one list. One clock task takes
+that list every `[accounting] interval` (half a second; sooner when a batch is full), adds it
+to each sink's bounded queue and wakes each sink's task with events gathered long enough; so a
+sink costs a wake-up per batch, not per message. A slow or dead sink delays neither mail nor
+the other sinks; what its queue cannot hold is counted and logged (once per outage). At
+shutdown every sink gets a bounded time to write what is queued.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from typing import Any, cast
 import trio
 
 from moxy.accounting.base import Sink, SinkStats
-from moxy.accounting.events import DeliveryEvent
+from moxy.accounting.events import DeliveryEvent, discard
 from moxy.accounting.filesink import FileSink
 from moxy.accounting.settings import RedisSinkSettings, SyslogSinkSettings
 from moxy.accounting.syslog import SyslogSink
@@ -26,59 +29,126 @@ logger = logging.getLogger("moxy.accounting")
 
 BATCH = 512  # events per Sink.write
 TICK = 1.0  # seconds between Sink.tick calls
-GATHER_STEP = 0.05  # seconds between looks at a gathering queue (see _feed)
+# Seconds between the clock's looks by default (`[accounting] interval`): events reach a sink
+# within about this time. Every trio timer costs as much as writing a few log lines, so there
+# is one, for all sinks.
+WINDOW = 0.5
 FLUSH_TIMEOUT = 5.0  # seconds every sink gets at shutdown to write its queue and close
 
 
 class _Lane:
     """One sink, its queue and its bookkeeping."""
 
-    def __init__(self, sink: Sink, size: int) -> None:
+    def __init__(self, sink: Sink, size: int, window: float) -> None:
         self.sink = sink
-        self.send, self.receive = trio.open_memory_channel[DeliveryEvent](size)
+        self.queue: list[DeliveryEvent] = []  # swapped for a new list when its task takes it
         self.size = size
+        self.window = window
+        self.gather = max(window, float(getattr(sink, "gather", 0.0)))
+        self.next_look = 0.0  # when the clock wakes the task for what has gathered
+        self.next_tick = 0.0  # when the clock wakes it for Sink.tick
         self.dropped = 0  # events its full (or closed) queue refused
         self.overflowing = False  # in an outage: dropping since the last catch-up
         self.failing = False  # the sink raised (a bug) since its last good write
         self.reopen = False
         self.stopping = False
-        self.waiting: trio.CancelScope | None = None  # the wait for events, to wake it
+        self.closed = False  # its task has ended: what comes now is dropped
+        self.parked: trio.lowlevel.Task | None = None  # its task, while it waits to be woken
 
     def wake(self) -> None:
-        if self.waiting is not None:
-            self.waiting.cancel()
+        task = self.parked
+        if task is not None:
+            self.parked = None
+            trio.lowlevel.reschedule(task)
+
+    async def park(self) -> None:
+        """Wait for `wake` (a plain reschedule: no cancel scope, no timer)."""
+        self.parked = trio.lowlevel.current_task()
+
+        def abort(_: object) -> trio.lowlevel.Abort:
+            self.parked = None
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
+
+    def add(self, events: list[DeliveryEvent]) -> None:
+        """What the clock took from the intake; beyond `size` queued, dropped and counted."""
+        queue = self.queue
+        room = 0 if self.closed else self.size - len(queue)
+        if len(events) <= room:
+            queue += events
+            return
+        if room > 0:
+            queue += events[:room]
+        self.dropped += len(events) - max(room, 0)
+        if not self.overflowing:
+            self.overflowing = True
+            logger.error(
+                "accounting sink %s is not keeping up (%d events queued): dropping events "
+                "until it catches up", self.sink.name, self.size,
+            )
 
     def queued(self) -> int:
-        return self.send.statistics().current_buffer_used
+        return len(self.queue)
+
+    def take(self) -> list[DeliveryEvent]:
+        """Up to BATCH events, oldest first."""
+        queue = self.queue
+        if len(queue) <= BATCH:
+            self.queue = []
+            return queue
+        batch = queue[:BATCH]
+        del queue[:BATCH]
+        return batch
 
 
 class Accounting:
     """The dispatcher: `emit` from sessions, `run` in the server's nursery."""
 
-    def __init__(self, sinks: Sequence[Sink], queue: int = 10_000) -> None:
+    def __init__(
+        self, sinks: Sequence[Sink], queue: int = 10_000, interval: float = WINDOW
+    ) -> None:
         names = [sink.name for sink in sinks]
         if len(set(names)) != len(names):
             raise ValueError(f"accounting sinks need distinct names, got {names}")
-        self.lanes = [_Lane(sink, queue) for sink in sinks]
+        self.window = interval
+        self.lanes = [_Lane(sink, queue, interval) for sink in sinks]
+        self.size = queue
+        # Events emitted since the clock's last look; a full batch (or half a queue) wakes it.
+        self._intake: list[DeliveryEvent] = []
+        self._wake_at = max(1, min(BATCH, queue // 2))
+        self._lost = 0  # events the intake itself refused (the loop is far behind, or stopped)
+        self._clock_wait: trio.CancelScope | None = None
+        self._stopped = False
+        # Without sinks, `emit` is `events.discard`, which tells sessions to make no events.
+        self.emit: Callable[[DeliveryEvent], None] = self._emit if self.lanes else discard
 
     @classmethod
     def from_config(cls, config: Config) -> Accounting:
         """The sinks `[accounting] sinks` names, each made from its settings."""
         return cls([build_sink(name, config) for name in config.accounting.sinks],
-                   config.accounting.queue)
+                   config.accounting.queue, config.accounting.interval)
 
-    def emit(self, event: DeliveryEvent) -> None:
-        for lane in self.lanes:
-            try:
-                lane.send.send_nowait(event)
-            except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
-                lane.dropped += 1
-                if not lane.overflowing:
-                    lane.overflowing = True
-                    logger.error(
-                        "accounting sink %s is not keeping up (%d events queued): dropping "
-                        "events until it catches up", lane.sink.name, lane.size,
-                    )
+    def _emit(self, event: DeliveryEvent) -> None:
+        intake = self._intake
+        if len(intake) < self._wake_at:
+            intake.append(event)
+        else:
+            self._crowded(event)
+
+    def _crowded(self, event: DeliveryEvent) -> None:
+        """A batch has gathered before the clock's look: wake it. The intake holds at most a
+        queue's worth: beyond, the event is lost for every sink (counted as their drop)."""
+        if self._clock_wait is not None:
+            self._clock_wait.cancel()
+            self._clock_wait = None
+        if len(self._intake) < self.size and not self._stopped:
+            self._intake.append(event)
+            return
+        self._lost += 1
+        if self._lost == 1 or self._lost % 10_000 == 0:
+            logger.error("accounting: %d events lost before reaching any sink (the event loop "
+                         "is far behind, or accounting has stopped)", self._lost)
 
     def reopen(self) -> None:
         """SIGUSR1: every sink reopens its files before it writes again."""
@@ -89,10 +159,14 @@ class Accounting:
     def stats(self) -> dict[str, SinkStats]:
         """Per sink: events waiting (in its queue, or held by the sink) and events lost."""
         out = {}
+        waiting, lost = len(self._intake), self._lost
+        if self._stopped:
+            waiting, lost = 0, lost + waiting
         for lane in self.lanes:
             own = _sink_stats(lane)
             out[lane.sink.name] = SinkStats(
-                backlog=lane.queued() + own.backlog, dropped=lane.dropped + own.dropped
+                backlog=waiting + lane.queued() + own.backlog,
+                dropped=lost + lane.dropped + own.dropped,
             )
         return out
 
@@ -100,6 +174,9 @@ class Accounting:
         """Feed the sinks until cancelled; then give them FLUSH_TIMEOUT to write what is
         queued and close (the lanes are shielded, so they finish even though this task was
         cancelled)."""
+        if not self.lanes:  # no sinks: no tasks, no clock
+            task_status.started()
+            await trio.sleep_forever()
         stopping = trio.Event()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._lanes, stopping)
@@ -111,55 +188,71 @@ class Accounting:
 
     async def _lanes(self, stopping: trio.Event) -> None:
         with trio.CancelScope(shield=True) as scope:
-            async with trio.open_nursery() as nursery:
-                for lane in self.lanes:
-                    nursery.start_soon(self._feed, lane)
-                await stopping.wait()
-                scope.deadline = trio.current_time() + FLUSH_TIMEOUT
-                for lane in self.lanes:
-                    lane.stopping = True
+            async with trio.open_nursery() as outer:
+                outer.start_soon(self._clock)
+                async with trio.open_nursery() as feeds:
+                    for lane in self.lanes:
+                        feeds.start_soon(self._feed, lane)
+                    await stopping.wait()
+                    scope.deadline = trio.current_time() + FLUSH_TIMEOUT
+                    self._take_intake()  # the last sessions' events
+                    for lane in self.lanes:
+                        lane.stopping = True
+                        lane.wake()
+                outer.cancel_scope.cancel()  # every sink is closed: the clock too
+            self._stopped = True
+
+    def _take_intake(self) -> None:
+        intake = self._intake
+        if intake:
+            events = intake.copy()  # `emit` appends to this very list: emptied, not replaced
+            intake.clear()
+            for lane in self.lanes:
+                lane.add(events)
+
+    async def _clock(self) -> None:
+        """Every interval (sooner when a batch has gathered): the intake to the sinks' queues,
+        and a wake-up for each sink's task with events gathered long enough, or a tick due."""
+        while True:
+            with trio.CancelScope(deadline=trio.current_time() + self.window) as self._clock_wait:
+                await trio.sleep_forever()
+            self._clock_wait = None
+            self._take_intake()
+            now = trio.current_time()
+            for lane in self.lanes:
+                queued = len(lane.queue)
+                if ((queued and (now >= lane.next_look or queued >= self._wake_at))
+                        or now >= lane.next_tick):
                     lane.wake()
 
     async def _feed(self, lane: _Lane) -> None:
-        """One sink's task: batches to `write`, `tick` about once a second, `reopen` when
-        asked; once stopping, what is queued is written and the sink closed."""
+        """One sink's task: what has gathered goes to `write` in batches when the clock (or a
+        full batch) wakes it; `tick` about once a second, `reopen` when asked; once stopping,
+        what is queued is written and the sink closed."""
         sink = lane.sink
-        # A sink that writes on its own schedule anyway (counters every flush_interval) lets
-        # events gather for `gather` seconds after the first, bounded by the next tick and by
-        # BATCH events: one wake-up of this task per batch instead of one per message.
-        gather = float(getattr(sink, "gather", 0.0))
-        next_tick = trio.current_time() + TICK
+        lane.next_tick = trio.current_time() + TICK
         try:
             while True:
-                batch: list[DeliveryEvent] = []
-                if not lane.stopping and not lane.reopen:
-                    with trio.move_on_at(next_tick) as lane.waiting:
-                        batch.append(await lane.receive.receive())
-                        if gather:
-                            until = min(next_tick, trio.current_time() + gather)
-                            while lane.queued() < BATCH and trio.current_time() < until:
-                                await trio.sleep(min(GATHER_STEP, until - trio.current_time()))
-                    lane.waiting = None
+                if not (lane.stopping or lane.reopen):
+                    await lane.park()
                 if lane.reopen:
                     lane.reopen = False
                     await self._call(lane, sink.reopen, "reopen")
-                while len(batch) < BATCH:
-                    try:
-                        batch.append(lane.receive.receive_nowait())
-                    except trio.WouldBlock:
-                        break
-                if batch:
-                    await self._write(lane, batch)
-                elif lane.stopping:
+                # Gathering starts again after a write: at most one write per `gather`.
+                lane.next_look = trio.current_time() + lane.gather - lane.window / 2
+                while lane.queue:
+                    await self._write(lane, lane.take())
+                if lane.stopping:
                     break
-                if trio.current_time() >= next_tick:
+                if trio.current_time() >= lane.next_tick:
                     await self._call(lane, sink.tick, "tick")
-                    next_tick = trio.current_time() + TICK
+                    lane.next_tick = trio.current_time() + TICK
             await self._call(lane, sink.aclose, "close")
         finally:
-            left = lane.queued()
             # Events emitted from now on count as dropped instead of waiting forever.
-            lane.receive.close()
+            lane.closed = True
+            left = len(lane.queue)
+            lane.queue = []
             if left:
                 lane.dropped += left
                 logger.error("accounting sink %s: %d events not written at shutdown (gave up "

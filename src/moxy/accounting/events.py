@@ -15,10 +15,9 @@ are the two file formats; their field names are the same, and tools (moxylogalyz
 from __future__ import annotations
 
 import json
-import time
-from typing import Any
-
-import attrs
+import time as _time
+from collections.abc import Iterable
+from typing import Any, NamedTuple
 
 KINDS = ("leg", "message", "refused", "connection")
 
@@ -37,10 +36,6 @@ CONNECTION_RATE = "connection-rate-per-ip"
 MESSAGE_RATE = "message-rate-per-ip"
 
 
-def _fmt_list(values: tuple[str, ...]) -> str:
-    return ",".join(f"<{v}>" for v in values) or "-"
-
-
 def tls_field(tls: str) -> str:
     """"TLSv1.3:TLS_AES_256_GCM_SHA384" (no spaces, one log field), "-" without TLS."""
     if not tls:
@@ -49,14 +44,24 @@ def tls_field(tls: str) -> str:
     return f"{version}:{rest.split(' ', 1)[0]}" if rest else version
 
 
+# The last second format_time wrote, and its text: events come in time order, so most of
+# them reuse it (strftime and gmtime once a second, not once per event).
+_last_second = -1
+_last_stamp = ""
+_MILLIS = [f".{n:03d}Z" for n in range(1000)]
+
+
 def format_time(when: float) -> str:
     """UTC with milliseconds, as both log formats write it: 2026-11-25T22:40:18.105Z."""
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(when))
-    return f"{stamp}.{int(when * 1000) % 1000:03d}Z"
+    global _last_second, _last_stamp
+    second = int(when)
+    if second != _last_second or when < 0:
+        _last_stamp = _time.strftime("%Y-%m-%dT%H:%M:%S", _time.gmtime(when))
+        _last_second = second
+    return _last_stamp + _MILLIS[int(when * 1000) % 1000]
 
 
-@attrs.frozen
-class DeliveryEvent:
+class _Fields(NamedTuple):
     kind: str  # one of KINDS
     session_id: str
     message_id: str  # the transaction id used in the Received header ("" outside one)
@@ -71,10 +76,36 @@ class DeliveryEvent:
     reply: str  # reply text, for the log
     stage: str  # where it ended: "end-of-data", "data", "rcpt", "body", "connect", ...
     duration: float  # seconds from DATA to the final reply
-    node: str = ""  # `[server] node`: which Moxy of a cluster saw it
-    reason: str = ""  # why, for "refused" and "connection" events
-    tls: str = ""  # the client's TLS after STARTTLS, as tls_field writes it; "" without
-    time: float = attrs.field(factory=time.time)
+    node: str  # `[server] node`: which Moxy of a cluster saw it
+    reason: str  # why, for "refused" and "connection" events
+    tls: str  # the client's TLS after STARTTLS, as tls_field writes it; "" without
+    time: float  # Unix time it happened
+
+
+class DeliveryEvent(_Fields):
+    """One event, immutable. A named tuple rather than an attrs class because a session makes
+    two per message: `DeliveryEvent.make` (one tuple, no per-field work) is what the hot path
+    uses; the keyword form below (defaults for node, reason, tls, and `time` now) is for
+    everyone else."""
+
+    __slots__ = ()
+
+    def __new__(
+        cls, kind: str, session_id: str, message_id: str, client_ip: str, helo: str,
+        mail_from: str, recipients: tuple[str, ...], destination: str, route: str, size: int,
+        code: int, reply: str, stage: str, duration: float, node: str = "", reason: str = "",
+        tls: str = "", time: float | None = None,
+    ) -> DeliveryEvent:
+        return tuple.__new__(cls, (
+            kind, session_id, message_id, client_ip, helo, mail_from, recipients, destination,
+            route, size, code, reply, stage, duration, node, reason, tls,
+            _time.time() if time is None else time,
+        ))
+
+    @classmethod
+    def make(cls, fields: Iterable[Any]) -> DeliveryEvent:
+        """All 18 fields in order (`time` included): no defaults, no checks, no copying."""
+        return tuple.__new__(cls, fields)
 
     @property
     def delivered(self) -> bool:
@@ -82,16 +113,7 @@ class DeliveryEvent:
         return self.kind == "leg" and 200 <= self.code < 300
 
     def to_log_line(self) -> str:
-        reply = self.reply.replace("\n", " ").replace('"', "'")
-        return (
-            f"{format_time(self.time)} {self.kind} node={self.node or '-'}"
-            f" session={self.session_id} id={self.message_id or '-'}"
-            f" client={self.client_ip} helo={self.helo or '-'} from=<{self.mail_from}>"
-            f" to={_fmt_list(self.recipients)} dest={self.destination} route={self.route or '-'}"
-            f" size={self.size} code={self.code} stage={self.stage}"
-            f" reason={self.reason or '-'} tls={tls_field(self.tls)}"
-            f" duration={self.duration:.3f} reply=\"{reply}\""
-        )
+        return log_line(self)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON-lines record: the text line's field names, `to` as a list."""
@@ -118,6 +140,60 @@ class DeliveryEvent:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), ensure_ascii=False, separators=(",", ":"))
+
+
+def log_line(event: DeliveryEvent) -> str:
+    """The text form of one event, without the line break."""
+    return log_lines((event,))[:-1]
+
+
+def log_lines(batch: Iterable[DeliveryEvent]) -> str:
+    """Text lines of a batch, each ending in a line break: what the file sink writes.
+
+    The hot part of the message log, so it does per event only what differs from the event
+    before: a message's leg and message events (and a session's messages) share the fields
+    from `node` to `from`, which are formatted again only when one of them is another object
+    than before; the date and time once per second."""
+    global _last_second, _last_stamp
+    out: list[str] = []
+    append = out.append
+    second, stamp = _last_second, _last_stamp
+    millis = _MILLIS
+    who: tuple[str, str, str, str, str, str] | None = None
+    origin = ""
+    for (kind, session_id, message_id, client_ip, helo, mail_from, recipients, destination,
+         route, size, code, reply, stage, duration, node, reason, tls, when) in batch:
+        if int(when) != second or when < 0:
+            second = int(when)
+            stamp = _time.strftime("%Y-%m-%dT%H:%M:%S", _time.gmtime(when))
+        if (who is None or session_id is not who[0] or message_id is not who[1]
+                or mail_from is not who[2] or helo is not who[3] or client_ip is not who[4]
+                or node is not who[5]):
+            who = (session_id, message_id, mail_from, helo, client_ip, node)
+            origin = (f" node={node or '-'} session={session_id} id={message_id or '-'}"
+                      f" client={client_ip} helo={helo or '-'} from=<{mail_from}> to=")
+        if "\n" in reply or '"' in reply:
+            reply = reply.replace("\n", " ").replace('"', "'")
+        if len(recipients) == 1:
+            to = f"<{recipients[0]}>"
+        else:
+            to = ",".join([f"<{r}>" for r in recipients]) or "-"
+        append(
+            f"{stamp}{millis[int(when * 1000) % 1000]} {kind}{origin}{to} dest={destination}"
+            f" route={route or '-'} size={size} code={code} stage={stage}"
+            f" reason={reason or '-'} tls={tls_field(tls) if tls else '-'}"
+            f' duration={duration:.3f} reply="{reply}"\n'
+        )
+    _last_second, _last_stamp = second, stamp
+    return "".join(out)
+
+
+def json_lines(batch: Iterable[DeliveryEvent]) -> str:
+    return "".join([event.to_json() + "\n" for event in batch])
+
+
+def discard(event: DeliveryEvent) -> None:
+    """What `Accounting.emit` is without sinks: a session seeing it builds no events at all."""
 
 
 def connection_event(

@@ -1,26 +1,37 @@
 """The "file" accounting sink: the message log, one line per event, text or JSON.
 
-Each batch is one write() on an O_APPEND file, from a worker thread, so that the batches of
-several worker processes sharing the file never interleave inside a line. `reopen` (SIGUSR1)
-opens the path again, after logrotate has moved the old file away. Without a path it writes to
-standard error.
+Lines are formatted and written by the sink's own writer thread: `write` hands it a batch and
+returns, so the event loop never waits for the disk, and a batch costs no trio thread round
+trip. Each batch is one write() on an O_APPEND file, so that the batches of several worker
+processes sharing the file never interleave inside a line. `reopen` (SIGUSR1) opens the path
+again, after logrotate has moved the old file away, in order with the writes. Without a path
+it writes to standard error.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import queue
 import sys
-from collections.abc import Callable, Sequence
+import threading
+import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import trio
 
 from moxy.accounting.base import SinkStats
-from moxy.accounting.events import DeliveryEvent
+from moxy.accounting.events import DeliveryEvent, json_lines, log_lines
 from moxy.accounting.settings import FileSinkSettings
 
 logger = logging.getLogger("moxy.accounting.file")
+
+IN_FLIGHT = 4096  # events handed to the writer thread and not yet written: `write` waits beyond
+OPEN_RETRY = 1.0  # seconds between attempts to open a path that could not be opened
+_WAIT = 0.05  # seconds between looks while the thread is behind (a stuck disk)
+
+_Job = tuple[str, Sequence[DeliveryEvent]]  # ("write", batch) | ("reopen", ()) | ("close", ())
 
 
 class FileSink:
@@ -28,25 +39,90 @@ class FileSink:
         self.name = name
         self.path = settings.path
         self.json = settings.format == "json"
+        self._jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
+        self._writer: threading.Thread | None = None
+        self._writer_pid = 0  # a thread started before a fork does not run in the child
+        # Events handed over (event loop only) and finished with (writer only): a counter
+        # each with one writer, so neither needs a lock.
+        self._handed = 0
+        self._finished = 0
+        # The writer thread's own state.
         self._fd: int | None = None
         self._opened = False
+        self._last_open = -OPEN_RETRY
         self._failing = False  # in a write outage (disk full, ...): logged once
         self._open_failing = False
         self._dropped = 0
-        # One thread at a time; a thread abandoned at shutdown still holds it until it returns.
-        self._limiter = trio.CapacityLimiter(1)
 
-    def _line(self, event: DeliveryEvent) -> str:
-        return event.to_json() if self.json else event.to_log_line()
+    # --- the Sink interface (event loop) ----------------------------------------------------
 
     async def write(self, batch: Sequence[DeliveryEvent]) -> None:
-        text = "".join(self._line(event) + "\n" for event in batch)
-        if not self._opened:
-            await self._open()
+        while self._handed - self._finished >= IN_FLIGHT:
+            await trio.sleep(_WAIT)  # the disk is stuck: let the dispatcher's queue fill
+        self._handed += len(batch)
+        self._send(("write", batch))
+
+    async def tick(self) -> None:
+        """Nothing on a schedule: the writer retries opening a path with its next batch."""
+
+    async def reopen(self) -> None:
+        if self.path is None:
+            return
+        logger.info("reopening the message log %s", self.path)
+        self._send(("reopen", ()))
+
+    async def aclose(self) -> None:
+        """Write what was handed over and close; the caller bounds the time (a stuck disk:
+        the thread is left behind, a daemon thread that does not hold up the exit)."""
+        writer = self._writer
+        if writer is None or self._writer_pid != os.getpid():
+            return
+        self._jobs.put(("close", ()))
+        await trio.to_thread.run_sync(writer.join, abandon_on_cancel=True)
+
+    def stats(self) -> SinkStats:
+        return SinkStats(backlog=self._handed - self._finished, dropped=self._dropped)
+
+    def _send(self, job: _Job) -> None:
+        if self._writer is None or self._writer_pid != os.getpid():
+            self._writer = threading.Thread(target=self._run, name=f"moxy-{self.name}-log",
+                                            daemon=True)
+            self._writer_pid = os.getpid()
+            self._writer.start()
+        self._jobs.put(job)
+
+    # --- the writer thread ----------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            what, batch = self._jobs.get()
+            try:
+                if what == "write":
+                    self._write(batch)
+                elif what == "reopen":
+                    self._open()
+                else:
+                    if self._fd is not None:
+                        os.close(self._fd)
+                        self._fd = None
+                    return
+            except Exception:  # a bug: it must not stop the thread (nor mail)
+                self._dropped += len(batch)
+                logger.exception("message log %s: %s failed", self.path or "(stderr)", what)
+            finally:
+                self._finished += len(batch)
+
+    def _write(self, batch: Sequence[DeliveryEvent]) -> None:
+        text = json_lines(batch) if self.json else log_lines(batch)
+        if not self._opened or (
+            self.path is not None and self._fd is None
+            and time.monotonic() - self._last_open >= OPEN_RETRY
+        ):
+            self._open()
         try:
             if self.path is not None and self._fd is None:
                 raise OSError("the file could not be opened")
-            await self._thread(_write, self._fd, text)
+            _write(self._fd, text)
         except OSError as exc:
             self._dropped += len(batch)
             if not self._failing:
@@ -59,35 +135,16 @@ class FileSink:
             logger.warning("message log %s is written again; %d events were dropped",
                            self.path or "(stderr)", self._dropped)
 
-    async def tick(self) -> None:
-        if self.path is not None and self._fd is None:
-            await self._open()  # the path could not be opened: try again
-
-    async def reopen(self) -> None:
-        if self.path is None:
-            return
-        logger.info("reopening the message log %s", self.path)
-        await self._open()
-
-    async def aclose(self) -> None:
-        fd, self._fd = self._fd, None
-        if fd is not None:
-            await self._thread(_close, fd)
-
-    def stats(self) -> SinkStats:
-        return SinkStats(backlog=0, dropped=self._dropped)
-
-    async def _open(self) -> None:
+    def _open(self) -> None:
         """Open (or reopen) the path; on failure keep the old file, if any, and say so."""
         self._opened = True
         if self.path is None:
             return
+        self._last_open = time.monotonic()
         try:
-            fd = await trio.to_thread.run_sync(
-                _open_append, self.path, limiter=self._limiter, abandon_on_cancel=True
-            )
+            fd = _open_append(self.path)
         except OSError as exc:
-            if not self._open_failing:  # once per outage: tick tries again every second
+            if not self._open_failing:  # once per outage: retried at most once a second
                 self._open_failing = True
                 logger.error("cannot open the message log %s: %s", self.path,
                              exc.strerror or exc)
@@ -95,22 +152,11 @@ class FileSink:
         self._open_failing = False
         old, self._fd = self._fd, fd
         if old is not None:
-            await self._thread(_close, old)
-
-    async def _thread(self, function: Callable[[int | None, str], None] | Callable[[int], None],
-                      *args: object) -> None:
-        # Abandoned on cancellation (shutdown, bounded): a stuck disk must not hang the exit.
-        await trio.to_thread.run_sync(
-            function, *args, limiter=self._limiter, abandon_on_cancel=True  # type: ignore[arg-type]
-        )
+            os.close(old)
 
 
 def _open_append(path: Path) -> int:
     return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
-
-
-def _close(fd: int) -> None:
-    os.close(fd)
 
 
 def _write(fd: int | None, text: str) -> None:

@@ -10,19 +10,24 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from typing import Any, cast
 
 import redis
 import trio
 
 from moxy.accounting.base import SinkStats
 from moxy.accounting.counters import (
+    DELIVERED,
     DIMENSIONS,
+    LEG_REFUSED,
     METRICS,
+    RCPT_REFUSED,
     TOTAL,
+    Tally,
     bucket_expiry,
+    counted,
     counter_key,
     day_period,
-    increments,
     minute_period,
 )
 from moxy.accounting.events import DeliveryEvent
@@ -34,6 +39,10 @@ log = logging.getLogger("moxy.accounting")
 
 Counter = tuple[str, str]  # (key, member)
 _Sum = tuple[int, str, str, str]  # (minute since the epoch, dimension, member, metric)
+# Events summed per minute and tally (counters.tally, flattened): [events, bytes, what one
+# event of them counts for (counters.counted)].
+_Key = tuple[int, str, str, tuple[str, ...], str, str, str]
+_Entry = list[Any]
 _Keys = dict[tuple[str, str], str]  # (dimension, metric) -> the key of one bucket
 
 
@@ -81,9 +90,12 @@ class RedisSink:
         self._limiter = trio.CapacityLimiter(1)
         # Touched by the flushing thread too, but never at the same time as by the event loop:
         # the dispatcher never calls a sink concurrently, and a flush is awaited to its end.
-        # Events are summed per minute of event time first (a dozen additions per delivered
-        # copy), and spread over their buckets (total, day, minute) only before a flush.
-        self._sums: dict[_Sum, int] = {}
+        # Events are summed per minute of event time and per tally first (one addition per
+        # event when its sender, recipients, destination, client and node were seen this
+        # flush interval), and spread over their counters and buckets (total, day, minute)
+        # only before a flush.
+        self._sums: dict[_Key, _Entry] = {}
+        self._summed = 0  # the triples of all _sums: each spreads over at most 3 buckets
         self._pending: dict[Counter, int] = {}  # per Redis key and member: what a flush writes
         self._expiry: dict[str, int | None] = {}
         self._dropped = 0
@@ -98,9 +110,27 @@ class RedisSink:
 
     async def write(self, batch: Sequence[DeliveryEvent]) -> None:
         threshold = min(self.settings.batch_size, self.settings.backlog)
-        now = time.time()
+        sums = self._sums  # only ever cleared, never replaced
         for event in batch:
-            self._add(event, now)
+            kind = event.kind
+            if kind == "leg":
+                outcome = DELIVERED if 200 <= event.code < 300 else LEG_REFUSED
+            elif kind == "refused":
+                outcome = RCPT_REFUSED
+            else:
+                continue  # "message" and "connection" events count nothing here
+            key = (int(event.time // 60), outcome, event.destination, event.recipients,
+                   event.mail_from, event.client_ip, event.node)
+            entry = sums.get(key)
+            if entry is not None:
+                entry[0] += 1
+                entry[1] += event.size
+                continue
+            entry = self._new_sum(key)
+            if entry is None:
+                continue
+            entry[0] += 1
+            entry[1] += event.size
             if self._held_at_most() >= threshold and not self._down:
                 await self._flush()
 
@@ -132,14 +162,15 @@ class RedisSink:
 
     # --- summing --------------------------------------------------------------------------
 
-    def _add(self, event: DeliveryEvent, now: float) -> None:
-        adds = increments(event)
-        if not adds:
-            return
-        minute = int(event.time // 60)
-        if self._held_at_most() + 3 * len(adds) > self.settings.backlog:
+    def _new_sum(self, key: _Key) -> _Entry | None:
+        """A new entry of `_sums`, or None when its counters do not fit into `backlog`: the
+        event is dropped (whole, so the dimensions stay consistent with each other)."""
+        minute, *what = key
+        triples = counted(cast(Tally, tuple(what)))
+        if self._held_at_most() + 3 * len(triples) > self.settings.backlog:
             # Only near the bound is it worth counting exactly which counters would be new.
-            extra = [(minute, dimension, member, metric) for dimension, member, metric, _ in adds]
+            now = time.time()
+            extra = [(minute, dimension, member, metric) for dimension, member, metric in triples]
             if self._held(now, extra) > self.settings.backlog:
                 self._dropped += 1
                 if self._dropped == self._dropped_at_outage + 1:
@@ -147,34 +178,41 @@ class RedisSink:
                         "accounting: redis backlog full (%d counters), dropping events until "
                         "%s is back", self._held(now), self._where,
                     )
-                return
-        sums = self._sums
-        for dimension, member, metric, amount in adds:
-            key = (minute, dimension, member, metric)
-            sums[key] = sums.get(key, 0) + amount
+                return None
+        entry = self._sums[key] = [0, 0, triples]
+        self._summed += len(triples)
+        return entry
 
     def _held_at_most(self) -> int:
         """An upper bound of `_held()`, for free: each sum spreads over at most 3 buckets."""
-        return len(self._pending) + 3 * len(self._sums)
+        return len(self._pending) + 3 * self._summed
+
+    def _summed_counters(self) -> list[_Sum]:
+        return [(key[0], dimension, member, metric) for key, entry in self._sums.items()
+                for dimension, member, metric in entry[2]]
 
     def _held(self, now: float, extra: Sequence[_Sum] = ()) -> int:
         """Distinct counters held (pending and summed, plus `extra`): what `backlog` bounds."""
         counters = set(self._pending)
-        for minute, dimension, member, metric in (*self._sums, *extra):
+        for minute, dimension, member, metric in (*self._summed_counters(), *extra):
             for keys, _expiries in self._periods(minute, now):
                 counters.add((keys[dimension, metric], member))
         return len(counters)
 
     def _spread(self, now: float) -> None:
-        """Move the per-minute sums into the per-key counters a flush writes."""
+        """Move the summed events into the per-key counters a flush writes."""
         pending, expiry = self._pending, self._expiry
-        for (minute, dimension, member, metric), amount in self._sums.items():
-            for keys, expiries in self._periods(minute, now):
-                key = keys[dimension, metric]
-                counter = (key, member)
-                pending[counter] = pending.get(counter, 0) + amount
-                expiry[key] = expiries[key]
+        for key, (events, size, triples) in self._sums.items():
+            periods = self._periods(key[0], now)
+            for dimension, member, metric in triples:
+                amount = size if metric == "bytes" else events
+                for keys, expiries in periods:
+                    bucket = keys[dimension, metric]
+                    counter = (bucket, member)
+                    pending[counter] = pending.get(counter, 0) + amount
+                    expiry[bucket] = expiries[bucket]
         self._sums.clear()
+        self._summed = 0
 
     def _periods(self, minute: int, now: float) -> list[tuple[_Keys, dict[str, int | None]]]:
         """The buckets an event of `minute` (minutes since the epoch) counts in, each as its

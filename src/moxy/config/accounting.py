@@ -17,6 +17,7 @@ from moxy.accounting.settings import (
 )
 from moxy.config._parsing import (
     _COUNT,
+    _SECONDS,
     _backend_table,
     _boolean,
     _choice,
@@ -43,6 +44,8 @@ class AccountingSettings:
 
     sinks: tuple[str, ...] = attrs.field(default=("file",), metadata=_key(_sinks))
     queue: int = attrs.field(default=10_000, metadata=_COUNT)
+    # Seconds between hand-overs of the sessions' events to the sinks (sooner per 512 events).
+    interval: float = attrs.field(default=0.5, metadata=_SECONDS)
     file: FileSinkSettings | None = attrs.field(
         default=None, metadata=_backend_table(FileSinkSettings)
     )
