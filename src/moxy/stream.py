@@ -96,25 +96,17 @@ class Stream:
     # -- reading and writing -------------------------------------------------------------
 
     async def receive(self, size: int, deadline: float, interruptible: bool = False) -> bytes:
-        """Up to `size` bytes; b"" at the end of the stream. `interruptible`: `interrupt()`
-        ends this wait (and every later one) with StreamTimeout."""
-        if self.ssl is not None:
-            return await self._receive_tls(size, deadline, interruptible)
-        # Yield once first: the peer's answer has often arrived by then, which saves a wait.
-        await trio.lowlevel.checkpoint()
-        try:
-            return self.socket.recv(size)
-        except BlockingIOError:
-            pass
-        except OSError as exc:
-            raise StreamBroken(_detail(exc)) from None
-        return await self._receive_waiting(size, deadline, interruptible)
+        """Up to `size` bytes by the absolute `deadline` (the rest of a reply that comes in
+        pieces); b"" at the end of the stream. `interruptible`: `interrupt()` ends this wait
+        (and every later one) with StreamTimeout."""
+        return await self.receive_within(size, deadline - trio.current_time(), interruptible)
 
     async def receive_within(
         self, size: int, timeout: float, interruptible: bool = False
     ) -> bytes:
-        """`receive` within `timeout` seconds, whose deadline is only computed when the call
-        must wait (most reads take what arrived during the yield): then it is also kept in
+        """Up to `size` bytes within `timeout` seconds; b"" at the end of the stream. A read
+        yields once first (the peer's answer has often arrived by then, which saves a wait).
+        The deadline is only computed when the call must wait: then it is also kept in
         `self.deadline` for the rest of a reply that comes in pieces; otherwise that is 0."""
         if self.ssl is not None:
             self.deadline = deadline = trio.current_time() + timeout
@@ -142,22 +134,12 @@ class Stream:
                 raise StreamBroken(_detail(exc)) from None
 
     async def send(self, data: bytes, deadline: float) -> None:
-        """All of `data`, or StreamTimeout/StreamBroken."""
-        if self.ssl is not None:
-            return await self._send_tls(data, deadline)
-        await trio.lowlevel.checkpoint_if_cancelled()
-        try:
-            sent = self.socket.send(data)
-        except BlockingIOError:
-            sent = 0
-        except OSError as exc:
-            raise StreamBroken(_detail(exc)) from None
-        if sent < len(data):
-            await self._send_rest(memoryview(data)[sent:], deadline)
+        """All of `data` by the absolute `deadline`, or StreamTimeout/StreamBroken."""
+        await self.send_within(data, deadline - trio.current_time())
 
     async def send_within(self, data: bytes, timeout: float) -> None:
-        """`send` within `timeout` seconds, whose deadline is only computed when the call must
-        wait (the kernel's buffer was full)."""
+        """All of `data` within `timeout` seconds, or StreamTimeout/StreamBroken; the deadline
+        is only computed when the call must wait (the kernel's buffer was full)."""
         if self.ssl is not None:
             return await self._send_tls(data, trio.current_time() + timeout)
         await trio.lowlevel.checkpoint_if_cancelled()
