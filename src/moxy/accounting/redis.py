@@ -17,11 +17,8 @@ import trio
 
 from moxy.accounting.base import SinkStats
 from moxy.accounting.counters import (
-    DELIVERED,
     DIMENSIONS,
-    LEG_REFUSED,
     METRICS,
-    RCPT_REFUSED,
     TOTAL,
     Tally,
     bucket_expiry,
@@ -29,6 +26,7 @@ from moxy.accounting.counters import (
     counter_key,
     day_period,
     minute_period,
+    tally,
 )
 from moxy.accounting.events import DeliveryEvent
 from moxy.accounting.settings import RedisSinkSettings
@@ -112,15 +110,10 @@ class RedisSink:
         threshold = min(self.settings.batch_size, self.settings.backlog)
         sums = self._sums  # only ever cleared, never replaced
         for event in batch:
-            kind = event.kind
-            if kind == "leg":
-                outcome = DELIVERED if 200 <= event.code < 300 else LEG_REFUSED
-            elif kind == "refused":
-                outcome = RCPT_REFUSED
-            else:
+            what = tally(event)
+            if what is None:
                 continue  # "message" and "connection" events count nothing here
-            key = (int(event.time // 60), outcome, event.destination, event.recipients,
-                   event.mail_from, event.client_ip, event.node)
+            key = (int(event.time // 60), *what)
             entry = sums.get(key)
             if entry is not None:
                 entry[0] += 1
