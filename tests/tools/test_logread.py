@@ -39,6 +39,9 @@ events = st.builds(
     duration=st.floats(0, 10_000, allow_nan=False),
     node=host | st.just(""),
     reason=st.sampled_from(["", "relay-denied", "lookup-failed", "timeout"]),
+    # As sessions record it (tls_field's form), or "" without STARTTLS: never a bare "-",
+    # which the log writes for "no TLS".
+    tls=st.just("") | st.from_regex(r"TLSv1\.[23]:[A-Z0-9_]{1,30}", fullmatch=True),
     time=st.floats(0, 4_000_000_000, allow_nan=False),
 )
 
