@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import logging
 import signal
 import socket
@@ -69,11 +70,20 @@ async def _main(
                     logger.info("received %s again, stopping now", name)
                     stop_now.cancel()
 
+    async def serving(task_status: trio.TaskStatus[object]) -> None:
+        await serve(config, routing=routing, sockets=sockets, shutdown=shutdown,
+                    accounting=accounting, control_socket=control_socket, reloads=reloads,
+                    task_status=task_status)
+        nursery.cancel_scope.cancel()
+
     async with trio.open_nursery() as nursery:
         nursery.start_soon(signals, nursery.cancel_scope)
-        await serve(config, routing=routing, sockets=sockets, shutdown=shutdown,
-                    accounting=accounting, control_socket=control_socket, reloads=reloads)
-        nursery.cancel_scope.cancel()
+        await nursery.start(serving)
+        # Everything made so far (modules, configuration, routes, sinks) lives as long as the
+        # process: out of the collector's sight, a full collection walks only what sessions
+        # made since. Events waiting for their sink's batch live long enough to reach the
+        # oldest generation, and without this each full collection took 20-30 ms.
+        gc.freeze()
 
 
 def run(config: Config) -> int:
