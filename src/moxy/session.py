@@ -349,9 +349,7 @@ class Session(SessionEvents):
         else:
             results = await transaction.finish()
             reply = decide_final([r.outcome for r in results], self.message_id)
-            for r in results:
-                self.log_leg(r.leg, r.destination, r.outcome)
-            self.log_message(reply, "end-of-data", self.received_bytes)
+            self.log_delivery(results, reply, self.received_bytes)
             if reply.klass != 2 and any(
                 isinstance(r.outcome, Reply) and r.outcome.klass == 2 for r in results
             ):

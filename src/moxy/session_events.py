@@ -2,15 +2,16 @@
 at end-of-data, one per refused recipient, one when Moxy ends a connection itself. A mixin of
 `Session`, which keeps the state they describe.
 
-Two events per message are on the hot path: each is one tuple made from the session's state
-(`DeliveryEvent.make`), and none is made when accounting has no sinks.
+The events of end of data are the hot path (`log_delivery`: one per leg and the message's,
+sharing what they have in common): each is one tuple made from the session's state, and none
+is made when accounting has no sinks.
 """
 
 from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from moxy.accounting import events as acct
@@ -18,8 +19,7 @@ from moxy.accounting.events import DeliveryEvent, discard
 from moxy.context import ServerContext
 from moxy.lookup.base import DestinationGroup
 from moxy.smtp.replies import Reply
-from moxy.transaction import Transaction
-from moxy.upstream import Leg
+from moxy.transaction import LegResult, Transaction
 
 # DeliveryEvent.make without its Python frame: the 18 fields as one tuple.
 _make: Callable[[tuple[Any, ...]], DeliveryEvent] = functools.partial(tuple.__new__, DeliveryEvent)
@@ -52,25 +52,41 @@ class SessionEvents:
     transaction: Transaction | None
     ended_by: str | None
 
-    def log_leg(self, leg: Leg, destination: str, outcome: Reply | Exception) -> None:
+    def log_delivery(self, results: Sequence[LegResult], reply: Reply, size: int) -> None:
+        """End of data: an event per leg, then the message's. They share one reading of the
+        clocks and everything else that describes the message, computed once."""
+        self.ctx.metrics.message(reply.code)
         emit = self.ctx.emit
         if emit is discard:
             return
-        if isinstance(outcome, Reply):
-            code, text, stage = outcome.code, str(outcome), "end-of-data"
-        else:
-            code, text, stage = 0, str(outcome), getattr(outcome, "stage", "?")
         t = self.transaction
+        assert t is not None
         now = time.time()
+        duration = time.monotonic() - self.data_started
+        node = self.ctx.config.server.node
+        tls = acct.tls_field(self.tls) if self.tls else ""
+        sid, mid, ip, helo, mail_from = (
+            self.id, self.message_id, self.client_ip, self.helo, t.envelope.mail_from
+        )
+        for result in results:
+            outcome, leg = result.outcome, result.leg
+            if isinstance(outcome, Reply):
+                code, text, stage = outcome.code, str(outcome), "end-of-data"
+            else:
+                code, text, stage = 0, str(outcome), getattr(outcome, "stage", "?")
+            emit(_make((
+                "leg", sid, mid, ip, helo, mail_from, tuple(leg.accepted), result.destination,
+                _group_text(leg.group), leg.sent, code, text, stage, duration, node, "", tls,
+                now,
+            )))
+        route = " ".join(map(_group_text, t.legs))
         emit(_make((
-            "leg", self.id, self.message_id, self.client_ip, self.helo,
-            t.envelope.mail_from if t is not None else "", tuple(leg.accepted), destination,
-            _group_text(leg.group), leg.sent, code, text, stage,
-            time.monotonic() - self.data_started, self.ctx.config.server.node, "",
-            acct.tls_field(self.tls) if self.tls else "", now,
+            "message", sid, mid, ip, helo, mail_from, tuple(t.recipients), "-", route, size,
+            reply.code, str(reply), "end-of-data", duration, node, "", tls, now,
         )))
 
     def log_message(self, reply: Reply, stage: str, size: int) -> None:
+        """A message that ended before its end of data (refused at DATA, or its body)."""
         self.ctx.metrics.message(reply.code)
         emit = self.ctx.emit
         if emit is discard:

@@ -24,6 +24,8 @@ class Reply:
     klass: int = attrs.field(init=False, eq=False, repr=False)
     # The wire form, made at the first to_bytes(): constant replies are encoded once.
     _wire: bytes | None = attrs.field(init=False, eq=False, repr=False)
+    # The log form (str()), made once too: a reply kept by a cache is logged again and again.
+    _str: str | None = attrs.field(init=False, eq=False, repr=False)
 
     def __init__(self, code: int, lines: tuple[str, ...] = ("",)) -> None:
         setattr = object.__setattr__  # frozen: the one place fields are set
@@ -31,6 +33,7 @@ class Reply:
         setattr(self, "lines", lines)
         setattr(self, "klass", code // 100)
         setattr(self, "_wire", None)
+        setattr(self, "_str", None)
 
     @classmethod
     def make(cls, code: int, enhanced: str, *text: str) -> Reply:
@@ -80,4 +83,9 @@ class Reply:
         return wire
 
     def __str__(self) -> str:
-        return f"{self.code} {' / '.join(self.lines)}"
+        text = self._str
+        if text is None:
+            lines = self.lines
+            text = f"{self.code} {lines[0] if len(lines) == 1 else ' / '.join(lines)}"
+            object.__setattr__(self, "_str", text)
+        return text
