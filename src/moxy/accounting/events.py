@@ -151,9 +151,11 @@ def log_lines(batch: Iterable[DeliveryEvent]) -> str:
     """Text lines of a batch, each ending in a line break: what the file sink writes.
 
     The hot part of the message log, so it does per event only what differs from the event
-    before: a message's leg and message events (and a session's messages) share the fields
-    from `node` to `from`, which are formatted again only when one of them is another object
-    than before; the date and time once per second."""
+    before. A message's leg and message events (and a session's messages) share the fields
+    from `node` to `from`; a message's events share its clock readings and, on one leg, the
+    reply too. So the part from `node` to `to=` is formatted again only when one of its fields
+    is another object than before, and the part from `code` to `reply` likewise; the date and
+    time once per second."""
     global _last_second, _last_stamp
     out: list[str] = []
     append = out.append
@@ -161,6 +163,8 @@ def log_lines(batch: Iterable[DeliveryEvent]) -> str:
     millis = _MILLIS
     who: tuple[str, str, str, str, str, str] | None = None
     origin = ""
+    how: tuple[int, str, str, str, float, str] | None = None
+    outcome = ""
     for (kind, session_id, message_id, client_ip, helo, mail_from, recipients, destination,
          route, size, code, reply, stage, duration, node, reason, tls, when) in batch:
         if int(when) != second or when < 0:
@@ -172,17 +176,21 @@ def log_lines(batch: Iterable[DeliveryEvent]) -> str:
             who = (session_id, message_id, mail_from, helo, client_ip, node)
             origin = (f" node={node or '-'} session={session_id} id={message_id or '-'}"
                       f" client={client_ip} helo={helo or '-'} from=<{mail_from}> to=")
-        if "\n" in reply or '"' in reply:
-            reply = reply.replace("\n", " ").replace('"', "'")
+        if (how is None or reply is not how[5] or duration is not how[4] or code != how[0]
+                or stage is not how[1] or reason is not how[2] or tls is not how[3]):
+            how = (code, stage, reason, tls, duration, reply)
+            if "\n" in reply or '"' in reply:
+                reply = reply.replace("\n", " ").replace('"', "'")
+            outcome = (f" code={code} stage={stage} reason={reason or '-'}"
+                       f" tls={tls_field(tls) if tls else '-'} duration={duration:.3f}"
+                       f' reply="{reply}"\n')
         if len(recipients) == 1:
             to = f"<{recipients[0]}>"
         else:
             to = ",".join([f"<{r}>" for r in recipients]) or "-"
         append(
             f"{stamp}{millis[int(when * 1000) % 1000]} {kind}{origin}{to} dest={destination}"
-            f" route={route or '-'} size={size} code={code} stage={stage}"
-            f" reason={reason or '-'} tls={tls_field(tls) if tls else '-'}"
-            f' duration={duration:.3f} reply="{reply}"\n'
+            f" route={route or '-'} size={size}{outcome}"
         )
     _last_second, _last_stamp = second, stamp
     return "".join(out)
