@@ -68,20 +68,25 @@ class SessionEvents:
         sid, mid, ip, helo, mail_from = (
             self.id, self.message_id, self.client_ip, self.helo, t.envelope.mail_from
         )
+        everyone = t.recipients
+        recipients = tuple(everyone)
         for result in results:
             outcome, leg = result.outcome, result.leg
             if isinstance(outcome, Reply):
                 code, text, stage = outcome.code, str(outcome), "end-of-data"
             else:
                 code, text, stage = 0, str(outcome), getattr(outcome, "stage", "?")
+            # A leg that carried every recipient shares the message's tuple (and its "to=").
+            accepted = leg.accepted
             emit(_make((
-                "leg", sid, mid, ip, helo, mail_from, tuple(leg.accepted), result.destination,
+                "leg", sid, mid, ip, helo, mail_from,
+                recipients if accepted == everyone else tuple(accepted), result.destination,
                 _group_text(leg.group), leg.sent, code, text, stage, duration, node, "", tls,
                 now,
             )))
         route = " ".join(map(_group_text, t.legs))
         emit(_make((
-            "message", sid, mid, ip, helo, mail_from, tuple(t.recipients), "-", route, size,
+            "message", sid, mid, ip, helo, mail_from, recipients, "-", route, size,
             reply.code, str(reply), "end-of-data", duration, node, "", tls, now,
         )))
 

@@ -154,8 +154,8 @@ def log_lines(batch: Iterable[DeliveryEvent]) -> str:
     before. A message's leg and message events (and a session's messages) share the fields
     from `node` to `from`; a message's events share its clock readings and, on one leg, the
     reply too. So the part from `node` to `to=` is formatted again only when one of its fields
-    is another object than before, and the part from `code` to `reply` likewise; the date and
-    time once per second."""
+    is another object than before; likewise the part from `code` to `reply`, the recipients and
+    the time (the date and time to the second are formatted once per second)."""
     global _last_second, _last_stamp
     out: list[str] = []
     append = out.append
@@ -165,11 +165,16 @@ def log_lines(batch: Iterable[DeliveryEvent]) -> str:
     origin = ""
     how: tuple[int, str, str, str, float, str] | None = None
     outcome = ""
+    listed: tuple[str, ...] | None = None
+    to = ""
+    then: float | None = None
+    moment = ""
     for (kind, session_id, message_id, client_ip, helo, mail_from, recipients, destination,
          route, size, code, reply, stage, duration, node, reason, tls, when) in batch:
         if int(when) != second or when < 0:
             second = int(when)
             stamp = _time.strftime("%Y-%m-%dT%H:%M:%S", _time.gmtime(when))
+            then = None
         if (who is None or session_id is not who[0] or message_id is not who[1]
                 or mail_from is not who[2] or helo is not who[3] or client_ip is not who[4]
                 or node is not who[5]):
@@ -184,14 +189,17 @@ def log_lines(batch: Iterable[DeliveryEvent]) -> str:
             outcome = (f" code={code} stage={stage} reason={reason or '-'}"
                        f" tls={tls_field(tls) if tls else '-'} duration={duration:.3f}"
                        f' reply="{reply}"\n')
-        if len(recipients) == 1:
-            to = f"<{recipients[0]}>"
-        else:
-            to = ",".join([f"<{r}>" for r in recipients]) or "-"
-        append(
-            f"{stamp}{millis[int(when * 1000) % 1000]} {kind}{origin}{to} dest={destination}"
-            f" route={route or '-'} size={size}{outcome}"
-        )
+        if recipients is not listed:
+            listed = recipients
+            if len(recipients) == 1:
+                to = f"<{recipients[0]}>"
+            else:
+                to = ",".join([f"<{r}>" for r in recipients]) or "-"
+        if when is not then:
+            then = when
+            moment = stamp + millis[int(when * 1000) % 1000]
+        append(f"{moment} {kind}{origin}{to} dest={destination} route={route or '-'} size={size}"
+               f"{outcome}")
     _last_second, _last_stamp = second, stamp
     return "".join(out)
 
