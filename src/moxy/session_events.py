@@ -78,13 +78,14 @@ class SessionEvents:
                 code, text, stage = 0, str(outcome), getattr(outcome, "stage", "?")
             # A leg that carried every recipient shares the message's tuple (and its "to=").
             accepted = leg.accepted
+            route = _group_text(leg.group)
             emit(_make((
                 "leg", sid, mid, ip, helo, mail_from,
                 recipients if accepted == everyone else tuple(accepted), result.destination,
-                _group_text(leg.group), leg.sent, code, text, stage, duration, node, "", tls,
-                now,
+                route, leg.sent, code, text, stage, duration, node, "", tls, now,
             )))
-        route = " ".join(map(_group_text, t.legs))
+        if len(results) != 1 or len(t.legs) != 1:  # one leg: its route is the message's
+            route = " ".join(map(_group_text, t.legs))
         emit(_make((
             "message", sid, mid, ip, helo, mail_from, recipients, "-", route, size,
             reply.code, str(reply), "end-of-data", duration, node, "", tls, now,
