@@ -10,13 +10,18 @@ depend on the machine's load (5 sessions; slow, so use a few hundred messages).
 
     .venv/bin/python benchmarks/bench_cost.py [--messages 3000] [--callgrind] [--accounting]
                                               [--size 102400] [--modes new,new+pool,reuse]
+                                              [--pairs 15]
 
 `--size` sets the message size in bytes (default 100); `--modes` picks some of the three modes.
 
-`--accounting` measures what accounting costs (issue 11: at most 5 %): per mode it runs Moxy
-twice, without any accounting (`[accounting] sinks = []`) and with the message log plus the
-Redis counters of a throwaway redis-server (`sinks = ["file", "redis"]`), and prints both and
-the difference. Without --callgrind, `--pairs N` alternates the two N times (CPU time is noisy).
+`--accounting` measures what accounting costs (issue 11: at most 5 % of throughput): per mode
+it runs Moxy without any accounting (`[accounting] sinks = []`) and with the message log plus
+the Redis counters of a throwaway redis-server (`sinks = ["file", "redis"]`), `--pairs N`
+times each, alternating which goes first. On a machine with two CPUs or more, Moxy (every
+thread) runs alone on the last CPU and the load, the sink and Redis on the others, so that
+its throughput is what its own CPU allows. A pair compares the two runs made one after the
+other; the median over the pairs is the figure (a shared VM's speed drifts by more than 5 %
+from minute to minute, which one run each could not tell from accounting's cost).
 
 To compare two versions, run it with PYTHONPATH pointing at the other version's `src`.
 """
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import subprocess
 import sys
 import tempfile
@@ -97,9 +103,23 @@ def _moxy_log_on_error(workdir: Path) -> Iterator[None]:
         raise
 
 
+def _cpus() -> tuple[set[int], set[int]] | None:
+    """(Moxy's CPU, everyone else's) when there are two or more, else None."""
+    cpus = sorted(os.sched_getaffinity(0))
+    return ({cpus[-1]}, set(cpus[:-1])) if len(cpus) >= 2 else None
+
+
+def _pin(pid: int, cpus: set[int]) -> None:
+    """Every thread of `pid` (threads started later inherit their creator's CPU set)."""
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(ProcessLookupError):
+            os.sched_setaffinity(int(task), cpus)
+
+
 def measure(args: argparse.Namespace, name: str, reuse: bool, pool: int, sink_port: int,
-            extra: str) -> float:
-    """One Moxy, warmed up, then measured: instructions or CPU µs per message (printed too)."""
+            extra: str) -> tuple[float, float]:
+    """One Moxy, warmed up, then measured: messages per second, and instructions or CPU µs
+    per message (printed too)."""
     sessions = 5 if args.callgrind else 20
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
@@ -117,7 +137,7 @@ def measure(args: argparse.Namespace, name: str, reuse: bool, pool: int, sink_po
                 per_message = instructions(moxy.pid, workdir) / args.messages
                 print(f"{name:22s} {per_message / 1e6:6.3f} M instructions/msg "
                       f"({args.messages / took:.0f} msg/s under valgrind)", flush=True)
-                return per_message
+                return args.messages / took, per_message
             user0, sys0 = process_cpu(moxy.pid)
             took = smtp_source(moxy.port, args.messages, args.size, reuse, f"u@{ROUTE}")
             user1, sys1 = process_cpu(moxy.pid)
@@ -126,7 +146,7 @@ def measure(args: argparse.Namespace, name: str, reuse: bool, pool: int, sink_po
             print(f"{name:22s} {cpu:5.0f} µs/msg (user {(user1 - user0) * per:4.0f}, "
                   f"system {(sys1 - sys0) * per:4.0f})  {args.messages / took:5.0f} msg/s",
                   flush=True)
-            return cpu
+            return args.messages / took, cpu
 
 
 def main() -> None:
@@ -146,6 +166,9 @@ def main() -> None:
     if unknown := set(modes) - set(MODES):
         parser.error(f"unknown modes: {', '.join(sorted(unknown))}")
     sink_port = free_port()
+    cpus = _cpus() if args.accounting and not args.callgrind else None
+    if cpus is not None:
+        os.sched_setaffinity(0, cpus[1])  # inherited by the load, the sink and Redis
     with contextlib.ExitStack() as stack:
         stack.enter_context(proxies.smtp_sink(sink_port))
         if not args.accounting:
@@ -162,23 +185,79 @@ def main() -> None:
         scale = 30.0 if args.callgrind else 1.0
         configs = {"without": proxies.accounting_toml(None),
                    "file+redis": proxies.accounting_toml(url, scale, 0.5 * scale)}
-        pairs = 1 if args.callgrind else args.pairs
+        if not args.callgrind:
+            for name in modes:
+                interleaved(args, name, sink_port, configs, cpus)
+            return
         summary = []
         for name in modes:
             reuse, pool = MODES[name]
-            figures: dict[str, list[float]] = {config: [] for config in configs}
-            for _ in range(pairs):
-                for config, extra in configs.items():
-                    figures[config].append(
-                        measure(args, f"{name} {config}", reuse, pool, sink_port, extra))
-            without, with_ = (sum(v) / len(v) for v in figures.values())
-            summary.append(f"{name:9s} without {without / (1e6 if args.callgrind else 1):8.3f}  "
-                           f"file+redis {with_ / (1e6 if args.callgrind else 1):8.3f}  "
-                           f"cost {100 * (with_ / without - 1):+5.1f} %")
-        unit = "M instructions/msg" if args.callgrind else "µs/msg"
-        print(f"accounting cost ({unit}; without = sinks [], file+redis = the message log and "
-              "the Redis counters):")
+            got = [measure(args, f"{name} {config}", reuse, pool, sink_port, extra)[1]
+                   for config, extra in configs.items()]
+            summary.append(f"{name:9s} without {got[0] / 1e6:8.3f}  file+redis {got[1] / 1e6:8.3f}"
+                           f"  cost {100 * (got[1] / got[0] - 1):+5.1f} %")
+        print("accounting's cost (M instructions/msg; without = sinks [], file+redis = the "
+              "message log and the Redis counters):")
         print("\n".join(summary))
+
+
+def _runtime(pid: int) -> float:
+    """CPU seconds of every thread of `pid` so far, to the nanosecond (schedstat)."""
+    total = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            total += int(Path(f"/proc/{pid}/task/{task}/schedstat").read_text().split()[0])
+    return total / 1e9
+
+
+def interleaved(args: argparse.Namespace, name: str, sink_port: int, configs: dict[str, str],
+                cpus: tuple[set[int], set[int]] | None) -> None:
+    """Both Moxys up at once, loaded in turn: `--pairs` bursts of `--messages` each, the order
+    alternating, so that the machine's drift falls on both alike. A pair's two bursts are
+    seconds apart; the median of the pairs' ratios is the figure."""
+    reuse, pool = MODES[name]
+    with contextlib.ExitStack() as stack:
+        moxies = {}
+        for config, extra in configs.items():
+            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+            stack.enter_context(_moxy_log_on_error(workdir))
+            moxies[config] = stack.enter_context(proxies.moxy(
+                workdir, f"{ROUTE}  127.0.0.1:{sink_port}\n", idle_upstreams=pool, extra=extra))
+        for moxy in moxies.values():
+            smtp_source(moxy.port, min(1000, args.messages), args.size, reuse, f"u@{ROUTE}")
+        time.sleep(1.2)  # every sink thread has started (first batch, first Redis flush)
+        if cpus is not None:
+            for moxy in moxies.values():
+                _pin(moxy.pid, cpus[0])
+        rates: dict[str, list[float]] = {config: [] for config in configs}
+        costs: dict[str, list[float]] = {config: [] for config in configs}
+        for pair in range(args.pairs):
+            order = list(moxies) if pair % 2 == 0 else list(moxies)[::-1]
+            for config in order:
+                moxy = moxies[config]
+                before = _runtime(moxy.pid)
+                took = smtp_source(moxy.port, args.messages, args.size, reuse, f"u@{ROUTE}")
+                costs[config].append((_runtime(moxy.pid) - before) * 1e6 / args.messages)
+                rates[config].append(args.messages / took)
+            print(f"{name} pair {pair + 1:2d}: " + "  ".join(
+                f"{config} {costs[config][-1]:4.0f} µs/msg {rates[config][-1]:5.0f} msg/s"
+                for config in configs), flush=True)
+    without, with_ = configs
+    cost = sorted(b / a for a, b in zip(costs[without], costs[with_], strict=True))
+    rate = sorted(b / a for a, b in zip(rates[without], rates[with_], strict=True))
+    print(f"{name}: accounting (file+redis against sinks []) costs "
+          f"{100 * (_median(cost) - 1):+.1f} % CPU per message and "
+          f"{100 * (_median(rate) - 1):+.1f} % throughput (medians of {args.pairs} pairs of "
+          f"{args.messages} messages; CPU per message "
+          f"{_median(sorted(costs[without])):.0f} / {_median(sorted(costs[with_])):.0f} µs"
+          + (f"; Moxy on CPU {min(cpus[0])}" if cpus else "") + ")", flush=True)
+    print(f"{name}: pairs' cost ratios: " + " ".join(f"{100 * (r - 1):+.0f}" for r in cost),
+          flush=True)
+
+
+def _median(values: list[float]) -> float:
+    middle = len(values) // 2
+    return values[middle] if len(values) % 2 else (values[middle - 1] + values[middle]) / 2
 
 
 if __name__ == "__main__":
