@@ -8,6 +8,7 @@ through src/moxy/daemon.py (logging, signals, workers, privileges).
 from __future__ import annotations
 
 import contextlib
+import gc
 import ipaddress
 import logging
 import math
@@ -208,6 +209,10 @@ async def serve(
                 continue
             old, current = current, new
             old.retire()
+            # `moxy serve` froze what its start made (daemon._main), this old configuration
+            # included: back in the collector's sight, its cycles are freed once it has ended.
+            # (Not frozen again: sessions are running now, and what is frozen is never freed.)
+            gc.unfreeze()
             shared.clients.configure(new.config.limits)
             logging.getLogger().setLevel(new.config.log.level.upper())
             logger.info("reloaded %s (configuration %d); %d sessions finish under the "

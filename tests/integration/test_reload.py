@@ -5,6 +5,7 @@ leaves the old one serving, with one log line saying why."""
 from __future__ import annotations
 
 import functools
+import gc
 import logging
 import shutil
 import signal
@@ -96,6 +97,28 @@ async def test_reload_serves_new_sessions_with_the_new_configuration_and_finishe
     assert finished.data is not None and finished.data.endswith(HEAD.split(b"\r\n\r\n")[1]
                                                                  + TAIL[:-3])
     assert len(new.messages) == 1
+
+
+async def test_a_reload_unfreezes_what_the_start_froze(
+    write_config: Callable[..., Path], make_recorder: MakeRecorder,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """`moxy serve` freezes what its start made (gc.freeze); the configuration a reload
+    replaces is part of it and must become collectable again."""
+    caplog.set_level(logging.INFO, logger="moxy")
+    path = write_config({"example.org": make_recorder()}, server={"banner": "ESMTP before"})
+    send_reload, reloads = trio.open_memory_channel[None](1)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(functools.partial(serve, load_config(path), reloads=reloads))
+            gc.freeze()  # as daemon._main does once serve() has started
+            assert gc.get_freeze_count() > 0
+            await send_reload.send(None)
+            await eventually(lambda: "reloaded" in caplog.text, what="the reload")
+            assert gc.get_freeze_count() == 0
+            nursery.cancel_scope.cancel()
+    finally:
+        gc.unfreeze()
 
 
 async def test_a_configuration_that_does_not_load_leaves_the_old_one_serving(
