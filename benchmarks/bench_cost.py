@@ -131,7 +131,7 @@ def measure(args: argparse.Namespace, name: str, reuse: bool, pool: int, sink_po
             smtp_source(moxy.port, warm, args.size, reuse, f"u@{ROUTE}", sessions=sessions)
             if args.callgrind:
                 subprocess.run(["callgrind_control", "-z", str(moxy.pid)], check=True,
-                               stdout=subprocess.DEVNULL)
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 took = smtp_source(moxy.port, args.messages, args.size, reuse, f"u@{ROUTE}",
                                    sessions=sessions)
                 per_message = instructions(moxy.pid, workdir) / args.messages
