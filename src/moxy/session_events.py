@@ -92,7 +92,7 @@ class SessionEvents:
         )))
 
     def log_message(self, reply: Reply, stage: str, size: int) -> None:
-        """A message that ended before its end of data (refused at DATA, or its body)."""
+        """A message no leg finished: refused at DATA, or its body refused by Moxy."""
         self.ctx.metrics.message(reply.code)
         emit = self.ctx.emit
         if emit is discard:

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from moxy.accounting.events import KINDS, DeliveryEvent
+from moxy.accounting.events import KINDS, DeliveryEvent, log_line, log_lines
 from moxy.tools.logread import BadLine, parse_line
 
 token = st.text("ABCDEF0123456789.", min_size=1, max_size=16)
@@ -63,6 +63,20 @@ def test_a_text_line_reads_back_as_its_event(event: DeliveryEvent) -> None:
 @given(events)
 def test_a_json_line_reads_back_as_its_event(event: DeliveryEvent) -> None:
     same(parse_line(event.to_json()), event, event.reply)
+
+
+@given(events, st.lists(st.tuples(events, st.sets(st.sampled_from(DeliveryEvent._fields))),
+                        max_size=8))
+def test_a_batch_writes_each_event_as_its_own_line(
+    first: DeliveryEvent, changes: list[tuple[DeliveryEvent, set[str]]]
+) -> None:
+    """log_lines formats again only the parts whose fields are other objects than on the line
+    before: events that share some field objects (as a message's leg and message events do)
+    still each get their own line."""
+    batch = [first]
+    for other, fields in changes:
+        batch.append(batch[-1]._replace(**{name: getattr(other, name) for name in fields}))
+    assert log_lines(batch) == "".join(log_line(event) + "\n" for event in batch)
 
 
 def test_quoted_local_parts_may_look_like_fields() -> None:
