@@ -4,17 +4,18 @@ PYTHON      ?= /usr/bin/python3
 VENV        := .venv
 VPY         := $(VENV)/bin/python
 CONFIG      ?= examples/moxy.toml
-RUN_DEBS    := python3 python3-venv python3-gdbm
+# gcc and python3-dev: the native build (setup.py, docs/architecture.md).
+RUN_DEBS    := python3 python3-venv python3-gdbm gcc python3-dev
 TEST_DEBS   := $(RUN_DEBS) postfix swaks libnet-ssleay-perl libio-socket-ssl-perl redis-server slapd ldap-utils openssl
 PYTEST_ARGS ?=
 
-.PHONY: run test lint check-config cluster bench run-debs test-debs clean
+.PHONY: run test lint native check-config cluster bench run-debs test-debs clean
 
-run: run-debs $(VENV)/.run-installed
+run: run-debs $(VENV)/.run-installed $(VENV)/.native
 	$(VENV)/bin/moxy serve --config $(CONFIG)
 
-test: test-debs $(VENV)/.test-installed lint
-	$(VENV)/bin/pytest $(PYTEST_ARGS)
+test: test-debs $(VENV)/.test-installed $(VENV)/.native lint
+	MOXY_EXPECT_NATIVE=1 $(VENV)/bin/pytest $(PYTEST_ARGS)
 
 lint: $(VENV)/.test-installed
 	$(VENV)/bin/ruff check src tests benchmarks scripts
@@ -23,15 +24,15 @@ lint: $(VENV)/.test-installed
 # Not part of `make test`: Moxy beside direct delivery, nginx's mail proxy and Haraka (from npm,
 # when Node.js 20+ is there); rewrites the "make bench" table in docs/benchmarks.md.
 BENCH_DEBS  := nginx-light libnginx-mod-mail
-bench: test-debs $(VENV)/.test-installed
+bench: test-debs $(VENV)/.test-installed $(VENV)/.native
 	@scripts/ensure-debs $(BENCH_DEBS)
 	$(VPY) benchmarks/bench_compare.py $(BENCH_ARGS)
 
 # Two nodes, Redis, slapd and two recording servers on loopback, until Ctrl-C (docs/deploying.md).
-cluster: test-debs $(VENV)/.run-installed
+cluster: test-debs $(VENV)/.run-installed $(VENV)/.native
 	$(VPY) scripts/cluster.py
 
-check-config: run-debs $(VENV)/.run-installed
+check-config: run-debs $(VENV)/.run-installed $(VENV)/.native
 	$(VENV)/bin/moxy check-config --config $(CONFIG)
 
 # Cheap when nothing is missing (one dpkg-query per package).
@@ -46,13 +47,27 @@ $(VPY):
 	$(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
 
+# mypy (mypyc) and a setuptools that reads pyproject.toml: for the native build below.
 $(VENV)/.run-installed: pyproject.toml | $(VPY)
-	$(VPY) -m pip install -q -e .
+	$(VPY) -m pip install -q -e . 'mypy>=1.10' 'setuptools>=77'
 	@touch $@
 
+# The native build: the hot path's modules (src/moxy/native.py) compiled in place with mypyc,
+# again whenever one of them changes. Built .so files sit beside their sources.
+NATIVE_SRC := $(shell $(PYTHON) setup.py --native-sources 2>/dev/null)
+native: $(VENV)/.native
+$(VENV)/.native: setup.py src/moxy/native.py $(NATIVE_SRC) | $(VENV)/.run-installed
+	@echo "native build: compiling $(words $(NATIVE_SRC)) modules with mypyc (about a minute)"
+	@rm -f src/*.so src/moxy/*.so src/moxy/*/*.so
+	@mkdir -p build
+	@MOXY_NATIVE=1 $(VPY) setup.py build_ext --inplace > build/native.log 2>&1 \
+	    || { tail -30 build/native.log; echo "native build failed: build/native.log"; exit 1; }
+	@touch src/*.so src/moxy/*.so src/moxy/*/*.so $@  # build_ext keeps an unchanged file's old date
+
 $(VENV)/.test-installed: pyproject.toml | $(VPY)
-	$(VPY) -m pip install -q -e '.[test]'
+	$(VPY) -m pip install -q -e '.[test]' 'setuptools>=77'
 	@touch $@ $(VENV)/.run-installed
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build
+	rm -f src/*.so src/moxy/*.so src/moxy/*/*.so

@@ -17,6 +17,7 @@ How `routes` and sections are written is in tests/peers/moxy.py. `routes` is pos
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
@@ -57,6 +58,20 @@ __all__ = [  # the backend fixtures, for every test module
 ]
 
 WriteConfig = Callable[..., Path]
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """The native build (setup.py) must be what runs: `make test` asks for it with
+    MOXY_EXPECT_NATIVE=1, and an in-place build older than its source would test old code."""
+    from moxy import native
+
+    if stale := native.stale():
+        pytest.exit(f"compiled modules older than their source: {', '.join(stale)}; "
+                    "run `make native` (or delete the .so files to test pure Python)", 2)
+    if os.environ.get("MOXY_EXPECT_NATIVE") == "1":
+        missing = sorted(set(native.MODULES) - set(native.compiled()))
+        if missing:
+            pytest.exit(f"native build expected but not compiled: {', '.join(missing)}", 2)
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ replies (pipelined when the destination offers PIPELINING) over a `moxy.stream.S
 from __future__ import annotations
 
 import logging
+import operator
 import socket
 import time
 from operator import itemgetter
@@ -273,7 +274,9 @@ async def connect(destination: Destination, settings: UpstreamSettings) -> Conne
 
 
 def _where(destination: Destination, address: Destination) -> str:
-    return str(destination) if address == destination else f"{destination} ({address})"
+    # operator.eq: compiled (setup.py), `==` between attrs instances would compare identities.
+    same = operator.eq(address, destination)
+    return str(destination) if same else f"{destination} ({address})"
 
 
 async def _connect_address(

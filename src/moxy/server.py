@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import trio
 
-from moxy import control, metrics_http
+from moxy import control, metrics_http, native
 from moxy.accept import accept_loop
 from moxy.accounting import events as acct
 from moxy.accounting.dispatch import Accounting
@@ -236,7 +236,11 @@ async def serve(
                     nursery.start_soon(drain, shutdown, nursery)
                 if reloads is not None:
                     nursery.start_soon(reload, reloads, nursery)
-                logger.info("moxy listening on %s", ", ".join(_fmt(b) for b in bound))
+                logger.info("moxy listening on %s (%s)", ", ".join(_fmt(b) for b in bound),
+                            native.describe())
+                if stale := native.stale():
+                    logger.warning("compiled modules older than their source, running the old "
+                                   "code: %s (make native rebuilds them)", ", ".join(stale))
                 task_status.started(bound)
         finally:
             outer.cancel_scope.cancel()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import operator
 from collections.abc import Awaitable, Callable, Sequence
 
 import attrs
@@ -141,7 +142,8 @@ class Refusal:
 def _refusal_of(reply: Reply, legs: Sequence[Leg], outcomes: Sequence[Outcome]) -> Refusal:
     """The leg whose answer `merge_rcpt` passed on."""
     for leg, outcome in zip(legs, outcomes, strict=True):
-        if _as_reply(outcome, "2.1.5") == reply:
+        # operator.eq: compiled (setup.py), `==` between Replies would compare identities.
+        if operator.eq(_as_reply(outcome, "2.1.5"), reply):
             kind = DESTINATION_UNAVAILABLE if isinstance(outcome, LegError) else DESTINATION_REFUSED
             return Refusal(kind, leg.destination)
     return Refusal(DESTINATION_REFUSED)

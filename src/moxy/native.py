@@ -1,0 +1,62 @@
+"""The native build (setup.py): which of Moxy's modules run compiled by mypyc, and whether an
+in-place build is older than its source (it would run the code from before the edit)."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.machinery
+import os
+
+# The hot path: every command, reply and body chunk of a session goes through these modules.
+# setup.py reads this tuple. Compiled code does not see the __eq__ that attrs adds to a class:
+# `==` and `!=` between attrs instances of a declared type compare identities there, so these
+# modules use operator.eq for them (tests/test_native.py checks).
+MODULES = (
+    "moxy.smtp.client",
+    "moxy.smtp.commands",
+    "moxy.smtp.data",
+    "moxy.smtp.events",
+    "moxy.smtp.replies",
+    "moxy.smtp.server",
+    "moxy.connection",
+    "moxy.pool",
+    "moxy.relay",
+    "moxy.session",
+    "moxy.session_events",
+    "moxy.session_kept",
+    "moxy.stream",
+    "moxy.trace",
+    "moxy.transaction",
+    "moxy.upstream",
+)
+
+_EXTENSIONS = tuple(importlib.machinery.EXTENSION_SUFFIXES)
+
+
+def _file(name: str) -> str:
+    return getattr(importlib.import_module(name), "__file__", None) or ""
+
+
+def compiled() -> list[str]:
+    """The modules of MODULES that were imported from a compiled extension."""
+    return [name for name in MODULES if _file(name).endswith(_EXTENSIONS)]
+
+
+def stale() -> list[str]:
+    """Compiled modules whose source beside them (an in-place build) is newer."""
+    out = []
+    for name in compiled():
+        path = _file(name)
+        source = os.path.join(os.path.dirname(path), name.rpartition(".")[2] + ".py")
+        try:
+            if os.stat(source).st_mtime > os.stat(path).st_mtime:
+                out.append(name)
+        except FileNotFoundError:
+            pass  # an installed build: no source beside it
+    return out
+
+
+def describe() -> str:
+    """One line for the log: "native (15 modules compiled)" or "pure Python"."""
+    count = len(compiled())
+    return f"native ({count} modules compiled)" if count else "pure Python"
