@@ -47,9 +47,9 @@ $(VPY):
 	$(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
 
-# mypy (mypyc) and a setuptools that reads pyproject.toml: for the native build below.
+# The `native` extra: mypy (mypyc) and what it needs, for the native build below.
 $(VENV)/.run-installed: pyproject.toml | $(VPY)
-	$(VPY) -m pip install -q -e . 'mypy>=1.10' 'setuptools>=77'
+	$(VPY) -m pip install -q -e '.[native]'
 	@touch $@
 
 # The native build: the hot path's modules (src/moxy/native.py) compiled in place with mypyc,
@@ -65,7 +65,7 @@ $(VENV)/.native: setup.py src/moxy/native.py $(NATIVE_SRC) | $(VENV)/.run-instal
 	@touch src/*.so src/moxy/*.so src/moxy/*/*.so $@  # build_ext keeps an unchanged file's old date
 
 $(VENV)/.test-installed: pyproject.toml | $(VPY)
-	$(VPY) -m pip install -q -e '.[test]' 'setuptools>=77'
+	$(VPY) -m pip install -q -e '.[test,native]'
 	@touch $@ $(VENV)/.run-installed
 
 clean:

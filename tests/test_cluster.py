@@ -233,8 +233,8 @@ def test_make_cluster_runs_the_script() -> None:
     # "Entering directory" lines a sub-make prints.
     env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
     done = subprocess.run(
-        ["make", "--no-print-directory", "-n", "-o", ".venv/.run-installed", "-o", "test-debs",
-         "cluster"],
+        ["make", "--no-print-directory", "-n", "-o", ".venv/.run-installed", "-o", ".venv/.native",
+         "-o", "test-debs", "cluster"],
         cwd=ROOT, capture_output=True, text=True, check=False, env=env,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr

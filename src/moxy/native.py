@@ -42,8 +42,17 @@ def compiled() -> list[str]:
     return [name for name in MODULES if _file(name).endswith(_EXTENSIONS)]
 
 
+def in_place() -> bool:
+    """Moxy runs from a source checkout (src/moxy beside setup.py), where `make` builds the
+    compiled modules in place; an installed wheel's sources carry their install date."""
+    package = os.path.dirname(_file("moxy"))
+    return os.path.isfile(os.path.join(package, os.pardir, os.pardir, "setup.py"))
+
+
 def stale() -> list[str]:
-    """Compiled modules whose source beside them (an in-place build) is newer."""
+    """Compiled modules of an in-place build whose source beside them is newer."""
+    if not in_place():
+        return []
     out = []
     for name in compiled():
         path = _file(name)
@@ -52,11 +61,11 @@ def stale() -> list[str]:
             if os.stat(source).st_mtime > os.stat(path).st_mtime:
                 out.append(name)
         except FileNotFoundError:
-            pass  # an installed build: no source beside it
+            pass
     return out
 
 
 def describe() -> str:
-    """One line for the log: "native (15 modules compiled)" or "pure Python"."""
+    """For the log: "native build: 16 modules compiled" or "pure Python"."""
     count = len(compiled())
-    return f"native ({count} modules compiled)" if count else "pure Python"
+    return f"native build: {count} modules compiled" if count else "pure Python"
