@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -81,3 +82,22 @@ def test_compiled_modules_never_compare_attrs_instances_with_eq() -> None:
             if op in ("==", "!=") and classes:
                 found.append(f"{where}:{expr.line}: {op} on {', '.join(sorted(set(classes)))}")
     assert sorted(found) == []
+
+
+def test_the_running_build_is_named_and_a_newer_source_makes_it_stale() -> None:
+    names = native.compiled()
+    if not names:  # pure Python (no .so files): nothing can be stale
+        assert native.describe() == "pure Python"
+        assert native.stale() == []
+        return
+    assert native.describe() == f"native build: {len(names)} modules compiled"
+    assert native.stale() == []
+    source = _source(names[0])
+    before = source.stat()
+    built = os.stat(native._file(names[0])).st_mtime
+    try:
+        os.utime(source, (before.st_atime, built + 60))  # "edited" after the build
+        assert native.stale() == [names[0]]
+    finally:
+        os.utime(source, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert native.stale() == []
