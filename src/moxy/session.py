@@ -36,7 +36,7 @@ from moxy.smtp.replies import Reply
 from moxy.smtp.server import ServerConnection
 from moxy.stream import Stream, StreamBroken, StreamTimeout
 from moxy.tls import describe
-from moxy.trace import new_session_id, received_header
+from moxy.trace import new_session_id, received_header, with_protocol
 from moxy.transaction import Transaction, decide_final
 from moxy.upstream import Envelope, Leg, UpstreamSettings
 
@@ -321,24 +321,14 @@ class Session(SessionEvents):
         self.received_bytes = 0
         self.data_started = time.monotonic()
         header = received_header(
-            self.helo, self.client_ip, self.hostname, self.received_protocol(),
+            self.helo, self.client_ip, self.hostname,
+            with_protocol(self.protocol, self.transaction.envelope.smtputf8, bool(self.tls)),
             self.message_id, self.transaction.recipients, tls=self.tls,
         )
         reply = await self.transaction.start_data(header)
         if reply.code != 354:
             self.log_message(reply, "data", 0)
         self.reply(reply)
-
-    def received_protocol(self) -> str:
-        """The `with` keyword of the Received header: ESMTP, ESMTPS (RFC 3848), UTF8SMTP,
-        UTF8SMTPS (RFC 6531 §3.7.3), or SMTP after HELO."""
-        protocol = self.protocol
-        if protocol == "SMTP":
-            return protocol
-        t = self.transaction
-        if t is not None and t.envelope.smtputf8:
-            protocol = "UTF8SMTP"
-        return protocol + "S" if self.tls else protocol
 
     async def end_of_data(self) -> None:
         transaction = self.transaction

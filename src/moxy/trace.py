@@ -21,6 +21,17 @@ def new_session_id() -> str:
     return f"{getrandbits(24):06X}{next(_ids):06X}"
 
 
+def with_protocol(protocol: str, smtputf8: bool, tls: bool) -> str:
+    """The `with` keyword of the Received header for a session greeted with `protocol`
+    ("ESMTP" or "SMTP"): ESMTP, ESMTPS (RFC 3848), UTF8SMTP, UTF8SMTPS (RFC 6531 §3.7.3), or
+    SMTP after HELO."""
+    if protocol == "SMTP":
+        return protocol
+    if smtputf8:
+        protocol = "UTF8SMTP"
+    return protocol + "S" if tls else protocol
+
+
 def received_header(
     helo: str, client_ip: str, hostname: str, protocol: str, message_id: str,
     recipients: list[str], when: float | None = None, tls: str = "",
