@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import functools
 import os
 import platform
 import socket
@@ -190,7 +191,7 @@ def latency(port: int, probes: int) -> tuple[float, float]:
 def nagle_rcpt_ms(workdir: Path, count: int) -> float:
     """Median RCPT time through Moxy to a destination with Nagle on (tests/peers/nagle_mta)."""
     sys.path.insert(0, str(proxies.ROOT / "tests"))
-    from peers.nagle_mta import NagleMta
+    from peers.nagle_mta import NagleMta  # type: ignore[import-not-found]  # (tests/ on the path)
 
     with NagleMta() as mta, proxies.moxy(workdir, f"bench.test  {mta.address}\n") as moxy:
         client, times = Client(moxy.port), []
@@ -277,8 +278,9 @@ def main() -> None:
         rows[name] = {}
         for size in sizes:
             for reuse in (False, True):
-                cell = measure(proxy, port, args.messages, lambda p, s=size, r=reuse:
-                               smtp_source(p, args.messages, s, r, "user@bench.test"))
+                send = functools.partial(smtp_source, messages=args.messages, size=size,
+                                         reuse=reuse, to="user@bench.test")
+                cell = measure(proxy, port, args.messages, send)
                 rows[name][size, reuse] = cell
                 done += 1
                 print(f"[{done:>2}/{total_cells}] {name:<14} {size_name(size):>6} "
@@ -295,21 +297,22 @@ def main() -> None:
             lat["direct"] = latency(sink_port, args.probes)
             the_routes = routes.format(sink=sink_port) + \
                 f"mirror.test  127.0.0.1:{sink_port}  127.0.0.1:{mirror_port}\n"
-            for name, options in [
-                ("moxy no pool", {"idle_upstreams": 0}),
-                ("moxy", {}),  # defaults: upstream pool of 20 per destination
-                (f"moxy {workers}w", {"workers": workers}),
-            ]:
+            moxies: list[tuple[str, int, int | None]] = [  # name, workers, idle_upstreams
+                ("moxy no pool", 1, 0),
+                ("moxy", 1, None),  # defaults: upstream pool of 20 per destination
+                (f"moxy {workers}w", workers, None),
+            ]
+            for name, processes, idle in moxies:
                 with workdir(root, name.replace(" ", "-").replace("+", "-")) as wd, \
-                        proxies.moxy(wd, the_routes, name=name, **options) as moxy:
+                        proxies.moxy(wd, the_routes, name=name, workers=processes,
+                                     idle_upstreams=idle) as moxy:
                     run_cells(name, moxy, moxy.port)
                     n = args.messages
-                    fanout[name] = {
-                        "mirror": measure(moxy, moxy.port, n, lambda p, n=n: smtp_source(
-                            p, n, sizes[0], True, "user@mirror.test")),
-                        "ten": measure(moxy, moxy.port, n, lambda p, n=n: ten_domains(
-                            p, n, sizes[0])),
-                    }
+                    mirror = functools.partial(smtp_source, messages=n, size=sizes[0],
+                                               reuse=True, to="user@mirror.test")
+                    ten = functools.partial(ten_domains, messages=n, size=sizes[0])
+                    fanout[name] = {"mirror": measure(moxy, moxy.port, n, mirror),
+                                    "ten": measure(moxy, moxy.port, n, ten)}
                     print(f"      {name}: fan-out done", flush=True)
                     lat[name] = latency(moxy.port, args.probes)
             with workdir(root, "nginx") as wd, proxies.nginx(wd, sink_port) as ngx:
@@ -368,8 +371,8 @@ def render(rows: dict[str, dict[tuple[int, bool], Cell]], fanout: dict[str, dict
     out += ["", f"Fan-out ({size_name(sizes[0])}, connections reused):", "",
             "| path | one route, two destinations (2 copies) | ten domains → one destination |",
             "|---|---|---|"]
-    for name, cells in fanout.items():
-        mirror, ten = cells["mirror"], cells["ten"]
+    for name, pair in fanout.items():
+        mirror, ten = pair["mirror"], pair["ten"]
         out.append(f"| {name} | {fmt_rate(mirror)} msgs/s, {fmt_cpu(mirror, None)}"
                    f" | {fmt_rate(ten)} msgs/s, {fmt_cpu(ten, None)} |")
     direct = lat.get("direct", (0.0, 0.0))

@@ -40,7 +40,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import proxies
-from bench_compare import CLK_TCK, free_port, smtp_source
+from bench_compare import CLK_TCK, smtp_source
+from proxies import free_port
 
 MODES = {"new": (False, 0), "new+pool": (False, 64), "reuse": (True, 0)}
 ROUTE = "bench.test"

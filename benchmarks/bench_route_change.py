@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))  # the test suite's recording SMTP server
 
 from moxy.lookup.redis import RedisSettings, connect, route_set  # noqa: E402
-from peers.recorder import Recorder  # noqa: E402
+from peers.recorder import Recorder  # type: ignore[import-not-found]  # noqa: E402
 
 KEY = "bench.test"
 RCPT = "user@bench.test"

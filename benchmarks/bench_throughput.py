@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import cast
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import proxies
@@ -50,11 +51,12 @@ def counted_copies(redis_url: str) -> tuple[int, int]:
     import redis  # Moxy's own dependency; only --accounting needs it
 
     client = redis.Redis.from_url(redis_url, socket_timeout=5)
-    msgs = sum(score for _, score in client.zrange("moxy:acct:total:node:msgs", 0, -1,
-                                                   withscores=True))
-    size = sum(score for _, score in client.zrange("moxy:acct:total:node:bytes", 0, -1,
-                                                   withscores=True))
-    return int(msgs), int(size)
+
+    def total(key: str) -> int:
+        scored = cast(list[tuple[bytes, float]], client.zrange(key, 0, -1, withscores=True))
+        return int(sum(score for _, score in scored))
+
+    return total("moxy:acct:total:node:msgs"), total("moxy:acct:total:node:bytes")
 
 
 def moxy_extra(metrics: bool, redis_url: str | None) -> str:
