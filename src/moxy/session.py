@@ -190,7 +190,7 @@ class Session(SessionEvents):
                 await self.end_transaction()
                 self.helo = domain
                 self.protocol = "ESMTP" if verb == "EHLO" else "SMTP"
-                self.reply(self.hello_reply(verb, domain))
+                self.reply(hello_reply(self.hostname, verb, domain, self.smtp.extensions))
             case ev.Reset():
                 await self.end_transaction()
                 self.reply(OK)
@@ -246,9 +246,6 @@ class Session(SessionEvents):
         self.tls = describe(self.stream.ssl)
         self.helo, self.protocol = "", "SMTP"
         logger.info("session %s from %s: TLS established: %s", self.id, self.client_ip, self.tls)
-
-    def hello_reply(self, verb: str, domain: str) -> Reply:
-        return hello_reply(self.hostname, verb, domain, self.smtp.extensions)
 
     async def mail(self, event: ev.MailFrom) -> None:
         await self.end_transaction()
