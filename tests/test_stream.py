@@ -11,9 +11,10 @@ import trio
 
 from moxy.config import Timeouts
 from moxy.connection import Connection, LegError, UpstreamSettings
-from moxy.lookup.base import Destination
+from moxy.lookup.base import Destination, DestinationGroup
 from moxy.smtp.replies import Reply
 from moxy.stream import Stream, StreamTimeout
+from moxy.upstream import Leg
 from peers.dark import black_hole, refusing_address
 from smtp.splits import split_at
 
@@ -183,3 +184,24 @@ async def test_connect_that_hangs_times_out() -> None:
         host, port = address.rsplit(":", 1)
         with pytest.raises(StreamTimeout):
             await Stream.connect(socket.AF_INET, (host, int(port)), 0.2)
+
+
+# -- the commit point -------------------------------------------------------------------------
+
+
+async def test_a_cancelled_leg_never_sends_the_end_of_data_sequence(
+    pair: tuple[Stream, socket.socket],
+) -> None:
+    """Writes are no cancellation points (stream.py); the end-of-data write checks first, so a
+    session cancelled at shutdown cannot commit a message whose verdict it would never read."""
+    stream, peer = pair
+    conn = connection(stream)
+    leg = Leg(DestinationGroup((conn.destination,)), conn.settings)
+    leg.conn, leg.in_data = conn, True
+    await leg.send_body(b"Subject: x\r\n\r\nbody\r\n")  # a write, even inside a cancelled scope
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await leg.send_body(b"more\r\n")
+        with pytest.raises(trio.Cancelled):
+            await leg.finish(b"tail\r\n")
+    assert peer.recv(4096) == b"Subject: x\r\n\r\nbody\r\nmore\r\n"  # no tail, no ".\r\n"

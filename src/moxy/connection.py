@@ -108,6 +108,7 @@ class Connection:
     ) -> None:
         self.stream = stream
         self.destination = destination
+        self.name = str(destination)  # what logs and accounting call it, once per connection
         self.settings = settings
         self.parser = ReplyParser(max_line=settings.reply_line)
         self.extensions: dict[str, str] = {}
@@ -123,7 +124,7 @@ class Connection:
         return "PIPELINING" in self.extensions
 
     def error(self, stage: str, detail: str, reply: Reply | None = None) -> LegError:
-        return LegError(stage, str(self.destination), detail, reply)
+        return LegError(stage, self.name, detail, reply)
 
     async def read_reply(self, stage: str, timeout: float, more: bool = False) -> Reply:
         """The next reply, all of it within `timeout`. `more`: further replies to pipelined

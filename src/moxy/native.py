@@ -22,6 +22,7 @@ MODULES = (
     "moxy.clientlimits",
     "moxy.connection",
     "moxy.lookup.cache",
+    "moxy.lookup.keys",
     "moxy.pool",
     "moxy.relay",
     "moxy.session",

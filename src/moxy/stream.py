@@ -139,10 +139,13 @@ class Stream:
 
     async def send_within(self, data: bytes, timeout: float) -> None:
         """All of `data` within `timeout` seconds, or StreamTimeout/StreamBroken; the deadline
-        is only computed when the call must wait (the kernel's buffer was full)."""
+        is only computed when the call must wait (the kernel's buffer was full).
+
+        Not a cancellation point unless it waits: every loop of Moxy's reads too, and a read
+        is one. A write that must not happen once cancelled (the end-of-data sequence) checks
+        first (`Leg.finish`)."""
         if self.ssl is not None:
             return await self._send_tls(data, trio.current_time() + timeout)
-        await trio.lowlevel.checkpoint_if_cancelled()
         try:
             sent = self.socket.send(data)
         except BlockingIOError:

@@ -69,8 +69,10 @@ def merge_rcpt(outcomes: Sequence[Outcome]) -> Reply:
 def decide_data(outcomes: Sequence[Outcome]) -> Reply:
     """The DATA command: 354 only when every leg said 354."""
     if len(outcomes) == 1:  # one leg: its refusal as it is, or our own 354
-        reply = _as_reply(outcomes[0], "2.0.0")
-        return DATA_GO if reply.code == 354 else reply
+        outcome = outcomes[0]
+        if isinstance(outcome, Reply) and outcome.code == 354:
+            return DATA_GO
+        return _as_reply(outcome, "2.0.0")
     replies = [_as_reply(o, "2.0.0") for o in outcomes]
     if not replies:  # cannot happen (DATA needs an accepted recipient); never accept to nowhere
         return Reply.make(451, "4.3.0", "No destination for this message; try again later")

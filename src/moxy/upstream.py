@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import logging
 
+import trio
+
 from moxy.connection import (
     TRACE_ALLOWANCE,
     Connection,
@@ -53,7 +55,7 @@ class Leg:
 
     @property
     def destination(self) -> str:
-        return str(self.conn.destination) if self.conn else str(self.group)
+        return self.conn.name if self.conn else str(self.group)
 
     # -- transaction bookkeeping (no I/O) --------------------------------------------------
 
@@ -241,6 +243,9 @@ class Leg:
         assert self.conn is not None and self.in_data
         t = self.settings.timeouts
         conn = self.conn
+        # A session cancelled now (a shutdown past its grace) must not commit: it could not
+        # read the verdict, and its client would send the message again.
+        await trio.lowlevel.checkpoint_if_cancelled()
         try:
             await conn.send(tail + b".\r\n", "end-of-data", t.upstream_data_block)
             self.sent += len(tail)

@@ -14,6 +14,8 @@ from typing import Protocol
 
 import attrs
 
+from moxy.lookup.keys import lookup_keys
+
 DEFAULT_PORT = 25
 
 
@@ -207,27 +209,7 @@ def parse_destinations(text: str) -> tuple[DestinationGroup, ...]:
     return tuple(parse_group(word) for word in words)
 
 
-# --- lookup keys -------------------------------------------------------------------------
-
-def lookup_keys(recipient: str) -> list[str]:
-    """The keys tried for a recipient, most specific first.
-
-    `User@Sub.Example.ORG.` → `user@sub.example.org`, `sub.example.org`, `.example.org`, `.org`,
-    `*`. A bare local part (e.g. `postmaster`) tries itself, then `*`. Address literals
-    (`[192.0.2.1]`) have no parents.
-    """
-    address = recipient.lower()
-    local, at, domain = address.rpartition("@")
-    if not at:
-        return [address, "*"] if address else ["*"]
-    domain = domain.rstrip(".")
-    keys = [f"{local}@{domain}", domain]
-    if not domain.startswith("["):
-        labels = domain.split(".")
-        keys.extend("." + ".".join(labels[i:]) for i in range(1, len(labels)))
-    keys.append("*")
-    return keys
-
+# --- routers (the order of a recipient's keys: moxy.lookup.keys) ------------------------
 
 @attrs.frozen
 class SourceRouter:

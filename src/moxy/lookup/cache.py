@@ -22,8 +22,8 @@ from moxy.lookup.base import (
     LookupFailed,
     Route,
     RouteSource,
-    lookup_keys,
 )
+from moxy.lookup.keys import lookup_keys
 from moxy.lookup.settings import CacheSettings as CacheSettings  # re-exported with its source
 
 log = logging.getLogger("moxy.lookup")
@@ -123,11 +123,12 @@ class CachedRouter:
         """The route of the first of `keys` that has one (e.g. a domain's keys, for `moxy
         lookup example.org`)."""
         entries = self._entries
+        now = self._clock()
         for key in keys:
             # A fresh cached answer, inline: what _answer() does for a hit, without its
             # coroutine (this runs for every RCPT).
             entry = entries.get(key)
-            if entry is not None and entry.answer.bad is None and self._clock() < entry.expires:
+            if entry is not None and entry.answer.bad is None and now < entry.expires:
                 entries.move_to_end(key)
                 self.observer.cache_hit()
                 if entry.answer.groups is None:
@@ -138,6 +139,7 @@ class CachedRouter:
             answer = await self._answer(key)
             if answer.groups is not None:
                 return Route(answer.groups, key=key, source=answer.source)
+            now = self._clock()  # the lookup took time
         return None
 
     def invalidate(self, key: str) -> None:

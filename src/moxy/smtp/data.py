@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from moxy.smtp.events import BodyChunk, BodyEnd, BodyRefused
+from moxy.smtp.events import BODY_END, BodyChunk, BodyEnd, BodyRefused
 from moxy.smtp.replies import Reply
 
 BareNewlines = Literal["refuse", "normalise"]
@@ -119,7 +119,7 @@ class BodyReader:
                 events.append(event)
         if end >= 0:
             self.done = True
-            events.append(BodyEnd())
+            events.append(BODY_END)
         return events
 
     def _check(self, region: bytes, skip: int) -> BodyEvent | None:

@@ -115,6 +115,9 @@ class BodyEnd:
     """The end-of-data sequence CRLF.CRLF was read."""
 
 
+BODY_END = BodyEnd()  # no fields: one value serves every message
+
+
 @attrs.frozen
 class ConnectionClosed:
     """The client closed its side (receive_data(b"")). `mid_data` is True inside a body."""

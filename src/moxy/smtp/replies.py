@@ -26,6 +26,9 @@ class Reply:
     _wire: bytes | None = attrs.field(init=False, eq=False, repr=False)
     # The log form (str()), made once too: a reply kept by a cache is logged again and again.
     _str: str | None = attrs.field(init=False, eq=False, repr=False)
+    # The enhanced code, looked for once: "" until then (a destination's cached replies are
+    # asked on every message, by with_enhanced).
+    _enhanced: str | None = attrs.field(init=False, eq=False, repr=False)
 
     def __init__(self, code: int, lines: tuple[str, ...] = ("",)) -> None:
         setattr = object.__setattr__  # frozen: the one place fields are set
@@ -34,6 +37,7 @@ class Reply:
         setattr(self, "klass", code // 100)
         setattr(self, "_wire", None)
         setattr(self, "_str", None)
+        setattr(self, "_enhanced", "")
 
     @classmethod
     def make(cls, code: int, enhanced: str, *text: str) -> Reply:
@@ -45,8 +49,12 @@ class Reply:
 
     @property
     def enhanced(self) -> str | None:
-        m = _ENHANCED_RE.match(self.lines[0]) if self.lines else None
-        return m.group(0) if m else None
+        enhanced = self._enhanced
+        if enhanced == "":
+            m = _ENHANCED_RE.match(self.lines[0]) if self.lines else None
+            enhanced = m.group(0) if m else None
+            object.__setattr__(self, "_enhanced", enhanced)
+        return enhanced
 
     @property
     def text(self) -> str:

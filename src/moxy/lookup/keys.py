@@ -1,0 +1,26 @@
+"""The order in which a recipient's lookup keys are tried: on every RCPT, so compiled in the
+native build (moxy.native), which `base.py` with its attrs validators cannot be."""
+
+from __future__ import annotations
+
+
+def lookup_keys(recipient: str) -> list[str]:
+    """The keys tried for a recipient, most specific first.
+
+    `User@Sub.Example.ORG.` → `user@sub.example.org`, `sub.example.org`, `.example.org`, `.org`,
+    `*`. A bare local part (e.g. `postmaster`) tries itself, then `*`. Address literals
+    (`[192.0.2.1]`) have no parents.
+    """
+    address = recipient.lower()
+    local, at, domain = address.rpartition("@")
+    if not at:
+        return [address, "*"] if address else ["*"]
+    domain = domain.rstrip(".")
+    keys = [f"{local}@{domain}", domain]
+    if not domain.startswith("["):
+        rest = domain
+        while (dot := rest.find(".")) >= 0:  # each parent: what follows a dot, with the dot
+            rest = rest[dot + 1 :]
+            keys.append("." + rest)
+    keys.append("*")
+    return keys
