@@ -13,7 +13,7 @@ from moxy.config import Timeouts
 from moxy.connection import Connection, LegError, UpstreamSettings
 from moxy.lookup.base import Destination, DestinationGroup
 from moxy.smtp.replies import Reply
-from moxy.stream import Stream, StreamTimeout
+from moxy.stream import CANCEL_EVERY, Stream, StreamTimeout
 from moxy.upstream import Leg
 from peers.dark import black_hole, refusing_address
 from smtp.splits import split_at
@@ -103,6 +103,28 @@ async def test_send_within_times_out_when_the_peer_never_reads(
     with pytest.raises(StreamTimeout):
         await stream.send_within(b"x" * (32 << 20), 0.2)
 
+
+
+async def test_a_cancelled_reader_notices_within_cancel_every_reads(
+    pair: tuple[Stream, socket.socket],
+) -> None:
+    """A client that never lets a read wait cannot keep a cancelled session going: a read asks
+    about cancellation on every CANCEL_EVERY-th call, and any read that must wait does."""
+    stream, peer = pair
+    peer.send(b"x" * (4 * CANCEL_EVERY))
+    reads = 0
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        with pytest.raises(trio.Cancelled):
+            while True:
+                await stream.receive_within(1, 5.0)
+                reads += 1
+    assert reads < CANCEL_EVERY
+    stream.socket.recv(4096)  # the rest: now a read must wait
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        with pytest.raises(trio.Cancelled):
+            await stream.receive_within(1, 5.0)
 
 # -- Connection.read_reply over a socket -----------------------------------------------------
 
