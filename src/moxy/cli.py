@@ -22,10 +22,11 @@ import trio
 
 from moxy import __version__
 from moxy.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
-from moxy.lookup.base import BadRouteData, LookupFailed, Route, lookup_keys
+from moxy.lookup.base import BadRouteData, LookupFailed, Route
 from moxy.lookup.build import Routing
 from moxy.lookup.file import RoutesFileError, parse_key
 from moxy.lookup.gdbm import make_db
+from moxy.lookup.keys import lookup_keys
 
 EXIT_OK = 0
 EXIT_NO_ROUTE = 1  # `lookup` found no route, `route del`/`destinations clear` nothing to delete

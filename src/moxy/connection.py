@@ -9,8 +9,7 @@ import logging
 import operator
 import socket
 import time
-from operator import itemgetter
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 import attrs
 import trio
@@ -22,6 +21,7 @@ from moxy.lookup.base import Destination
 from moxy.metrics import Metrics
 from moxy.smtp.client import ReplyParser, UpstreamProtocolError, parse_ehlo
 from moxy.smtp.replies import Reply
+from moxy.smtp.value import Value
 from moxy.stream import Stream, StreamBroken, StreamTimeout
 from moxy.tls import UpstreamTls
 
@@ -47,14 +47,20 @@ class LegError(Exception):
         self.reply = reply
 
 
-@attrs.frozen
-class Envelope:
+class Envelope(Value):  # one per message: a Value, see moxy.smtp.value
     """The sender side of a transaction, as the client gave it at MAIL."""
 
-    mail_from: str
-    size: int | None = None  # the client's SIZE= estimate
-    body: str | None = None  # BODY=7BIT / 8BITMIME
-    smtputf8: bool = False  # RFC 6531: only legs that advertise SMTPUTF8 may take it
+    _fields = ("mail_from", "size", "body", "smtputf8")
+    __slots__ = _fields
+
+    def __init__(
+        self, mail_from: str, size: int | None = None, body: str | None = None,
+        smtputf8: bool = False,
+    ) -> None:
+        self.mail_from: Final = mail_from
+        self.size: Final = size  # the client's SIZE= estimate
+        self.body: Final = body  # BODY=7BIT / 8BITMIME
+        self.smtputf8: Final = smtputf8  # RFC 6531: only legs advertising SMTPUTF8 take it
 
     def mail_line(self, extensions: dict[str, str]) -> bytes:
         """MAIL FROM with the parameters this upstream advertised (RFC 1870, RFC 6152)."""
@@ -185,7 +191,7 @@ class Connection:
         answered 503); the returned list is then shorter than `commands`.
         """
         if self.pipelining:
-            await self.send(b"".join(map(itemgetter(0), commands)), commands[0][1], commands[0][2])
+            await self.send(b"".join([c[0] for c in commands]), commands[0][1], commands[0][2])
             last = len(commands) - 1
             replies = []
             for i, (_, stage, timeout) in enumerate(commands):

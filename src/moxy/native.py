@@ -18,6 +18,7 @@ MODULES = (
     "moxy.smtp.events",
     "moxy.smtp.replies",
     "moxy.smtp.server",
+    "moxy.smtp.value",
     "moxy.accept",
     "moxy.clientlimits",
     "moxy.connection",

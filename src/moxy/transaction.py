@@ -12,6 +12,7 @@ import functools
 import logging
 import operator
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Final
 
 import attrs
 import trio
@@ -19,6 +20,7 @@ import trio
 from moxy.accounting.events import DESTINATION_REFUSED, DESTINATION_UNAVAILABLE, POLICY
 from moxy.lookup.base import DestinationGroup, Route
 from moxy.smtp.replies import Reply
+from moxy.smtp.value import Value
 from moxy.upstream import Envelope, Leg, LegError, UpstreamSettings
 
 logger = logging.getLogger("moxy.transaction")
@@ -151,11 +153,14 @@ def _refusal_of(reply: Reply, legs: Sequence[Leg], outcomes: Sequence[Outcome]) 
     return Refusal(DESTINATION_REFUSED)
 
 
-@attrs.frozen
-class LegResult:
-    leg: Leg
-    destination: str
-    outcome: Outcome
+class LegResult(Value):  # one per leg and message: a Value, see moxy.smtp.value
+    _fields = ("leg", "destination", "outcome")
+    __slots__ = _fields
+
+    def __init__(self, leg: Leg, destination: str, outcome: Outcome) -> None:
+        self.leg: Final = leg
+        self.destination: Final = destination
+        self.outcome: Final = outcome
 
 
 class Transaction:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from enum import Enum
+from typing import Final
 
 import attrs
 
 from moxy.smtp.replies import Reply
+from moxy.smtp.value import Value
 
 
 class Sentinel(Enum):
@@ -25,19 +27,32 @@ class Hello:
     domain: str
 
 
-@attrs.frozen
-class MailFrom:
-    address: str  # reverse-path without angle brackets; "" for the null sender <>
-    params: Mapping[str, str | None] = attrs.field(factory=dict)  # upper-cased keywords
-    size: int | None = None  # SIZE= parameter, already checked against the maximum
-    body: str | None = None  # BODY= parameter ("7BIT" or "8BITMIME")
-    smtputf8: bool = False  # SMTPUTF8 parameter (RFC 6531): UTF-8 addresses and headers
+# The events of every message are `Value`s, not attrs classes: see moxy.smtp.value.
 
 
-@attrs.frozen
-class RcptTo:
-    address: str  # forward-path without angle brackets and without source route
-    params: Mapping[str, str | None] = attrs.field(factory=dict)
+class MailFrom(Value):
+    _fields = ("address", "params", "size", "body", "smtputf8")
+    __slots__ = _fields
+
+    def __init__(
+        self, address: str, params: Mapping[str, str | None] | None = None,
+        size: int | None = None, body: str | None = None, smtputf8: bool = False,
+    ) -> None:
+        # reverse-path without angle brackets; "" for the null sender <>
+        self.address: Final = address
+        self.params: Final = {} if params is None else params  # upper-cased keywords
+        self.size: Final = size  # SIZE= parameter, already checked against the maximum
+        self.body: Final = body  # BODY= parameter ("7BIT" or "8BITMIME")
+        self.smtputf8: Final = smtputf8  # SMTPUTF8 (RFC 6531): UTF-8 addresses and headers
+
+
+class RcptTo(Value):
+    _fields = ("address", "params")
+    __slots__ = _fields
+
+    def __init__(self, address: str, params: Mapping[str, str | None] | None = None) -> None:
+        self.address: Final = address  # forward-path without angle brackets or source route
+        self.params: Final = {} if params is None else params
 
 
 @attrs.frozen
@@ -90,15 +105,18 @@ class Invalid:
     recipient: str | None = None
 
 
-@attrs.frozen
-class BodyChunk:
+class BodyChunk(Value):
     """Message bytes as they go on the wire: still dot-stuffed, CRLF line endings only.
 
     The chunks of one message concatenate to everything up to and including the CRLF that
     starts the end-of-data sequence; the final `.CRLF` is never part of a chunk.
     """
 
-    data: bytes
+    _fields = ("data",)
+    __slots__ = _fields
+
+    def __init__(self, data: bytes) -> None:
+        self.data: Final = data
 
 
 @attrs.frozen
