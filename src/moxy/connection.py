@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("moxy.upstream")
 
-RECEIVE_SIZE = 65536
+RECEIVE_SIZE: Final = 65536
 
 
 class LegError(Exception):
@@ -90,7 +90,7 @@ class Envelope(Value):  # one per message: a Value, see moxy.smtp.value
 
 
 # Moxy prepends a Received: header, so the message an upstream gets is a little larger.
-TRACE_ALLOWANCE = 1024
+TRACE_ALLOWANCE: Final = 1024
 
 
 @attrs.frozen
@@ -232,7 +232,7 @@ async def _open_stream(address: Destination, timeout: float) -> Stream:
 
 # Failures at these stages mark an address down (src/moxy/destinations.py); a greeting heard
 # marks it up, whatever follows.
-_HEALTH_STAGES = ("connect", "greeting")
+_HEALTH_STAGES: Final = ("connect", "greeting")
 
 
 async def connect(destination: Destination, settings: UpstreamSettings) -> Connection:

@@ -140,7 +140,7 @@ class Session(SessionEvents):
                 smtp.receive_data(data)
                 continue
             assert event is not PAUSED, "a command was left without a reply"
-            return event  # type: ignore[return-value]
+            return event
 
     async def say_goodbye(self, reply: Reply) -> NoReturn:
         """Give up the transaction, send a closing 421 and end the session."""

@@ -5,6 +5,7 @@ configuration (made and encoded once), and the upstream settings with a client's
 from __future__ import annotations
 
 import functools
+from typing import Final
 
 import attrs
 
@@ -13,11 +14,11 @@ from moxy.smtp.replies import Reply
 from moxy.upstream import UpstreamSettings
 
 # Replies that never change, made (and encoded: Reply.to_bytes keeps its bytes) once.
-MAIL_OK = Reply.make(250, "2.1.0", "Ok")
-OK = Reply.make(250, "2.0.0", "Ok")
-TLS_READY = Reply.make(220, "2.0.0", "Ready to start TLS")
-VRFY_REPLY = Reply.make(252, "2.5.0", "Cannot VRFY user; try RCPT")
-HELP_REPLY = Reply.make(
+MAIL_OK: Final = Reply.make(250, "2.1.0", "Ok")
+OK: Final = Reply.make(250, "2.0.0", "Ok")
+TLS_READY: Final = Reply.make(220, "2.0.0", "Ready to start TLS")
+VRFY_REPLY: Final = Reply.make(252, "2.5.0", "Cannot VRFY user; try RCPT")
+HELP_REPLY: Final = Reply.make(
     214, "2.0.0", "Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP"
 )
 

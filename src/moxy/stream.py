@@ -20,12 +20,13 @@ import os
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
+from typing import Final
 
 import trio
 
-_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)  # Linux only
-CANCEL_EVERY = 8  # reads: see receive_within
-_LOST = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)  # Linux only (not Final: mypyc)
+CANCEL_EVERY: Final = 8  # reads: see receive_within
+_LOST: Final = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 
 class StreamTimeout(Exception):

@@ -27,9 +27,9 @@ logger = logging.getLogger("moxy.transaction")
 
 Outcome = Reply | LegError
 
-COALESCE = 16384  # body bytes gathered before a write to the legs
+COALESCE: Final = 16384  # body bytes gathered before a write to the legs
 
-_CLASS_ORDER = {2: 0, 3: 0, 4: 1, 5: 2}  # worse is larger
+_CLASS_ORDER: Final = {2: 0, 3: 0, 4: 1, 5: 2}  # worse is larger
 
 
 def leg_error_reply(exc: LegError) -> Reply:
@@ -55,7 +55,7 @@ def _as_reply(outcome: Outcome, default_enhanced: str) -> Reply:
     return outcome.with_enhanced(f"{outcome.klass}{default_enhanced[1:]}")
 
 
-DATA_GO = Reply(354, ("End data with <CR><LF>.<CR><LF>",))
+DATA_GO: Final = Reply(354, ("End data with <CR><LF>.<CR><LF>",))
 
 
 def merge_rcpt(outcomes: Sequence[Outcome]) -> Reply:

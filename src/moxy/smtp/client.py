@@ -8,33 +8,34 @@ from __future__ import annotations
 
 import functools
 import re
+from typing import Final
 
 from moxy.smtp.replies import Reply
 
 # What follows the last body chunk: the chunks already end with the CRLF that opens CRLF.CRLF.
-END_OF_DATA = b".\r\n"
+END_OF_DATA: Final = b".\r\n"
 
-_REPLY_LINE = re.compile(rb"([2-5][0-9][0-9])(?:([ -])(.*))?", re.DOTALL)
+_REPLY_LINE: Final = re.compile(rb"([2-5][0-9][0-9])(?:([ -])(.*))?", re.DOTALL)
 # The usual case, a whole single-line reply at the start of the buffer ("250 2.0.0 Ok\r\n"):
 # the same line rule as _REPLY_LINE with a space after the code, up to and with its LF.
-_SINGLE_LINE = re.compile(rb"([2-5][0-9][0-9]) ([^\n]*)\n")
+_SINGLE_LINE: Final = re.compile(rb"([2-5][0-9][0-9]) ([^\n]*)\n")
 # Replies are values, and a destination says the same few lines again and again ("250 2.1.0
 # Ok", "354 End data with ..."): single-line replies already read, by their wire form. Bounded:
 # emptied when full (a destination naming its queue id in every reply fills it).
-_SEEN: dict[bytes, Reply] = {}
-_SEEN_MAX = 256
-_SEEN_LINE = 200  # bytes: longer lines are not kept
+_SEEN: Final[dict[bytes, Reply]] = {}
+_SEEN_MAX: Final = 256
+_SEEN_LINE: Final = 200  # bytes: longer lines are not kept
 # A whole multi-line reply first in the buffer (a greeting or EHLO reply, which a destination
 # sends the same on every connection). Which of them are valid is the general reader's call:
 # _SEEN_MULTI keeps those it accepted, with their longest line, for parsers whose limits allow
 # them.
-_MULTI_LINE = re.compile(rb"(?:[2-5][0-9][0-9]-[^\n]*\n)+[2-5][0-9][0-9] [^\n]*\n")
-_SEEN_MULTI: dict[bytes, tuple[Reply, int]] = {}
-_SEEN_MULTI_MAX = 64
-_SEEN_MULTI_SIZE = 2048  # bytes: longer replies are not kept
-_ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}(?: |$)")
+_MULTI_LINE: Final = re.compile(rb"(?:[2-5][0-9][0-9]-[^\n]*\n)+[2-5][0-9][0-9] [^\n]*\n")
+_SEEN_MULTI: Final[dict[bytes, tuple[Reply, int]]] = {}
+_SEEN_MULTI_MAX: Final = 64
+_SEEN_MULTI_SIZE: Final = 2048  # bytes: longer replies are not kept
+_ENHANCED: Final = re.compile(r"[245]\.\d{1,3}\.\d{1,3}(?: |$)")
 # Control characters in a peer's text would travel on to our client inside our own replies.
-_CONTROLS = {c: "?" for c in (*range(0x00, 0x09), *range(0x0A, 0x20), 0x7F)}
+_CONTROLS: Final = {c: "?" for c in (*range(0x00, 0x09), *range(0x0A, 0x20), 0x7F)}
 
 
 class UpstreamProtocolError(Exception):

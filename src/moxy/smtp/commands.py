@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from typing import Final
 
 from moxy.smtp.events import (
     Data,
@@ -25,12 +26,12 @@ from moxy.smtp.events import (
 )
 from moxy.smtp.replies import Reply
 
-VERBS = frozenset(
+VERBS: Final = frozenset(
     {"EHLO", "HELO", "MAIL", "RCPT", "DATA", "RSET", "NOOP", "QUIT", "VRFY", "HELP", "STARTTLS"}
 )
 # Verbs with a meaning in some SMTP extension or old RFC that Moxy does not offer: 502, not 500,
 # tells the client the command exists but is not available here.
-UNIMPLEMENTED = frozenset(
+UNIMPLEMENTED: Final = frozenset(
     {"AUTH", "BDAT", "ETRN", "TURN", "ATRN", "EXPN", "SEND", "SOML", "SAML"}
 )
 
@@ -39,51 +40,53 @@ def _invalid(code: int, enhanced: str, text: str) -> Invalid:
     return Invalid(Reply.make(code, enhanced, text))
 
 
-UNKNOWN_COMMAND = _invalid(500, "5.5.2", "Error: command not recognized")
-EMPTY_COMMAND = _invalid(500, "5.5.2", "Error: bad syntax")
-NOT_IMPLEMENTED = _invalid(502, "5.5.1", "Error: command not implemented")
-BAD_CHARACTER = _invalid(501, "5.5.4", "Syntax error: invalid character in argument")
-BAD_SENDER = _invalid(501, "5.1.7", "Bad sender address syntax")
-BAD_RECIPIENT = _invalid(501, "5.1.3", "Bad recipient address syntax")
-BAD_PARAMETER = _invalid(501, "5.5.4", "Bad parameter syntax")
-BAD_SIZE = _invalid(501, "5.5.4", "Bad SIZE parameter syntax")
-BAD_BODY = _invalid(555, "5.5.4", "Unsupported BODY value")
-PARAMS_NEED_EHLO = _invalid(555, "5.5.4", "Error: parameters require EHLO")
-SIZE_TOO_BIG = _invalid(552, "5.3.4", "Message size exceeds fixed limit")
+UNKNOWN_COMMAND: Final = _invalid(500, "5.5.2", "Error: command not recognized")
+EMPTY_COMMAND: Final = _invalid(500, "5.5.2", "Error: bad syntax")
+NOT_IMPLEMENTED: Final = _invalid(502, "5.5.1", "Error: command not implemented")
+BAD_CHARACTER: Final = _invalid(501, "5.5.4", "Syntax error: invalid character in argument")
+BAD_SENDER: Final = _invalid(501, "5.1.7", "Bad sender address syntax")
+BAD_RECIPIENT: Final = _invalid(501, "5.1.3", "Bad recipient address syntax")
+BAD_PARAMETER: Final = _invalid(501, "5.5.4", "Bad parameter syntax")
+BAD_SIZE: Final = _invalid(501, "5.5.4", "Bad SIZE parameter syntax")
+BAD_BODY: Final = _invalid(555, "5.5.4", "Unsupported BODY value")
+PARAMS_NEED_EHLO: Final = _invalid(555, "5.5.4", "Error: parameters require EHLO")
+SIZE_TOO_BIG: Final = _invalid(552, "5.3.4", "Message size exceeds fixed limit")
 # RFC 6531 §3.5 / RFC 6533: a UTF-8 address in a transaction without SMTPUTF8.
-NEEDS_SMTPUTF8 = _invalid(553, "5.6.7", "Non-ASCII address requires SMTPUTF8")
-DATA = Data()  # no fields: one value serves every DATA command
+NEEDS_SMTPUTF8: Final = _invalid(553, "5.6.7", "Non-ASCII address requires SMTPUTF8")
+DATA: Final = Data()  # no fields: one value serves every DATA command
 
 # RFC 5321 §4.1.2, printable ASCII only: without SMTPUTF8 a non-ASCII or control byte in a path
 # is a syntax error, and refusing it here keeps it out of upstream commands and Received headers.
-_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
-_DOT_STRING = rf"(?:{_ATEXT}|\.)+"  # lenient about dot placement, like most MTAs
-_QUOTED = r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"'
-_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
-_DOMAIN = rf"{_LABEL}(?:\.{_LABEL})*\.?"  # a trailing dot is harmless; routing ignores it
-_LITERAL = r"\[[\x21-\x5a\x5e-\x7e]+\]"
-_MAILBOX = rf"(?:{_DOT_STRING}|{_QUOTED})@(?:{_DOMAIN}|{_LITERAL})"
-_SOURCE_ROUTE = rf"@{_DOMAIN}(?:,@{_DOMAIN})*:"  # obsolete; must be accepted and ignored
-_PATH_AND_PARAMS = re.compile(
+_ATEXT: Final = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
+_DOT_STRING: Final = rf"(?:{_ATEXT}|\.)+"  # lenient about dot placement, like most MTAs
+_QUOTED: Final = r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"'
+_LABEL: Final = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+_DOMAIN: Final = rf"{_LABEL}(?:\.{_LABEL})*\.?"  # a trailing dot is harmless; routing ignores it
+_LITERAL: Final = r"\[[\x21-\x5a\x5e-\x7e]+\]"
+_MAILBOX: Final = rf"(?:{_DOT_STRING}|{_QUOTED})@(?:{_DOMAIN}|{_LITERAL})"
+_SOURCE_ROUTE: Final = rf"@{_DOMAIN}(?:,@{_DOMAIN})*:"  # obsolete; must be accepted and ignored
+_PATH_AND_PARAMS: Final = re.compile(
     rf"<(?:{_SOURCE_ROUTE})?(?P<mailbox>{_MAILBOX})>(?: +(?P<params>.*))?", re.ASCII
 )
 # RFC 6531 §3.3: with SMTPUTF8, atext and domain labels also take UTF-8 characters (not the
 # C1 controls); what goes upstream is exactly the UTF-8 the client sent.
-_U = "\u00a0-\U0010ffff"
-_UTF8_ATEXT = rf"[A-Za-z0-9!#$%&'*+/=?^_`{{|}}~{_U}-]"
-_UTF8_LABEL = rf"[A-Za-z0-9{_U}](?:[A-Za-z0-9{_U}-]*[A-Za-z0-9{_U}])?"
-_UTF8_DOMAIN = rf"{_UTF8_LABEL}(?:\.{_UTF8_LABEL})*\.?"
-_UTF8_MAILBOX = (
+_U: Final = "\u00a0-\U0010ffff"
+_UTF8_ATEXT: Final = rf"[A-Za-z0-9!#$%&'*+/=?^_`{{|}}~{_U}-]"
+_UTF8_LABEL: Final = rf"[A-Za-z0-9{_U}](?:[A-Za-z0-9{_U}-]*[A-Za-z0-9{_U}])?"
+_UTF8_DOMAIN: Final = rf"{_UTF8_LABEL}(?:\.{_UTF8_LABEL})*\.?"
+_UTF8_MAILBOX: Final = (
     rf"(?:(?:{_UTF8_ATEXT}|\.)+|{_QUOTED})@(?:{_UTF8_DOMAIN}|{_LITERAL})"
 )
-_UTF8_PATH_AND_PARAMS = re.compile(
+_UTF8_PATH_AND_PARAMS: Final = re.compile(
     rf"<(?:{_SOURCE_ROUTE})?(?P<mailbox>{_UTF8_MAILBOX})>(?: +(?P<params>[\x20-\x7e]*))?"
 )
-_NULL_PATH_AND_PARAMS = re.compile(r"<>(?: +(?P<params>.*))?")
-_POSTMASTER_AND_PARAMS = re.compile(r"<(?P<mailbox>postmaster)>(?: +(?P<params>.*))?", re.I)
-_PARAM = re.compile(r"(?P<key>[A-Za-z0-9][A-Za-z0-9-]*)(?:=(?P<value>[\x21-\x3c\x3e-\x7e]+))?")
-_HOST = re.compile(r"[\x21-\x7e]+")
-_PRINTABLE = re.compile(r"[\x20-\x7e]*")
+_NULL_PATH_AND_PARAMS: Final = re.compile(r"<>(?: +(?P<params>.*))?")
+_POSTMASTER_AND_PARAMS: Final = re.compile(r"<(?P<mailbox>postmaster)>(?: +(?P<params>.*))?", re.I)
+_PARAM: Final = re.compile(
+    r"(?P<key>[A-Za-z0-9][A-Za-z0-9-]*)(?:=(?P<value>[\x21-\x3c\x3e-\x7e]+))?"
+)
+_HOST: Final = re.compile(r"[\x21-\x7e]+")
+_PRINTABLE: Final = re.compile(r"[\x20-\x7e]*")
 
 
 def command_verb(line: bytes) -> str:

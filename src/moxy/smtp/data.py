@@ -7,7 +7,7 @@ the four trailing bytes that could start a split terminator, so memory never gro
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Final, Literal
 
 from moxy.smtp.events import BODY_END, BodyChunk, BodyEnd, BodyRefused
 from moxy.smtp.replies import Reply
@@ -17,21 +17,21 @@ BodyEvent = BodyChunk | BodyRefused | BodyEnd
 
 # RFC 5321 §4.1.1.4: only CRLF "." CRLF ends the data. Every other reading ("\n.\n", "\r\n.\n",
 # "\n.\r\n", ...) is the SMTP smuggling vector: some upstream might take it for the end.
-TERMINATOR = b"\r\n.\r\n"
+TERMINATOR: Final = b"\r\n.\r\n"
 # The body starts as if preceded by CRLF, so an immediate ".\r\n" is the end of an empty body.
-_VIRTUAL_CRLF = b"\r\n"
+_VIRTUAL_CRLF: Final = b"\r\n"
 
-BARE_NEWLINE = Reply.make(550, "5.5.2", "Message refused: bare CR or LF line ending")
-TOO_BIG = Reply.make(552, "5.3.4", "Message size exceeds fixed limit")
-LINE_TOO_LONG = Reply.make(550, "5.5.6", "Message refused: text line too long")
+BARE_NEWLINE: Final = Reply.make(550, "5.5.2", "Message refused: bare CR or LF line ending")
+TOO_BIG: Final = Reply.make(552, "5.3.4", "Message size exceeds fixed limit")
+LINE_TOO_LONG: Final = Reply.make(550, "5.5.6", "Message refused: text line too long")
 
 # Normalisation. The rule: every bare CR / bare LF becomes CRLF; a dot opening a line that this
 # creates is stuffed; and a dot line that only a bare ending terminates ("\r\n.\n") is stuffed
 # too, or it would become CRLF.CRLF. The regexes state the rule and serve when no marker byte is
 # free; the replace() chain below does the same several times faster.
-_DOT_BEFORE_BARE = re.compile(rb"(?<=\r\n)\.(?=\n|\r(?!\n))")
-_BARE_ENDING = re.compile(rb"(?:\r(?!\n)|(?<!\r)\n)(\.?)")  # \1\1: ".." or ""
-_MARKERS = [bytes([b]) for b in range(32) if b not in b"\r\n"]
+_DOT_BEFORE_BARE: Final = re.compile(rb"(?<=\r\n)\.(?=\n|\r(?!\n))")
+_BARE_ENDING: Final = re.compile(rb"(?:\r(?!\n)|(?<!\r)\n)(\.?)")  # \1\1: ".." or ""
+_MARKERS: Final = [bytes([b]) for b in range(32) if b not in b"\r\n"]
 
 
 def normalise(region: bytes) -> bytes:

@@ -17,8 +17,8 @@ class Sentinel(Enum):
     PAUSED = "PAUSED"  # a reply to the last command must be sent before more is parsed
 
 
-NEED_DATA = Sentinel.NEED_DATA
-PAUSED = Sentinel.PAUSED
+NEED_DATA: Final = Sentinel.NEED_DATA
+PAUSED: Final = Sentinel.PAUSED
 
 
 @attrs.frozen
@@ -133,7 +133,7 @@ class BodyEnd:
     """The end-of-data sequence CRLF.CRLF was read."""
 
 
-BODY_END = BodyEnd()  # no fields: one value serves every message
+BODY_END: Final = BodyEnd()  # no fields: one value serves every message
 
 
 @attrs.frozen

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections import deque
 from enum import Enum
+from typing import Final
 
 from moxy.smtp.commands import NOT_IMPLEMENTED, parse_verb, split_command
 from moxy.smtp.data import BareNewlines, BodyReader
@@ -52,7 +53,7 @@ class _Greeting:
 
 # (what the reply answers, reply class) → next state. Pairs not listed leave the state as it is,
 # e.g. RFC 5321 §4.1.4: a refused EHLO keeps the state it found. Any 221 or 421 closes.
-_TRANSITIONS: dict[tuple[type, int], State] = {
+_TRANSITIONS: Final[dict[tuple[type, int], State]] = {
     (_Greeting, 2): State.GREETED,
     (_Greeting, 4): State.GREETED,
     (_Greeting, 5): State.GREETED,  # 554 greeting: the client is expected to QUIT
@@ -65,27 +66,30 @@ _TRANSITIONS: dict[tuple[type, int], State] = {
     (BodyEnd, 5): State.READY,
     (Reset, 2): State.READY,  # GREETED if there was no HELO/EHLO yet, see send()
 }
-_IN_TRANSACTION = (State.MAIL, State.RCPT)
-_ORDERED = frozenset({"MAIL", "RCPT", "DATA", "STARTTLS"})  # verbs with order rules
+_IN_TRANSACTION: Final = (State.MAIL, State.RCPT)
+_ORDERED: Final = frozenset({"MAIL", "RCPT", "DATA", "STARTTLS"})  # verbs with order rules
 # The states as module constants: read on every event.
-_GREETED, _READY, _MAIL, _RCPT, _DATA, _CLOSED = (
-    State.GREETED, State.READY, State.MAIL, State.RCPT, State.DATA, State.CLOSED
-)
-_CLOSING_CODES = (221, 421)
+_GREETED: Final = State.GREETED
+_READY: Final = State.READY
+_MAIL: Final = State.MAIL
+_RCPT: Final = State.RCPT
+_DATA: Final = State.DATA
+_CLOSED: Final = State.CLOSED
+_CLOSING_CODES: Final = (221, 421)
 # Replies that are ordinary outcomes of pipelining, not client mistakes: they do not count
 # towards max_errors (a client pipelining 150 RCPTs must not be disconnected).
-_NOT_COUNTED = (452, 552, 554)
+_NOT_COUNTED: Final = (452, 552, 554)
 
-NEED_MAIL = Reply.make(503, "5.5.1", "Error: need MAIL command")
-NEED_HELLO = Reply.make(503, "5.5.1", "Error: send HELO/EHLO first")
-NESTED_MAIL = Reply.make(503, "5.5.1", "Error: nested MAIL command")
-NO_RECIPIENTS = Reply.make(554, "5.5.1", "Error: no valid recipients")
-TOO_MANY_RECIPIENTS = Reply.make(452, "4.5.3", "Error: too many recipients")
-LINE_TOO_LONG = Reply.make(500, "5.5.6", "Error: line too long")
+NEED_MAIL: Final = Reply.make(503, "5.5.1", "Error: need MAIL command")
+NEED_HELLO: Final = Reply.make(503, "5.5.1", "Error: send HELO/EHLO first")
+NESTED_MAIL: Final = Reply.make(503, "5.5.1", "Error: nested MAIL command")
+NO_RECIPIENTS: Final = Reply.make(554, "5.5.1", "Error: no valid recipients")
+TOO_MANY_RECIPIENTS: Final = Reply.make(452, "4.5.3", "Error: too many recipients")
+LINE_TOO_LONG: Final = Reply.make(500, "5.5.6", "Error: line too long")
 # RFC 3207 §4: with TLS required, only EHLO, NOOP, RSET, QUIT and STARTTLS work before it.
-NEED_STARTTLS = Reply.make(530, "5.7.0", "Must issue a STARTTLS command first")
-TLS_ACTIVE = Reply.make(554, "5.5.1", "Error: TLS already active")
-TLS_IN_TRANSACTION = Reply.make(503, "5.5.1", "Error: MAIL transaction in progress")
+NEED_STARTTLS: Final = Reply.make(530, "5.7.0", "Must issue a STARTTLS command first")
+TLS_ACTIVE: Final = Reply.make(554, "5.5.1", "Error: TLS already active")
+TLS_IN_TRANSACTION: Final = Reply.make(503, "5.5.1", "Error: MAIL transaction in progress")
 
 
 class ServerConnection:
