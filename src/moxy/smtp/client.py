@@ -85,9 +85,18 @@ class ReplyParser:
             return self._next_reply_checked()
         if not self._buf:
             return self._next_reply_checked() if self._eof else None
+        # Fastest path: a line this process has read before, first in the buffer (whatever
+        # is in _SEEN matched _SINGLE_LINE, up to its first LF, as it would match here).
+        buf = self._buf
+        lf = buf.find(b"\n")
+        if 0 <= lf < _SEEN_LINE and lf < self.max_line:
+            reply = _SEEN.get(bytes(buf[: lf + 1]))
+            if reply is not None:
+                del buf[: lf + 1]
+                return reply
         # Fast path: a complete single-line reply first in the buffer, read as the general
         # reader would, and most often one this process has read before.
-        m = _SINGLE_LINE.match(self._buf)
+        m = _SINGLE_LINE.match(buf)
         if m is None:
             return self._next_multi_line()
         end = m.end()

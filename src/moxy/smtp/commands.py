@@ -163,7 +163,7 @@ def _parse_mail(arg: str, esmtp: bool, max_message_size: int) -> Event:
     rest = _after_keyword(arg, "FROM:")
     if rest is None:
         return _invalid(501, "5.5.4", "Syntax: MAIL FROM:<address>")
-    if m := _NULL_PATH_AND_PARAMS.fullmatch(rest):
+    if rest.startswith("<>") and (m := _NULL_PATH_AND_PARAMS.fullmatch(rest)):
         address = ""
     elif m := _PATH_AND_PARAMS.fullmatch(rest) or _utf8_path(rest):
         address = m["mailbox"]
