@@ -27,6 +27,9 @@ import trio
 _QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)  # Linux only (not Final: mypyc)
 CANCEL_EVERY: Final = 8  # reads: see receive_within
 _LOST: Final = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+# Looked up once: `trio.lowlevel.checkpoint` on every read is two attribute lookups.
+_yield: Final = trio.lowlevel.cancel_shielded_checkpoint
+_checkpoint: Final = trio.lowlevel.checkpoint
 
 
 class StreamTimeout(Exception):
@@ -119,9 +122,9 @@ class Stream:
         # again, and a session notices a cancel within that many reads of a busy client.
         self.reads += 1
         if self.reads % CANCEL_EVERY:
-            await trio.lowlevel.cancel_shielded_checkpoint()
+            await _yield()
         else:
-            await trio.lowlevel.checkpoint()
+            await _checkpoint()
         try:
             data = self.socket.recv(size)
         except BlockingIOError:
