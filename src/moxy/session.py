@@ -53,6 +53,8 @@ class Session(SessionEvents):
         self.stream = stream
         self.client_ip = client_ip
         self.ctx = ctx
+        # Metrics off (the default): the hooks do nothing, so they are not even called.
+        self.counting = ctx.metrics.registry is not None
         cfg = ctx.config
         self.timeouts = cfg.timeouts
         self.data_chunk = cfg.limits.data_chunk
@@ -171,7 +173,8 @@ class Session(SessionEvents):
                 await self.mail(event)
             case ev.RcptTo(address=address):
                 reply = await self.rcpt(address)
-                self.ctx.metrics.recipient(reply.code)
+                if self.counting:
+                    self.ctx.metrics.recipient(reply.code)
                 self.reply(reply)
             case ev.Data():
                 await self.data()
@@ -179,7 +182,8 @@ class Session(SessionEvents):
                 assert self.transaction is not None
                 size = len(data)
                 self.received_bytes += size
-                self.ctx.metrics.received(size)
+                if self.counting:
+                    self.ctx.metrics.received(size)
                 await self.transaction.send(data)
             case ev.BodyEnd():
                 await self.end_of_data()

@@ -43,6 +43,7 @@ def _group_text(group: DestinationGroup) -> str:
 class SessionEvents:
     # The session's state the events describe (set by Session.__init__).
     ctx: ServerContext
+    counting: bool  # metrics on
     id: str
     client_ip: str
     helo: str
@@ -55,7 +56,8 @@ class SessionEvents:
     def log_delivery(self, results: Sequence[LegResult], reply: Reply, size: int) -> None:
         """End of data: an event per leg, then the message's. They share one reading of the
         clocks and everything else that describes the message, computed once."""
-        self.ctx.metrics.message(reply.code)
+        if self.counting:
+            self.ctx.metrics.message(reply.code)
         emit = self.ctx.emit
         if emit is discard:
             return
@@ -96,7 +98,8 @@ class SessionEvents:
 
     def log_message(self, reply: Reply, stage: str, size: int) -> None:
         """A message no leg finished: refused at DATA, or its body refused by Moxy."""
-        self.ctx.metrics.message(reply.code)
+        if self.counting:
+            self.ctx.metrics.message(reply.code)
         emit = self.ctx.emit
         if emit is discard:
             return
