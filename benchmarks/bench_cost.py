@@ -23,7 +23,10 @@ its throughput is what its own CPU allows. A pair compares the two runs made one
 other; the median over the pairs is the figure (a shared VM's speed drifts by more than 5 %
 from minute to minute, which one run each could not tell from accounting's cost).
 
-To compare two versions, run it with PYTHONPATH pointing at the other version's `src`.
+`--against SRC` compares this tree with another version of Moxy (its `src` directory, e.g.
+a `git worktree` of an older commit, with its own native build): both run at once, pinned to
+the last CPU like `--accounting`'s pair, loaded in turn `--pairs` times; the figure is the
+median of the pairs' ratios of CPU time per message (from /proc/<pid>/schedstat).
 """
 
 from __future__ import annotations
@@ -159,19 +162,31 @@ def main() -> None:
     parser.add_argument("--accounting", action="store_true",
                         help="without any accounting vs the message log + Redis counters")
     parser.add_argument("--pairs", type=int, default=1,
-                        help="with --accounting: alternate without/with this many times")
+                        help="with --accounting or --against: alternate this many times")
+    parser.add_argument("--against", metavar="SRC",
+                        help="compare with the Moxy whose src directory this is")
     parser.add_argument("--modes", default=",".join(MODES),
                         help=f"comma-separated, of {', '.join(MODES)}")
     args = parser.parse_args()
     modes = args.modes.split(",")
     if unknown := set(modes) - set(MODES):
         parser.error(f"unknown modes: {', '.join(sorted(unknown))}")
+    if args.against is not None and (args.accounting or args.callgrind):
+        parser.error("--against goes with neither --accounting nor --callgrind")
+    if args.against is not None and not (Path(args.against) / "moxy").is_dir():
+        parser.error(f"--against: no moxy package in {args.against}")
     sink_port = free_port()
-    cpus = _cpus() if args.accounting and not args.callgrind else None
+    cpus = _cpus() if (args.accounting or args.against) and not args.callgrind else None
     if cpus is not None:
         os.sched_setaffinity(0, cpus[1])  # inherited by the load, the sink and Redis
     with contextlib.ExitStack() as stack:
         stack.enter_context(proxies.smtp_sink(sink_port))
+        if args.against is not None:
+            this = str(Path(__file__).resolve().parent.parent / "src")
+            for name in modes:
+                interleaved(args, name, sink_port, {"other": "", "this": ""}, cpus,
+                            {"other": str(Path(args.against).resolve()), "this": this})
+            return
         if not args.accounting:
             for name in modes:
                 reuse, pool = MODES[name]
@@ -212,18 +227,23 @@ def _runtime(pid: int) -> float:
 
 
 def interleaved(args: argparse.Namespace, name: str, sink_port: int, configs: dict[str, str],
-                cpus: tuple[set[int], set[int]] | None) -> None:
+                cpus: tuple[set[int], set[int]] | None,
+                sources: dict[str, str] | None = None) -> None:
     """Both Moxys up at once, loaded in turn: `--pairs` bursts of `--messages` each, the order
     alternating, so that the machine's drift falls on both alike. A pair's two bursts are
-    seconds apart; the median of the pairs' ratios is the figure."""
+    seconds apart; the median of the pairs' ratios is the figure. `sources`: per config, the
+    `src` directory its Moxy runs from (PYTHONPATH), for `--against`."""
     reuse, pool = MODES[name]
     with contextlib.ExitStack() as stack:
         moxies = {}
         for config, extra in configs.items():
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory()))
             stack.enter_context(_moxy_log_on_error(workdir))
-            moxies[config] = stack.enter_context(proxies.moxy(
-                workdir, f"{ROUTE}  127.0.0.1:{sink_port}\n", idle_upstreams=pool, extra=extra))
+            source = (sources or {}).get(config)
+            with _pythonpath(source):
+                moxies[config] = stack.enter_context(proxies.moxy(
+                    workdir, f"{ROUTE}  127.0.0.1:{sink_port}\n", idle_upstreams=pool,
+                    extra=extra))
         for moxy in moxies.values():
             smtp_source(moxy.port, min(1000, args.messages), args.size, reuse, f"u@{ROUTE}")
         time.sleep(1.2)  # every sink thread has started (first batch, first Redis flush)
@@ -246,14 +266,32 @@ def interleaved(args: argparse.Namespace, name: str, sink_port: int, configs: di
     without, with_ = configs
     cost = sorted(b / a for a, b in zip(costs[without], costs[with_], strict=True))
     rate = sorted(b / a for a, b in zip(rates[without], rates[with_], strict=True))
-    print(f"{name}: accounting (file+redis against sinks []) costs "
-          f"{100 * (_median(cost) - 1):+.1f} % CPU per message and "
+    what = (f"this tree against {sources[without]}:" if sources
+            else "accounting (file+redis against sinks []) costs")
+    print(f"{name}: {what} {100 * (_median(cost) - 1):+.1f} % CPU per message and "
           f"{100 * (_median(rate) - 1):+.1f} % throughput (medians of {args.pairs} pairs of "
           f"{args.messages} messages; CPU per message "
           f"{_median(sorted(costs[without])):.0f} / {_median(sorted(costs[with_])):.0f} µs"
           + (f"; Moxy on CPU {min(cpus[0])}" if cpus else "") + ")", flush=True)
     print(f"{name}: pairs' cost ratios: " + " ".join(f"{100 * (r - 1):+.0f}" for r in cost),
           flush=True)
+
+
+@contextlib.contextmanager
+def _pythonpath(source: str | None) -> Iterator[None]:
+    """Moxy processes started inside run from `source` (a `src` directory) when given."""
+    if source is None:
+        yield
+        return
+    before = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = source
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = before
 
 
 def _median(values: list[float]) -> float:
