@@ -319,7 +319,7 @@ async def _connect_address(
                 await start_tls(conn, helo)
             elif mode == "required":
                 raise conn.error("tls", "STARTTLS required but not offered")
-            else:
+            elif logger.isEnabledFor(logging.DEBUG):  # not worth a _where() otherwise
                 logger.debug("upstream %s does not offer STARTTLS: plain text",
                              _where(destination, address))
         if destination.xclient and settings.client is not None and "XCLIENT" in conn.extensions:

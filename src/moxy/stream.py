@@ -16,6 +16,7 @@ call that need not). Errors are `StreamTimeout` and `StreamBroken`.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import socket
 import ssl
@@ -83,15 +84,17 @@ class Stream:
         try:
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            try:
-                sock.connect(address)
-            except BlockingIOError:  # EINPROGRESS: writable once the handshake is over
+            # connect_ex: the usual EINPROGRESS as a number, not an exception to make and catch.
+            error = sock.connect_ex(address)
+            if error == errno.EINPROGRESS:  # writable once the handshake is over
                 try:
                     # Over loopback the handshake is already over when connect() returns: then
                     # no deadline, no readiness wait.
                     sock.getpeername()
                 except OSError:
                     await _connected(sock, timeout)
+            elif error:
+                raise OSError(error, os.strerror(error))
             await trio.lowlevel.checkpoint_if_cancelled()
         except BaseException:
             trio.lowlevel.notify_closing(sock)

@@ -56,6 +56,10 @@ class Destination:
     verify: bool | None = None
     sni: str = ""
     xclient: bool = False
+    # str(), made once: each connection to it is named by it (logs, accounting).
+    _text: str | None = attrs.field(
+        default=None, init=False, eq=False, order=False, hash=False, repr=False
+    )
 
     @property
     def address(self) -> str:
@@ -64,6 +68,8 @@ class Destination:
         return f"{self.host}:{self.port}"
 
     def __str__(self) -> str:
+        if self._text is not None:
+            return self._text
         options = []
         if self.tls is not None:
             options.append(f"tls={self.tls}")
@@ -73,7 +79,9 @@ class Destination:
             options.append(f"sni={self.sni}")
         if self.xclient:
             options.append("xclient")
-        return ";".join([self.address, *options])
+        text = ";".join([self.address, *options])
+        object.__setattr__(self, "_text", text)
+        return text
 
 
 @attrs.frozen(cache_hash=True)
