@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import attrs
 import pytest
 
+from moxy import native
 from moxy.smtp.replies import Reply
 
 
 @pytest.mark.parametrize(("code", "klass"), [(220, 2), (354, 3), (451, 4), (550, 5)])
 def test_klass_is_the_first_digit(code: int, klass: int) -> None:
     assert Reply(code, ("x",)).klass == klass
-    assert attrs.evolve(Reply(250, ("x",)), code=code).klass == klass
 
 
 @pytest.mark.parametrize(
@@ -34,8 +33,9 @@ def test_the_kept_wire_form_is_no_part_of_equality_or_repr() -> None:
     used.to_bytes()
     assert used == fresh and hash(used) == hash(fresh)
     assert repr(used) == repr(fresh) == "Reply(code=250, lines=('2.0.0 Ok',))"
-    with pytest.raises(attrs.exceptions.FrozenInstanceError):
-        used.code = 550  # type: ignore[misc]
+    if "moxy.smtp.replies" in native.compiled():  # read-only (Final); pure Python: mypy says so
+        with pytest.raises(AttributeError):
+            used.code = 550  # type: ignore[misc]
 
 
 @pytest.mark.parametrize(

@@ -5,40 +5,37 @@ from __future__ import annotations
 import re
 from typing import Final
 
-import attrs
+from moxy.smtp.value import Value
 
 _ENHANCED_RE: Final = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?= |$)")
 
 
-@attrs.frozen(init=False)
-class Reply:
+class Reply(Value):
     """One SMTP reply: a three-digit code and one or more text lines (without the code).
 
     When the reply carries an enhanced status code (RFC 3463) it starts every text line,
-    e.g. `Reply(250, ("2.1.0 Ok",))`.
+    e.g. `Reply(250, ("2.1.0 Ok",))`. A `Value` (moxy.smtp.value), not an attrs class:
+    replies are read on every command, and a compiled class's attributes cost next to
+    nothing to read. Equal by code and lines.
     """
 
-    code: int
-    lines: tuple[str, ...] = ("",)
-    # 2, 3, 4 or 5: positive, intermediate, transient or permanent. A field, not a property:
-    # the hot path asks for it several times per reply.
-    klass: int = attrs.field(init=False, eq=False, repr=False)
-    # The wire form, made at the first to_bytes(): constant replies are encoded once.
-    _wire: bytes | None = attrs.field(init=False, eq=False, repr=False)
-    # The log form (str()), made once too: a reply kept by a cache is logged again and again.
-    _str: str | None = attrs.field(init=False, eq=False, repr=False)
-    # The enhanced code, looked for once: "" until then (a destination's cached replies are
-    # asked on every message, by with_enhanced).
-    _enhanced: str | None = attrs.field(init=False, eq=False, repr=False)
+    _fields = ("code", "lines")
+    __slots__ = ("_enhanced", "_str", "_wire", "code", "klass", "lines")
 
     def __init__(self, code: int, lines: tuple[str, ...] = ("",)) -> None:
-        setattr = object.__setattr__  # frozen: the one place fields are set
-        setattr(self, "code", code)
-        setattr(self, "lines", lines)
-        setattr(self, "klass", code // 100)
-        setattr(self, "_wire", None)
-        setattr(self, "_str", None)
-        setattr(self, "_enhanced", "")
+        self.code: Final = code
+        self.lines: Final = lines
+        # 2, 3, 4 or 5: positive, intermediate, transient or permanent. A field, not a
+        # property: the hot path asks for it several times per reply.
+        self.klass: Final = code // 100
+        # The wire form, made at the first to_bytes(): constant replies are encoded once.
+        self._wire: bytes | None = None
+        # The log form (str()), made once too: a reply kept by a cache is logged again and
+        # again.
+        self._str: str | None = None
+        # The enhanced code, looked for once: "" until then (a destination's cached replies
+        # are asked on every message, by with_enhanced).
+        self._enhanced: str | None = ""
 
     @classmethod
     def make(cls, code: int, enhanced: str, *text: str) -> Reply:
@@ -54,7 +51,7 @@ class Reply:
         if enhanced == "":
             m = _ENHANCED_RE.match(self.lines[0]) if self.lines else None
             enhanced = m.group(0) if m else None
-            object.__setattr__(self, "_enhanced", enhanced)
+            self._enhanced = enhanced
         return enhanced
 
     @property
@@ -88,7 +85,7 @@ class Reply:
                 f"{self.code}{'-' if i < last else ' '}{line}\r\n" for i, line in enumerate(lines)
             )
         wire = text.encode("utf-8", "replace")
-        object.__setattr__(self, "_wire", wire)
+        self._wire = wire
         return wire
 
     def __str__(self) -> str:
@@ -96,5 +93,5 @@ class Reply:
         if text is None:
             lines = self.lines
             text = f"{self.code} {lines[0] if len(lines) == 1 else ' / '.join(lines)}"
-            object.__setattr__(self, "_str", text)
+            self._str = text
         return text
