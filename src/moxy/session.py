@@ -56,7 +56,13 @@ class Session(SessionEvents):
         # Metrics off (the default): the hooks do nothing, so they are not even called.
         self.counting = ctx.metrics.registry is not None
         cfg = ctx.config
-        self.timeouts = cfg.timeouts
+        # What every message reads, taken out of the configuration once.
+        self.command_timeout = cfg.timeouts.client_command
+        self.data_timeout = cfg.timeouts.client_data
+        self.drain = ctx.drain
+        self.split_destinations = cfg.proxy.split_destinations
+        self.emit = ctx.emit
+        self.node = cfg.server.node
         self.data_chunk = cfg.limits.data_chunk
         self.hostname = cfg.server.hostname
         self.id = new_session_id()
@@ -99,7 +105,7 @@ class Session(SessionEvents):
         data = b"".join(self.output)  # one reply: that very bytes object, no copy
         self.output.clear()
         # A client that stops reading must not hold the session forever.
-        timeout = self.timeouts.client_command
+        timeout = self.command_timeout
         try:
             await self.stream.send_within(data, timeout)
         except StreamBroken:
@@ -117,10 +123,8 @@ class Session(SessionEvents):
                 if self.output:
                     await self.flush()
                 in_data = self.transaction is not None and bool(self.transaction.streaming)
-                timeout = (
-                    self.timeouts.client_data if in_data else self.timeouts.client_command
-                )
-                drain = self.ctx.drain
+                timeout = self.data_timeout if in_data else self.command_timeout
+                drain = self.drain
                 if drain.draining and not in_data:
                     await self.say_goodbye(Reply.make(
                         421, "4.3.2", f"{self.hostname} Service shutting down; try again later"
@@ -266,7 +270,7 @@ class Session(SessionEvents):
         envelope = Envelope(event.address, event.size, event.body, event.smtputf8)
         self.transaction = Transaction(
             self.legs, self.upstream_settings(), envelope,
-            self.ctx.config.proxy.split_destinations,
+            self.split_destinations,
         )
         self.messages += 1
         self.message_id = f"{self.id}.{self.messages}"

@@ -44,6 +44,8 @@ class SessionEvents:
     # The session's state the events describe (set by Session.__init__).
     ctx: ServerContext
     counting: bool  # metrics on
+    emit: Callable[[DeliveryEvent], None]  # ctx.emit
+    node: str  # [server] node
     id: str
     client_ip: str
     helo: str
@@ -58,7 +60,7 @@ class SessionEvents:
         clocks and everything else that describes the message, computed once."""
         if self.counting:
             self.ctx.metrics.message(reply.code)
-        emit = self.ctx.emit
+        emit = self.emit
         if emit is discard:
             return
         t = self.transaction
@@ -68,7 +70,7 @@ class SessionEvents:
         # lets log_lines format a message's clock fields once for both of its lines.
         now: Any = time.time()
         duration: Any = time.monotonic() - self.data_started
-        node = self.ctx.config.server.node
+        node = self.node
         tls = acct.tls_field(self.tls) if self.tls else ""
         sid, mid, ip, helo, mail_from = (
             self.id, self.message_id, self.client_ip, self.helo, t.envelope.mail_from
@@ -100,7 +102,7 @@ class SessionEvents:
         """A message no leg finished: refused at DATA, or its body refused by Moxy."""
         if self.counting:
             self.ctx.metrics.message(reply.code)
-        emit = self.ctx.emit
+        emit = self.emit
         if emit is discard:
             return
         t = self.transaction
@@ -112,7 +114,7 @@ class SessionEvents:
         emit(_make((
             "message", self.id, self.message_id, self.client_ip, self.helo, mail_from,
             recipients, "-", route, size, reply.code, str(reply), stage,
-            time.monotonic() - self.data_started, self.ctx.config.server.node, "",
+            time.monotonic() - self.data_started, self.node, "",
             acct.tls_field(self.tls) if self.tls else "", time.time(),
         )))
 
@@ -121,13 +123,13 @@ class SessionEvents:
     ) -> Reply:
         """A recipient refused at RCPT; returns `reply`."""
         self.ctx.metrics.recipient_refused(reason)
-        emit = self.ctx.emit
+        emit = self.emit
         if emit is not discard:
             t = self.transaction
             emit(_make((
                 "refused", self.id, self.message_id, self.client_ip, self.helo,
                 t.envelope.mail_from if t is not None else "", (address,), destination, route,
-                0, reply.code, str(reply), "rcpt", 0.0, self.ctx.config.server.node, reason,
+                0, reply.code, str(reply), "rcpt", 0.0, self.node, reason,
                 acct.tls_field(self.tls) if self.tls else "", time.time(),
             )))
         return reply
@@ -137,8 +139,8 @@ class SessionEvents:
         if self.ended_by is None:
             self.ended_by = reason
             self.ctx.metrics.connection_refused(reason)
-            if self.ctx.emit is not discard:
-                self.ctx.emit(acct.connection_event(
-                    self.client_ip, code, text, reason, self.ctx.config.server.node,
+            if self.emit is not discard:
+                self.emit(acct.connection_event(
+                    self.client_ip, code, text, reason, self.node,
                     session_id=self.id, helo=self.helo, stage=stage,
                 ))
