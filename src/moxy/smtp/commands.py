@@ -53,7 +53,12 @@ PARAMS_NEED_EHLO: Final = _invalid(555, "5.5.4", "Error: parameters require EHLO
 SIZE_TOO_BIG: Final = _invalid(552, "5.3.4", "Message size exceeds fixed limit")
 # RFC 6531 §3.5 / RFC 6533: a UTF-8 address in a transaction without SMTPUTF8.
 NEEDS_SMTPUTF8: Final = _invalid(553, "5.6.7", "Non-ASCII address requires SMTPUTF8")
-DATA: Final = Data()  # no fields: one value serves every DATA command
+# Events without fields: one value serves every such command.
+DATA: Final = Data()
+NOOP: Final = Noop()
+RESET: Final = Reset()
+QUIT: Final = Quit()
+STARTTLS: Final = StartTls()
 
 # RFC 5321 §4.1.2, printable ASCII only: without SMTPUTF8 a non-ASCII or control byte in a path
 # is a syntax error, and refusing it here keeps it out of upstream commands and Received headers.
@@ -137,7 +142,7 @@ def parse_verb(verb: str, arg: str, esmtp: bool, max_message_size: int, smtputf8
             return _invalid(501, "5.5.4", f"Syntax: {verb} hostname")
         return Hello(verb, arg)
     if verb == "STARTTLS":  # whether it is offered is the state machine's business
-        return StartTls() if not arg else _invalid(501, "5.5.4", "Syntax: STARTTLS")
+        return STARTTLS if not arg else _invalid(501, "5.5.4", "Syntax: STARTTLS")
     if not _PRINTABLE.fullmatch(arg):
         return BAD_CHARACTER
     if verb == "VRFY":
@@ -145,10 +150,10 @@ def parse_verb(verb: str, arg: str, esmtp: bool, max_message_size: int, smtputf8
     if verb == "HELP":
         return Help(arg)
     if verb == "NOOP":  # RFC 5321 allows an argument and says to ignore it
-        return Noop()
+        return NOOP
     if arg:
         return _invalid(501, "5.5.4", f"Syntax: {verb}")
-    return Data() if verb == "DATA" else Reset() if verb == "RSET" else Quit()
+    return DATA if verb == "DATA" else RESET if verb == "RSET" else QUIT
 
 
 def _after_keyword(arg: str, keyword: str) -> str | None:

@@ -21,10 +21,13 @@ NEED_DATA: Final = Sentinel.NEED_DATA
 PAUSED: Final = Sentinel.PAUSED
 
 
-@attrs.frozen
-class Hello:
-    verb: str  # "EHLO" or "HELO"
-    domain: str
+class Hello(Value):  # once per connection: a Value, like the events of every message
+    _fields = ("verb", "domain")
+    __slots__ = _fields
+
+    def __init__(self, verb: str, domain: str) -> None:
+        self.verb: Final = verb  # "EHLO" or "HELO"
+        self.domain: Final = domain
 
 
 # The events of every message are `Value`s, not attrs classes: see moxy.smtp.value.
