@@ -159,7 +159,7 @@ class Session(SessionEvents):
 
     async def run(self) -> None:
         logger.debug("session %s from %s", self.id, self.client_ip)
-        self.ctx.drain.waiting.add(self.stream)
+        self.drain.waiting.add(self.stream)
         try:
             self.reply(greeting(self.hostname, self.ctx.config.server.banner))
             while await self.handle(await self.next_event()):
@@ -379,7 +379,7 @@ class Session(SessionEvents):
                 with trio.CancelScope(shield=True):
                     await self._close_legs()
                 break
-        self.ctx.drain.waiting.discard(self.stream)
+        self.drain.waiting.discard(self.stream)
         stream = self.stream
         if stream.ssl is None:
             await stream.aclose()  # a plain socket closes at once, nothing waits
