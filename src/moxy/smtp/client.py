@@ -95,7 +95,7 @@ class ReplyParser:
                 del buf[: lf + 1]
                 return reply
         # Fast path: a complete single-line reply first in the buffer, read as the general
-        # reader would, and most often one this process has read before.
+        # reader would; new to this process (a line in _SEEN was taken above), kept if short.
         m = _SINGLE_LINE.match(buf)
         if m is None:
             return self._next_multi_line()
@@ -103,15 +103,13 @@ class ReplyParser:
         if end > self.max_line:
             return self._next_reply_checked()
         wire = m[0]  # before the buffer changes: a match reads it lazily
-        del self._buf[:end]
-        reply = _SEEN.get(wire)
-        if reply is None:
-            text = wire[4:-2] if wire.endswith(b"\r\n") else wire[4:-1]
-            reply = Reply(int(wire[:3]), (text.decode("utf-8", "replace").translate(_CONTROLS),))
-            if len(wire) <= _SEEN_LINE:
-                if len(_SEEN) >= _SEEN_MAX:
-                    _SEEN.clear()
-                _SEEN[wire] = reply
+        del buf[:end]
+        text = wire[4:-2] if wire.endswith(b"\r\n") else wire[4:-1]
+        reply = Reply(int(wire[:3]), (text.decode("utf-8", "replace").translate(_CONTROLS),))
+        if end <= _SEEN_LINE:
+            if len(_SEEN) >= _SEEN_MAX:
+                _SEEN.clear()
+            _SEEN[wire] = reply
         return reply
 
     def _next_multi_line(self) -> Reply | None:
