@@ -17,11 +17,15 @@ depend on the machine's load (5 sessions; slow, so use a few hundred messages).
 `--accounting` measures what accounting costs (issue 11: at most 5 % of throughput): per mode
 it runs Moxy without any accounting (`[accounting] sinks = []`) and with the message log plus
 the Redis counters of a throwaway redis-server (`sinks = ["file", "redis"]`), `--pairs N`
-times each, alternating which goes first. On a machine with two CPUs or more, Moxy (every
-thread) runs alone on the last CPU and the load, the sink and Redis on the others, so that
-its throughput is what its own CPU allows. A pair compares the two runs made one after the
-other; the median over the pairs is the figure (a shared VM's speed drifts by more than 5 %
-from minute to minute, which one run each could not tell from accounting's cost).
+times each, alternating which goes first. On a machine with two CPUs or more, Moxy's serving
+process (every thread) runs alone on the last CPU and the load, the sink and Redis on the
+others, so that its throughput is what its own CPU allows. The sinks run in Moxy's accounting
+process (`[accounting] process`, the default), which stays with the load on the other CPUs;
+its CPU per message is reported beside. `--in-process` runs the sinks in the serving process
+instead (`process = false`), as before that process existed. A pair compares the two runs
+made one after the other; the median over the pairs is the figure (a shared VM's speed drifts
+by more than 5 % from minute to minute, which one run each could not tell from accounting's
+cost).
 
 `--against SRC` compares this tree with another version of Moxy (its `src` directory, e.g.
 a `git worktree` of an older commit, with its own native build): both run at once, pinned to
@@ -161,6 +165,8 @@ def main() -> None:
                         help="message size in bytes, smtp-source -l (default 100)")
     parser.add_argument("--accounting", action="store_true",
                         help="without any accounting vs the message log + Redis counters")
+    parser.add_argument("--in-process", action="store_true",
+                        help="with --accounting: the sinks in the serving process")
     parser.add_argument("--pairs", type=int, default=1,
                         help="with --accounting or --against: alternate this many times")
     parser.add_argument("--against", metavar="SRC",
@@ -200,7 +206,8 @@ def main() -> None:
         # messages as at full speed. Per-second costs would otherwise weigh 50-100 times more.
         scale = 30.0 if args.callgrind else 1.0
         configs = {"without": proxies.accounting_toml(None),
-                   "file+redis": proxies.accounting_toml(url, scale, 0.5 * scale)}
+                   "file+redis": proxies.accounting_toml(url, scale, 0.5 * scale,
+                                                         process=not args.in_process)}
         if not args.callgrind:
             for name in modes:
                 interleaved(args, name, sink_port, configs, cpus)
@@ -224,6 +231,19 @@ def _runtime(pid: int) -> float:
         with contextlib.suppress(FileNotFoundError, ProcessLookupError):
             total += int(Path(f"/proc/{pid}/task/{task}/schedstat").read_text().split()[0])
     return total / 1e9
+
+
+def _children_runtime(pid: int) -> float:
+    """CPU seconds of `pid`'s child processes (its accounting process), as `_runtime`."""
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except FileNotFoundError:
+        return 0.0
+    total = 0.0
+    for child in children:
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            total += _runtime(int(child))
+    return total
 
 
 def interleaved(args: argparse.Namespace, name: str, sink_port: int, configs: dict[str, str],
@@ -252,16 +272,22 @@ def interleaved(args: argparse.Namespace, name: str, sink_port: int, configs: di
                 _pin(moxy.pid, cpus[0])
         rates: dict[str, list[float]] = {config: [] for config in configs}
         costs: dict[str, list[float]] = {config: [] for config in configs}
+        aside: dict[str, list[float]] = {config: [] for config in configs}  # child processes
         for pair in range(args.pairs):
             order = list(moxies) if pair % 2 == 0 else list(moxies)[::-1]
             for config in order:
                 moxy = moxies[config]
-                before = _runtime(moxy.pid)
+                before, before_aside = _runtime(moxy.pid), _children_runtime(moxy.pid)
                 took = smtp_source(moxy.port, args.messages, args.size, reuse, f"u@{ROUTE}")
+                # The accounting process writes a burst's events within about a second.
+                time.sleep(1.2 if sources is None else 0)
                 costs[config].append((_runtime(moxy.pid) - before) * 1e6 / args.messages)
+                aside[config].append(
+                    (_children_runtime(moxy.pid) - before_aside) * 1e6 / args.messages)
                 rates[config].append(args.messages / took)
             print(f"{name} pair {pair + 1:2d}: " + "  ".join(
                 f"{config} {costs[config][-1]:4.0f} µs/msg {rates[config][-1]:5.0f} msg/s"
+                + (f" (+{aside[config][-1]:.0f} µs/msg aside)" if aside[config][-1] else "")
                 for config in configs), flush=True)
     without, with_ = configs
     cost = sorted(b / a for a, b in zip(costs[without], costs[with_], strict=True))
@@ -275,6 +301,10 @@ def interleaved(args: argparse.Namespace, name: str, sink_port: int, configs: di
           + (f"; Moxy on CPU {min(cpus[0])}" if cpus else "") + ")", flush=True)
     print(f"{name}: pairs' cost ratios: " + " ".join(f"{100 * (r - 1):+.0f}" for r in cost),
           flush=True)
+    for config in configs:
+        if any(aside[config]):
+            print(f"{name}: {config}: its accounting process, on the other CPUs, "
+                  f"{_median(sorted(aside[config])):.0f} µs per message (median)", flush=True)
 
 
 @contextlib.contextmanager

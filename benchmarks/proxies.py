@@ -137,12 +137,14 @@ def redis_server(workdir: Path) -> Iterator[str]:
 
 
 def accounting_toml(redis_url: str | None, flush_interval: float = 1.0,
-                    interval: float = 0.5) -> str:
+                    interval: float = 0.5, process: bool = True) -> str:
     """Moxy's message log plus the Redis counters every node of a cluster would keep; with
-    `redis_url` None, no accounting at all (`sinks = []`: not even the message log)."""
+    `redis_url` None, no accounting at all (`sinks = []`: not even the message log). With
+    `process` false, the sinks run in the serving process (`[accounting] process = false`)."""
     if redis_url is None:
         return "[accounting]\nsinks = []\n"
     return (f'[accounting]\nsinks = ["file", "redis"]\ninterval = {interval}\n'
+            f'process = {"true" if process else "false"}\n'
             f'[accounting.redis]\nurl = "{redis_url}"\nflush_interval = {flush_interval}\n')
 
 

@@ -105,6 +105,7 @@ def _kind(process: tuple[str, str]) -> str:
     command = process[1]
     for kind, pattern in [
         ("moxy", r"/moxy serve "),
+        ("accounting", r" -m moxy\.accounting\.host$"),  # each node's sinks (accounting/remote.py)
         ("redis", r"redis-server"),
         ("slapd", r"slapd"),
     ]:
@@ -162,7 +163,9 @@ def test_walk_through_as_printed_then_ctrl_c_leaves_nothing(
         for name in ("old", "new")
     }
     children = _descendants(process.pid)
-    assert sorted(map(_kind, children.values())) == ["moxy", "moxy", "redis", "slapd"], children
+    assert sorted(map(_kind, children.values())) == [
+        "accounting", "accounting", "moxy", "moxy", "redis", "slapd"
+    ], children
 
     arrivals: list[tuple[str, str, str, str]] = []
 

@@ -17,20 +17,14 @@ from collections.abc import Sequence
 import trio
 
 from moxy import control, privileges, workers
-from moxy.accounting.dispatch import Accounting, check_sinks
+from moxy.accounting.dispatch import check_sinks
+from moxy.accounting.remote import accounting_for
 from moxy.config import Config
+from moxy.logsetup import configure_logging
 from moxy.lookup.build import Routing
 from moxy.server import serve
 
 logger = logging.getLogger("moxy")
-
-
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s moxy[%(process)d] %(levelname)s %(name)s: %(message)s",
-    )
 
 
 async def _main(
@@ -43,7 +37,7 @@ async def _main(
     SIGHUP reloads the configuration; SIGUSR1 makes the accounting sinks reopen their files
     (after logrotate)."""
     shutdown = trio.Event()
-    accounting = Accounting.from_config(config)
+    accounting = accounting_for(config)
     send_reload, reloads = trio.open_memory_channel[None](1)
 
     async def signals(stop_now: trio.CancelScope) -> None:

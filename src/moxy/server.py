@@ -22,6 +22,7 @@ from moxy import control, metrics_http, native
 from moxy.accept import accept_loop
 from moxy.accounting import events as acct
 from moxy.accounting.dispatch import Accounting
+from moxy.accounting.remote import RemoteAccounting
 from moxy.clientlimits import ClientLimiter
 from moxy.config import Config
 from moxy.context import Drain, ServerContext
@@ -46,7 +47,7 @@ async def serve(
     router: Router | None = None,
     sockets: Sequence[socket.socket] | None = None,
     shutdown: trio.Event | None = None,
-    accounting: Accounting | None = None,
+    accounting: Accounting | RemoteAccounting | None = None,
     control_socket: socket.socket | None = None,
     reloads: trio.abc.ReceiveChannel[None] | None = None,
     task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
@@ -249,7 +250,7 @@ async def serve(
                 control.unbind(control_socket, control_path)
 
 
-async def _observe_sinks(accounting: Accounting, metrics: Metrics) -> None:
+async def _observe_sinks(accounting: Accounting | RemoteAccounting, metrics: Metrics) -> None:
     """The accounting sinks' backlog and drops, for the metrics endpoint, once a second."""
     while True:
         metrics.observe_sinks(accounting.stats())

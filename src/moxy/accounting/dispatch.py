@@ -102,17 +102,13 @@ class _Lane:
         return batch
 
 
-class Accounting:
-    """The dispatcher: `emit` from sessions, `run` in the server's nursery."""
+class Intake:
+    """What sessions see of accounting: `emit` appends an event to one list, which a clock task
+    takes every `interval` (sooner once a batch has gathered). Shared by the dispatcher below
+    and by the serving side of an accounting process of its own (moxy.accounting.remote)."""
 
-    def __init__(
-        self, sinks: Sequence[Sink], queue: int = 10_000, interval: float = WINDOW
-    ) -> None:
-        names = [sink.name for sink in sinks]
-        if len(set(names)) != len(names):
-            raise ValueError(f"accounting sinks need distinct names, got {names}")
+    def __init__(self, active: bool, queue: int, interval: float) -> None:
         self.window = interval
-        self.lanes = [_Lane(sink, queue, interval) for sink in sinks]
         self.size = queue
         # Events emitted since the clock's last look; a full batch (or half a queue) wakes it.
         self._intake: list[DeliveryEvent] = []
@@ -121,13 +117,7 @@ class Accounting:
         self._clock_wait: trio.CancelScope | None = None
         self._stopped = False
         # Without sinks, `emit` is `events.discard`, which tells sessions to make no events.
-        self.emit: Callable[[DeliveryEvent], None] = self._emit if self.lanes else discard
-
-    @classmethod
-    def from_config(cls, config: Config) -> Accounting:
-        """The sinks `[accounting] sinks` names, each made from its settings."""
-        return cls([build_sink(name, config) for name in config.accounting.sinks],
-                   config.accounting.queue, config.accounting.interval)
+        self.emit: Callable[[DeliveryEvent], None] = self._emit if active else discard
 
     def _emit(self, event: DeliveryEvent) -> None:
         intake = self._intake
@@ -139,9 +129,7 @@ class Accounting:
     def _crowded(self, event: DeliveryEvent) -> None:
         """A batch has gathered before the clock's look: wake it. The intake holds at most a
         queue's worth: beyond, the event is lost for every sink (counted as their drop)."""
-        if self._clock_wait is not None:
-            self._clock_wait.cancel()
-            self._clock_wait = None
+        self._wake_clock()
         if len(self._intake) < self.size and not self._stopped:
             self._intake.append(event)
             return
@@ -149,6 +137,45 @@ class Accounting:
         if self._lost == 1 or self._lost % 10_000 == 0:
             logger.error("accounting: %d events lost before reaching any sink (the event loop "
                          "is far behind, or accounting has stopped)", self._lost)
+
+    def _wake_clock(self) -> None:
+        if self._clock_wait is not None:
+            self._clock_wait.cancel()
+            self._clock_wait = None
+
+    async def _gathered(self) -> list[DeliveryEvent]:
+        """Wait for the next look (an interval, or a wake-up), then take the intake."""
+        with trio.CancelScope(deadline=trio.current_time() + self.window) as self._clock_wait:
+            await trio.sleep_forever()
+        self._clock_wait = None
+        return self._take_intake()
+
+    def _take_intake(self) -> list[DeliveryEvent]:
+        intake = self._intake
+        if not intake:
+            return []
+        events = intake.copy()  # `emit` appends to this very list: emptied, not replaced
+        intake.clear()
+        return events
+
+
+class Accounting(Intake):
+    """The dispatcher: `emit` from sessions, `run` in the server's nursery."""
+
+    def __init__(
+        self, sinks: Sequence[Sink], queue: int = 10_000, interval: float = WINDOW
+    ) -> None:
+        names = [sink.name for sink in sinks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"accounting sinks need distinct names, got {names}")
+        super().__init__(bool(sinks), queue, interval)
+        self.lanes = [_Lane(sink, queue, interval) for sink in sinks]
+
+    @classmethod
+    def from_config(cls, config: Config) -> Accounting:
+        """The sinks `[accounting] sinks` names, each made from its settings."""
+        return cls([build_sink(name, config) for name in config.accounting.sinks],
+                   config.accounting.queue, config.accounting.interval)
 
     def reopen(self) -> None:
         """SIGUSR1: every sink reopens its files before it writes again."""
@@ -195,35 +222,32 @@ class Accounting:
                         feeds.start_soon(self._feed, lane)
                     await stopping.wait()
                     scope.deadline = trio.current_time() + FLUSH_TIMEOUT
-                    self._take_intake()  # the last sessions' events
+                    self.deliver(self._take_intake())  # the last sessions' events
                     for lane in self.lanes:
                         lane.stopping = True
                         lane.wake()
                 outer.cancel_scope.cancel()  # every sink is closed: the clock too
             self._stopped = True
 
-    def _take_intake(self) -> None:
-        intake = self._intake
-        if intake:
-            events = intake.copy()  # `emit` appends to this very list: emptied, not replaced
-            intake.clear()
-            for lane in self.lanes:
-                lane.add(events)
-
     async def _clock(self) -> None:
         """Every interval (sooner when a batch has gathered): the intake to the sinks' queues,
         and a wake-up for each sink's task with events gathered long enough, or a tick due."""
         while True:
-            with trio.CancelScope(deadline=trio.current_time() + self.window) as self._clock_wait:
-                await trio.sleep_forever()
-            self._clock_wait = None
-            self._take_intake()
-            now = trio.current_time()
+            self.deliver(await self._gathered())
+
+    def deliver(self, events: list[DeliveryEvent]) -> None:
+        """Events to every sink's queue, and a wake-up for each sink's task with events
+        gathered long enough (or a full batch), or a tick due. The clock's, and what the
+        accounting process does with the events the serving process sends it."""
+        if events:
             for lane in self.lanes:
-                queued = len(lane.queue)
-                if ((queued and (now >= lane.next_look or queued >= self._wake_at))
-                        or now >= lane.next_tick):
-                    lane.wake()
+                lane.add(events)
+        now = trio.current_time()
+        for lane in self.lanes:
+            queued = len(lane.queue)
+            if ((queued and (now >= lane.next_look or queued >= self._wake_at))
+                    or now >= lane.next_tick):
+                lane.wake()
 
     async def _feed(self, lane: _Lane) -> None:
         """One sink's task: what has gathered goes to `write` in batches when the clock (or a

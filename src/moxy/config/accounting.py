@@ -46,6 +46,9 @@ class AccountingSettings:
     queue: int = attrs.field(default=10_000, metadata=_COUNT)
     # Seconds between hand-overs of the sessions' events to the sinks (sooner per 512 events).
     interval: float = attrs.field(default=0.5, metadata=_SECONDS)
+    # The sinks run in an accounting process of their own (moxy.accounting.remote), not in
+    # the serving event loop.
+    process: bool = attrs.field(default=True, metadata=_key(_boolean))
     file: FileSinkSettings | None = attrs.field(
         default=None, metadata=_backend_table(FileSinkSettings)
     )

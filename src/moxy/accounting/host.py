@@ -1,0 +1,106 @@
+"""The accounting process: `python -m moxy.accounting.host`, started by the serving process
+(moxy.accounting.remote) with pipes on its standard input and output.
+
+It reads the configuration, then events, from its standard input and runs the dispatcher and
+sinks of moxy.accounting.dispatch on them: the message log's formatting and writing, the
+syslog messages, the GDBM totals and the Redis counters all happen here, on a CPU other than
+the serving event loop's. Once a second it reports on its standard output how many events it
+received and each sink's backlog and drops (for the serving process's metrics).
+
+It takes no signals: the serving process decides. SIGTERM or SIGINT sent to the whole process
+group (systemd, a terminal) must not end it before the serving process has drained and sent
+the last events; SIGUSR1 reaches it as a REOPEN frame. When its standard input ends (the
+serving process is done, or died), it gives each sink `dispatch.FLUSH_TIMEOUT` to write what is
+queued, and exits.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import marshal
+import os
+import pickle
+import signal
+import sys
+
+import trio
+
+from moxy.accounting import pipe
+from moxy.accounting.dispatch import Accounting
+from moxy.accounting.events import DeliveryEvent
+from moxy.config import Config, ConfigError
+from moxy.logsetup import configure_logging
+
+logger = logging.getLogger("moxy.accounting")
+
+REPORT = 1.0  # seconds between reports to the serving process
+
+_make = functools.partial(tuple.__new__, DeliveryEvent)
+
+
+class _Received:
+    count = 0
+
+
+async def _report(accounting: Accounting, received: _Received,
+                  stdout: trio.abc.SendStream) -> None:
+    """Events received and the sinks' stats, once a second, until the serving process stops
+    reading (it ended)."""
+    while True:
+        stats = {name: (s.backlog, s.dropped) for name, s in accounting.stats().items()}
+        try:
+            await stdout.send_all(pipe.frame(pipe.STATS, marshal.dumps((received.count, stats))))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return
+        await trio.sleep(REPORT)
+
+
+async def _serve() -> int:
+    # Our own copies of the pipes (trio's FdStream makes its descriptor non-blocking); print()
+    # must not write into the frames.
+    stdin = trio.lowlevel.FdStream(os.dup(0))
+    stdout = trio.lowlevel.FdStream(os.dup(1))
+    sys.stdout = sys.stderr
+    incoming = pipe.frames(stdin)
+    first = await anext(incoming, None)
+    if first is None:
+        return 0  # the serving process ended before it said anything
+    kind, payload = first
+    if kind != pipe.CONFIG:
+        raise pipe.FrameError(f"expected the configuration first, got {kind!r}")
+    config: Config = pickle.loads(payload)
+    configure_logging(config.log.level)
+    try:
+        accounting = Accounting.from_config(config)
+    except ConfigError as exc:
+        logger.error("accounting process: %s", exc)
+        return 2
+    received = _Received()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(accounting.run)
+        nursery.start_soon(_report, accounting, received, stdout)
+        async for kind, payload in incoming:
+            if kind == pipe.EVENTS:
+                events = list(map(_make, marshal.loads(payload)))
+                received.count += len(events)
+                accounting.deliver(events)
+            elif kind == pipe.REOPEN:
+                accounting.reopen()
+        # The serving process is done: the sinks write what is queued (bounded), then exit.
+        nursery.cancel_scope.cancel()
+    return 0
+
+
+def main() -> int:
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1):
+        signal.signal(signum, signal.SIG_IGN)
+    try:
+        return trio.run(_serve)
+    except pipe.FrameError as exc:
+        print(f"moxy accounting process: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

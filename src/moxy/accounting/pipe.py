@@ -1,0 +1,65 @@
+"""The frames on the pipes between the serving process and its accounting process
+(moxy.accounting.remote and moxy.accounting.host).
+
+A frame is one kind byte, a 4-byte big-endian payload length and the payload:
+
+- to the accounting process: CONFIG (the pickled `Config`, first and once), EVENTS (a marshalled
+  list of events as plain tuples, at most `dispatch.BATCH` of them), REOPEN (SIGUSR1; empty);
+- back, about once a second: STATS (marshalled: the number of events received so far, and per
+  sink its backlog and drops).
+
+The serving process ends the conversation by closing the accounting process's standard input.
+"""
+
+from __future__ import annotations
+
+import marshal
+import struct
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import trio
+
+CONFIG = b"C"
+EVENTS = b"E"
+REOPEN = b"R"
+STATS = b"S"
+
+MAX_FRAME = 64 << 20  # bytes: a longer frame is a bug on the other side, not data
+_HEAD = struct.Struct(">cI")
+
+
+class FrameError(Exception):
+    """The other side sent something that is not a frame."""
+
+
+def frame(kind: bytes, payload: bytes = b"") -> bytes:
+    return _HEAD.pack(kind, len(payload)) + payload
+
+
+def events_frame(events: Sequence[tuple[Any, ...]]) -> bytes:
+    """Events (named tuples) as plain tuples, which marshal takes (it refuses subclasses)."""
+    return frame(EVENTS, marshal.dumps(list(map(tuple, events))))
+
+
+async def frames(stream: trio.abc.ReceiveStream) -> AsyncIterator[tuple[bytes, bytes]]:
+    """(kind, payload) of each frame until the other side closes; FrameError for garbage or
+    a frame cut short."""
+    buffer = bytearray()
+    while True:
+        while len(buffer) >= _HEAD.size:
+            kind, size = _HEAD.unpack_from(buffer)
+            if kind not in (CONFIG, EVENTS, REOPEN, STATS) or size > MAX_FRAME:
+                raise FrameError(f"not a frame: kind {kind!r}, {size} bytes")
+            end = _HEAD.size + size
+            if len(buffer) < end:
+                break
+            payload = bytes(buffer[_HEAD.size:end])
+            del buffer[:end]
+            yield kind, payload
+        data = await stream.receive_some(1 << 16)
+        if not data:
+            if buffer:
+                raise FrameError(f"the stream ended inside a frame ({len(buffer)} bytes)")
+            return
+        buffer += data

@@ -1,0 +1,219 @@
+"""Accounting in a process of its own (`[accounting] process = true`, the default): the
+serving side.
+
+Sessions see the same `emit` as with the in-process dispatcher: an event is appended to one
+list. Every `[accounting] interval` (sooner once a batch has gathered) one task sends what has
+gathered, marshalled, down a pipe to the accounting process (moxy.accounting.host), which runs
+the dispatcher and the sinks. So the message log's formatting, the Redis counters' summing and
+every sink's I/O use another CPU than the serving event loop's; what stays here is making the
+events and one write per batch.
+
+The accounting process is one per serving process (a worker has its own, as it had its own
+sinks). If it dies, what it had not confirmed is counted as dropped, and it is started again
+(after a second, longer while it keeps dying). At shutdown the serving process sends the last
+events and closes the pipe; the accounting process gets `dispatch.FLUSH_TIMEOUT` to write what
+is queued, and a little more before it is killed.
+"""
+
+from __future__ import annotations
+
+import logging
+import marshal
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import trio
+
+import moxy
+from moxy.accounting import pipe
+from moxy.accounting.base import SinkStats
+from moxy.accounting.dispatch import BATCH, FLUSH_TIMEOUT, Accounting, Intake
+from moxy.accounting.events import DeliveryEvent
+from moxy.config import Config
+
+logger = logging.getLogger("moxy.accounting")
+
+RESTART_DELAY = 1.0  # seconds before an accounting process that died is started again
+RESTART_MAX = 30.0  # ... doubling while it keeps dying within STABLE seconds
+STABLE = 60.0
+EXIT_GRACE = 2.0  # seconds after FLUSH_TIMEOUT before an accounting process is killed
+
+
+class RemoteAccounting(Intake):
+    """`emit` for sessions, `run` in the server's nursery (as `dispatch.Accounting`)."""
+
+    def __init__(self, config: Config) -> None:
+        settings = config.accounting
+        super().__init__(bool(settings.sinks), settings.queue, settings.interval)
+        self.config = config
+        self.names = tuple(settings.sinks)
+        self.pid: int | None = None  # the accounting process, while it runs
+        self._reopen = False
+        self._sent = 0  # events sent to the current accounting process
+        self._received = 0  # ... of which it has said it received
+        self._host: dict[str, SinkStats] = {}  # its sinks' stats, as last reported
+        self._gone = 0  # events sent to accounting processes that died before taking them
+        self._ended: dict[str, int] = {}  # per sink, what ended processes dropped or held
+        self._scope: trio.CancelScope | None = None
+        self._closing = False  # the last events are sent: its end is expected now
+
+    def reopen(self) -> None:
+        """SIGUSR1: passed on to the accounting process, whose sinks reopen their files."""
+        self._reopen = True
+        self._wake_clock()
+
+    def stats(self) -> dict[str, SinkStats]:
+        """Per sink: events waiting (here, in the pipe, or in the accounting process) and
+        events lost."""
+        waiting = len(self._intake) + self._sent - self._received
+        lost = self._lost + self._gone
+        if self._stopped:
+            waiting, lost = 0, lost + waiting
+        out = {}
+        for name in self.names:
+            own = self._host.get(name, SinkStats())
+            out[name] = SinkStats(backlog=waiting + own.backlog,
+                                  dropped=lost + own.dropped + self._ended.get(name, 0))
+        return out
+
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Keep an accounting process fed until cancelled; then send it the last events and
+        let it finish (shielded, bounded)."""
+        if not self.names:
+            task_status.started()
+            await trio.sleep_forever()
+        stopping = trio.Event()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self._keep, stopping)
+            task_status.started()
+            try:
+                await trio.sleep_forever()
+            finally:
+                stopping.set()
+                self._wake_clock()
+                if self._scope is not None:
+                    self._scope.deadline = trio.current_time() + FLUSH_TIMEOUT + EXIT_GRACE
+
+    async def _keep(self, stopping: trio.Event, task_status: trio.TaskStatus[None]) -> None:
+        """Started once the first accounting process is (or could not be)."""
+        delay = RESTART_DELAY
+        with trio.CancelScope(shield=True) as self._scope:
+            while True:
+                started = trio.current_time()
+                if await self._one(stopping, task_status) or stopping.is_set():
+                    break
+                delay = RESTART_DELAY if trio.current_time() - started > STABLE else delay
+                logger.error("accounting: starting the accounting process again in %gs", delay)
+                with trio.move_on_after(delay):
+                    await stopping.wait()
+                if stopping.is_set():
+                    break
+                delay = min(delay * 2, RESTART_MAX)
+                task_status = trio.TASK_STATUS_IGNORED
+        self._stopped = True
+        self.pid = None
+
+    async def _one(self, stopping: trio.Event, task_status: trio.TaskStatus[None]) -> bool:
+        """One accounting process, from start to end: True when it ended as asked."""
+        try:
+            process = await trio.lowlevel.open_process(
+                [sys.executable, "-m", "moxy.accounting.host"],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=_environment(),
+            )
+        except OSError as exc:
+            logger.error("accounting: cannot start the accounting process: %s",
+                         exc.strerror or exc)
+            task_status.started()
+            return False
+        task_status.started()
+        assert process.stdin is not None and process.stdout is not None
+        self.pid = process.pid
+        self._sent = self._received = 0
+        self._host = {}
+        self._closing = done = False
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._listen, process.stdout, nursery.cancel_scope)
+                await process.stdin.send_all(pipe.frame(pipe.CONFIG, pickle.dumps(self.config)))
+                while not stopping.is_set():
+                    await self._send(process.stdin, await self._gathered())
+                    if self._reopen:
+                        self._reopen = False
+                        await process.stdin.send_all(pipe.frame(pipe.REOPEN))
+                await self._send(process.stdin, self._take_intake())
+                self._closing = True
+                await process.stdin.aclose()
+                await process.wait()
+                done = True
+                nursery.cancel_scope.cancel()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # it died: said below
+        finally:
+            if process.returncode is None:
+                process.kill()
+            with trio.CancelScope(shield=True):
+                await process.wait()
+            self._end(process.returncode, done)
+        return done
+
+    def _end(self, status: int | None, done: bool) -> None:
+        """Its stats become history: what it dropped, and (unless it finished as asked) what
+        it still held, and what it never confirmed."""
+        unconfirmed = self._sent - self._received
+        self._sent = self._received = 0
+        clean = done and status == 0
+        for name, stats in self._host.items():
+            self._ended[name] = (self._ended.get(name, 0) + stats.dropped
+                                 + (0 if clean else stats.backlog))
+        self._host = {}
+        if clean:
+            return
+        self._gone += unconfirmed
+        how = f"exit status {status}" if status is None or status >= 0 else f"signal {-status}"
+        logger.error("accounting: the accounting process ended (%s)%s", how,
+                     f"; up to {unconfirmed} events sent to it may be lost" if unconfirmed
+                     else "")
+
+    async def _send(self, stdin: trio.abc.SendStream, events: list[DeliveryEvent]) -> None:
+        for start in range(0, len(events), BATCH):
+            batch = events[start:start + BATCH]
+            await stdin.send_all(pipe.events_frame(batch))
+            self._sent += len(batch)
+
+    async def _listen(self, stdout: trio.abc.ReceiveStream, scope: trio.CancelScope) -> None:
+        """The accounting process's reports; when it ends (or talks nonsense), the end of
+        this one."""
+        try:
+            async for kind, payload in pipe.frames(stdout):
+                if kind == pipe.STATS:
+                    received, stats = marshal.loads(payload)
+                    self._received = received
+                    self._host = {name: SinkStats(backlog=backlog, dropped=dropped)
+                                  for name, (backlog, dropped) in stats.items()}
+        except pipe.FrameError as exc:
+            logger.error("accounting: the accounting process %s", exc)
+        else:
+            if self._closing:
+                return  # it is writing what is queued: its exit is awaited
+        scope.cancel()
+
+
+def _environment() -> dict[str, str]:
+    """This process's environment, with the directory Moxy was imported from first on the
+    path: the accounting process runs the same Moxy, however this one found it."""
+    env = dict(os.environ)
+    home = str(Path(moxy.__file__).resolve().parent.parent)
+    path = env.get("PYTHONPATH")
+    env["PYTHONPATH"] = home if not path else home + os.pathsep + path
+    return env
+
+
+def accounting_for(config: Config) -> Accounting | RemoteAccounting:
+    """What `moxy serve` runs: the sinks in a process of their own, or (`[accounting] process
+    = false`) in this one."""
+    if config.accounting.process and config.accounting.sinks:
+        return RemoteAccounting(config)
+    return Accounting.from_config(config)

@@ -1,0 +1,229 @@
+"""Accounting in a process of its own (`[accounting] process`, moxy.accounting.remote and
+.host): every event reaches the sinks, at shutdown too and past the pipe's buffer; SIGUSR1's
+reopen reaches the accounting process; signals sent to the process group do not end it early;
+a dead accounting process is counted, logged and started again; the frames on the pipes."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+import attrs
+import pytest
+import trio
+import trio.testing
+
+from moxy.accounting import pipe
+from moxy.accounting.dispatch import Accounting
+from moxy.accounting.remote import RemoteAccounting, accounting_for
+from moxy.config import ConfigError, load_config
+from peers.waiting import eventually
+
+from .events import leg
+from .helpers import text_records
+
+WriteConfig = Callable[..., Path]
+
+
+def _config(write_config: WriteConfig, **accounting: object) -> tuple[RemoteAccounting, Path]:
+    path = write_config({}, accounting={"interval": 0.05, **accounting})
+    config = load_config(path)
+    log = config.file_sink.path
+    assert log is not None
+    return RemoteAccounting(config), log
+
+
+def _events(count: int, start: int = 0) -> list[tuple[str, int]]:
+    return [(f"d{n}.test:25", n) for n in range(start, start + count)]
+
+
+def _emit(remote: RemoteAccounting, events: list[tuple[str, int]]) -> None:
+    for destination, size in events:
+        remote.emit(leg(destination, ("rcpt@example.org",), size))
+
+
+def _sizes(log: Path) -> list[int]:
+    return [record["size"] for record in text_records(log)] if log.exists() else []
+
+
+def _host_alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+async def test_every_event_reaches_the_message_log_through_the_accounting_process(
+    write_config: WriteConfig,
+) -> None:
+    remote, log = _config(write_config)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(remote.run)
+        _emit(remote, _events(50))
+        await eventually(lambda: len(_sizes(log)) == 50, what="50 lines in the log")
+        assert remote.pid is not None and remote.pid != os.getpid()
+        await eventually(lambda: remote.stats()["file"].backlog == 0, what="backlog reported")
+        nursery.cancel_scope.cancel()
+    assert _sizes(log) == list(range(50))
+    assert remote.stats()["file"].dropped == 0
+
+
+async def test_at_shutdown_everything_emitted_is_written_even_beyond_the_pipes_buffer(
+    write_config: WriteConfig,
+) -> None:
+    # 20,000 events are about 2 MB of frames, thirty times a pipe's 64 KB: the sender waits
+    # for the accounting process, which writes them all before it exits.
+    remote, log = _config(write_config, queue=50_000)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(remote.run)
+        pid = remote.pid
+        _emit(remote, _events(20_000))
+        nursery.cancel_scope.cancel()
+    assert pid is not None and not _host_alive(pid)
+    assert _sizes(log) == list(range(20_000))
+    assert remote.stats()["file"] == remote.stats()["file"].__class__(backlog=0, dropped=0)
+
+
+async def test_sigusr1s_reopen_reaches_the_accounting_process(write_config: WriteConfig) -> None:
+    remote, log = _config(write_config)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(remote.run)
+        _emit(remote, _events(3))
+        await eventually(lambda: len(_sizes(log)) == 3, what="3 lines")
+        rotated = log.with_name("moxy.log.1")
+        log.rename(rotated)
+        remote.reopen()
+        await eventually(lambda: log.exists(), what="the log opened again")
+        _emit(remote, _events(2, start=3))
+        await eventually(lambda: len(_sizes(log)) == 2, what="2 lines in the new log")
+        nursery.cancel_scope.cancel()
+    assert _sizes(rotated) == [0, 1, 2] and _sizes(log) == [3, 4]
+
+
+async def test_signals_to_the_process_group_leave_the_accounting_process_to_the_server(
+    write_config: WriteConfig,
+) -> None:
+    # systemd and a terminal's Ctrl-C signal every process of the group at once: the
+    # accounting process must stay until the serving process has sent the last events.
+    remote, log = _config(write_config)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(remote.run)
+        pid = remote.pid
+        assert pid is not None
+        await trio.sleep(1.0)  # it has started: its handlers are in place
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
+            os.kill(pid, signum)
+        await trio.sleep(0.3)
+        assert _host_alive(pid) and remote.pid == pid
+        _emit(remote, _events(5))
+        nursery.cancel_scope.cancel()
+    assert _sizes(log) == [0, 1, 2, 3, 4]
+
+
+async def test_a_dead_accounting_process_is_logged_counted_and_started_again(
+    write_config: WriteConfig, caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.ERROR, logger="moxy.accounting")
+    remote, log = _config(write_config)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(remote.run)
+        _emit(remote, _events(4))
+        await eventually(lambda: len(_sizes(log)) == 4, what="4 lines")
+        await eventually(lambda: remote.stats()["file"].backlog == 0, what="all confirmed")
+        first = remote.pid
+        assert first is not None
+        os.kill(first, signal.SIGKILL)
+        await eventually(lambda: remote.pid not in (None, first), timeout=10,
+                         what="a new accounting process")
+        assert "the accounting process ended (signal 9)" in caplog.text
+        assert "starting the accounting process again in 1s" in caplog.text
+        _emit(remote, _events(3, start=4))
+        await eventually(lambda: len(_sizes(log)) == 7, what="7 lines")
+        nursery.cancel_scope.cancel()
+    assert _sizes(log) == list(range(7))
+    # It had confirmed and written everything before it was killed: nothing counted as lost.
+    # (What a dead one had not confirmed, or still held, is counted as dropped.)
+    assert remote.stats()["file"].dropped == 0
+
+
+def test_accounting_for_runs_a_process_only_when_asked_and_there_are_sinks(
+    write_config: WriteConfig,
+) -> None:
+    default = load_config(write_config({}))
+    assert default.accounting.process is True
+    assert isinstance(accounting_for(default), RemoteAccounting)
+    here = load_config(write_config({}, accounting={"process": False}))
+    assert type(accounting_for(here)) is Accounting
+    none = load_config(write_config({}, accounting={"sinks": []}))
+    assert type(accounting_for(none)) is Accounting
+    assert type(accounting_for(attrs.evolve(
+        default, accounting=attrs.evolve(default.accounting, sinks=())))) is Accounting
+
+
+def test_process_must_be_a_boolean(write_config: WriteConfig) -> None:
+    with pytest.raises(ConfigError, match="process"):
+        load_config(write_config({}, accounting={"process": "yes"}))
+
+
+async def _frames_of(data: list[bytes]) -> list[tuple[bytes, bytes]]:
+    send, receive = trio.testing.memory_stream_one_way_pair()
+    out: list[tuple[bytes, bytes]] = []
+
+    async def feed() -> None:
+        for piece in data:
+            await send.send_all(piece)
+            await trio.testing.wait_all_tasks_blocked()
+        await send.aclose()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(feed)
+        try:
+            async for item in pipe.frames(receive):
+                out.append(item)
+        except pipe.FrameError as exc:
+            nursery.cancel_scope.cancel()
+            error = exc
+        else:
+            return out
+    raise error
+
+
+async def test_frames_survive_any_split_into_reads() -> None:
+    wire = pipe.frame(pipe.CONFIG, b"abc") + pipe.frame(pipe.REOPEN) + pipe.frame(
+        pipe.STATS, b"x" * 70_000)
+    expected = [(pipe.CONFIG, b"abc"), (pipe.REOPEN, b""), (pipe.STATS, b"x" * 70_000)]
+    assert await _frames_of([wire]) == expected
+    assert await _frames_of([wire[i:i + 1] for i in range(20)] + [wire[20:]]) == expected
+
+
+async def test_garbage_or_a_cut_frame_is_an_error_not_data() -> None:
+    with pytest.raises(pipe.FrameError, match="not a frame"):
+        await _frames_of([b"Xgarbage"])
+    with pytest.raises(pipe.FrameError, match="ended inside a frame"):
+        await _frames_of([pipe.frame(pipe.EVENTS, b"12345")[:-1]])
+
+
+async def test_events_a_dead_accounting_process_never_confirmed_are_counted_as_dropped(
+    write_config: WriteConfig, caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.ERROR, logger="moxy.accounting")
+    remote, log = _config(write_config)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(remote.run)
+        await eventually(lambda: "file" in remote._host, what="a first report")
+        pid = remote.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGSTOP)  # it neither reads nor reports any more
+        _emit(remote, _events(6))
+        await eventually(lambda: remote._intake == [], what="the events sent")
+        assert remote.stats()["file"].backlog == 6
+        os.kill(pid, signal.SIGKILL)
+        await eventually(lambda: remote.pid not in (None, pid), timeout=10,
+                         what="a new accounting process")
+        assert remote.stats()["file"] == remote.stats()["file"].__class__(backlog=0, dropped=6)
+        assert "up to 6 events sent to it may be lost" in caplog.text
+        nursery.cancel_scope.cancel()
+    assert _sizes(log) == []
