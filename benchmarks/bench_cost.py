@@ -234,15 +234,17 @@ def _runtime(pid: int) -> float:
 
 
 def _children_runtime(pid: int) -> float:
-    """CPU seconds of `pid`'s child processes (its accounting process), as `_runtime`."""
-    try:
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    except FileNotFoundError:
-        return 0.0
+    """CPU seconds of `pid`'s child processes (its accounting process), as `_runtime`. By
+    their parent in /proc/*/stat: a child started from one of its threads is not in the main
+    thread's `children`."""
     total = 0.0
-    for child in children:
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
         with contextlib.suppress(FileNotFoundError, ProcessLookupError):
-            total += _runtime(int(child))
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            if int(stat[stat.rindex(")") + 2 :].split()[1]) == pid:
+                total += _runtime(int(entry))
     return total
 
 

@@ -5,11 +5,10 @@ server's graceful shutdown as sessions see it (`Drain`).
 from __future__ import annotations
 
 import ssl
-from collections.abc import Callable
 
 import attrs
 
-from moxy.accounting.events import DeliveryEvent
+from moxy.accounting.events import Emit
 from moxy.clientlimits import ClientLimiter
 from moxy.config import Config
 from moxy.destinations import Destinations
@@ -45,7 +44,7 @@ class ServerContext:
 
     config: Config
     router: Router
-    emit: Callable[[DeliveryEvent], None]
+    emit: Emit
     upstream: UpstreamSettings
     drain: Drain = attrs.field(factory=Drain)
     metrics: Metrics = attrs.field(factory=Metrics)
@@ -59,7 +58,7 @@ class ServerContext:
         config: Config,
         *,
         router: Router,
-        emit: Callable[[DeliveryEvent], None],
+        emit: Emit,
         drain: Drain,
         clients: ClientLimiter | None = None,
         metrics: Metrics | None = None,

@@ -10,13 +10,12 @@ configuration that does not load leaves the running one in place.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from pathlib import Path
 
 import attrs
 import trio
 
-from moxy.accounting.events import DeliveryEvent
+from moxy.accounting.events import Emit
 from moxy.clientlimits import ClientLimiter
 from moxy.config import Config, ConfigError, load_config
 from moxy.context import Drain, ServerContext
@@ -47,7 +46,7 @@ class Shared:
     """What outlives a reload: the event sink, the shutdown state, the per-client counts, the
     metrics and the dead-destination set."""
 
-    emit: Callable[[DeliveryEvent], None]
+    emit: Emit
     drain: Drain
     clients: ClientLimiter
     metrics: Metrics = attrs.field(factory=Metrics)

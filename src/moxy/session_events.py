@@ -9,20 +9,16 @@ is made when accounting has no sinks.
 
 from __future__ import annotations
 
-import functools
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from moxy.accounting import events as acct
-from moxy.accounting.events import DeliveryEvent, discard
+from moxy.accounting.events import LEG_AND_MESSAGE, Emit, discard
 from moxy.context import ServerContext
 from moxy.lookup.base import DestinationGroup
 from moxy.smtp.replies import Reply
 from moxy.transaction import LegResult, Transaction
-
-# DeliveryEvent.make without its Python frame: the 18 fields as one tuple.
-_make: Callable[[tuple[Any, ...]], DeliveryEvent] = functools.partial(tuple.__new__, DeliveryEvent)
 
 # str(group) per group object, by id (the entry holds the group, so the id stays its own):
 # the route cache hands out the same group objects message after message.
@@ -44,7 +40,7 @@ class SessionEvents:
     # The session's state the events describe (set by Session.__init__).
     ctx: ServerContext
     counting: bool  # metrics on
-    emit: Callable[[DeliveryEvent], None]  # ctx.emit
+    emit: Emit  # ctx.emit: takes an event's fields as a plain tuple
     node: str  # [server] node
     id: str
     client_ip: str
@@ -77,6 +73,18 @@ class SessionEvents:
         )
         everyone = t.recipients
         recipients = tuple(everyone)
+        if len(results) == 1 and len(t.legs) == 1:
+            result = results[0]
+            outcome, leg = result.outcome, result.leg
+            if isinstance(outcome, Reply) and leg.accepted == everyone:
+                # The commonest message: its two events as one tuple (acct.LEG_AND_MESSAGE).
+                emit((
+                    LEG_AND_MESSAGE, sid, mid, ip, helo, mail_from, recipients,
+                    result.destination, _group_text(leg.group), leg.sent, outcome.code,
+                    str(outcome), "end-of-data", duration, node, "", tls, now,
+                    size, reply.code, str(reply),
+                ))
+                return
         for result in results:
             outcome, leg = result.outcome, result.leg
             if isinstance(outcome, Reply):
@@ -86,17 +94,17 @@ class SessionEvents:
             # A leg that carried every recipient shares the message's tuple (and its "to=").
             accepted = leg.accepted
             route = _group_text(leg.group)
-            emit(_make((
+            emit((
                 "leg", sid, mid, ip, helo, mail_from,
                 recipients if accepted == everyone else tuple(accepted), result.destination,
                 route, leg.sent, code, text, stage, duration, node, "", tls, now,
-            )))
+            ))
         if len(results) != 1 or len(t.legs) != 1:  # one leg: its route is the message's
             route = " ".join(map(_group_text, t.legs))
-        emit(_make((
+        emit((
             "message", sid, mid, ip, helo, mail_from, recipients, "-", route, size,
             reply.code, str(reply), "end-of-data", duration, node, "", tls, now,
-        )))
+        ))
 
     def log_message(self, reply: Reply, stage: str, size: int) -> None:
         """A message no leg finished: refused at DATA, or its body refused by Moxy."""
@@ -111,12 +119,12 @@ class SessionEvents:
             route = " ".join([_group_text(g) for g in t.legs])
         else:
             mail_from, recipients, route = "", (), ""
-        emit(_make((
+        emit((
             "message", self.id, self.message_id, self.client_ip, self.helo, mail_from,
             recipients, "-", route, size, reply.code, str(reply), stage,
             time.monotonic() - self.data_started, self.node, "",
             acct.tls_field(self.tls) if self.tls else "", time.time(),
-        )))
+        ))
 
     def log_refused(
         self, address: str, reply: Reply, reason: str, destination: str = "-", route: str = ""
@@ -126,12 +134,12 @@ class SessionEvents:
         emit = self.emit
         if emit is not discard:
             t = self.transaction
-            emit(_make((
+            emit((
                 "refused", self.id, self.message_id, self.client_ip, self.helo,
                 t.envelope.mail_from if t is not None else "", (address,), destination, route,
                 0, reply.code, str(reply), "rcpt", 0.0, self.node, reason,
                 acct.tls_field(self.tls) if self.tls else "", time.time(),
-            )))
+            ))
         return reply
 
     def log_connection(self, code: int, text: str, reason: str, stage: str) -> None:

@@ -12,6 +12,7 @@ import trio
 
 from integration.helpers import BODY, SENDER, open_session, send_one
 from moxy.accounting.dispatch import Accounting
+from moxy.accounting.events import LEG_AND_MESSAGE, DeliveryEvent, count_events, expand
 from moxy.accounting.filesink import FileSink
 from moxy.accounting.settings import FileSinkSettings
 from moxy.config import load_config
@@ -182,3 +183,46 @@ def test_text_line_parser_reads_routes_with_spaces() -> None:
     assert record["route"] == "1.2.3.4:25 5.6.7.8:25|9.9.9.9:25"
     assert record["to"] == ["a@x", "b@y"] and record["from"] == ""
     assert record["reply"] == "451 x=y z"
+
+
+async def test_a_one_leg_message_is_handed_over_as_one_entry_that_expands_to_its_two_events(
+    write_config: Callable[..., Path], make_recorder: MakeRecorder,
+) -> None:
+    plain, mirror = make_recorder(), make_recorder()
+    config_path = write_config({"example.org": plain, "example.net": [plain, mirror]})
+    accounting = Accounting([FileSink(FileSinkSettings(path=config_path.parent / "x.log"))])
+    handed: list[tuple[Any, ...]] = []
+    accounting.emit = handed.append  # what sessions hand over, before the dispatcher
+    async with trio.open_nursery() as nursery:
+        [address, *_] = await nursery.start(
+            functools.partial(serve, load_config(config_path), accounting=accounting))
+        one = await send_one(address, ["a@example.org"])
+        two = await send_one(address, ["b@example.net"])
+        assert one.final is not None and one.final.code == 250
+        assert two.final is not None and two.final.code == 250
+        nursery.cancel_scope.cancel()
+    assert [entry[0] for entry in handed] == [LEG_AND_MESSAGE, "leg", "leg", "message"]
+    assert count_events(handed) == 5
+    events = expand(handed)
+    assert [e.kind for e in events] == ["leg", "message", "leg", "leg", "message"]
+    leg, message = events[0], events[1]
+    # Exactly the two events the session would have made apart.
+    assert leg.destination == plain.address and leg.size > message.size > 0
+    assert (leg.code, leg.stage, leg.recipients) == (250, "end-of-data", ("a@example.org",))
+    assert (message.destination, message.code, message.stage) == ("-", 250, "end-of-data")
+    assert message.reply.startswith("250 ") and leg.reply.startswith("250 ")
+    shared = ("session_id", "message_id", "client_ip", "helo", "mail_from", "recipients",
+              "route", "duration", "node", "tls", "time")
+    assert [getattr(leg, f) for f in shared] == [getattr(message, f) for f in shared]
+    assert all(type(e) is DeliveryEvent for e in events)
+
+
+def test_expand_keeps_plain_fields_and_events_as_they_are() -> None:
+    event = DeliveryEvent(
+        kind="refused", session_id="s", message_id="", client_ip="192.0.2.1", helo="h",
+        mail_from="f@x", recipients=("r@y",), destination="-", route="", size=0, code=550,
+        reply="550 no", stage="rcpt", duration=0.0, node="n", reason="relay-denied", time=1.5,
+    )
+    assert expand([event, tuple(event)]) == [event, event]
+    assert count_events([event, tuple(event)]) == 2
+    assert count_events([]) == 0 and expand([]) == []

@@ -19,7 +19,15 @@ from typing import Any, cast
 import trio
 
 from moxy.accounting.base import Sink, SinkStats
-from moxy.accounting.events import DeliveryEvent, discard
+from moxy.accounting.events import (
+    LEG_AND_MESSAGE,
+    DeliveryEvent,
+    Emit,
+    Fields,
+    count_events,
+    discard,
+    expand,
+)
 from moxy.accounting.filesink import FileSink
 from moxy.accounting.settings import RedisSinkSettings, SyslogSinkSettings
 from moxy.accounting.syslog import SyslogSink
@@ -111,30 +119,32 @@ class Intake:
         self.window = interval
         self.size = queue
         # Events emitted since the clock's last look; a full batch (or half a queue) wakes it.
-        self._intake: list[DeliveryEvent] = []
-        self._wake_at = max(1, min(BATCH, queue // 2))
+        # An entry may be two events (events.LEG_AND_MESSAGE): the counts are halved.
+        self._intake: list[Fields] = []
+        self._wake_at = max(1, min(BATCH, queue // 2) // 2)
         self._lost = 0  # events the intake itself refused (the loop is far behind, or stopped)
         self._clock_wait: trio.CancelScope | None = None
         self._stopped = False
         # Without sinks, `emit` is `events.discard`, which tells sessions to make no events.
-        self.emit: Callable[[DeliveryEvent], None] = self._emit if active else discard
+        self.emit: Emit = self._emit if active else discard
 
-    def _emit(self, event: DeliveryEvent) -> None:
+    def _emit(self, event: Fields) -> None:
         intake = self._intake
         if len(intake) < self._wake_at:
             intake.append(event)
         else:
             self._crowded(event)
 
-    def _crowded(self, event: DeliveryEvent) -> None:
+    def _crowded(self, event: Fields) -> None:
         """A batch has gathered before the clock's look: wake it. The intake holds at most a
         queue's worth: beyond, the event is lost for every sink (counted as their drop)."""
         self._wake_clock()
-        if len(self._intake) < self.size and not self._stopped:
+        if len(self._intake) < self.size // 2 and not self._stopped:
             self._intake.append(event)
             return
-        self._lost += 1
-        if self._lost == 1 or self._lost % 10_000 == 0:
+        lost = self._lost
+        self._lost += 2 if event[0] == LEG_AND_MESSAGE else 1
+        if lost == 0 or self._lost // 10_000 != lost // 10_000:
             logger.error("accounting: %d events lost before reaching any sink (the event loop "
                          "is far behind, or accounting has stopped)", self._lost)
 
@@ -143,14 +153,14 @@ class Intake:
             self._clock_wait.cancel()
             self._clock_wait = None
 
-    async def _gathered(self) -> list[DeliveryEvent]:
+    async def _gathered(self) -> list[Fields]:
         """Wait for the next look (an interval, or a wake-up), then take the intake."""
         with trio.CancelScope(deadline=trio.current_time() + self.window) as self._clock_wait:
             await trio.sleep_forever()
         self._clock_wait = None
         return self._take_intake()
 
-    def _take_intake(self) -> list[DeliveryEvent]:
+    def _take_intake(self) -> list[Fields]:
         intake = self._intake
         if not intake:
             return []
@@ -186,7 +196,7 @@ class Accounting(Intake):
     def stats(self) -> dict[str, SinkStats]:
         """Per sink: events waiting (in its queue, or held by the sink) and events lost."""
         out = {}
-        waiting, lost = len(self._intake), self._lost
+        waiting, lost = count_events(self._intake), self._lost
         if self._stopped:
             waiting, lost = 0, lost + waiting
         for lane in self.lanes:
@@ -235,17 +245,18 @@ class Accounting(Intake):
         while True:
             self.deliver(await self._gathered())
 
-    def deliver(self, events: list[DeliveryEvent]) -> None:
-        """Events to every sink's queue, and a wake-up for each sink's task with events
-        gathered long enough (or a full batch), or a tick due. The clock's, and what the
-        accounting process does with the events the serving process sends it."""
-        if events:
+    def deliver(self, emitted: list[Fields]) -> None:
+        """Events (or their fields) to every sink's queue, and a wake-up for each sink's task
+        with events gathered long enough (or a full batch), or a tick due. The clock's, and
+        what the accounting process does with the events the serving process sends it."""
+        if emitted:
+            events = expand(emitted)
             for lane in self.lanes:
                 lane.add(events)
         now = trio.current_time()
         for lane in self.lanes:
             queued = len(lane.queue)
-            if ((queued and (now >= lane.next_look or queued >= self._wake_at))
+            if ((queued and (now >= lane.next_look or queued >= 2 * self._wake_at))
                     or now >= lane.next_tick):
                 lane.wake()
 

@@ -14,10 +14,12 @@ are the two file formats; their field names are the same, and tools (moxylogalyz
 
 from __future__ import annotations
 
+import functools
 import json
+import operator
 import time as _time
-from collections.abc import Iterable
-from typing import Any, NamedTuple
+from collections.abc import Callable, Iterable
+from typing import Any, Final, NamedTuple, TypeAlias
 
 KINDS = ("leg", "message", "refused", "connection")
 
@@ -208,7 +210,52 @@ def json_lines(batch: Iterable[DeliveryEvent]) -> str:
     return "".join([event.to_json() + "\n" for event in batch])
 
 
-def discard(event: DeliveryEvent) -> None:
+# What `emit` takes: a DeliveryEvent, or its 18 fields in order as a plain tuple, which is what
+# sessions hand over: one object instead of two, and one that the garbage collector stops
+# tracking at its first look (it keeps tracking tuple subclasses), which matters for events
+# that wait a while for their batch. Or both events of a message that went to one leg, as one
+# LEG_AND_MESSAGE tuple. The dispatcher makes DeliveryEvents of them (`expand`).
+Fields: TypeAlias = tuple[Any, ...]
+Emit: TypeAlias = Callable[[Fields], None]
+
+# The commonest message, one leg that carried every recipient, as one tuple: the leg's 18
+# fields with this kind, then the message's size, reply code and reply text. Half the objects
+# to hand over (and to marshal to an accounting process) of its two events.
+LEG_AND_MESSAGE: Final = "leg+message"
+
+# A DeliveryEvent of 18 fields (or a copy of one), without DeliveryEvent.make's Python frame.
+_make: Callable[[Fields], DeliveryEvent] = functools.partial(tuple.__new__, DeliveryEvent)
+
+
+def expand(emitted: Iterable[Fields]) -> list[DeliveryEvent]:
+    """The DeliveryEvents of what sessions emitted, in order."""
+    events: list[DeliveryEvent] = []
+    append = events.append
+    for fields in emitted:
+        if fields[0] != LEG_AND_MESSAGE:
+            append(_make(fields))
+            continue
+        (_, session_id, message_id, client_ip, helo, mail_from, recipients, destination,
+         route, sent, code, reply, stage, duration, node, reason, tls, when, size,
+         message_code, message_reply) = fields
+        append(_make(("leg", session_id, message_id, client_ip, helo, mail_from, recipients,
+                      destination, route, sent, code, reply, stage, duration, node, reason,
+                      tls, when)))
+        append(_make(("message", session_id, message_id, client_ip, helo, mail_from,
+                      recipients, "-", route, size, message_code, message_reply,
+                      "end-of-data", duration, node, "", tls, when)))
+    return events
+
+
+def count_events(emitted: list[Fields]) -> int:
+    """How many DeliveryEvents `expand` makes of `emitted`."""
+    return len(emitted) + list(map(_kind_of, emitted)).count(LEG_AND_MESSAGE)
+
+
+_kind_of = operator.itemgetter(0)
+
+
+def discard(event: Fields) -> None:
     """What `Accounting.emit` is without sinks: a session seeing it builds no events at all."""
 
 

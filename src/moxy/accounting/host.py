@@ -16,7 +16,6 @@ queued, and exits.
 
 from __future__ import annotations
 
-import functools
 import logging
 import marshal
 import os
@@ -28,16 +27,13 @@ import trio
 
 from moxy.accounting import pipe
 from moxy.accounting.dispatch import Accounting
-from moxy.accounting.events import DeliveryEvent
+from moxy.accounting.events import count_events
 from moxy.config import Config, ConfigError
 from moxy.logsetup import configure_logging
 
 logger = logging.getLogger("moxy.accounting")
 
 REPORT = 1.0  # seconds between reports to the serving process
-
-_make = functools.partial(tuple.__new__, DeliveryEvent)
-
 
 class _Received:
     count = 0
@@ -82,8 +78,8 @@ async def _serve() -> int:
         nursery.start_soon(_report, accounting, received, stdout)
         async for kind, payload in incoming:
             if kind == pipe.EVENTS:
-                events = list(map(_make, marshal.loads(payload)))
-                received.count += len(events)
+                events = marshal.loads(payload)
+                received.count += count_events(events)
                 accounting.deliver(events)
             elif kind == pipe.REOPEN:
                 accounting.reopen()

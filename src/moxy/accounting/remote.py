@@ -30,8 +30,8 @@ import trio
 import moxy
 from moxy.accounting import pipe
 from moxy.accounting.base import SinkStats
-from moxy.accounting.dispatch import BATCH, FLUSH_TIMEOUT, Accounting, Intake
-from moxy.accounting.events import DeliveryEvent
+from moxy.accounting.dispatch import FLUSH_TIMEOUT, Accounting, Intake
+from moxy.accounting.events import Fields, count_events
 from moxy.config import Config
 
 logger = logging.getLogger("moxy.accounting")
@@ -48,6 +48,9 @@ class RemoteAccounting(Intake):
     def __init__(self, config: Config) -> None:
         settings = config.accounting
         super().__init__(bool(settings.sinks), settings.queue, settings.interval)
+        # Sent once a frame's worth has gathered, while the events are still in the CPU's
+        # caches (and before marshal's table of them outgrows those).
+        self._wake_at = max(1, min(pipe.FRAME_EVENTS, settings.queue // 2))
         self.config = config
         self.names = tuple(settings.sinks)
         self.pid: int | None = None  # the accounting process, while it runs
@@ -68,7 +71,7 @@ class RemoteAccounting(Intake):
     def stats(self) -> dict[str, SinkStats]:
         """Per sink: events waiting (here, in the pipe, or in the accounting process) and
         events lost."""
-        waiting = len(self._intake) + self._sent - self._received
+        waiting = count_events(self._intake) + self._sent - self._received
         lost = self._lost + self._gone
         if self._stopped:
             waiting, lost = 0, lost + waiting
@@ -177,11 +180,12 @@ class RemoteAccounting(Intake):
                      f"; up to {unconfirmed} events sent to it may be lost" if unconfirmed
                      else "")
 
-    async def _send(self, stdin: trio.abc.SendStream, events: list[DeliveryEvent]) -> None:
-        for start in range(0, len(events), BATCH):
-            batch = events[start:start + BATCH]
-            await stdin.send_all(pipe.events_frame(batch))
-            self._sent += len(batch)
+    async def _send(self, stdin: trio.abc.SendStream, events: list[Fields]) -> None:
+        """What has gathered, in one write (as many as the pipe takes at a time). Counted as
+        sent first: should the accounting process die meanwhile, they count as lost."""
+        if events:
+            self._sent += count_events(events)
+            await stdin.send_all(pipe.events_frames(events))
 
     async def _listen(self, stdout: trio.abc.ReceiveStream, scope: trio.CancelScope) -> None:
         """The accounting process's reports; when it ends (or talks nonsense), the end of
