@@ -22,10 +22,13 @@ process (every thread) runs alone on the last CPU and the load, the sink and Red
 others, so that its throughput is what its own CPU allows. The sinks run in Moxy's accounting
 process (`[accounting] process`, the default), which stays with the load on the other CPUs;
 its CPU per message is reported beside. `--in-process` runs the sinks in the serving process
-instead (`process = false`), as before that process existed. A pair compares the two runs
-made one after the other; the median over the pairs is the figure (a shared VM's speed drifts
-by more than 5 % from minute to minute, which one run each could not tell from accounting's
-cost).
+instead (`process = false`), as before that process existed. `--unpinned` pins nothing: every
+process shares every CPU, as under `make bench`, so the throughput figure is the benchmark's
+(on a 2-CPU machine the accounting process then takes CPU from the load generator).
+
+A pair compares the two runs made one after the other; the median over the pairs is the figure
+(a shared VM's speed drifts by more than 5 % from minute to minute, which one run each could
+not tell from accounting's cost).
 
 `--against SRC` compares this tree with another version of Moxy (its `src` directory, e.g.
 a `git worktree` of an older commit, with its own native build): both run at once, pinned to
@@ -167,6 +170,8 @@ def main() -> None:
                         help="without any accounting vs the message log + Redis counters")
     parser.add_argument("--in-process", action="store_true",
                         help="with --accounting: the sinks in the serving process")
+    parser.add_argument("--unpinned", action="store_true",
+                        help="with --accounting: no CPU pinning (as under `make bench`)")
     parser.add_argument("--pairs", type=int, default=1,
                         help="with --accounting or --against: alternate this many times")
     parser.add_argument("--against", metavar="SRC",
@@ -182,7 +187,8 @@ def main() -> None:
     if args.against is not None and not (Path(args.against) / "moxy").is_dir():
         parser.error(f"--against: no moxy package in {args.against}")
     sink_port = free_port()
-    cpus = _cpus() if (args.accounting or args.against) and not args.callgrind else None
+    pin = (args.accounting or args.against) and not (args.callgrind or args.unpinned)
+    cpus = _cpus() if pin else None
     if cpus is not None:
         os.sched_setaffinity(0, cpus[1])  # inherited by the load, the sink and Redis
     with contextlib.ExitStack() as stack:
