@@ -67,6 +67,23 @@ def ids(pid: int) -> tuple[list[int], list[int]]:
     return [int(v) for v in fields["Uid"]], [int(v) for v in fields["Gid"]]
 
 
+def accounting_processes(parents: list[int]) -> list[int]:
+    """The `moxy.accounting.host` processes whose parent is one of `parents`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            command = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        parent = int(stat[stat.rindex(")") + 2 :].split()[1])
+        if parent in parents and b"moxy.accounting.host" in command:
+            found.append(int(entry.name))
+    return found
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 async def test_root_binds_the_port_then_serves_as_the_user(
     shared_dir: Path, make_recorder: MakeRecorder, workers: int
@@ -92,6 +109,14 @@ async def test_root_binds_the_port_then_serves_as_the_user(
             pids += [int(pid) for pid in children.split()]
             assert len(pids) == 1 + workers
         for pid in pids:
+            assert ids(pid) == ([NOBODY.pw_uid] * 4, [NOBODY.pw_gid] * 4), pid
+        # Each serving process's accounting process, started after the switch, as the user.
+        serving = pids if workers == 1 else pids[1:]
+        with trio.move_on_after(15):  # the other worker may still be starting
+            while len(hosts := accounting_processes(serving)) < len(serving):
+                await trio.sleep(0.05)
+        assert len(hosts) == len(serving), hosts
+        for pid in hosts:
             assert ids(pid) == ([NOBODY.pw_uid] * 4, [NOBODY.pw_gid] * 4), pid
         outcome = await send_one(("127.0.0.1", port), ["user@example.org"])
         assert outcome.final is not None and outcome.final.code == 250, outcome.transcript
