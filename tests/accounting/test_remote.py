@@ -227,3 +227,37 @@ async def test_events_a_dead_accounting_process_never_confirmed_are_counted_as_d
         assert "up to 6 events sent to it may be lost" in caplog.text
         nursery.cancel_scope.cancel()
     assert _sizes(log) == []
+
+
+async def test_events_left_when_no_accounting_process_can_take_them_are_logged_at_shutdown(
+    write_config: WriteConfig, caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.ERROR, logger="moxy.accounting")
+    remote, log = _config(write_config)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(remote.run)
+        pid = remote.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        await eventually(lambda: "starting the accounting process again" in caplog.text,
+                         what="the restart's wait")
+        _emit(remote, _events(3))  # while no accounting process runs
+        nursery.cancel_scope.cancel()
+    assert "accounting: 3 events not written at shutdown (no accounting process)" in caplog.text
+    assert remote.stats()["file"].dropped == 3
+    assert _sizes(log) == []
+
+
+def test_the_accounting_process_finds_the_same_moxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    import site
+
+    import moxy
+    from moxy.accounting import remote as remote_module
+
+    monkeypatch.setenv("PYTHONPATH", "/elsewhere")
+    monkeypatch.setattr(moxy, "__file__", "/opt/checkout/src/moxy/__init__.py")
+    assert remote_module._environment()["PYTHONPATH"] == "/opt/checkout/src:/elsewhere"
+    # Installed: the interpreter finds it in its site-packages, which must not come first.
+    installed = Path(site.getsitepackages()[0])
+    monkeypatch.setattr(moxy, "__file__", str(installed / "moxy" / "__init__.py"))
+    assert remote_module._environment()["PYTHONPATH"] == "/elsewhere"

@@ -21,6 +21,7 @@ import logging
 import marshal
 import os
 import pickle
+import site
 import subprocess
 import sys
 from pathlib import Path
@@ -118,6 +119,9 @@ class RemoteAccounting(Intake):
                 task_status = trio.TASK_STATUS_IGNORED
         self._stopped = True
         self.pid = None
+        if self._intake:  # no accounting process took them (it had died, or never started)
+            logger.error("accounting: %d events not written at shutdown (no accounting "
+                         "process)", count_events(self._intake))
 
     async def _one(self, stopping: trio.Event, task_status: trio.TaskStatus[None]) -> bool:
         """One accounting process, from start to end: True when it ended as asked."""
@@ -207,11 +211,16 @@ class RemoteAccounting(Intake):
 
 def _environment() -> dict[str, str]:
     """This process's environment, with the directory Moxy was imported from first on the
-    path: the accounting process runs the same Moxy, however this one found it."""
+    path: the accounting process runs the same Moxy, however this one found it. Not when that
+    is a site-packages directory, which the same interpreter finds anyway (first on the path,
+    it could shadow the standard library)."""
     env = dict(os.environ)
     home = str(Path(moxy.__file__).resolve().parent.parent)
-    path = env.get("PYTHONPATH")
-    env["PYTHONPATH"] = home if not path else home + os.pathsep + path
+    installed = {str(Path(d).resolve()) for d in [*site.getsitepackages(),
+                                                  site.getusersitepackages()]}
+    if home not in installed:
+        path = env.get("PYTHONPATH")
+        env["PYTHONPATH"] = home if not path else home + os.pathsep + path
     return env
 
 
