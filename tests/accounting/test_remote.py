@@ -49,6 +49,19 @@ def _sizes(log: Path) -> list[int]:
     return [record["size"] for record in text_records(log)] if log.exists() else []
 
 
+async def _kill_and_see_it_replaced(remote: RemoteAccounting) -> None:
+    pid = remote.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    await eventually(lambda: remote.pid not in (None, pid), timeout=10,
+                     what="a new accounting process")
+
+
+@pytest.fixture(autouse=True)
+def _errors_logged(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.ERROR, logger="moxy.accounting")
+
+
 def _host_alive(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0] != "Z"
@@ -126,18 +139,13 @@ async def test_signals_to_the_process_group_leave_the_accounting_process_to_the_
 async def test_a_dead_accounting_process_is_logged_counted_and_started_again(
     write_config: WriteConfig, caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.ERROR, logger="moxy.accounting")
     remote, log = _config(write_config)
     async with trio.open_nursery() as nursery:
         await nursery.start(remote.run)
         _emit(remote, _events(4))
         await eventually(lambda: len(_sizes(log)) == 4, what="4 lines")
         await eventually(lambda: remote.stats()["file"].backlog == 0, what="all confirmed")
-        first = remote.pid
-        assert first is not None
-        os.kill(first, signal.SIGKILL)
-        await eventually(lambda: remote.pid not in (None, first), timeout=10,
-                         what="a new accounting process")
+        await _kill_and_see_it_replaced(remote)
         assert "the accounting process ended (signal 9)" in caplog.text
         assert "starting the accounting process again in 1s" in caplog.text
         _emit(remote, _events(3, start=4))
@@ -209,7 +217,6 @@ async def test_garbage_or_a_cut_frame_is_an_error_not_data() -> None:
 async def test_events_a_dead_accounting_process_never_confirmed_are_counted_as_dropped(
     write_config: WriteConfig, caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.ERROR, logger="moxy.accounting")
     remote, log = _config(write_config)
     async with trio.open_nursery() as nursery:
         await nursery.start(remote.run)
@@ -220,9 +227,7 @@ async def test_events_a_dead_accounting_process_never_confirmed_are_counted_as_d
         _emit(remote, _events(6))
         await eventually(lambda: remote._intake == [], what="the events sent")
         assert remote.stats()["file"].backlog == 6
-        os.kill(pid, signal.SIGKILL)
-        await eventually(lambda: remote.pid not in (None, pid), timeout=10,
-                         what="a new accounting process")
+        await _kill_and_see_it_replaced(remote)
         assert remote.stats()["file"] == remote.stats()["file"].__class__(backlog=0, dropped=6)
         assert "up to 6 events sent to it may be lost" in caplog.text
         nursery.cancel_scope.cancel()
@@ -232,7 +237,6 @@ async def test_events_a_dead_accounting_process_never_confirmed_are_counted_as_d
 async def test_events_left_when_no_accounting_process_can_take_them_are_logged_at_shutdown(
     write_config: WriteConfig, caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.ERROR, logger="moxy.accounting")
     remote, log = _config(write_config)
     async with trio.open_nursery() as nursery:
         await nursery.start(remote.run)
