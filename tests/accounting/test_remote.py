@@ -58,8 +58,8 @@ async def _kill_and_see_it_replaced(remote: RemoteAccounting) -> None:
 
 
 @pytest.fixture(autouse=True)
-def _errors_logged(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.ERROR, logger="moxy.accounting")
+def _warnings_logged(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="moxy.accounting")
 
 
 def _host_alive(pid: int) -> bool:
@@ -265,3 +265,12 @@ def test_the_accounting_process_finds_the_same_moxy(monkeypatch: pytest.MonkeyPa
     installed = Path(site.getsitepackages()[0])
     monkeypatch.setattr(moxy, "__file__", str(installed / "moxy" / "__init__.py"))
     assert remote_module._environment()["PYTHONPATH"] == "/elsewhere"
+
+
+def test_a_configuration_that_cannot_be_sent_keeps_the_sinks_in_this_process(
+    write_config: WriteConfig, caplog: pytest.LogCaptureFixture,
+) -> None:
+    config = load_config(write_config({}))
+    unsendable = attrs.evolve(config, path=lambda: None)  # type: ignore[arg-type]  # in code
+    assert type(accounting_for(unsendable)) is Accounting
+    assert "cannot be passed to an accounting process" in caplog.text

@@ -47,12 +47,13 @@ class RemoteAccounting(Intake):
     """`emit` for sessions, `run` in the server's nursery (as `dispatch.Accounting`)."""
 
     def __init__(self, config: Config) -> None:
+        """Raises pickle's errors when `config` cannot be sent (see `accounting_for`)."""
         settings = config.accounting
+        self._config_frame = pipe.frame(pipe.CONFIG, pickle.dumps(config))
         super().__init__(bool(settings.sinks), settings.queue, settings.interval)
         # Sent once a frame's worth has gathered, while the events are still in the CPU's
         # caches (and before marshal's table of them outgrows those).
         self._wake_at = max(1, min(pipe.FRAME_EVENTS, settings.queue // 2))
-        self.config = config
         self.names = tuple(settings.sinks)
         self.pid: int | None = None  # the accounting process, while it runs
         self._reopen = False
@@ -144,7 +145,7 @@ class RemoteAccounting(Intake):
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._listen, process.stdout, nursery.cancel_scope)
-                await process.stdin.send_all(pipe.frame(pipe.CONFIG, pickle.dumps(self.config)))
+                await process.stdin.send_all(self._config_frame)
                 while not stopping.is_set():
                     await self._send(process.stdin, await self._gathered())
                     if self._reopen:
@@ -228,5 +229,11 @@ def accounting_for(config: Config) -> Accounting | RemoteAccounting:
     """What `moxy serve` runs: the sinks in a process of their own, or (`[accounting] process
     = false`) in this one."""
     if config.accounting.process and config.accounting.sinks:
-        return RemoteAccounting(config)
+        try:
+            return RemoteAccounting(config)
+        except (pickle.PicklingError, TypeError, AttributeError) as exc:
+            # Nothing a configuration file can express should get here; a configuration
+            # built in code might. Mail does not depend on it: the sinks run here instead.
+            logger.warning("accounting: the configuration cannot be passed to an accounting "
+                           "process (%s); the sinks run in this process", exc)
     return Accounting.from_config(config)
