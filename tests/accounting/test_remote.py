@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import signal
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -274,3 +277,20 @@ def test_a_configuration_that_cannot_be_sent_keeps_the_sinks_in_this_process(
     unsendable = attrs.evolve(config, path=lambda: None)  # type: ignore[arg-type]  # in code
     assert type(accounting_for(unsendable)) is Accounting
     assert "cannot be passed to an accounting process" in caplog.text
+
+
+def test_the_accounting_process_writes_what_came_before_garbage_and_exits_non_zero(
+    write_config: WriteConfig,
+) -> None:
+    config = load_config(write_config({}))
+    log = config.file_sink.path
+    assert log is not None
+    good = pipe.events_frames([tuple(leg("d.test:25", ("r@example.org",), 7))])
+    done = subprocess.run(
+        [sys.executable, "-m", "moxy.accounting.host"],
+        input=pipe.frame(pipe.CONFIG, pickle.dumps(config)) + good + b"Xgarbage",
+        capture_output=True, timeout=30, check=False,
+    )
+    assert done.returncode == 1, done.stderr
+    assert b"from the serving process: not a frame" in done.stderr
+    assert _sizes(log) == [7]

@@ -35,6 +35,7 @@ logger = logging.getLogger("moxy.accounting")
 
 REPORT = 1.0  # seconds between reports to the serving process
 
+
 class _Received:
     count = 0
 
@@ -73,19 +74,24 @@ async def _serve() -> int:
         logger.error("accounting process: %s", exc)
         return 2
     received = _Received()
+    status = 0
     async with trio.open_nursery() as nursery:
         await nursery.start(accounting.run)
         nursery.start_soon(_report, accounting, received, stdout)
-        async for kind, payload in incoming:
-            if kind == pipe.EVENTS:
-                events = marshal.loads(payload)
-                received.count += count_events(events)
-                accounting.deliver(events)
-            elif kind == pipe.REOPEN:
-                accounting.reopen()
+        try:
+            async for kind, payload in incoming:
+                if kind == pipe.EVENTS:
+                    events = marshal.loads(payload)
+                    received.count += count_events(events)
+                    accounting.deliver(events)
+                elif kind == pipe.REOPEN:
+                    accounting.reopen()
+        except pipe.FrameError as exc:  # a bug on the other side: keep what came before
+            logger.error("accounting process: from the serving process: %s", exc)
+            status = 1
         # The serving process is done: the sinks write what is queued (bounded), then exit.
         nursery.cancel_scope.cancel()
-    return 0
+    return status
 
 
 def main() -> int:
