@@ -53,7 +53,8 @@ class SessionEvents:
 
     def log_delivery(self, results: Sequence[LegResult], reply: Reply, size: int) -> None:
         """End of data: an event per leg, then the message's. They share one reading of the
-        clocks and everything else that describes the message, computed once."""
+        clocks and everything else that describes the message, computed once. A message whose
+        one leg carried every recipient hands both over as one LEG_AND_MESSAGE tuple."""
         if self.counting:
             self.ctx.metrics.message(reply.code)
         emit = self.emit

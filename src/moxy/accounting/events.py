@@ -247,12 +247,12 @@ def expand(emitted: Iterable[Fields]) -> list[DeliveryEvent]:
     return events
 
 
+_kind_of = operator.itemgetter(0)
+
+
 def count_events(emitted: list[Fields]) -> int:
     """How many DeliveryEvents `expand` makes of `emitted`."""
     return len(emitted) + list(map(_kind_of, emitted)).count(LEG_AND_MESSAGE)
-
-
-_kind_of = operator.itemgetter(0)
 
 
 def discard(event: Fields) -> None:
