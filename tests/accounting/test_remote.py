@@ -19,7 +19,7 @@ import pytest
 import trio
 import trio.testing
 
-from moxy.accounting import pipe
+from moxy.accounting import host, pipe
 from moxy.accounting.dispatch import Accounting
 from moxy.accounting.remote import RemoteAccounting, accounting_for
 from moxy.config import ConfigError, load_config
@@ -294,3 +294,47 @@ def test_the_accounting_process_writes_what_came_before_garbage_and_exits_non_ze
     assert done.returncode == 1, done.stderr
     assert b"from the serving process: not a frame" in done.stderr
     assert _sizes(log) == [7]
+
+
+async def test_the_pipe_to_the_accounting_process_holds_over_a_megabyte(
+    write_config: WriteConfig,
+) -> None:
+    """So that the accounting process can be paced: read a few times a second, not woken by
+    every write (host._Paced)."""
+    remote, _ = _config(write_config)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(remote.run)
+        assert remote.pid is not None
+        stdin = os.open(f"/proc/{remote.pid}/fd/0", os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            assert pipe.capacity(stdin) >= max(pipe.PIPE_SIZE, host.ENOUGH)
+        finally:
+            os.close(stdin)
+        nursery.cancel_scope.cancel()
+    with open(os.devnull, "rb") as not_a_pipe:
+        assert pipe.capacity(not_a_pipe.fileno()) == 0
+
+
+async def test_while_events_flow_the_pipe_is_read_once_a_pause_and_at_once_when_idle() -> None:
+    read, write = os.pipe()
+    paced = host._Paced(trio.lowlevel.FdStream(read), pause=0.5, size=1 << 16)
+    try:
+        os.write(write, b"a")
+        started = trio.current_time()
+        assert await paced.receive_some() == b"a"
+        assert trio.current_time() - started < 0.4  # idle until now: read at once
+
+        async def later() -> None:
+            await trio.sleep(0.05)
+            os.write(write, b"c")
+
+        async with trio.open_nursery() as nursery:
+            os.write(write, b"b")
+            nursery.start_soon(later)
+            started = trio.current_time()
+            # Read at once, this would be b"b" alone.
+            assert await paced.receive_some() == b"bc"
+            assert trio.current_time() - started >= 0.5
+    finally:
+        os.close(write)
+        await paced.aclose()

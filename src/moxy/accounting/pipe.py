@@ -13,6 +13,8 @@ The serving process ends the conversation by closing the accounting process's st
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import marshal
 import struct
 from collections.abc import AsyncIterator, Sequence
@@ -31,6 +33,11 @@ MAX_FRAME = 64 << 20  # bytes: a longer frame is a bug on the other side, not da
 # caches: 512 events per call cost twice the time per event of 128.
 FRAME_EVENTS = 128
 _HEAD = struct.Struct(">cI")
+# Bytes the pipe to the accounting process is asked to hold (F_SETPIPE_SZ; 1 MiB is Linux's
+# default ceiling for an unprivileged process): at about 160 bytes per event, over half a
+# second of a busy server's events, so that the accounting process can read it a few times a
+# second instead of being woken by every write (see moxy.accounting.host).
+PIPE_SIZE = 1 << 20
 
 
 class FrameError(Exception):
@@ -48,6 +55,22 @@ def events_frames(events: Sequence[tuple[Any, ...]]) -> bytes:
         frame(EVENTS, marshal.dumps(list(map(tuple, events[start:start + FRAME_EVENTS]))))
         for start in range(0, len(events), FRAME_EVENTS)
     ])
+
+
+def widen(fd: int) -> int:
+    """Ask the pipe `fd` to hold PIPE_SIZE bytes; what it holds now (the system may refuse:
+    a user's pipes beyond /proc/sys/fs/pipe-user-pages-soft get the default size)."""
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+    return capacity(fd)
+
+
+def capacity(fd: int) -> int:
+    """What the pipe `fd` holds (0 when `fd` is not a pipe)."""
+    try:
+        return fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ)
+    except OSError:
+        return 0
 
 
 async def frames(stream: trio.abc.ReceiveStream) -> AsyncIterator[tuple[bytes, bytes]]:

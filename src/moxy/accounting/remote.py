@@ -138,6 +138,8 @@ class RemoteAccounting(Intake):
             return False
         task_status.started()
         assert process.stdin is not None and process.stdout is not None
+        if isinstance(process.stdin, trio.lowlevel.FdStream):
+            pipe.widen(process.stdin.fileno())
         self.pid = process.pid
         self._sent = self._received = 0
         self._host = {}
