@@ -103,6 +103,7 @@ class Destinations:
         self.metrics = metrics or Metrics()
         self._down: dict[Destination, _Down] = {}
         self._slots: dict[Destination, trio.Semaphore] = {}
+        self._waiting: dict[Destination, int] = {}  # legs waiting for a place, per address
         self._caps = {o.destination: o.concurrency for o in self.settings.override}
 
     # -- admission --------------------------------------------------------------------------
@@ -136,9 +137,16 @@ class Destinations:
                     semaphore.acquire_nowait()  # usually free: no deadline needed
                     slot._semaphore = semaphore
                 except trio.WouldBlock:
-                    with trio.move_on_after(self.settings.concurrency_wait):
-                        await semaphore.acquire()
-                        slot._semaphore = semaphore
+                    self._waiting[address] = self._waiting.get(address, 0) + 1
+                    try:
+                        with trio.move_on_after(self.settings.concurrency_wait):
+                            await semaphore.acquire()
+                            slot._semaphore = semaphore
+                    finally:
+                        if self._waiting[address] == 1:
+                            del self._waiting[address]
+                        else:
+                            self._waiting[address] -= 1
                 if slot._semaphore is None:
                     raise Unavailable(
                         "busy", f"{cap} connections in use, none free within "
@@ -218,6 +226,11 @@ class Destinations:
         for address in [a for a, s in self._down.items() if s.until < horizon and not s.probing]:
             del self._down[address]
         self.metrics.destinations_down(len(self._down))
+
+    def wanted(self, address: Destination) -> bool:
+        """A leg waits for a place under `address`'s cap: a connection that could be kept idle
+        (limits.idle_upstreams) is closed instead, which gives the place to that leg."""
+        return bool(self._waiting) and address in self._waiting
 
     def forget_idle(self, address: Destination, semaphore: trio.Semaphore) -> None:
         """Drop an address's semaphore once nobody holds or waits for it (bounded memory)."""

@@ -37,13 +37,20 @@ class ConnectionPool:
         return None
 
     def give(self, conn: Connection) -> bool:
-        """Keep `conn` for later; False when the pool for its destination is full."""
+        """Keep `conn` for later; False when the pool for its destination is full, or a leg
+        waits for its place under the destination's concurrency cap."""
         idle = self._idle.get(conn.destination)
         if idle is None:
             idle = self._idle[conn.destination] = deque()
         elif len(idle) >= self.per_destination:
             return False
         if conn.parser.buffered or conn.xclient:
+            return False
+        slot = conn.slot
+        if slot is not None and slot.owner.wanted(slot.address):
+            # A leg waits for this connection's place under the destination's cap: kept, it
+            # would hold that place idle while the leg waits (and at the end of its wait
+            # hears 451 4.4.5). Closed by the caller, it frees the place at once.
             return False
         idle.append((trio.current_time(), conn))
         return True

@@ -11,7 +11,7 @@ from peers.moxy import RunningMoxy, StartMoxy
 from peers.recorder import DISCONNECT, Recorder
 from peers.waiting import eventually
 
-from .helpers import SENDER
+from .helpers import BODY, SENDER, open_session
 
 MakeRecorder = Callable[..., Recorder]
 
@@ -94,3 +94,40 @@ async def test_the_pool_keeps_at_most_idle_upstreams_per_destination(
         lambda: sum(1 for c in upstream.connections if c.closed.is_set()) == 2,
         timeout=5, what="two connections closed",
     )
+
+
+async def test_a_connection_given_back_while_a_leg_waits_at_the_cap_frees_its_place(
+    moxy: StartMoxy, make_recorder: MakeRecorder
+) -> None:
+    """With `destinations.concurrency` sessions at once, one session's leg may start before
+    another's connection is back in the pool: it waits for a place under the cap. Kept idle,
+    the connection given back would hold that place while the leg waits, and the leg would
+    get 451 4.4.5 at the end of `concurrency_wait` (this happened under `make bench`)."""
+    upstream = make_recorder()
+    server = await moxy(
+        {"example.org": upstream},
+        limits={"idle_upstreams": 4},
+        destinations={"concurrency": 1, "concurrency_wait": 20},
+    )
+    async with await open_session(server) as first:
+        _, final = await first.send_message(SENDER, ["user@example.org"], BODY)
+        assert final is not None and final.code == 250, first.dump()
+        # `first`'s connection, kept for its next transaction, holds the only place.
+        async with await open_session(server) as second, trio.open_nursery() as nursery:
+            await second.command(f"MAIL FROM:<{SENDER}>")
+            waited: list[float] = []
+
+            async def rcpt() -> None:
+                start = trio.current_time()
+                reply = await second.command("RCPT TO:<user@example.org>", timeout=30)
+                assert reply.code == 250, second.dump()
+                waited.append(trio.current_time() - start)
+
+            nursery.start_soon(rcpt)
+            await trio.sleep(0.5)  # the second leg waits for the place
+            assert not waited
+            await first.command("QUIT")  # its clean connection goes back
+        assert waited and waited[0] < 10, waited  # not the 20 s wait
+    # The connection given back was closed with QUIT (not kept) so that the place was free.
+    assert upstream.verbs(0)[-1] == "QUIT"
+    assert len(upstream.connections) == 2
