@@ -25,6 +25,7 @@ class ConnectionPool:
         self.idle_time = idle_time
         self._idle: dict[Destination, deque[tuple[float, Connection]]] = {}
         self._expired: list[Connection] = []
+        self._reaper: trio.CancelScope | None = None  # run()'s sleep, cancelled to QUIT now
 
     def take(self, destination: Destination) -> Connection | None:
         idle = self._idle.get(destination)
@@ -33,8 +34,23 @@ class ConnectionPool:
             since, conn = idle.pop()  # the most recently used first: the likeliest alive
             if now - since < self.idle_time:
                 return conn
-            self._expired.append(conn)
+            self._expire(conn)
+            self._wake_reaper()  # its QUIT goes now, not at the reaper's next round
         return None
+
+    def _expire(self, conn: Connection) -> None:
+        """`conn` has been idle too long: it gets QUIT from `run`, and its place under the
+        destination's concurrency cap is free at once. Held until its QUIT, a burst after a
+        quiet spell found every place held by expired connections, waited, and heard 451
+        4.4.5."""
+        if conn.slot is not None:
+            conn.slot.release()
+        self._expired.append(conn)
+
+    def _wake_reaper(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+            self._reaper = None
 
     def give(self, conn: Connection) -> bool:
         """Keep `conn` for later; False when the pool for its destination is full, or a leg
@@ -62,11 +78,14 @@ class ConnectionPool:
         """Close connections idle for `idle_time` (with QUIT) until cancelled, then all."""
         try:
             while True:
-                await trio.sleep(min(max(self.idle_time / 2, 0.05), 5.0))
+                pause = min(max(self.idle_time / 2, 0.05), 5.0)
+                with trio.CancelScope(deadline=trio.current_time() + pause) as self._reaper:
+                    await trio.sleep_forever()
+                self._reaper = None
                 now = trio.current_time()
                 for destination, idle in list(self._idle.items()):
                     while idle and now - idle[0][0] >= self.idle_time:
-                        self._expired.append(idle.popleft()[1])
+                        self._expire(idle.popleft()[1])
                     if not idle:
                         del self._idle[destination]
                 expired, self._expired = self._expired, []
