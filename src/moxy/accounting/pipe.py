@@ -57,12 +57,11 @@ def events_frames(events: Sequence[tuple[Any, ...]]) -> bytes:
     ])
 
 
-def widen(fd: int) -> int:
-    """Ask the pipe `fd` to hold PIPE_SIZE bytes; what it holds now (the system may refuse:
-    a user's pipes beyond /proc/sys/fs/pipe-user-pages-soft get the default size)."""
+def widen(fd: int) -> None:
+    """Ask the pipe `fd` to hold PIPE_SIZE bytes (the system may refuse: a user's pipes beyond
+    /proc/sys/fs/pipe-user-pages-soft get the default size; `capacity` tells)."""
     with contextlib.suppress(OSError):
         fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
-    return capacity(fd)
 
 
 def capacity(fd: int) -> int:
