@@ -1,12 +1,14 @@
 """The Redis accounting sink: counters shared by every node of a cluster, in sorted sets.
 
-Increments are summed in memory and written with a MULTI-less pipeline (ZINCRBY, and EXPIREAT
-on bucket keys) every `flush_interval`, or sooner when `batch_size` counters are pending. While
-Redis is down they stay summed in memory, up to `backlog` distinct counters.
+Increments are summed in memory and written (ZINCRBY, and EXPIREAT on bucket keys; one script
+call per `batch_size` counters, see redis_write.py) every `flush_interval`, or sooner when
+`batch_size` counters are pending. While Redis is down they stay summed in memory, up to
+`backlog` distinct counters.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Sequence
@@ -29,13 +31,13 @@ from moxy.accounting.counters import (
     tally,
 )
 from moxy.accounting.events import DeliveryEvent
+from moxy.accounting.redis_write import CounterWriter
 from moxy.accounting.settings import RedisSinkSettings
 from moxy.lookup.redis import connect, where
 from moxy.lookup.settings import RedisSettings
 
 log = logging.getLogger("moxy.accounting")
 
-Counter = tuple[str, str]  # (key, member)
 _Sum = tuple[int, str, str, str]  # (minute since the epoch, dimension, member, metric)
 # Events summed per minute and tally (counters.tally, flattened): [events, bytes, what one
 # event of them counts for (counters.counted)].
@@ -85,6 +87,7 @@ class RedisSink:
         self.gather = settings.flush_interval / 20
         self._client = client if client is not None else client_for(settings)
         self._where = describe(settings)
+        self._writer = CounterWriter(self._client, self._where)
         self._limiter = trio.CapacityLimiter(1)
         # Touched by the flushing thread too, but never at the same time as by the event loop:
         # the dispatcher never calls a sink concurrently, and a flush is awaited to its end.
@@ -93,8 +96,13 @@ class RedisSink:
         # flush interval), and spread over their counters and buckets (total, day, minute)
         # only before a flush.
         self._sums: dict[_Key, _Entry] = {}
-        self._summed = 0  # the triples of all _sums: each spreads over at most 3 buckets
-        self._pending: dict[Counter, int] = {}  # per Redis key and member: what a flush writes
+        # The distinct (minute, dimension, member, metric) of all _sums: each spreads over at
+        # most 3 buckets. Distinct, so that tallies sharing counters (one sender writing to
+        # many recipients) do not bring a flush forward as if they did not.
+        self._summed: set[_Sum] = set()
+        # Per Redis key, per member: what a flush writes; `_count` counts the members.
+        self._pending: dict[str, dict[str, int]] = {}
+        self._count = 0
         self._expiry: dict[str, int | None] = {}
         self._dropped = 0
         self._down = False
@@ -147,7 +155,7 @@ class RedisSink:
             what = "no answer in time" if deadline.cancelled_caught else "unreachable"
             log.error(
                 "accounting: redis %s at shutdown, %d counters not written: %s",
-                what, len(self._pending), self._where,
+                what, self._count, self._where,
             )
         with trio.move_on_after(self.settings.timeout):
             await trio.to_thread.run_sync(self._client.close, abandon_on_cancel=True)
@@ -175,39 +183,49 @@ class RedisSink:
                     )
                 return None
         entry = self._sums[key] = [0, 0, triples]
-        self._summed += len(triples)
+        self._summed.update([(minute, dimension, member, metric)
+                             for dimension, member, metric in triples])
         return entry
 
     def _held_at_most(self) -> int:
-        """An upper bound of `_held()`, for free: each sum spreads over at most 3 buckets."""
-        return len(self._pending) + 3 * self._summed
-
-    def _summed_counters(self) -> list[_Sum]:
-        return [(key[0], dimension, member, metric) for key, entry in self._sums.items()
-                for dimension, member, metric in entry[2]]
+        """An upper bound of `_held()`, cheap: each sum spreads over at most 3 buckets."""
+        return self._count + 3 * len(self._summed)
 
     def _held(self, now: float, extra: Sequence[_Sum] = ()) -> int:
         """Distinct counters held (pending and summed, plus `extra`): what `backlog` bounds."""
-        counters = set(self._pending)
-        for minute, dimension, member, metric in (*self._summed_counters(), *extra):
+        pending = self._pending
+        new: set[tuple[str, str]] = set()
+        for minute, dimension, member, metric in (*self._summed, *extra):
             for keys, _expiries in self._periods(minute, now):
-                counters.add((keys[dimension, metric], member))
-        return len(counters)
+                bucket = keys[dimension, metric]
+                if member not in pending.get(bucket, ()):
+                    new.add((bucket, member))
+        return self._count + len(new)
 
     def _spread(self, now: float) -> None:
         """Move the summed events into the per-key counters a flush writes."""
         pending, expiry = self._pending, self._expiry
+        count = self._count
+        made: dict[int, dict[tuple[str, str], list[tuple[str, int | None]]]] = {}
         for key, (events, size, triples) in self._sums.items():
-            periods = self._periods(key[0], now)
+            targets = made.get(key[0])
+            if targets is None:
+                targets = made[key[0]] = self._targets(key[0], now)
             for dimension, member, metric in triples:
                 amount = size if metric == "bytes" else events
-                for keys, expiries in periods:
-                    bucket = keys[dimension, metric]
-                    counter = (bucket, member)
-                    pending[counter] = pending.get(counter, 0) + amount
-                    expiry[bucket] = expiries[bucket]
+                for bucket, expires in targets[dimension, metric]:
+                    members = pending.get(bucket)
+                    if members is None:
+                        members = pending[bucket] = {}
+                        expiry[bucket] = expires
+                    if member in members:
+                        members[member] += amount
+                    else:
+                        members[member] = amount
+                        count += 1
+        self._count = count
         self._sums.clear()
-        self._summed = 0
+        self._summed.clear()
 
     def _periods(self, minute: int, now: float) -> list[tuple[_Keys, dict[str, int | None]]]:
         """The buckets an event of `minute` (minutes since the epoch) counts in, each as its
@@ -224,6 +242,14 @@ class RedisSink:
         return [
             (keys, expiries) for keys, expiries, expiry in made if expiry is None or expiry > now
         ]
+
+    def _targets(self, minute: int, now: float) -> dict[tuple[str, str],
+                                                        list[tuple[str, int | None]]]:
+        """`_periods` by (dimension, metric): the keys a counter of `minute` adds to, with
+        their expiry."""
+        periods = self._periods(minute, now)
+        return {pair: [(keys[pair], expiries[keys[pair]]) for keys, expiries in periods]
+                for pair in periods[0][0]}  # the totals: never expired
 
     def _bucket(self, period: str) -> tuple[_Keys, dict[str, int | None], int | None]:
         expiry = bucket_expiry(
@@ -247,7 +273,7 @@ class RedisSink:
         self._forget_expired(now)
         if not self._pending:
             return
-        held = len(self._pending)
+        held = self._count
         error = await trio.to_thread.run_sync(
             self._send, limiter=self._limiter, abandon_on_cancel=abandon_on_cancel
         )
@@ -261,7 +287,7 @@ class RedisSink:
                 self._dropped_at_outage = self._dropped
                 log.error(
                     "accounting: redis unreachable, keeping %d counters (at most %d): %s: %s",
-                    len(self._pending), self.settings.backlog, self._where, error,
+                    self._count, self.settings.backlog, self._where, error,
                 )
             return
         self._failures = 0
@@ -272,42 +298,48 @@ class RedisSink:
                 "accounting: redis reachable again, %d counters written, %d events dropped "
                 "during the outage: %s", held, lost, self._where,
             )
-        self._expiry = {key: self._expiry[key] for key, _member in self._pending}
+        self._expiry = {key: self._expiry[key] for key in self._pending}
 
     def _forget_expired(self, now: float) -> None:
         """Counters of buckets that expired while Redis was down would be deleted on arrival."""
-        gone = {key for key, when in self._expiry.items() if when is not None and when <= now}
-        if gone:
-            self._pending = {c: n for c, n in self._pending.items() if c[0] not in gone}
-            for key in gone:
-                del self._expiry[key]
+        gone = [key for key, when in self._expiry.items() if when is not None and when <= now]
+        for key in gone:
+            self._count -= len(self._pending.pop(key, ()))
+            del self._expiry[key]
 
     def _send(self) -> str | None:
-        """In the worker thread: write the pending counters in pipelines of `batch_size`;
-        each pipeline written is taken off `_pending`. Returns the error that stopped it."""
+        """In the worker thread: write the pending counters in chunks of `batch_size`; each
+        chunk written is taken off `_pending`. Returns the error that stopped it."""
         try:
             try:
                 self._client.ping()
             except redis.ConnectionError:
                 self._client.ping()  # the pool dropped a dead connection: try a fresh one
-            counters = list(self._pending.items())
+            pending, expiry = self._pending, self._expiry
             size = self.settings.batch_size
-            for start in range(0, len(counters), size):
-                chunk = counters[start : start + size]
-                with self._client.pipeline(transaction=False) as pipe:
-                    expiring: dict[str, int] = {}
-                    for (key, member), amount in chunk:
-                        pipe.zincrby(key, amount, member)
-                        expiry = self._expiry.get(key)
-                        if expiry is not None:
-                            expiring[key] = expiry
-                    for key, expiry in expiring.items():
-                        pipe.expireat(key, expiry)
-                    pipe.execute()
-                for counter, amount in chunk:
-                    left = self._pending.pop(counter) - amount
-                    if left:  # cannot happen while calls are not concurrent; kept exact anyway
-                        self._pending[counter] = left
+            while pending:
+                chunk: dict[str, dict[str, int]] = {}
+                expiring: dict[str, int] = {}
+                room = size
+                for key, members in pending.items():
+                    if len(members) > room:  # the rest in the next chunk
+                        members = dict(itertools.islice(members.items(), room))
+                    chunk[key] = members
+                    when = expiry.get(key)
+                    if when is not None:
+                        expiring[key] = when
+                    room -= len(members)
+                    if not room:
+                        break
+                self._writer.add(chunk, expiring)
+                for key, members in chunk.items():
+                    left = pending[key]
+                    if members is left:
+                        del pending[key]
+                    else:
+                        for member in members:
+                            del left[member]
+                    self._count -= len(members)
         except (redis.RedisError, OSError) as exc:
             return str(exc) or type(exc).__name__
         return None
