@@ -650,6 +650,8 @@ sentinel_master = "acct"
                 "accounting.redis.batch_size: must be at least 1, got 0",
             ],
         ),
+        ('[accounting]\nsinks = ["redis"]\n[accounting.redis]\nmax_members = -1\n',
+         ["accounting.redis.max_members: expected a non-negative integer, got -1"]),
     ],
 )
 def test_accounting_errors_name_the_key(tmp_path: Path, toml: str, expected: list[str]) -> None:

@@ -118,3 +118,58 @@ async def test_tallies_sharing_counters_do_not_bring_a_flush_forward(
     await sink.aclose()
     assert table(client, "dest") == {"mx.example:25": (40, 400, 0)}
     assert len(table(client, "rcpt")) == 20
+
+
+@pytest.mark.parametrize("scripts", [True, False], ids=["script", "pipeline"])
+async def test_max_members_keeps_the_highest_scores_of_every_set(
+    redis_server: RedisServer, scripts: bool
+) -> None:
+    """Ten recipients of ten sizes with max_members 3: each rcpt set keeps 3 members, the
+    bytes set the 3 largest; a set with fewer members (dest) is untouched; by script and, for
+    a Redis that refuses scripts, by pipeline."""
+    admin = redis_server.client()
+    url = redis_server.url
+    if not scripts:
+        admin.acl_setuser("counter", enabled=True, passwords=["+pw"], keys=["*"],
+                          commands=["+@all", "-@scripting"])
+        url = url.replace("redis://", "redis://counter:pw@", 1)
+    now = time.time()
+    sink = sink_for(url, max_members=3)
+    await sink.write([leg("mx.example:25", (f"r{i}@example.org",), 100 * (i + 1), when=now)
+                      for i in range(10)])
+    await flushed(sink)
+    for period in every_period(now):
+        key = f"{PREFIX}{period}:rcpt:"
+        assert admin.zcard(key + "msgs") == 3
+        assert admin.zrange(key + "bytes", 0, -1) == [b"r7@example.org", b"r8@example.org",
+                                                      b"r9@example.org"]
+        assert table(admin, "dest", period) == {"mx.example:25": (10, 5500, 0)}
+    await sink.aclose()
+
+
+@pytest.mark.parametrize("scripts", [True, False], ids=["script", "pipeline"])
+async def test_a_full_redis_is_an_outage_that_loses_nothing(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture, scripts: bool
+) -> None:
+    """maxmemory reached with noeviction: Redis answers OOM, the counters are kept as in an
+    outage (not taken for refused ones), and written once Redis has room again."""
+    caplog.set_level(logging.INFO, "moxy.accounting")
+    admin = redis_server.client()
+    url = redis_server.url
+    if not scripts:
+        admin.acl_setuser("counter", enabled=True, passwords=["+pw"], keys=["*"],
+                          commands=["+@all", "-@scripting"])
+        url = url.replace("redis://", "redis://counter:pw@", 1)
+    admin.set("ballast", "x" * 2_000_000)
+    admin.config_set("maxmemory-policy", "noeviction")
+    admin.config_set("maxmemory", admin.info("memory")["used_memory"] - 1_000_000)
+    sink = sink_for(url)
+    await sink.write([leg("mx.example:25", ("a@example.org",), 10)])
+    await sink.tick()
+    assert sink.stats().backlog == 36
+    assert any("redis unreachable, keeping 36 counters" in r.getMessage() and "maxmemory" in
+               r.getMessage() for r in caplog.records)
+    admin.config_set("maxmemory", 0)
+    await flushed(sink)
+    assert table(admin, "dest") == {"mx.example:25": (1, 10, 0)}
+    await sink.aclose()

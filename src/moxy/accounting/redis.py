@@ -87,7 +87,7 @@ class RedisSink:
         self.gather = settings.flush_interval / 20
         self._client = client if client is not None else client_for(settings)
         self._where = describe(settings)
-        self._writer = CounterWriter(self._client, self._where)
+        self._writer = CounterWriter(self._client, self._where, settings.max_members)
         self._limiter = trio.CapacityLimiter(1)
         # Touched by the flushing thread too, but never at the same time as by the event loop:
         # the dispatcher never calls a sink concurrently, and a flush is awaited to its end.

@@ -25,28 +25,43 @@ from typing import Any
 
 import redis
 from hiredis import pack_command  # redis[hiredis] (pyproject.toml)
-from redis.exceptions import NoScriptError
+from redis.exceptions import BusyLoadingError, NoScriptError, OutOfMemoryError, ReadOnlyError
 
 log = logging.getLogger("moxy.accounting")
 
 # Per key, per member: what to add to the member's score.
 Chunk = Mapping[str, Mapping[str, int]]
 
-# KEYS: each counter's key, then the keys to expire; ARGV: the number of counters n, the n
-# amounts, the n members, then each expiring key's EXPIREAT time. Returns how many counters
-# Redis refused and the first refusal.
+# KEYS: each counter's key (a key's counters one after the other), then the keys to expire;
+# ARGV: the number of counters n, the most members a key keeps (0: no limit), the n amounts,
+# the n members, then each expiring key's EXPIREAT time. Returns how many counters Redis
+# refused and the first refusal; fails whole (an error reply) when Redis refuses writes at all
+# (OOM, READONLY, ...), which it decides once, before a script's first write: then nothing
+# was written.
 ADD_SCRIPT = """
-local n = tonumber(ARGV[1])
-local refused, first = 0, ''
+local n, keep = tonumber(ARGV[1]), tonumber(ARGV[2])
+local refused, first, written = 0, '', 0
 for i = 1, n do
-  local r = redis.pcall('ZINCRBY', KEYS[i], ARGV[1 + i], ARGV[1 + n + i])
+  local r = redis.pcall('ZINCRBY', KEYS[i], ARGV[2 + i], ARGV[2 + n + i])
   if type(r) == 'table' and r.err then
+    if written == 0 and string.sub(r.err, 1, 9) ~= 'WRONGTYPE' then
+      return r
+    end
     refused = refused + 1
     if first == '' then first = r.err end
+  else
+    written = written + 1
+  end
+end
+if keep > 0 then
+  for i = 1, n do
+    if KEYS[i] ~= KEYS[i - 1] then
+      redis.pcall('ZREMRANGEBYRANK', KEYS[i], 0, -keep - 1)
+    end
   end
 end
 for i = n + 1, #KEYS do
-  redis.pcall('EXPIREAT', KEYS[i], ARGV[n + i + 1])
+  redis.pcall('EXPIREAT', KEYS[i], ARGV[n + i + 2])
 end
 return {refused, first}
 """
@@ -55,9 +70,10 @@ return {refused, first}
 class CounterWriter:
     """Adds chunks of counters to Redis, by script while Redis runs them."""
 
-    def __init__(self, client: redis.Redis, where: str) -> None:
+    def __init__(self, client: redis.Redis, where: str, keep: int = 0) -> None:
         self._client = client
         self._where = where
+        self._keep = keep  # max_members: the most members a sorted set keeps (0: no limit)
         self._script = client.register_script(ADD_SCRIPT)  # knows its SHA1
         self.scripted = True  # False once Redis refused the script
         self._refusing = False  # a chunk had refused counters: logged until one has none
@@ -68,7 +84,7 @@ class CounterWriter:
         or possibly a part (a pipeline cut off in the middle)."""
         if self.scripted:
             keys: list[Any] = []
-            args: list[Any] = [0]
+            args: list[Any] = [0, self._keep]
             members: list[Any] = []
             for key, scores in chunk.items():
                 keys += [key] * len(scores)
@@ -117,10 +133,16 @@ class CounterWriter:
             for key, scores in chunk.items():
                 for member, amount in scores.items():
                     pipe.zincrby(key, amount, member)
+            counters = len(pipe)
+            if self._keep:
+                for key in chunk:
+                    pipe.zremrangebyrank(key, 0, -self._keep - 1)
             for key, expiry in expiring.items():
                 pipe.expireat(key, expiry)
             replies = pipe.execute(raise_on_error=False)
-        errors = [r for r in replies if isinstance(r, redis.ResponseError)]
+        errors = [r for r in replies[:counters] if isinstance(r, redis.ResponseError)]
+        if len(errors) == counters and not str(errors[0]).startswith("WRONGTYPE"):
+            raise errors[0]  # Redis refuses writes at all (OOM, READONLY): none was made
         self._refused(len(errors), str(errors[0]) if errors else "")
 
     def _refused(self, count: int, first: str | bytes) -> None:
@@ -139,7 +161,9 @@ def _no_scripts(exc: redis.ResponseError) -> bool:
     """Redis will not run scripts for us at all ("NOPERM ... 'evalsha' command", "unknown
     command 'evalsha'", the same for SCRIPT LOAD), as opposed to a refusal of the moment
     (OOM, READONLY, BUSY), after which the chunk is kept and tried again."""
+    if isinstance(exc, (OutOfMemoryError, ReadOnlyError, BusyLoadingError)):
+        return False
     text = str(exc).lower()
-    if text.startswith(("busy", "oom", "readonly", "loading", "masterdown")):
+    if text.startswith(("busy", "masterdown")):
         return False
     return "evalsha" in text or "script" in text

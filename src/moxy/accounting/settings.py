@@ -81,6 +81,11 @@ def _check_positive(instance: object, attribute: attrs.Attribute[int], value: in
         raise ValueError(f"{attribute.name}: must be at least 1, got {value}")
 
 
+def _check_not_negative(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
+    if value < 0:
+        raise ValueError(f"{attribute.name}: must be 0 or more, got {value}")
+
+
 def _check_redis_url(instance: object, attribute: object, value: str) -> None:
     _check_url(instance, attribute, value)  # type: ignore[arg-type]
 
@@ -102,7 +107,8 @@ class RedisSinkSettings:
     (or sooner when `batch_size` distinct counters are pending), pipelined; while Redis is down
     at most `backlog` distinct counters are kept, and increments beyond that are dropped and
     counted. Day buckets expire after `retention_days`, minute buckets after `minute_retention`
-    minutes."""
+    minutes. With `max_members` (0: no limit), each sorted set keeps only that many members,
+    those with the highest scores."""
 
     url: str = attrs.field(default="redis://127.0.0.1:6379/0", validator=_check_redis_url)
     key_prefix: str = "moxy:acct:"
@@ -111,6 +117,7 @@ class RedisSinkSettings:
     retention_days: int = attrs.field(default=35, validator=_check_positive)
     minute_retention: int = attrs.field(default=360, validator=_check_positive)
     backlog: int = attrs.field(default=100_000, validator=_check_positive)
+    max_members: int = attrs.field(default=0, validator=_check_not_negative)
     timeout: float = 2.0
     sentinel_master: str | None = None
     sentinels: tuple[str, ...] = attrs.field(

@@ -203,7 +203,8 @@ def settings_from_toml(path: Path) -> RedisSinkSettings:
 # What TOML gives for each key of [accounting.redis] (bool is no number here).
 _TOML_TYPES: dict[str, type | tuple[type, ...]] = {
     "url": str, "key_prefix": str, "flush_interval": (int, float), "batch_size": int,
-    "retention_days": int, "minute_retention": int, "backlog": int, "timeout": (int, float),
+    "retention_days": int, "minute_retention": int, "backlog": int, "max_members": int,
+    "timeout": (int, float),
     "sentinel_master": str, "sentinels": (str, list),
 }
 
