@@ -104,9 +104,9 @@ class RedisSinkSettings:
     """[accounting.redis]: counters shared by every node of a cluster (key schema in
     docs/accounting.md). `url` takes the same forms as `[routes.redis] url`, and may name the
     same server. Increments are summed in memory and written every `flush_interval` seconds
-    (or sooner when `batch_size` distinct counters are pending), pipelined; while Redis is down
-    at most `backlog` distinct counters are kept, and increments beyond that are dropped and
-    counted. Day buckets expire after `retention_days`, minute buckets after `minute_retention`
+    (or sooner when `batch_size` distinct counters are pending), `batch_size` per call; while
+    Redis is down at most `backlog` distinct counters are kept, and increments beyond that are
+    dropped and counted. Day buckets expire after `retention_days`, minute buckets after `minute_retention`
     minutes. With `max_members` (0: no limit), each sorted set keeps only that many members,
     those with the highest scores."""
 
