@@ -106,9 +106,9 @@ class RedisSinkSettings:
     same server. Increments are summed in memory and written every `flush_interval` seconds
     (or sooner when `batch_size` distinct counters are pending), `batch_size` per call; while
     Redis is down at most `backlog` distinct counters are kept, and increments beyond that are
-    dropped and counted. Day buckets expire after `retention_days`, minute buckets after `minute_retention`
-    minutes. With `max_members` (0: no limit), each sorted set keeps only that many members,
-    those with the highest scores."""
+    dropped and counted. Day buckets expire after `retention_days`, minute buckets after
+    `minute_retention` minutes. With `max_members` (0: no limit), each sorted set keeps only
+    that many members, those with the highest scores."""
 
     url: str = attrs.field(default="redis://127.0.0.1:6379/0", validator=_check_redis_url)
     key_prefix: str = "moxy:acct:"
