@@ -154,6 +154,15 @@ def test_route_str_lists_groups_in_destination_syntax() -> None:
         ("Postmaster", ["postmaster", "*"]),
         ("user@[192.0.2.1]", ["user@[192.0.2.1]", "[192.0.2.1]", "*"]),
         ('"a@b"@example.org', ['"a@b"@example.org', "example.org", ".org", "*"]),
+        # A UTF-8 domain (SMTPUTF8) is looked up as A-labels; the local part stays as written.
+        (
+            "Jöran@Bücher.Example",
+            ["jöran@xn--bcher-kva.example", "xn--bcher-kva.example", ".example", "*"],
+        ),
+        ("用户@例子.测试", ["用户@xn--fsqu00a.xn--0zwm56d", "xn--fsqu00a.xn--0zwm56d",
+                           ".xn--0zwm56d", "*"]),
+        # Not a valid internationalized name: as written (no routes file holds such a key).
+        ("u@☃.example", ["u@☃.example", "☃.example", ".example", "*"]),
     ],
 )
 def test_lookup_keys_order(recipient: str, keys: list[str]) -> None:

@@ -131,10 +131,18 @@ def test_form_feed_does_not_shift_line_numbers() -> None:
 
 @pytest.mark.parametrize(
     ("text", "key"),
-    [("*", "*"), ("EXAMPLE.org.", "example.org"), (".ORG", ".org"), ("Root", "root")],
+    [("*", "*"), ("EXAMPLE.org.", "example.org"), (".ORG", ".org"), ("Root", "root"),
+     # UTF-8 domains are stored as A-labels, where lookups of either spelling look.
+     ("Bücher.Example", "xn--bcher-kva.example"), (".bücher.example", ".xn--bcher-kva.example"),
+     ("Jöran@Bücher.example.", "jöran@xn--bcher-kva.example")],
 )
 def test_parse_key_normalises(text: str, key: str) -> None:
     assert parse_key(text) == key
+
+
+def test_a_domain_that_is_no_valid_idn_is_refused() -> None:
+    with pytest.raises(ValueError, match="not a valid internationalized domain name"):
+        parse_key("☃.example")
 
 
 # --- the file source ------------------------------------------------------------------------

@@ -95,3 +95,33 @@ async def test_size_and_body_are_left_out_for_legs_without_the_extensions(
         assert (await client.reply()).code == 250
     [message] = bare.delivered
     assert message.mail_params == ""
+
+
+async def test_an_internationalized_domain_is_routed_by_either_spelling(
+    moxy: StartMoxy, make_recorder: MakeRecorder
+) -> None:
+    """A route keyed by the A-label takes SMTPUTF8 mail to the UTF-8 spelling, and a route
+    written in UTF-8 takes mail to the A-label: routes hold A-labels (lookup/idn.py). Each
+    address goes upstream as the client wrote it."""
+    books = make_recorder(ehlo_keywords=WITH_UTF8, name="books")
+    pupils = make_recorder(ehlo_keywords=WITH_UTF8, name="pupils")
+    server = await moxy({"xn--bcher-kva.example": books, "schüler.example": pupils})
+    refused = await trio.to_thread.run_sync(
+        smtplib_utf8, server.host, server.port, ["leser@Bücher.example"]
+    )
+    assert refused == {}
+    [message] = books.delivered
+    assert message.rcpts == ["leser@Bücher.example"]
+    async with await trio.open_tcp_stream(server.host, server.port) as stream:
+        client = SmtpClient(stream)
+        await client.greeting_and_ehlo()
+        replies = [
+            await client.command("MAIL FROM:<s@client.test>"),
+            await client.command("RCPT TO:<kind@xn--schler-5ya.example>"),
+            await client.command("DATA"),
+        ]
+        assert [r.code for r in replies] == [250, 250, 354], client.dump()
+        await client.send(BODY + b".\r\n")
+        assert (await client.reply()).code == 250
+    [message] = pupils.delivered
+    assert message.rcpts == ["kind@xn--schler-5ya.example"]

@@ -19,6 +19,7 @@ import attrs
 import trio
 
 from moxy.lookup.base import DestinationGroup, parse_group
+from moxy.lookup.idn import ascii_domain
 
 log = logging.getLogger("moxy.routes")
 
@@ -42,8 +43,13 @@ _CONTROL_RE = re.compile(r"[\x00-\x20\x7f]")
 
 
 def _domain(text: str) -> str:
-    """A key's domain part in the form `lookup_keys` produces: no trailing dot."""
+    """A key's domain part in the form `lookup_keys` produces: no trailing dot, A-labels."""
     domain = text[:-1] if text.endswith(".") else text
+    if not domain.isascii():
+        converted = ascii_domain(domain)
+        if converted is None:
+            raise ValueError(f"bad domain {text!r}: not a valid internationalized domain name")
+        domain = converted
     if not (_DOMAIN_RE.fullmatch(domain) or _LITERAL_RE.fullmatch(domain)):
         raise ValueError(f"bad domain {text!r}")
     return domain

@@ -3,19 +3,24 @@ native build (moxy.native), which `base.py` with its attrs validators cannot be.
 
 from __future__ import annotations
 
+from moxy.lookup.idn import ascii_domain
+
 
 def lookup_keys(recipient: str) -> list[str]:
     """The keys tried for a recipient, most specific first.
 
     `User@Sub.Example.ORG.` → `user@sub.example.org`, `sub.example.org`, `.example.org`, `.org`,
     `*`. A bare local part (e.g. `postmaster`) tries itself, then `*`. Address literals
-    (`[192.0.2.1]`) have no parents.
+    (`[192.0.2.1]`) have no parents. A domain in UTF-8 is tried in its A-label form (idn.py):
+    `user@bücher.example` → `user@xn--bcher-kva.example`, `xn--bcher-kva.example`, ...
     """
     address = recipient.lower()
     local, at, domain = address.rpartition("@")
     if not at:
         return [address, "*"] if address else ["*"]
     domain = domain.rstrip(".")
+    if not domain.isascii():
+        domain = ascii_domain(domain) or domain  # not a valid IDN: as written (no file has it)
     keys = [f"{local}@{domain}", domain]
     if not domain.startswith("["):
         rest = domain
