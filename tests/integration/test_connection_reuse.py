@@ -8,7 +8,7 @@ import trio
 
 from peers.client import smtplib_send
 from peers.moxy import RunningMoxy, StartMoxy
-from peers.recorder import DISCONNECT, Recorder
+from peers.recorder import DISCONNECT, Recorder, delay
 from peers.waiting import eventually
 
 from .helpers import BODY, SENDER, open_session
@@ -83,7 +83,9 @@ async def test_a_pooled_connection_closed_by_the_destination_is_replaced_transpa
 async def test_the_pool_keeps_at_most_idle_upstreams_per_destination(
     moxy: StartMoxy, make_recorder: MakeRecorder
 ) -> None:
-    upstream = make_recorder()
+    # Each final reply takes half a second, so the three sessions are in flight together (on a
+    # busy machine one could otherwise finish before another starts, and share its connection).
+    upstream = make_recorder({"end_of_data": delay(0.5)})
     server = await moxy({"example.org": upstream}, limits={"idle_upstreams": 1})
     # Three sessions at once need three connections; only one is kept afterwards.
     async with trio.open_nursery() as nursery:
