@@ -19,6 +19,7 @@ from moxy.context import ServerContext
 from moxy.lookup.base import DestinationGroup
 from moxy.smtp.replies import Reply
 from moxy.transaction import LegResult, Transaction
+from moxy.upstream import Leg
 
 # str(group) per group object, by id (the entry holds the group, so the id stays its own):
 # the route cache hands out the same group objects message after message.
@@ -34,6 +35,13 @@ def _group_text(group: DestinationGroup) -> str:
     text = str(group)
     _group_texts[id(group)] = (group, text)
     return text
+
+
+def _leg_tls(leg: Leg) -> str:
+    """A leg event's `tls`: the TLS of Moxy's connection to the destination (STARTTLS), as
+    `acct.tls_field` writes it; "" in clear text or without a connection."""
+    conn = leg.conn
+    return acct.tls_field(conn.tls) if conn is not None and conn.tls else ""
 
 
 class SessionEvents:
@@ -83,7 +91,7 @@ class SessionEvents:
                     LEG_AND_MESSAGE, sid, mid, ip, helo, mail_from, recipients,
                     result.destination, _group_text(leg.group), leg.sent, outcome.code,
                     str(outcome), "end-of-data", duration, node, "", tls, now,
-                    size, reply.code, str(reply),
+                    size, reply.code, str(reply), _leg_tls(leg),
                 ))
                 return
         for result in results:
@@ -98,7 +106,7 @@ class SessionEvents:
             emit((
                 "leg", sid, mid, ip, helo, mail_from,
                 recipients if accepted == everyone else tuple(accepted), result.destination,
-                route, leg.sent, code, text, stage, duration, node, "", tls, now,
+                route, leg.sent, code, text, stage, duration, node, "", _leg_tls(leg), now,
             ))
         if len(results) != 1 or len(t.legs) != 1:  # one leg: its route is the message's
             route = " ".join(map(_group_text, t.legs))

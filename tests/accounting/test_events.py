@@ -226,3 +226,15 @@ def test_expand_keeps_plain_fields_and_events_as_they_are() -> None:
     assert expand([event, tuple(event)]) == [event, event]
     assert count_events([event, tuple(event)]) == 2
     assert count_events([]) == 0 and expand([]) == []
+
+
+def test_a_one_leg_entry_gives_its_leg_the_destinations_tls_and_its_message_the_clients() -> None:
+    entry = (
+        LEG_AND_MESSAGE, "s", "s.1", "192.0.2.1", "h", "f@x", ("r@y",), "mx.y:25", "mx.y:25",
+        120, 250, "250 queued", "end-of-data", 0.5, "n", "", "TLSv1.2:ECDHE-RSA-AES128-GCM-SHA256",
+        1.5, 100, 250, "250 2.0.0 Ok", "TLSv1.3:TLS_AES_256_GCM_SHA384",
+    )
+    leg, message = expand([entry])
+    assert (leg.kind, leg.tls, leg.size) == ("leg", "TLSv1.3:TLS_AES_256_GCM_SHA384", 120)
+    assert (message.kind, message.tls, message.size) == (
+        "message", "TLSv1.2:ECDHE-RSA-AES128-GCM-SHA256", 100)

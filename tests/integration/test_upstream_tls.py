@@ -14,6 +14,7 @@ import pytest
 from peers.moxy import StartMoxy
 from peers.recorder import Recorder
 from peers.tls import TlsFiles
+from peers.waiting import eventually
 
 from .helpers import BODY, body_of, send_one
 
@@ -128,3 +129,24 @@ async def test_a_reply_injected_after_the_220_to_starttls_fails_the_leg(
     assert [(r.code, r.enhanced) for r in outcome.rcpt] == [(451, "4.7.5")], outcome.transcript
     assert "MAIL" not in upstream.verbs()
     assert any("response injection" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_leg_line_of_the_message_log_says_how_its_destination_was_reached(
+    moxy: StartMoxy, make_recorder: MakeRecorder, server_tls: ssl.SSLContext
+) -> None:
+    """A leg's `tls` is its connection to the destination (STARTTLS there, or `-`); the
+    message's is the client's (here plain text)."""
+    secure = make_recorder(starttls=server_tls, name="secure")
+    plain = make_recorder(name="plain")
+    server = await moxy({"example.org": secure, "example.net": plain})
+    for rcpt in ("u@example.org", "u@example.net"):
+        outcome = await send_one(server, [rcpt])
+        assert outcome.final is not None and outcome.final.code == 250, outcome.transcript
+
+    def legs_and_messages() -> list[str]:
+        return [line for line in server.log_lines() if " leg " in line or " message " in line]
+
+    await eventually(lambda: len(legs_and_messages()) == 4, what="four log lines")
+    tls = [(line.split()[1], line.split(" tls=")[1].split()[0]) for line in legs_and_messages()]
+    assert tls[0][0] == "leg" and tls[0][1].startswith("TLSv1.3:TLS_"), tls
+    assert tls[1:] == [("message", "-"), ("leg", "-"), ("message", "-")]

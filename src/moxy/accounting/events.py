@@ -80,7 +80,7 @@ class _Fields(NamedTuple):
     duration: float  # seconds from DATA to the final reply
     node: str  # `[server] node`: which Moxy of a cluster saw it
     reason: str  # why, for "refused" and "connection" events
-    tls: str  # the client's TLS after STARTTLS, as tls_field writes it; "" without
+    tls: str  # as tls_field writes it, "" without: a leg's to its destination, else the client's
     time: float  # Unix time it happened
 
 
@@ -218,9 +218,11 @@ def json_lines(batch: Iterable[DeliveryEvent]) -> str:
 Fields: TypeAlias = tuple[Any, ...]
 Emit: TypeAlias = Callable[[Fields], None]
 
-# The commonest message, one leg that carried every recipient, as one tuple: the leg's 18
-# fields with this kind, then the message's size, reply code and reply text. Half the objects
-# to hand over (and to marshal to an accounting process) of its two events.
+# The commonest message, one leg that carried every recipient, as one tuple: the message's 18
+# fields (the client's `tls`) with this kind, the leg's size, reply code and text in place of
+# the message's, then the message's size, reply code and reply text, and the leg's `tls` (its
+# connection to the destination). Half the objects to hand over (and to marshal to an
+# accounting process) of its two events.
 LEG_AND_MESSAGE: Final = "leg+message"
 
 # A DeliveryEvent of 18 fields (or a copy of one), without DeliveryEvent.make's Python frame.
@@ -237,10 +239,10 @@ def expand(emitted: Iterable[Fields]) -> list[DeliveryEvent]:
             continue
         (_, session_id, message_id, client_ip, helo, mail_from, recipients, destination,
          route, sent, code, reply, stage, duration, node, reason, tls, when, size,
-         message_code, message_reply) = fields
+         message_code, message_reply, leg_tls) = fields
         append(_make(("leg", session_id, message_id, client_ip, helo, mail_from, recipients,
                       destination, route, sent, code, reply, stage, duration, node, reason,
-                      tls, when)))
+                      leg_tls, when)))
         append(_make(("message", session_id, message_id, client_ip, helo, mail_from,
                       recipients, "-", route, size, message_code, message_reply,
                       "end-of-data", duration, node, "", tls, when)))
