@@ -16,6 +16,13 @@ from .events import leg
 from .test_redis_sink import PREFIX, every_period, flushed, sink_for, table
 
 
+def scriptless_user(server: RedisServer) -> str:
+    """The URL of an ACL user that may do anything but run scripts."""
+    server.client().acl_setuser("counter", enabled=True, passwords=["+pw"], keys=["*"],
+                                commands=["+@all", "-@scripting"])
+    return server.url.replace("redis://", "redis://counter:pw@", 1)
+
+
 async def test_a_flush_larger_than_a_chunk_splits_keys_and_counts_exactly(
     redis_server: RedisServer,
 ) -> None:
@@ -56,10 +63,7 @@ async def test_a_redis_that_refuses_scripts_gets_pipelined_commands(
     on, and that is said once."""
     caplog.set_level(logging.INFO, "moxy.accounting")
     admin = redis_server.client()
-    admin.acl_setuser("counter", enabled=True, passwords=["+pw"], keys=["*"],
-                      commands=["+@all", "-@scripting"])
-    url = redis_server.url.replace("redis://", "redis://counter:pw@", 1)
-    sink = sink_for(url)
+    sink = sink_for(scriptless_user(redis_server))
     now = time.time()
     for size in (10, 20, 30):
         await sink.write([leg("mx.example:25", ("a@example.org",), size, when=now)])
@@ -128,11 +132,7 @@ async def test_max_members_keeps_the_highest_scores_of_every_set(
     bytes set the 3 largest; a set with fewer members (dest) is untouched; by script and, for
     a Redis that refuses scripts, by pipeline."""
     admin = redis_server.client()
-    url = redis_server.url
-    if not scripts:
-        admin.acl_setuser("counter", enabled=True, passwords=["+pw"], keys=["*"],
-                          commands=["+@all", "-@scripting"])
-        url = url.replace("redis://", "redis://counter:pw@", 1)
+    url = redis_server.url if scripts else scriptless_user(redis_server)
     now = time.time()
     sink = sink_for(url, max_members=3)
     await sink.write([leg("mx.example:25", (f"r{i}@example.org",), 100 * (i + 1), when=now)
@@ -155,11 +155,7 @@ async def test_a_full_redis_is_an_outage_that_loses_nothing(
     outage (not taken for refused ones), and written once Redis has room again."""
     caplog.set_level(logging.INFO, "moxy.accounting")
     admin = redis_server.client()
-    url = redis_server.url
-    if not scripts:
-        admin.acl_setuser("counter", enabled=True, passwords=["+pw"], keys=["*"],
-                          commands=["+@all", "-@scripting"])
-        url = url.replace("redis://", "redis://counter:pw@", 1)
+    url = redis_server.url if scripts else scriptless_user(redis_server)
     admin.set("ballast", "x" * 2_000_000)
     admin.config_set("maxmemory-policy", "noeviction")
     admin.config_set("maxmemory", admin.info("memory")["used_memory"] - 1_000_000)
