@@ -338,3 +338,13 @@ async def test_while_events_flow_the_pipe_is_read_once_a_pause_and_at_once_when_
     finally:
         os.close(write)
         await paced.aclose()
+
+
+def test_the_collector_leaves_what_the_accounting_process_was_made_of_alone() -> None:
+    """After its setup, the accounting process freezes what exists (modules, clients) out of
+    the collector's reach and collects young objects every YOUNG allocations."""
+    code = ("import gc; from moxy.accounting import host; host._settle_gc(); "
+            "print(gc.get_freeze_count() > 1000, gc.get_threshold()[0])")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True)
+    assert done.stdout.split() == ["True", str(host.YOUNG)]

@@ -16,6 +16,7 @@ queued, and exits.
 
 from __future__ import annotations
 
+import gc
 import logging
 import marshal
 import os
@@ -38,6 +39,10 @@ REPORT = 1.0  # seconds between reports to the serving process
 # `[accounting] interval`), when the pipe holds enough for that (pipe.widen).
 PAUSE = 0.1
 ENOUGH = 256 << 10  # bytes: a pipe that holds less is read as soon as anything is written
+# Container allocations between young collections (Python's default is 700). This process
+# makes tens of thousands of short-lived tuples a second (the events), all freed by reference
+# counting; see _settle_gc.
+YOUNG = 20_000
 
 
 class _Paced(trio.abc.ReceiveStream):
@@ -107,6 +112,7 @@ async def _serve() -> int:
     except ConfigError as exc:
         logger.error("accounting process: %s", exc)
         return 2
+    _settle_gc()
     received = _Received()
     status = 0
     async with trio.open_nursery() as nursery:
@@ -126,6 +132,15 @@ async def _serve() -> int:
         # The serving process is done: the sinks write what is queued (bounded), then exit.
         nursery.cancel_scope.cancel()
     return status
+
+
+def _settle_gc() -> None:
+    """Once the sinks are made: what exists now (modules, the sinks' clients, the configuration)
+    lives as long as the process, so the collector stops looking at it (`gc.freeze`), and it
+    looks at new objects less often. With the defaults the collector went through the whole
+    heap about once a second while events flowed, about a tenth of this process's CPU."""
+    gc.freeze()
+    gc.set_threshold(YOUNG, *gc.get_threshold()[1:])
 
 
 def main() -> int:
