@@ -75,30 +75,53 @@ class GdbmSink:
         self.settings = settings
         self.gather = settings.flush_interval / 20  # as RedisSink.gather
         self._limiter = trio.CapacityLimiter(1)
-        self._pending: dict[bytes, Totals] = {}
+        # Per key, [messages, bytes, first, last], added to in place (one list per key, not a
+        # Totals per event); made Totals when written.
+        self._pending: dict[bytes, list[int]] = {}
+        # The encoded keys of a (destination, recipients): the same few, event after event.
+        self._keys: dict[tuple[str, tuple[str, ...]], list[bytes]] = {}
         self._dropped = 0
         self._failing = False
         self._next_flush: float | None = None
 
     async def write(self, batch: Sequence[DeliveryEvent]) -> None:
+        pending, known = self._pending, self._keys
         for event in batch:
-            if not event.delivered:
+            if event.kind != "leg" or not 200 <= event.code < 300:  # event.delivered
                 continue
-            when = int(event.time)
-            add = Totals(1, event.size, when, when)
-            recipients = dict.fromkeys(normal_address(r) for r in event.recipients)
-            keys = [f"dest:{event.destination}", *(f"rcpt:{r}" for r in recipients)]
-            encoded = [k.encode("utf-8", "surrogateescape") for k in keys]
-            new = sum(1 for k in encoded if k not in self._pending)
-            if len(self._pending) + new > MAX_PENDING:
+            where = (event.destination, event.recipients)
+            encoded = known.get(where)
+            if encoded is None:
+                encoded = self._encoded(where)
+            if len(pending) + len(encoded) > MAX_PENDING and (
+                len(pending) + sum(1 for k in encoded if k not in pending) > MAX_PENDING
+            ):
                 self._dropped += 1
                 if self._dropped == 1 or self._dropped % 1000 == 0:
                     log.error("accounting: GDBM log %s not writable, %d events dropped",
                               self.settings.path, self._dropped)
                 continue
+            when, size = int(event.time), event.size
             for key in encoded:
-                old = self._pending.get(key)
-                self._pending[key] = add if old is None else old + add
+                entry = pending.get(key)
+                if entry is None:
+                    pending[key] = [1, size, when, when]
+                    continue
+                entry[0] += 1
+                entry[1] += size
+                if when < entry[2]:
+                    entry[2] = when
+                if when > entry[3]:
+                    entry[3] = when
+
+    def _encoded(self, where: tuple[str, tuple[str, ...]]) -> list[bytes]:
+        destination, recipients = where
+        if len(self._keys) >= 4096:
+            self._keys.clear()
+        addresses = dict.fromkeys(normal_address(r) for r in recipients)
+        keys = [f"dest:{destination}", *(f"rcpt:{r}" for r in addresses)]
+        encoded = self._keys[where] = [k.encode("utf-8", "surrogateescape") for k in keys]
+        return encoded
 
     async def tick(self) -> None:
         now = trio.current_time()
@@ -126,9 +149,12 @@ class GdbmSink:
         try:
             await trio.to_thread.run_sync(self._merge, pending, limiter=self._limiter)
         except (OSError, dbm.gnu.error) as exc:
-            for key, totals in pending.items():  # written nothing: keep them all for next time
+            for key, entry in pending.items():  # written nothing: keep them all for next time
                 old = self._pending.get(key)
-                self._pending[key] = totals if old is None else totals + old
+                if old is not None:
+                    entry = [entry[0] + old[0], entry[1] + old[1], min(entry[2], old[2]),
+                             max(entry[3], old[3])]
+                self._pending[key] = entry
             if not self._failing:
                 self._failing = True
                 log.error("accounting: cannot write GDBM log %s, keeping %d totals: %s",
@@ -138,11 +164,12 @@ class GdbmSink:
             self._failing = False
             log.warning("accounting: GDBM log %s writable again", self.settings.path)
 
-    def _merge(self, pending: dict[bytes, Totals]) -> None:
+    def _merge(self, pending: dict[bytes, list[int]]) -> None:
         """In the worker thread: add `pending` to the file in one open-update-close."""
         db = _open_for_writing(self.settings.path)
         try:
-            for key, totals in pending.items():
+            for key, entry in pending.items():
+                totals = Totals(*entry)
                 raw = db.get(key)
                 if raw is not None:
                     try:
