@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from moxy.accounting import gdbm
 from moxy.accounting.gdbm import GdbmLogError, GdbmSink, Totals, read_log
 from moxy.accounting.settings import GdbmSinkSettings
 
@@ -143,6 +144,26 @@ async def test_a_file_that_cannot_be_written_is_retried(
     messages = [r.getMessage() for r in caplog.records]
     assert len([m for m in messages if "cannot write GDBM log" in m]) == 1, messages
     assert len([m for m in messages if "writable again" in m]) == 1, messages
+
+
+async def test_beyond_max_pending_keys_an_unwritable_file_drops_whole_events(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At most MAX_PENDING keys are held while the file cannot be written: an event whose new
+    keys do not fit is dropped whole; one adding only to held keys still counts."""
+    monkeypatch.setattr(gdbm, "MAX_PENDING", 3)
+    path = tmp_path / "missing-dir" / "acct.db"
+    sink = sink_at(path)
+    for i in range(5):  # the destination and r0, r1 fit; r2, r3, r4 do not
+        await sink.write([leg("mx.example:25", (f"r{i}@example.org",), 10)])
+        await sink.tick()
+    await sink.write([leg("mx.example:25", ("r1@example.org",), 10)])
+    assert (sink.stats().backlog, sink.stats().dropped) == (3, 3)
+    path.parent.mkdir()
+    await sink.tick()
+    totals = read_log(path)
+    assert sorted(totals) == ["dest:mx.example:25", "rcpt:r0@example.org", "rcpt:r1@example.org"]
+    assert (totals["dest:mx.example:25"].messages, totals["rcpt:r1@example.org"].messages) == (3, 2)
 
 
 def test_read_log_reports_a_missing_or_foreign_file(tmp_path: Path) -> None:
