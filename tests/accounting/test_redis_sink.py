@@ -227,6 +227,21 @@ async def test_buckets_expire_and_totals_do_not(redis_server: RedisServer) -> No
     await sink.aclose()
 
 
+async def test_both_spellings_of_an_internationalized_domain_are_one_member(
+    redis_server: RedisServer,
+) -> None:
+    """Recipients at `bücher.example` (SMTPUTF8) and at its A-label count under one domain and,
+    for the same local part, one address: as routing sees them."""
+    client = redis_server.client()
+    sink = sink_for(redis_server)
+    await sink.write([leg("mx.example:25", ("leser@Bücher.example",), 10),
+                      leg("mx.example:25", ("leser@xn--bcher-kva.example",), 20)])
+    await flushed(sink)
+    assert table(client, "domain") == {"xn--bcher-kva.example": (2, 30, 0)}
+    assert table(client, "rcpt") == {"leser@xn--bcher-kva.example": (2, 30, 0)}
+    await sink.aclose()
+
+
 # --- outages -----------------------------------------------------------------------------
 
 

@@ -169,3 +169,4 @@ async def test_a_full_redis_is_an_outage_that_loses_nothing(
     await flushed(sink)
     assert table(admin, "dest") == {"mx.example:25": (1, 10, 0)}
     await sink.aclose()
+

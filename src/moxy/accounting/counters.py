@@ -11,6 +11,7 @@ import functools
 import time
 
 from moxy.accounting.events import DeliveryEvent
+from moxy.lookup.idn import ascii_domain
 
 DIMENSIONS = ("dest", "rcpt", "domain", "sender", "ip", "node")
 METRICS = ("msgs", "bytes", "refused")
@@ -57,9 +58,13 @@ def bucket_expiry(
 
 
 def domain_of(address: str) -> str | None:
-    """The domain of an address, lower case; None for one without '@' (such as postmaster)."""
+    """The domain of an address, lower case, an internationalized one as A-labels (as route
+    keys hold it, so both spellings are one member); None for one without '@' (postmaster)."""
     local, at, domain = address.rpartition("@")
-    return domain.lower() if at and local else None
+    if not (at and local):
+        return None
+    domain = domain.lower()
+    return domain if domain.isascii() else ascii_domain(domain) or domain
 
 
 def normal_address(address: str) -> str:
