@@ -1,4 +1,5 @@
-"""Moxy's native build: the modules of the hot path compiled with mypyc.
+"""Moxy's native build: the modules of the hot path compiled with mypyc, and the few written
+in C (moxy.native.C_MODULES).
 
 The same source, compiled to C: fewer instructions per message, no change in what Moxy does
 (docs/architecture.md, "The native build"). `make` builds it in place for `make run` and
@@ -6,7 +7,8 @@ The same source, compiled to C: fewer instructions per message, no change in wha
 dependencies already installed) builds it into an installation, as the container image does.
 Without MOXY_NATIVE=1 an installation is pure Python.
 
-`python3 setup.py --native-sources` prints the compiled modules' source files (for make).
+`python3 setup.py --native-sources` prints the compiled modules' source files (for make): the
+mypyc modules' .py files, then the C modules' .c files.
 """
 
 import ast
@@ -17,27 +19,41 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
-def native_sources() -> list[str]:
-    """The source files of moxy.native.MODULES (read, not imported: Moxy's dependencies need
-    not be installed yet)."""
+def _listed(name: str) -> list[str]:
+    """A tuple of module names in src/moxy/native.py (read, not imported: Moxy's dependencies
+    need not be installed yet)."""
     tree = ast.parse((HERE / "src/moxy/native.py").read_text())
     for node in tree.body:
-        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "MODULES":
-            names = ast.literal_eval(node.value)
-            return [f"src/{name.replace('.', '/')}.py" for name in names]
-    raise SystemExit("setup.py: no MODULES in src/moxy/native.py")
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == name:
+            return list(ast.literal_eval(node.value))
+    raise SystemExit(f"setup.py: no {name} in src/moxy/native.py")
+
+
+def native_sources() -> list[str]:
+    """The source files of moxy.native.MODULES."""
+    return [f"src/{name.replace('.', '/')}.py" for name in _listed("MODULES")]
+
+
+def c_sources() -> dict[str, str]:
+    """moxy.native.C_MODULES: module name -> its C source file."""
+    return {name: f"src/{name.replace('.', '/')}.c" for name in _listed("C_MODULES")}
 
 
 def ext_modules() -> list[object]:
     if os.environ.get("MOXY_NATIVE") != "1":
         return []
     from mypyc.build import mypycify
+    from setuptools import Extension
 
-    return mypycify(native_sources(), opt_level="3", group_name="moxy_native")
+    return [
+        *mypycify(native_sources(), opt_level="3", group_name="moxy_native"),
+        *[Extension(name, [source], extra_compile_args=["-O2"])
+          for name, source in c_sources().items()],
+    ]
 
 
 if sys.argv[1:] == ["--native-sources"]:
-    print(" ".join(native_sources()))
+    print(" ".join([*native_sources(), *c_sources().values()]))
 else:
     from setuptools import setup
 

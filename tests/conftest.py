@@ -69,7 +69,7 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         pytest.exit(f"compiled modules older than their source: {', '.join(stale)}; "
                     "run `make native` (or delete the .so files to test pure Python)", 2)
     if os.environ.get("MOXY_EXPECT_NATIVE") == "1":
-        missing = sorted(set(native.MODULES) - set(native.compiled()))
+        missing = sorted(set(native.MODULES + native.C_MODULES) - set(native.compiled()))
         if missing:
             pytest.exit(f"native build expected but not compiled: {', '.join(missing)}", 2)
 

@@ -1,5 +1,6 @@
-"""The native build (setup.py): which of Moxy's modules run compiled by mypyc, and whether an
-in-place build is older than its source (it would run the code from before the edit)."""
+"""The native build (setup.py): which of Moxy's modules run compiled by mypyc (and which are
+written in C), and whether an in-place build is older than its source (it would run the code
+from before the edit)."""
 
 from __future__ import annotations
 
@@ -35,16 +36,25 @@ MODULES = (
     "moxy.upstream",
 )
 
+# Modules written in C (src/.../<name>.c), each the fast path of a Python function that stays
+# the reference and the fallback (a pure-Python installation runs that function instead).
+# setup.py reads this tuple too.
+C_MODULES = ("moxy.accounting._loglines",)
+
 _EXTENSIONS = tuple(importlib.machinery.EXTENSION_SUFFIXES)
 
 
 def _file(name: str) -> str:
-    return getattr(importlib.import_module(name), "__file__", None) or ""
+    try:
+        module = importlib.import_module(name)
+    except ImportError:  # a C module of a pure-Python installation
+        return ""
+    return getattr(module, "__file__", None) or ""
 
 
 def compiled() -> list[str]:
-    """The modules of MODULES that were imported from a compiled extension."""
-    return [name for name in MODULES if _file(name).endswith(_EXTENSIONS)]
+    """The modules of MODULES and C_MODULES that were imported from a compiled extension."""
+    return [name for name in MODULES + C_MODULES if _file(name).endswith(_EXTENSIONS)]
 
 
 def in_place() -> bool:
@@ -61,7 +71,8 @@ def stale() -> list[str]:
     out = []
     for name in compiled():
         path = _file(name)
-        source = os.path.join(os.path.dirname(path), name.rpartition(".")[2] + ".py")
+        suffix = ".c" if name in C_MODULES else ".py"
+        source = os.path.join(os.path.dirname(path), name.rpartition(".")[2] + suffix)
         try:
             if os.stat(source).st_mtime > os.stat(path).st_mtime:
                 out.append(name)

@@ -25,6 +25,12 @@ from moxy.accounting.base import SinkStats
 from moxy.accounting.events import DeliveryEvent, json_lines, log_lines
 from moxy.accounting.settings import FileSinkSettings
 
+try:  # the native build's formatter of the text lines (C): log_lines, a tenth of the cost
+    from moxy.accounting._loglines import encode as _encode_lines
+except ImportError:  # pure Python
+    def _encode_lines(batch: Sequence[DeliveryEvent], /) -> bytes | None:
+        return None
+
 logger = logging.getLogger("moxy.accounting.file")
 
 IN_FLIGHT = 4096  # events handed to the writer thread and not yet written: `write` waits beyond
@@ -113,7 +119,10 @@ class FileSink:
                 self._finished += len(batch)
 
     def _write(self, batch: Sequence[DeliveryEvent]) -> None:
-        text = json_lines(batch) if self.json else log_lines(batch)
+        data = None if self.json else _encode_lines(batch)
+        if data is None:  # JSON, pure Python, or a batch the C formatter leaves to Python
+            text = json_lines(batch) if self.json else log_lines(batch)
+            data = text.encode("utf-8", "replace")
         if not self._opened or (
             self.path is not None and self._fd is None
             and time.monotonic() - self._last_open >= OPEN_RETRY
@@ -122,7 +131,7 @@ class FileSink:
         try:
             if self.path is not None and self._fd is None:
                 raise OSError("the file could not be opened")
-            _write(self._fd, text)
+            _write(self._fd, data)
         except OSError as exc:
             self._dropped += len(batch)
             if not self._failing:
@@ -159,12 +168,12 @@ def _open_append(path: Path) -> int:
     return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
 
 
-def _write(fd: int | None, text: str) -> None:
+def _write(fd: int | None, data: bytes) -> None:
     """One write() per batch (looping only on a short write)."""
     if fd is None:
-        sys.stderr.write(text)
+        sys.stderr.write(data.decode("utf-8", "replace"))
         sys.stderr.flush()
         return
-    data = memoryview(text.encode("utf-8", "replace"))
-    while data:
-        data = data[os.write(fd, data) :]
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
