@@ -77,16 +77,21 @@ async def frames(stream: trio.abc.ReceiveStream) -> AsyncIterator[tuple[bytes, b
     a frame cut short."""
     buffer = bytearray()
     while True:
-        while len(buffer) >= _HEAD.size:
-            kind, size = _HEAD.unpack_from(buffer)
+        # The frames of one read (the accounting process reads many at a time) are cut out
+        # by offset, and what they took is removed from the buffer once, after them.
+        start = 0
+        while len(buffer) - start >= _HEAD.size:
+            kind, size = _HEAD.unpack_from(buffer, start)
             if kind not in (CONFIG, EVENTS, REOPEN, STATS) or size > MAX_FRAME:
                 raise FrameError(f"not a frame: kind {kind!r}, {size} bytes")
-            end = _HEAD.size + size
+            end = start + _HEAD.size + size
             if len(buffer) < end:
                 break
-            payload = bytes(buffer[_HEAD.size:end])
-            del buffer[:end]
+            with memoryview(buffer) as view:
+                payload = bytes(view[start + _HEAD.size:end])
+            start = end
             yield kind, payload
+        del buffer[:start]
         data = await stream.receive_some(1 << 16)
         if not data:
             if buffer:

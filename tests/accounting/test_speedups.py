@@ -1,6 +1,7 @@
-"""The message log's C formatter (moxy.accounting._loglines, in the native build) against its
-reference, `events.log_lines`: byte for byte the same lines, or None where it leaves a batch to
-Python; and the file sink writes the same file either way."""
+"""The accounting process's C loops (moxy.accounting._speedups, in the native build) against
+their references: `encode_lines` against `events.log_lines` (byte for byte the same lines, or
+None where it leaves a batch to Python; the file sink writes the same file either way), and
+`expand` against `events.expand_in_python`."""
 
 from __future__ import annotations
 
@@ -12,16 +13,17 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from moxy import native
-from moxy.accounting.events import DeliveryEvent, expand, log_lines
+from moxy.accounting import events as acct
+from moxy.accounting.events import LEG_AND_MESSAGE, DeliveryEvent, expand, log_lines
 from moxy.accounting.filesink import FileSink
 from moxy.accounting.settings import FileSinkSettings
 
-if "moxy.accounting._loglines" not in native.compiled():
+if "moxy.accounting._speedups" not in native.compiled():
     # A pure-Python checkout (no .so files at all): `make test` always builds it, and
     # conftest.py fails the run under MOXY_EXPECT_NATIVE=1 when it is missing.
-    pytest.skip("pure Python: no C formatter to compare", allow_module_level=True)
+    pytest.skip("pure Python: no C loops to compare", allow_module_level=True)
 
-from moxy.accounting._loglines import encode
+from moxy.accounting._speedups import encode_lines as encode
 
 BASE = DeliveryEvent(
     kind="leg", session_id="S1", message_id="S1.1", client_ip="192.0.2.7", helo="c.test",
@@ -151,3 +153,59 @@ def test_the_file_sink_writes_the_same_file_either_way(tmp_path: Path) -> None:
     sink._write([odd])
     assert path.read_bytes() == python([BASE, BASE._replace(kind="message")]) + python([odd])
     assert b"s?@c.test" in path.read_bytes()
+
+
+# --- expand -----------------------------------------------------------------------------------
+
+def both(event: DeliveryEvent, size: object, code: object, reply: object,
+         leg_tls: object) -> tuple[object, ...]:
+    """A LEG_AND_MESSAGE entry made of an event's fields (as session_events makes them)."""
+    return (LEG_AND_MESSAGE, *event[1:], size, code, reply, leg_tls)
+
+
+entries = st.one_of(
+    events.map(tuple),
+    st.builds(both, events, ints, ints, text, anything),
+    st.lists(st.integers(), min_size=1, max_size=30).map(tuple),  # any length: copied as is
+)
+
+
+def same_events(got: list[DeliveryEvent], want: list[DeliveryEvent]) -> None:
+    assert [type(e) for e in got] == [type(e) for e in want]
+    assert [tuple(e) for e in got] == [tuple(e) for e in want]
+
+
+@given(st.lists(entries, max_size=8))
+def test_expand_makes_what_python_makes(emitted: list[tuple[object, ...]]) -> None:
+    made = expand(emitted)
+    same_events(made, acct.expand_in_python(emitted))
+    assert all(type(e) is DeliveryEvent for e in made)
+
+
+def test_expand_keeps_the_objects_it_is_given() -> None:
+    """The leg and the message share the entry's objects (the log formats a time once)."""
+    entry = both(BASE, 100, 251, "251 forwarded", "TLSv1.3:X")
+    leg, message = expand([entry, ("message", *BASE[1:])])[:2]
+    assert leg.time is message.time is entry[17]
+    assert leg.duration is message.duration is entry[13]
+    assert leg.tls == "TLSv1.3:X" and message.tls == ""
+    assert (message.size, message.code, message.reply) == (100, 251, "251 forwarded")
+    assert (message.destination, message.stage, message.reason) == ("-", "end-of-data", "")
+
+
+@pytest.mark.parametrize("emitted", [
+    [both(BASE, 1, 2, "r", "")[:-1]],  # a LEG_AND_MESSAGE entry one field short: ValueError
+    [()],  # IndexError
+    [("leg",), ["a", "list"]],  # a list: Python copies it into an event
+])
+def test_expand_leaves_the_unexpected_to_python(emitted: list[object]) -> None:
+    from moxy.accounting import _speedups
+
+    assert _speedups.expand(emitted, DeliveryEvent, LEG_AND_MESSAGE) is None
+    try:
+        want = acct.expand_in_python(emitted)  # type: ignore[arg-type]
+    except (ValueError, IndexError) as exc:
+        with pytest.raises(type(exc)):
+            expand(emitted)  # type: ignore[arg-type]
+    else:
+        same_events(expand(emitted), want)  # type: ignore[arg-type]

@@ -1,0 +1,9 @@
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from moxy.accounting.events import DeliveryEvent
+
+def encode_lines(batch: Sequence[DeliveryEvent], /) -> bytes | None: ...
+def expand(
+    emitted: Iterable[tuple[Any, ...]], cls: type[DeliveryEvent], marker: str, /
+) -> list[DeliveryEvent] | None: ...
