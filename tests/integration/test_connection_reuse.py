@@ -131,5 +131,6 @@ async def test_a_connection_given_back_while_a_leg_waits_at_the_cap_frees_its_pl
             await first.command("QUIT")  # its clean connection goes back
         assert waited and waited[0] < 10, waited  # not the 20 s wait
     # The connection given back was closed with QUIT (not kept) so that the place was free.
-    assert upstream.verbs(0)[-1] == "QUIT"
+    # Moxy does not wait for the reply to QUIT: the recorder may read it a little later.
+    await eventually(lambda: upstream.verbs(0)[-1] == "QUIT", what="QUIT on the first connection")
     assert len(upstream.connections) == 2
