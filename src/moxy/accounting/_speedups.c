@@ -131,6 +131,42 @@ static char stamp[24];
             return -1;                                                                        \
     } while (0)
 
+/* The runs of fields written as " label=value": a str as it is, a str with "-" for an empty
+   one (Python's `field or '-'`), or an int. */
+enum { AS_IS, OR_DASH, AN_INT };
+typedef struct {
+    const char *label;
+    Py_ssize_t label_n;
+    int field;
+    int how;
+} Part;
+#define PART(label, field, how) {label, (Py_ssize_t)sizeof(label) - 1, field, how}
+static const Part WHO[] = {  /* after the kind, up to "to=" */
+    PART(" node=", NODE, OR_DASH), PART(" session=", SESSION, AS_IS),
+    PART(" id=", MESSAGE_ID, OR_DASH), PART(" client=", CLIENT, AS_IS),
+    PART(" helo=", HELO, OR_DASH), PART(" from=<", FROM, AS_IS),
+};
+static const Part HOW[] = {  /* after the recipients, up to "tls=" */
+    PART(" dest=", DEST, AS_IS), PART(" route=", ROUTE, OR_DASH), PART(" size=", SIZE, AN_INT),
+    PART(" code=", CODE, AN_INT), PART(" stage=", STAGE, AS_IS),
+    PART(" reason=", REASON, OR_DASH),
+};
+
+/* 1 written, 0 give up, -1 error. */
+static inline __attribute__((always_inline)) int put_parts(Buffer *b, PyObject **f, const Part *parts, size_t count) {
+    for (size_t i = 0; i < count; i++) {
+        const Part *part = &parts[i];
+        if (put(b, part->label, part->label_n) < 0)
+            return -1;
+        PyObject *value = f[part->field];
+        int status = part->how == AN_INT ? put_int(b, value)
+                                         : put_str(b, value, part->how == OR_DASH);
+        if (status <= 0)
+            return status;
+    }
+    return 1;
+}
+
 /* Within one call: the last time and duration objects and their text. A message's events
    share these objects (moxy.session_events), so each is formatted once for both lines. The
    batch holds them alive for the whole call; a new call starts afresh. */
@@ -179,18 +215,7 @@ static int put_line(Buffer *b, PyObject *event, Seen *seen) {
     TRY_PUT(put(b, seen->moment, 25));
 
     TRY(put_str(b, f[KIND], 0));
-    TRY_PUT(PUT_LITERAL(b, " node="));
-    TRY(put_str(b, f[NODE], 1));
-    TRY_PUT(PUT_LITERAL(b, " session="));
-    TRY(put_str(b, f[SESSION], 0));
-    TRY_PUT(PUT_LITERAL(b, " id="));
-    TRY(put_str(b, f[MESSAGE_ID], 1));
-    TRY_PUT(PUT_LITERAL(b, " client="));
-    TRY(put_str(b, f[CLIENT], 0));
-    TRY_PUT(PUT_LITERAL(b, " helo="));
-    TRY(put_str(b, f[HELO], 1));
-    TRY_PUT(PUT_LITERAL(b, " from=<"));
-    TRY(put_str(b, f[FROM], 0));
+    TRY(put_parts(b, f, WHO, sizeof WHO / sizeof *WHO));
     TRY_PUT(PUT_LITERAL(b, "> to="));
 
     PyObject *recipients = f[RECIPIENTS];
@@ -205,18 +230,7 @@ static int put_line(Buffer *b, PyObject *event, Seen *seen) {
         TRY_PUT(put(b, ">", 1));
     }
 
-    TRY_PUT(PUT_LITERAL(b, " dest="));
-    TRY(put_str(b, f[DEST], 0));
-    TRY_PUT(PUT_LITERAL(b, " route="));
-    TRY(put_str(b, f[ROUTE], 1));
-    TRY_PUT(PUT_LITERAL(b, " size="));
-    TRY(put_int(b, f[SIZE]));
-    TRY_PUT(PUT_LITERAL(b, " code="));
-    TRY(put_int(b, f[CODE]));
-    TRY_PUT(PUT_LITERAL(b, " stage="));
-    TRY(put_str(b, f[STAGE], 0));
-    TRY_PUT(PUT_LITERAL(b, " reason="));
-    TRY(put_str(b, f[REASON], 1));
+    TRY(put_parts(b, f, HOW, sizeof HOW / sizeof *HOW));
 
     /* tls as events.tls_field writes it: sessions hand it over already in that form, so
        only ssl's long form ("... with cipher ...") is left to Python. */
