@@ -13,6 +13,7 @@ import os
 # `==` and `!=` between attrs instances of a declared type compare identities there, so these
 # modules use operator.eq for them (tests/test_native.py checks).
 MODULES = (
+    "moxy.accounting.intake",
     "moxy.smtp.client",
     "moxy.smtp.commands",
     "moxy.smtp.data",

@@ -29,6 +29,7 @@ from moxy.accounting.events import (
     expand,
 )
 from moxy.accounting.filesink import FileSink
+from moxy.accounting.intake import Mailbox
 from moxy.accounting.settings import RedisSinkSettings, SyslogSinkSettings
 from moxy.accounting.syslog import SyslogSink
 from moxy.config import Config, ConfigError
@@ -121,19 +122,22 @@ class Intake:
         # Events emitted since the clock's last look; a full batch (or half a queue) wakes it.
         # An entry may be two events (events.LEG_AND_MESSAGE): the counts are halved.
         self._intake: list[Fields] = []
-        self._wake_at = max(1, min(BATCH, queue // 2) // 2)
+        self._mailbox = Mailbox(self._intake, max(1, min(BATCH, queue // 2) // 2), self._crowded)
         self._lost = 0  # events the intake itself refused (the loop is far behind, or stopped)
         self._clock_wait: trio.CancelScope | None = None
         self._stopped = False
         # Without sinks, `emit` is `events.discard`, which tells sessions to make no events.
-        self.emit: Emit = self._emit if active else discard
+        # Otherwise it is the mailbox's `put` (compiled in the native build): the intake list
+        # takes the event while it holds fewer than `_wake_at`, else `_crowded` does.
+        self.emit: Emit = self._mailbox.put if active else discard
 
-    def _emit(self, event: Fields) -> None:
-        intake = self._intake
-        if len(intake) < self._wake_at:
-            intake.append(event)
-        else:
-            self._crowded(event)
+    @property
+    def _wake_at(self) -> int:
+        return self._mailbox.wake_at
+
+    @_wake_at.setter
+    def _wake_at(self, value: int) -> None:
+        self._mailbox.wake_at = value
 
     def _crowded(self, event: Fields) -> None:
         """A batch has gathered before the clock's look: wake it. The intake holds at most a
