@@ -1,7 +1,8 @@
 """The accounting process's C loops (moxy.accounting._speedups, in the native build) against
 their references: `encode_lines` against `events.log_lines` (byte for byte the same lines, or
-None where it leaves a batch to Python; the file sink writes the same file either way), and
-`expand` against `events.expand_in_python`."""
+None where it leaves a batch to Python; the file sink writes the same file either way),
+`expand` against `events.expand_in_python`, and `sum_known` against `counters.sum_known` (the
+same sums, through the Redis sink's loop)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from moxy import native
+from moxy.accounting import counters
 from moxy.accounting import events as acct
 from moxy.accounting.events import LEG_AND_MESSAGE, DeliveryEvent, expand, log_lines
 from moxy.accounting.filesink import FileSink
@@ -209,3 +211,125 @@ def test_expand_leaves_the_unexpected_to_python(emitted: list[object]) -> None:
             expand(emitted)  # type: ignore[arg-type]
     else:
         same_events(expand(emitted), want)  # type: ignore[arg-type]
+
+
+# --- sum_known: the Redis sink's loop --------------------------------------------------------
+
+
+def key_of(event: DeliveryEvent) -> tuple[object, ...] | None:
+    what = counters.tally(event)
+    return None if what is None else (int(event.time // 60), *what)
+
+
+def sink_loop(known: object, batch: list[DeliveryEvent], sums: dict[object, list[object]]) -> None:
+    """What RedisSink.write does with `known` (C or Python): the events it stops at get a new
+    sum (or are counted) in Python."""
+    i = 0
+    while i < len(batch):
+        i = known(batch, sums, i)  # type: ignore[operator]
+        if i >= len(batch):
+            break
+        event = batch[i]
+        i += 1
+        key = key_of(event)
+        if key is None:
+            continue
+        entry = sums.setdefault(key, [0, 0, "counted"])
+        entry[0] += 1  # type: ignore[operator]
+        entry[1] += event.size  # type: ignore[operator]
+
+
+def outcome_of(known: object, batch: list[DeliveryEvent],
+               sums: dict[object, list[object]]) -> tuple[object, ...]:
+    sums = {key: list(entry) for key, entry in sums.items()}
+    try:
+        sink_loop(known, batch, sums)
+    except Exception as exc:  # the same error, raised at the same point
+        return (type(exc), sums)
+    return (None, sums)
+
+
+@given(st.lists(events, max_size=8), st.data())
+def test_sum_known_sums_what_python_sums(batch: list[DeliveryEvent], data: st.DataObject) -> None:
+    """Any fields (bools, huge ints, NaN and infinite times): the sink's loop ends with the same
+    sums, or fails with the same error, whether it runs C or Python."""
+    from moxy.accounting import _speedups
+
+    keys = []
+    for event in batch:
+        try:
+            key = key_of(event)
+        except (ValueError, OverflowError, TypeError):
+            continue
+        if key is not None:
+            keys.append(key)
+    known = data.draw(st.lists(st.sampled_from(keys), unique=True) if keys else st.just([]))
+    sums: dict[object, list[object]] = {key: [3, 7, "counted"] for key in known}
+    assert outcome_of(_speedups.sum_known, batch, sums) == \
+        outcome_of(counters.sum_known, batch, sums)
+
+
+@given(st.lists(ordinary, min_size=1, max_size=8))
+def test_sum_known_counts_what_sessions_emit_in_one_call(batch: list[DeliveryEvent]) -> None:
+    """Ordinary events whose sums exist: one call adds them all, as Python does."""
+    from moxy.accounting import _speedups
+
+    sums = {key: [0, 0, "counted"] for key in map(key_of, batch) if key is not None}
+    theirs = {key: list(entry) for key, entry in sums.items()}
+    assert _speedups.sum_known(batch, sums, 0) == len(batch)
+    assert counters.sum_known(batch, theirs, 0) == len(batch)
+    assert sums == theirs
+
+
+@given(st.floats(-1e18, 1e18, allow_nan=False) | st.sampled_from(
+    [-0.0, -1e-300, 59.99999999999999, 60.0, -60.0, -59.99999999999999, 1e17 + 60.0]))
+def test_sum_known_finds_the_minute_python_computes(when: float) -> None:
+    """The minute is Python's `int(time // 60)`, to the last rounding."""
+    from moxy.accounting import _speedups
+
+    event = DeliveryEvent(**{**BASE._asdict(), "time": when})
+    sums = {key_of(event): [0, 0, "counted"]}
+    assert _speedups.sum_known([event], sums, 0) == 1
+    assert sums[key_of(event)][:2] == [1, BASE.size]
+
+
+@pytest.mark.parametrize(("change", "why"), [
+    ({"recipients": ["a@x.test"]}, "unhashable: Python raises TypeError"),
+    ({"code": True}, "a bool code"),
+    ({"code": 2**70}, "a code beyond a C long"),
+    ({"size": 1.5}, "a float size"),
+    ({"time": math.nan}, "int(nan // 60) raises ValueError"),
+    ({"time": "1764000000"}, "a str time: TypeError"),
+])
+def test_sum_known_stops_at_what_it_leaves_to_python(change: dict[str, object], why: str) -> None:
+    from moxy.accounting import _speedups
+
+    ordinary_one = BASE._replace(recipients=("b@y.test",))
+    odd = BASE._replace(**change)
+    batch = [ordinary_one, odd, ordinary_one]
+    sums: dict[object, list[object]] = {key_of(ordinary_one): [0, 0, "counted"]}
+    assert _speedups.sum_known(batch, sums, 0) == 1, why
+    assert _speedups.sum_known(batch, sums, 2) == 3
+    assert sums[key_of(ordinary_one)][:2] == [2, 2 * BASE.size]
+    assert outcome_of(_speedups.sum_known, batch, {}) == outcome_of(counters.sum_known, batch, {})
+
+
+def test_sum_known_passes_over_what_counts_nothing() -> None:
+    from moxy.accounting import _speedups
+
+    batch = [BASE._replace(kind=kind) for kind in ("message", "connection", "message")]
+    assert _speedups.sum_known(batch, {}, 0) == 3
+    assert _speedups.sum_known(batch, {}, 5) == 5  # past the end: nothing to do
+
+
+@pytest.mark.parametrize("code", [0, 199, 200, 250, 299, 300, 550, -250])
+def test_sum_known_tells_delivered_from_refused_as_python_does(code: int) -> None:
+    """A leg's outcome (in the key): delivered for 2xx, a refused copy otherwise."""
+    from moxy.accounting import _speedups
+
+    event = BASE._replace(code=code)
+    other = counters.LEG_REFUSED if 200 <= code < 300 else counters.DELIVERED
+    sums = {key_of(event): [0, 0, "counted"],
+            (*key_of(event)[:1], other, *key_of(event)[2:]): [0, 0, "other"]}  # type: ignore[index]
+    assert _speedups.sum_known([event], sums, 0) == 1
+    assert sums[key_of(event)][:2] == [1, BASE.size]

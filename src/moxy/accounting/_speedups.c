@@ -1,4 +1,4 @@
-/* The accounting process's two hot loops, in C: moxy.accounting._speedups (native build).
+/* The accounting process's hot loops, in C: moxy.accounting._speedups (native build).
 
    - `encode_lines(batch)` returns exactly `events.log_lines(batch).encode()` for a batch of
      DeliveryEvents, or None when the batch holds anything it leaves to Python: a field of an
@@ -11,6 +11,12 @@
      DeliveryEvent, `marker` LEG_AND_MESSAGE), or None where it leaves the list to Python (an
      entry that is not a tuple, or a LEG_AND_MESSAGE entry of the wrong length).
 
+   - `sum_known(batch, sums, start)` is the Redis sink's loop, `counters.sum_known`: it adds
+     each event to its sum of messages and bytes (keyed by minute and tally) while that sum
+     exists, and returns the index of the first event that needs a new one. It may also stop
+     at an event it leaves to Python (a field of an unexpected type, an unhashable one); the
+     sink handles that event in Python and calls it again after it.
+
    The Python functions stay the reference and the fallback (a pure-Python installation runs
    them); tests/accounting/test_speedups.py holds both side by side on generated events.
 
@@ -20,6 +26,7 @@
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <math.h>
 #include <string.h>
 #include <time.h>
 
@@ -399,6 +406,118 @@ fail:
     return NULL;
 }
 
+/* The outcomes of counters.tally (interned, as Python's literals are), and 1. */
+static PyObject *LEG_KIND, *REFUSED_KIND, *DELIVERED, *LEG_REFUSED, *RCPT_REFUSED, *ONE, *SIXTY;
+
+/* Python's float floor division by 60 (floatobject.c, _float_div_mod), so that a minute here
+   is the minute `int(time // 60)` makes. */
+static double minute_of(double t) {
+    double mod = fmod(t, 60.0);
+    double div = (t - mod) / 60.0;
+    if (mod) {
+        if (mod < 0)
+            div -= 1.0;
+    }
+    if (div) {
+        double floordiv = floor(div);
+        if (div - floordiv > 0.5)
+            floordiv += 1.0;
+        return floordiv;
+    }
+    return copysign(0.0, t / 60.0);
+}
+
+/* counters.sum_known for one event: 1 when it was added (or counts nothing), 0 when it needs
+   Python (no sum yet, or a field of an unexpected type). Never raises. */
+static int add_known(PyObject *sums, PyObject *event) {
+    if (!PyTuple_Check(event) || PyTuple_GET_SIZE(event) < FIELDS)
+        return 0;
+    PyObject **f = &PyTuple_GET_ITEM(event, 0);
+    PyObject *kind = f[KIND], *outcome;
+    if (!PyUnicode_CheckExact(kind))
+        return 0;
+    if (kind == LEG_KIND || PyUnicode_Compare(kind, LEG_KIND) == 0) {
+        if (!PyLong_CheckExact(f[CODE]))
+            return 0;
+        int overflow;
+        long code = PyLong_AsLongAndOverflow(f[CODE], &overflow);
+        if (overflow || (code == -1 && PyErr_Occurred())) {
+            PyErr_Clear();
+            return 0;
+        }
+        outcome = 200 <= code && code < 300 ? DELIVERED : LEG_REFUSED;
+    } else if (kind == REFUSED_KIND || PyUnicode_Compare(kind, REFUSED_KIND) == 0) {
+        outcome = RCPT_REFUSED;
+    } else {
+        return 1;  /* counts nothing */
+    }
+    if (!PyLong_CheckExact(f[SIZE]))
+        return 0;
+    PyObject *minute;
+    if (PyFloat_CheckExact(f[TIME])) {
+        double t = PyFloat_AS_DOUBLE(f[TIME]);
+        if (!isfinite(t))
+            return 0;
+        minute = PyLong_FromDouble(minute_of(t));
+    } else if (PyLong_CheckExact(f[TIME])) {
+        minute = PyNumber_FloorDivide(f[TIME], SIXTY);
+    } else {
+        return 0;
+    }
+    if (minute == NULL) {
+        PyErr_Clear();
+        return 0;
+    }
+    PyObject *key = PyTuple_Pack(7, minute, outcome, f[DEST], f[RECIPIENTS], f[FROM], f[CLIENT],
+                                 f[NODE]);
+    Py_DECREF(minute);
+    if (key == NULL) {
+        PyErr_Clear();
+        return 0;
+    }
+    PyObject *entry = PyDict_GetItemWithError(sums, key);  /* borrowed */
+    Py_DECREF(key);
+    if (entry == NULL || !PyList_CheckExact(entry) || PyList_GET_SIZE(entry) < 2) {
+        PyErr_Clear();
+        return 0;
+    }
+    PyObject *count = PyNumber_Add(PyList_GET_ITEM(entry, 0), ONE);
+    PyObject *bytes = count ? PyNumber_Add(PyList_GET_ITEM(entry, 1), f[SIZE]) : NULL;
+    if (bytes == NULL) {
+        Py_XDECREF(count);
+        PyErr_Clear();
+        return 0;
+    }
+    PyList_SetItem(entry, 0, count);  /* steals, releases the old */
+    PyList_SetItem(entry, 1, bytes);
+    return 1;
+}
+
+static PyObject *sum_known(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3 || !PyDict_Check(args[1]) || !PyLong_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "sum_known(batch, sums, start): sums a dict, start an int");
+        return NULL;
+    }
+    Py_ssize_t start = PyLong_AsSsize_t(args[2]);
+    if (start == -1 && PyErr_Occurred())
+        return NULL;
+    PyObject *batch = PySequence_Fast(args[0], "sum_known() takes a sequence of events");
+    if (batch == NULL)
+        return NULL;
+    Py_ssize_t i = start < 0 ? 0 : start;
+    /* The size and items are read again each time: a key's __eq__ is Python code. */
+    for (; i < PySequence_Fast_GET_SIZE(batch); i++) {
+        PyObject *event = PySequence_Fast_GET_ITEM(batch, i);
+        Py_INCREF(event);
+        int done = add_known(args[1], event);
+        Py_DECREF(event);
+        if (!done)
+            break;
+    }
+    Py_DECREF(batch);
+    return PyLong_FromSsize_t(i);
+}
+
 static PyMethodDef methods[] = {
     {"encode_lines", encode_lines, METH_O,
      "encode_lines(batch) -> bytes | None: events.log_lines(batch).encode(), or None where "
@@ -406,6 +525,9 @@ static PyMethodDef methods[] = {
     {"expand", (PyCFunction)(void (*)(void))expand, METH_FASTCALL,
      "expand(emitted, cls, marker) -> list | None: events.expand(emitted), or None where "
      "Python must expand the list"},
+    {"sum_known", (PyCFunction)(void (*)(void))sum_known, METH_FASTCALL,
+     "sum_known(batch, sums, start) -> int: counters.sum_known, stopping also at an event "
+     "Python must count"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -421,6 +543,15 @@ PyMODINIT_FUNC PyInit__speedups(void) {
     END_OF_DATA = PyUnicode_InternFromString("end-of-data");
     EMPTY = PyUnicode_InternFromString("");
     if (!LEG || !MESSAGE || !DASH || !END_OF_DATA || !EMPTY)
+        return NULL;
+    LEG_KIND = LEG;
+    REFUSED_KIND = PyUnicode_InternFromString("refused");
+    DELIVERED = PyUnicode_InternFromString("delivered");
+    LEG_REFUSED = PyUnicode_InternFromString("leg-refused");
+    RCPT_REFUSED = PyUnicode_InternFromString("rcpt-refused");
+    ONE = PyLong_FromLong(1);
+    SIXTY = PyLong_FromLong(60);
+    if (!REFUSED_KIND || !DELIVERED || !LEG_REFUSED || !RCPT_REFUSED || !ONE || !SIXTY)
         return NULL;
     return PyModule_Create(&module);
 }

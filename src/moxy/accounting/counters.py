@@ -9,6 +9,8 @@ from __future__ import annotations
 import calendar
 import functools
 import time
+from collections.abc import Sequence
+from typing import Any
 
 from moxy.accounting.events import DeliveryEvent
 from moxy.lookup.idn import ascii_domain
@@ -93,6 +95,32 @@ def tally(event: DeliveryEvent) -> Tally | None:
         return None
     return (outcome, event.destination, event.recipients, event.mail_from, event.client_ip,
             event.node)
+
+
+def sum_known(batch: Sequence[DeliveryEvent], sums: dict[Any, list[int]], start: int) -> int:
+    """The Redis sink's loop (moxy.accounting.redis): from `batch[start]` on, each event whose
+    sum exists already in `sums` (keyed by the event's minute and `tally`) adds its message and
+    bytes to it; events that count nothing are passed over. Returns the index of the first event
+    that needs a new sum, or len(batch). The native build runs `_speedups.sum_known` instead,
+    which does the same and may also stop at an event it leaves to Python (a field of an
+    unexpected type)."""
+    for i in range(start, len(batch)):
+        event = batch[i]
+        kind = event[0]
+        if kind == "leg":
+            outcome = DELIVERED if 200 <= event[10] < 300 else LEG_REFUSED
+        elif kind == "refused":
+            outcome = RCPT_REFUSED
+        else:
+            continue
+        # (minute, *tally(event)): time, then destination, recipients, from, client, node.
+        entry = sums.get((int(event[17] // 60), outcome, event[7], event[6], event[5],
+                          event[3], event[14]))
+        if entry is None:
+            return i
+        entry[0] += 1
+        entry[1] += event[9]
+    return len(batch)
 
 
 def counted(what: Tally) -> list[tuple[str, str, str]]:
