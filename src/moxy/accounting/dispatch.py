@@ -124,7 +124,7 @@ class Intake:
         self._intake: list[Fields] = []
         self._mailbox = Mailbox(self._intake, max(1, min(BATCH, queue // 2) // 2), self._crowded)
         self._lost = 0  # events the intake itself refused (the loop is far behind, or stopped)
-        self._clock_wait: trio.CancelScope | None = None
+        self._clock_task: trio.lowlevel.Task | None = None  # the clock, while it waits
         self._stopped = False
         # Without sinks, `emit` is `events.discard`, which tells sessions to make no events.
         # Otherwise it is the mailbox's `put` (compiled in the native build): the intake list
@@ -153,15 +153,22 @@ class Intake:
                          "is far behind, or accounting has stopped)", self._lost)
 
     def _wake_clock(self) -> None:
-        if self._clock_wait is not None:
-            self._clock_wait.cancel()
-            self._clock_wait = None
+        """A plain reschedule: cancelling the clock's wait instead raised Cancelled through it,
+        about 45,000 instructions a wake-up (once a batch, in the serving event loop)."""
+        task = self._clock_task
+        if task is not None:
+            self._clock_task = None
+            trio.lowlevel.reschedule(task)
+
+    def _clock_aborted(self, _: object) -> trio.lowlevel.Abort:
+        self._clock_task = None  # its interval is over (or everything is cancelled)
+        return trio.lowlevel.Abort.SUCCEEDED
 
     async def _gathered(self) -> list[Fields]:
         """Wait for the next look (an interval, or a wake-up), then take the intake."""
-        with trio.CancelScope(deadline=trio.current_time() + self.window) as self._clock_wait:
-            await trio.sleep_forever()
-        self._clock_wait = None
+        with trio.CancelScope(deadline=trio.current_time() + self.window):
+            self._clock_task = trio.lowlevel.current_task()
+            await trio.lowlevel.wait_task_rescheduled(self._clock_aborted)
         return self._take_intake()
 
     def _take_intake(self) -> list[Fields]:
