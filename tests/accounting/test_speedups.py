@@ -333,3 +333,14 @@ def test_sum_known_tells_delivered_from_refused_as_python_does(code: int) -> Non
             (*key_of(event)[:1], other, *key_of(event)[2:]): [0, 0, "other"]}  # type: ignore[index]
     assert _speedups.sum_known([event], sums, 0) == 1
     assert sums[key_of(event)][:2] == [1, BASE.size]
+
+
+def test_sum_known_leaves_a_sum_that_is_not_ints_to_python() -> None:
+    """Adding to anything but ints could run Python code while C borrows the entry."""
+    from moxy.accounting import _speedups
+
+    sums: dict[object, list[object]] = {key_of(BASE): [1.5, 0, "counted"]}
+    assert _speedups.sum_known([BASE], sums, 0) == 0
+    want = (None, {key_of(BASE): [2.5, BASE.size, "counted"]})
+    assert outcome_of(_speedups.sum_known, [BASE], sums) == want
+    assert outcome_of(counters.sum_known, [BASE], sums) == want

@@ -477,9 +477,11 @@ static int add_known(PyObject *sums, PyObject *event) {
     }
     PyObject *entry = PyDict_GetItemWithError(sums, key);  /* borrowed */
     Py_DECREF(key);
-    if (entry == NULL || !PyList_CheckExact(entry) || PyList_GET_SIZE(entry) < 2) {
+    if (entry == NULL || !PyList_CheckExact(entry) || PyList_GET_SIZE(entry) < 2 ||
+        !PyLong_CheckExact(PyList_GET_ITEM(entry, 0)) ||
+        !PyLong_CheckExact(PyList_GET_ITEM(entry, 1))) {
         PyErr_Clear();
-        return 0;
+        return 0;  /* ints only: no Python code runs while the entry is borrowed */
     }
     PyObject *count = PyNumber_Add(PyList_GET_ITEM(entry, 0), ONE);
     PyObject *bytes = count ? PyNumber_Add(PyList_GET_ITEM(entry, 1), f[SIZE]) : NULL;
