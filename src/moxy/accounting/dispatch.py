@@ -116,13 +116,16 @@ class Intake:
     takes every `interval` (sooner once a batch has gathered). Shared by the dispatcher below
     and by the serving side of an accounting process of its own (moxy.accounting.remote)."""
 
-    def __init__(self, active: bool, queue: int, interval: float) -> None:
+    def __init__(self, active: bool, queue: int, interval: float,
+                 wake_at: int | None = None) -> None:
         self.window = interval
         self.size = queue
-        # Events emitted since the clock's last look; a full batch (or half a queue) wakes it.
+        # Events emitted since the clock's last look; a full batch (or half a queue) wakes it,
+        # unless the caller says otherwise (`wake_at` entries).
         # An entry may be two events (events.LEG_AND_MESSAGE): the counts are halved.
         self._intake: list[Fields] = []
-        self._mailbox = Mailbox(self._intake, max(1, min(BATCH, queue // 2) // 2), self._crowded)
+        self._wake_at = max(1, min(BATCH, queue // 2) // 2) if wake_at is None else wake_at
+        self._mailbox = Mailbox(self._intake, self._wake_at, self._crowded)
         self._lost = 0  # events the intake itself refused (the loop is far behind, or stopped)
         self._clock_task: trio.lowlevel.Task | None = None  # the clock, while it waits
         self._stopped = False
@@ -130,14 +133,6 @@ class Intake:
         # Otherwise it is the mailbox's `put` (compiled in the native build): the intake list
         # takes the event while it holds fewer than `_wake_at`, else `_crowded` does.
         self.emit: Emit = self._mailbox.put if active else discard
-
-    @property
-    def _wake_at(self) -> int:
-        return self._mailbox.wake_at
-
-    @_wake_at.setter
-    def _wake_at(self, value: int) -> None:
-        self._mailbox.wake_at = value
 
     def _crowded(self, event: Fields) -> None:
         """A batch has gathered before the clock's look: wake it. The intake holds at most a

@@ -50,10 +50,10 @@ class RemoteAccounting(Intake):
         """Raises pickle's errors when `config` cannot be sent (see `accounting_for`)."""
         settings = config.accounting
         self._config_frame = pipe.frame(pipe.CONFIG, pickle.dumps(config))
-        super().__init__(bool(settings.sinks), settings.queue, settings.interval)
         # Sent once a frame's worth has gathered, while the events are still in the CPU's
         # caches (and before marshal's table of them outgrows those).
-        self._wake_at = max(1, min(pipe.FRAME_EVENTS, settings.queue // 2))
+        super().__init__(bool(settings.sinks), settings.queue, settings.interval,
+                         wake_at=max(1, min(pipe.FRAME_EVENTS, settings.queue // 2)))
         self.names = tuple(settings.sinks)
         self.pid: int | None = None  # the accounting process, while it runs
         self._reopen = False
