@@ -6,7 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from moxy.smtp.commands import command_verb, parse_command, split_command
+from moxy.smtp import commands
+from moxy.smtp.commands import command_verb, parse_command, parse_verb, split_command
 from moxy.smtp.events import (
     Data,
     Event,
@@ -202,3 +203,59 @@ def test_split_verb_is_the_command_verb_for_ascii_verbs(line: bytes) -> None:
         assert verb == command_verb(line)
     else:  # not ASCII: never one of the verbs with order rules
         assert command_verb(line) not in ("MAIL", "RCPT", "DATA", "STARTTLS")
+
+
+# MAIL and RCPT arguments already parsed are answered from a bounded cache (commands._SEEN_*):
+# the answer must be the grammar's, whatever else decides it (EHLO, the size limit, SMTPUTF8).
+
+
+def _uncached(verb: str, arg: str, esmtp: bool, max_size: int, smtputf8: bool) -> Event:
+    arg = arg.strip(" ")
+    if verb == "RCPT":
+        return commands._parse_rcpt(arg, smtputf8)
+    return commands._parse_mail(arg, esmtp, max_size)
+
+
+_ARGS = st.sampled_from([
+    "FROM:<a@b.example>", "FROM:<a@b.example> SIZE=100", "FROM:<> BODY=8BITMIME",
+    "FROM:<d\xc3\xbc@b.example> SMTPUTF8", "TO:<a@b.example>", "TO:<d\xc3\xbc@b.example>",
+    "TO:<postmaster>", " TO:<a@b.example> ", "TO:<a@b.example> NOTIFY=NEVER", "FROM:a@b",
+]) | st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0xFF), max_size=60)
+
+
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["MAIL", "RCPT"]), _ARGS, st.booleans(),
+                  st.sampled_from([0, 50, 10_000]), st.booleans()),
+        min_size=1, max_size=12,
+    )
+)
+def test_a_cached_mail_or_rcpt_gets_the_grammars_answer(
+    calls: list[tuple[str, str, bool, int, bool]],
+) -> None:
+    for call in calls + calls:  # again: now answered from the cache
+        assert parse_verb(*call) == _uncached(*call), call
+
+
+def test_the_cache_tells_apart_what_else_decides_the_answer() -> None:
+    mail = "FROM:<a@b.example> SIZE=100"
+    assert isinstance(parse_verb("MAIL", mail, True, 0, False), MailFrom)
+    assert refusal(parse_verb("MAIL", mail, True, 50, False)) == (552, "5.3.4")  # too big
+    assert refusal(parse_verb("MAIL", mail, False, 0, False)) == (555, "5.5.4")  # needs EHLO
+    assert isinstance(parse_verb("MAIL", mail, True, 0, False), MailFrom)
+    rcpt = "TO:<d\xc3\xbc@b.example>"  # UTF-8, as split_command decodes it (latin-1)
+    assert refusal(parse_verb("RCPT", rcpt, False, 0, False)) == (553, "5.6.7")
+    event = parse_verb("RCPT", rcpt, False, 0, True)
+    assert isinstance(event, RcptTo) and event.address == "dü@b.example"
+    assert refusal(parse_verb("RCPT", rcpt, False, 0, False)) == (553, "5.6.7")
+
+
+def test_the_cache_is_bounded_and_keeps_no_long_argument() -> None:
+    for n in range(3 * commands._SEEN_MAX):
+        assert isinstance(parse_verb("RCPT", f"TO:<user{n}@b.example>", True, 0, False), RcptTo)
+        assert len(commands._SEEN_RCPT) <= commands._SEEN_MAX
+    long = "TO:<" + "a" * commands._SEEN_ARG + "@b.example>"
+    assert isinstance(parse_verb("RCPT", long, True, 0, False), RcptTo)
+    assert long not in commands._SEEN_RCPT
+    same = "TO:<again@b.example>"
+    assert parse_verb("RCPT", same, True, 0, False) is parse_verb("RCPT", same, True, 0, False)

@@ -123,14 +123,40 @@ def parse_command(
     return parse_verb(verb, arg, esmtp, max_message_size, smtputf8)
 
 
+# MAIL and RCPT arguments already parsed, by their text (as split_command gave it), with what
+# else decides the answer: an MX hears the same recipients (and many of the same senders) again
+# and again, and the address grammar's regex is most of a command's parsing cost. Events are
+# values, so sessions can share them. Bounded: emptied when full (every sender new, say).
+_SEEN_RCPT: Final[dict[str, tuple[bool, Event]]] = {}  # arg -> (smtputf8, event)
+_SEEN_MAIL: Final[dict[str, tuple[bool, int, Event]]] = {}  # arg -> (esmtp, max size, event)
+_SEEN_MAX: Final = 1024
+_SEEN_ARG: Final = 300  # characters: longer arguments are not kept
+
+
 def parse_verb(verb: str, arg: str, esmtp: bool, max_message_size: int, smtputf8: bool) -> Event:
     """`parse_command` on a line already split by `split_command`."""
-    arg = arg.strip(" ")
     # The commands of every transaction first.
     if verb == "RCPT":
-        return _parse_rcpt(arg, smtputf8)
+        rcpt = _SEEN_RCPT.get(arg)
+        if rcpt is not None and rcpt[0] == smtputf8:
+            return rcpt[1]
+        event = _parse_rcpt(arg.strip(" "), smtputf8)
+        if len(arg) <= _SEEN_ARG:
+            if len(_SEEN_RCPT) >= _SEEN_MAX:
+                _SEEN_RCPT.clear()
+            _SEEN_RCPT[arg] = (smtputf8, event)
+        return event
     if verb == "MAIL":
-        return _parse_mail(arg, esmtp, max_message_size)
+        mail = _SEEN_MAIL.get(arg)
+        if mail is not None and mail[0] == esmtp and mail[1] == max_message_size:
+            return mail[2]
+        event = _parse_mail(arg.strip(" "), esmtp, max_message_size)
+        if len(arg) <= _SEEN_ARG:
+            if len(_SEEN_MAIL) >= _SEEN_MAX:
+                _SEEN_MAIL.clear()
+            _SEEN_MAIL[arg] = (esmtp, max_message_size, event)
+        return event
+    arg = arg.strip(" ")
     if verb == "DATA" and not arg:
         return DATA
     if not verb:
