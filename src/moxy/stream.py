@@ -30,9 +30,10 @@ from moxy.schedule import yield_now
 _QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)  # Linux only (not Final: mypyc)
 CANCEL_EVERY: Final = 8  # reads: see receive_within
 _LOST: Final = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
-# Looked up once: `trio.lowlevel.checkpoint` on every read is two attribute lookups.
+# Looked up once: `trio.lowlevel.checkpoint_if_cancelled` on every read would be two attribute
+# lookups.
 _yield: Final = yield_now  # trio's cancel_shielded_checkpoint, cheaper (moxy.schedule)
-_checkpoint: Final = trio.lowlevel.checkpoint
+_if_cancelled: Final = trio.lowlevel.checkpoint_if_cancelled
 
 
 class StreamTimeout(Exception):
@@ -126,10 +127,9 @@ class Stream:
         # CANCEL_EVERY-th read only (and by every wait): a full checkpoint costs about as much
         # again, and a session notices a cancel within that many reads of a busy client.
         self.reads += 1
-        if self.reads % CANCEL_EVERY:
-            await _yield()
-        else:
-            await _checkpoint()
+        await _yield()
+        if not self.reads % CANCEL_EVERY:  # trio's checkpoint() is these two, in this order
+            await _if_cancelled()
         try:
             data = self.socket.recv(size)
         except BlockingIOError:
