@@ -249,6 +249,55 @@ def test_feed_is_receive_data_then_next_reply() -> None:
     assert parser.feed(b"250 b\r\n") == Reply(250, ("a", "b"))
 
 
+def feed_all(parser: ReplyParser, pieces: list[bytes]) -> list[Reply | str]:
+    """As read_all, each piece through `feed` (then `next_reply` while replies come)."""
+    out: list[Reply | str] = []
+    try:
+        for piece in pieces:
+            if not piece:
+                continue
+            reply = parser.feed(piece)
+            while reply is not None:
+                out.append(reply)
+                reply = parser.next_reply()
+        parser.receive_data(b"")
+        while (reply := parser.next_reply()) is not None:
+            out.append(reply)
+    except UpstreamProtocolError as exc:
+        out.append(f"error: {exc}")
+    return out
+
+
+def test_a_line_read_before_and_fed_whole_is_still_held_to_the_parsers_limit() -> None:
+    wire = b"250 " + b"z" * 45 + b"\r\n"  # 51 bytes
+    read = [Reply(250, ("z" * 45,)), "error: connection closed"]
+    assert feed_all(ReplyParser(), [wire]) == read  # now a known line
+    assert feed_all(ReplyParser(max_line=51), [wire]) == read
+    assert feed_all(ReplyParser(max_line=50), [wire]) == ["error: reply line too long"]
+    parser = ReplyParser()
+    assert parser.feed(b"250-first\r\n") is None  # a multi-line reply under way
+    assert parser.feed(wire) == Reply(250, ("first", "z" * 45))  # its last line
+
+
+@given(REPLY_LINES_ANY := st.lists(
+    st.tuples(
+        st.sampled_from([b"250", b"354", b"550", b"25", b"2x0"]),
+        st.sampled_from([b" ", b"-", b""]),
+        st.sampled_from([b"", b"2.1.0 Ok", b"x" * 40]),
+        st.sampled_from([b"\r\n", b"\n"]),
+    ).map(b"".join),
+    max_size=6,
+), st.integers(min_value=20, max_value=60))
+def test_feeding_whole_lines_reads_like_the_general_reader(
+    lines: list[bytes], max_line: int
+) -> None:
+    # Each line once to a parser of its own first, so that the fed ones are known lines.
+    feed_all(ReplyParser(), lines)
+    assert feed_all(ReplyParser(max_line=max_line, max_lines=3), lines) == read_all(
+        SlowParser(max_line=max_line, max_lines=3), lines
+    )
+
+
 def test_a_parser_must_allow_one_line() -> None:
     with pytest.raises(ValueError):
         ReplyParser(max_lines=0)

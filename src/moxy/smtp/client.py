@@ -10,6 +10,7 @@ import functools
 import re
 from typing import Final
 
+from moxy.smtp.lines import CUT_KNOWN
 from moxy.smtp.replies import Reply
 
 # What follows the last body chunk: the chunks already end with the CRLF that opens CRLF.CRLF.
@@ -53,6 +54,7 @@ class ReplyParser:
         if max_lines < 1:
             raise ValueError("a reply has at least one line")
         self.max_line = max_line  # bytes per line, including CRLF
+        self._seen_limit = min(_SEEN_LINE, max_line)  # an LF's index in a line of _SEEN
         self.max_lines = max_lines
         self._buf = bytearray()
         self.unread = self._buf  # the same buffer, for callers: empty, no reply can be ready
@@ -88,12 +90,9 @@ class ReplyParser:
         # Fastest path: a line this process has read before, first in the buffer (whatever
         # is in _SEEN matched _SINGLE_LINE, up to its first LF, as it would match here).
         buf = self._buf
-        lf = buf.find(b"\n")
-        if 0 <= lf < _SEEN_LINE and lf < self.max_line:
-            reply = _SEEN.get(bytes(buf[: lf + 1]))
-            if reply is not None:
-                del buf[: lf + 1]
-                return reply
+        reply: Reply | None = CUT_KNOWN(buf, _SEEN, self._seen_limit)
+        if reply is not None:
+            return reply
         # Fast path: a complete single-line reply first in the buffer, read as the general
         # reader would; new to this process (a line in _SEEN was taken above), kept if short.
         m = _SINGLE_LINE.match(buf)
@@ -132,6 +131,12 @@ class ReplyParser:
 
     def feed(self, data: bytes) -> Reply | None:
         """`receive_data(data)` (not empty), then `next_reply()`: one call instead of two."""
+        if not self._buf and not self._lines and self._error is None:
+            # The commonest read of all: one whole reply line this process has read before
+            # (each key of _SEEN holds one LF, at its end), with nothing before it.
+            reply = _SEEN.get(data)
+            if reply is not None and len(data) <= self.max_line:
+                return reply
         self._buf += data
         return self.next_reply()
 

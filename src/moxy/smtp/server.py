@@ -30,6 +30,7 @@ from moxy.smtp.events import (
     Sentinel,
     StartTls,
 )
+from moxy.smtp.lines import CUT_LINE
 from moxy.smtp.replies import Reply
 
 
@@ -280,6 +281,10 @@ class ServerConnection:
 
     def _next_command_event(self) -> Event | Sentinel:
         buf = self._buf
+        if not self._discarding:  # the usual case: a whole line of acceptable length
+            line = CUT_LINE(buf, self.max_command_line)
+            if line is not None:
+                return self._command(line)
         lf = buf.find(b"\n")
         if self._discarding:
             if lf < 0:
@@ -296,12 +301,8 @@ class ServerConnection:
                 buf.clear()
                 return self._next_command_event()
             return ConnectionClosed(mid_data=False) if self._eof else NEED_DATA
-        if lf >= self.max_command_line:
-            del buf[: lf + 1]
-            return self._invalid(LINE_TOO_LONG)
-        line = bytes(buf[: lf - 1 if lf and buf[lf - 1] == 13 else lf])  # without CRLF or LF
-        del buf[: lf + 1]
-        return self._command(line)
+        del buf[: lf + 1]  # what CUT_LINE left: a line of max_command_line or more
+        return self._invalid(LINE_TOO_LONG)
 
     def _command(self, line: bytes) -> Event:
         verb, arg = split_command(line)
