@@ -31,7 +31,7 @@ from moxy.session_kept import (
     hello_reply,
 )
 from moxy.smtp import events as ev
-from moxy.smtp.events import NEED_DATA, PAUSED
+from moxy.smtp.events import NEED_DATA, PAUSED, BodyChunk, BodyEnd, Data, MailFrom, RcptTo
 from moxy.smtp.replies import Reply
 from moxy.smtp.server import ServerConnection
 from moxy.stream import Stream, StreamBroken, StreamTimeout
@@ -172,25 +172,34 @@ class Session(SessionEvents):
 
     async def handle(self, event: ev.Event) -> bool:
         """Answer one event; False ends the session."""
-        match event:  # the commands of every message first
-            case ev.MailFrom():
-                await self.mail(event)
-            case ev.RcptTo(address=address):
-                reply = await self.rcpt(address)
-                if self.counting:
-                    self.ctx.metrics.recipient(reply.code)
-                self.reply(reply)
-            case ev.Data():
-                await self.data()
-            case ev.BodyChunk(data=data):
-                assert self.transaction is not None
-                size = len(data)
-                self.received_bytes += size
-                if self.counting:
-                    self.ctx.metrics.received(size)
-                await self.transaction.send(data)
-            case ev.BodyEnd():
-                await self.end_of_data()
+        # By exact type, the commands of every message first: the core makes these events and
+        # subclasses none of them (a `match` on class patterns was an isinstance call and an
+        # attribute lookup per case tried: 15 and 17 of each per message).
+        if type(event) is MailFrom:
+            await self.mail(event)
+        elif type(event) is RcptTo:
+            reply = await self.rcpt(event.address)
+            if self.counting:
+                self.ctx.metrics.recipient(reply.code)
+            self.reply(reply)
+        elif type(event) is Data:
+            await self.data()
+        elif type(event) is BodyChunk:
+            assert self.transaction is not None
+            size = len(event.data)
+            self.received_bytes += size
+            if self.counting:
+                self.ctx.metrics.received(size)
+            await self.transaction.send(event.data)
+        elif type(event) is BodyEnd:
+            await self.end_of_data()
+        else:
+            return await self.handle_other(event)
+        return True
+
+    async def handle_other(self, event: ev.Event) -> bool:
+        """`handle` for the events that are not part of every message."""
+        match event:
             case ev.BodyRefused(reply=reply):
                 self.body_refusal = reply
                 await self.abort_transaction(keep=True)
