@@ -36,6 +36,32 @@ _yield: Final = yield_now  # trio's cancel_shielded_checkpoint, cheaper (moxy.sc
 _if_cancelled: Final = trio.lowlevel.checkpoint_if_cancelled
 
 
+def recv_fallback(fd: int, size: int) -> bytes | None:
+    """Up to `size` bytes from the non-blocking socket `fd` (b"" at its end), None when
+    nothing has arrived; OSError for the rest. The native build runs moxy._sockio.recv."""
+    try:
+        return os.read(fd, size)
+    except BlockingIOError:
+        return None
+
+
+def send_fallback(fd: int, data: bytes | bytearray | memoryview) -> int:
+    """As much of `data` as the kernel takes now, to the non-blocking socket `fd` (0: none);
+    OSError for the rest (EPIPE, not SIGPIPE: Python ignores that signal). The native build
+    runs moxy._sockio.send."""
+    try:
+        return os.write(fd, data)
+    except BlockingIOError:
+        return 0
+
+
+try:  # the native build's (C)
+    from moxy._sockio import recv as _recv
+    from moxy._sockio import send as _send
+except ImportError:  # pure Python
+    _recv, _send = recv_fallback, send_fallback
+
+
 class StreamTimeout(Exception):
     """The deadline passed (or the wait was interrupted, see `Stream.interrupt`)."""
 
@@ -65,6 +91,9 @@ class Stream:
     def __init__(self, sock: socket.socket) -> None:
         sock.setblocking(False)
         self.socket = sock
+        # The plain reads and writes use the descriptor; -1 once closed (aclose), so that a
+        # number the system has given to a new connection since is never written to.
+        self.fd = sock.fileno()
         self.ssl: trio.SSLStream[trio.SocketStream] | None = None
         self.interrupted = False  # see interrupt()
         self.reads = 0  # plain reads so far (see receive_within)
@@ -131,25 +160,24 @@ class Stream:
         if not self.reads % CANCEL_EVERY:  # trio's checkpoint() is these two, in this order
             await _if_cancelled()
         try:
-            data = self.socket.recv(size)
-        except BlockingIOError:
-            self.deadline = deadline = trio.current_time() + timeout
-            return await self._receive_waiting(size, deadline, interruptible)
+            data = _recv(self.fd, size)
         except OSError as exc:
             raise StreamBroken(_detail(exc)) from None
+        if data is None:  # nothing yet
+            self.deadline = deadline = trio.current_time() + timeout
+            return await self._receive_waiting(size, deadline, interruptible)
         self.deadline = 0.0
         return data
 
     async def _receive_waiting(self, size: int, deadline: float, interruptible: bool) -> bytes:
-        sock = self.socket
         while True:
             await self._wait(trio.lowlevel.wait_readable, deadline, interruptible)
             try:
-                return sock.recv(size)
-            except BlockingIOError:
-                pass
+                data = _recv(self.fd, size)
             except OSError as exc:
                 raise StreamBroken(_detail(exc)) from None
+            if data is not None:
+                return data
 
     async def send(self, data: bytes, deadline: float) -> None:
         """All of `data` by the absolute `deadline`, or StreamTimeout/StreamBroken."""
@@ -165,22 +193,17 @@ class Stream:
         if self.ssl is not None:
             return await self._send_tls(data, trio.current_time() + timeout)
         try:
-            sent = self.socket.send(data)
-        except BlockingIOError:
-            sent = 0
+            sent = _send(self.fd, data)
         except OSError as exc:
             raise StreamBroken(_detail(exc)) from None
         if sent < len(data):
             await self._send_rest(memoryview(data)[sent:], trio.current_time() + timeout)
 
     async def _send_rest(self, view: memoryview, deadline: float) -> None:
-        sock = self.socket
         while view:
             await self._wait(trio.lowlevel.wait_writable, deadline, False)
             try:
-                sent = sock.send(view)
-            except BlockingIOError:
-                continue
+                sent = _send(self.fd, view)
             except OSError as exc:
                 raise StreamBroken(_detail(exc)) from None
             view = view[sent:]
@@ -264,6 +287,7 @@ class Stream:
 
     async def aclose(self) -> None:
         """Close at once (TLS without close_notify): callers close only to end or abandon."""
+        self.fd = -1  # before the number can be the system's to give again
         if self.ssl is not None:
             await trio.aclose_forcefully(self.ssl)
             return

@@ -10,8 +10,8 @@ tests/smtp/test_lines.py holds both side by side.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any, Final
+from collections.abc import Callable
+from typing import Any
 
 
 def cut_line(buf: bytearray, limit: int) -> bytes | None:
@@ -26,7 +26,7 @@ def cut_line(buf: bytearray, limit: int) -> bytes | None:
     return line
 
 
-def cut_known(buf: bytearray, known: Mapping[bytes, Any], limit: int) -> Any:
+def cut_known(buf: bytearray, known: dict[bytes, Any], limit: int) -> Any:
     """`known[line]` for the first line of `buf` with its line end (up to and with the first
     LF), that line then removed from `buf`; None (and `buf` untouched) when `buf` holds no LF,
     its first LF is at index `limit` or beyond, or the line is not in `known`. The values of
@@ -40,10 +40,11 @@ def cut_known(buf: bytearray, known: Mapping[bytes, Any], limit: int) -> Any:
     return value
 
 
-CUT_LINE: Final[Callable[[bytearray, int], bytes | None]]
-CUT_KNOWN: Final[Callable[[bytearray, Mapping[bytes, Any], int], Any]]
+CUT_LINE: Callable[[bytearray, int], bytes | None]
+CUT_KNOWN: Callable[[bytearray, dict[bytes, Any], int], Any]
 try:  # the native build's (C)
-    from moxy.smtp._speedups import cut_known as CUT_KNOWN
-    from moxy.smtp._speedups import cut_line as CUT_LINE
+    from moxy.smtp import _speedups
 except ImportError:  # pure Python
     CUT_LINE, CUT_KNOWN = cut_line, cut_known
+else:
+    CUT_LINE, CUT_KNOWN = _speedups.cut_line, _speedups.cut_known
