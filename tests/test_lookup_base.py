@@ -166,7 +166,22 @@ def test_route_str_lists_groups_in_destination_syntax() -> None:
     ],
 )
 def test_lookup_keys_order(recipient: str, keys: list[str]) -> None:
-    assert lookup_keys(recipient) == keys
+    assert lookup_keys(recipient) == tuple(keys)
+    assert lookup_keys(recipient) == tuple(keys)  # the second time from memory
+
+
+def test_keys_made_before_are_the_same_and_the_memory_of_them_is_bounded() -> None:
+    from moxy.lookup import keys as module
+
+    for n in range(module._KNOWN_MAX + 10):
+        address = f"u{n}@d{n % 7}.example"
+        assert lookup_keys(address) == module.keys_of(address)
+    assert len(module._KNOWN) <= module._KNOWN_MAX
+    long = "x" * 400 + "@example.org"
+    assert lookup_keys(long) == (long, "example.org", ".org", "*")
+    assert long not in module._KNOWN
+    # Recipients as written: another spelling is another entry, with the same keys.
+    assert lookup_keys("U@D1.Example.") == lookup_keys("u@d1.example")
 
 
 class DictSource:

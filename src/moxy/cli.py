@@ -248,7 +248,7 @@ def _keys_of(target: str) -> list[str]:
         raise ValueError(f"{target!r}: expected an address, a domain or a local part")
     if "@" in target or not ("." in target or target.startswith("[")):
         return list(dict.fromkeys(lookup_keys(target)))
-    return lookup_keys("@" + target)[1:]
+    return list(lookup_keys("@" + target)[1:])
 
 
 async def _route_by_keys(routing: Routing, keys: list[str]) -> Route | None:
