@@ -205,6 +205,22 @@ def test_split_verb_is_the_command_verb_for_ascii_verbs(line: bytes) -> None:
         assert command_verb(line) not in ("MAIL", "RCPT", "DATA", "STARTTLS")
 
 
+@given(st.lists(st.binary(max_size=40), max_size=6))
+def test_a_line_split_before_splits_the_same(lines: list[bytes]) -> None:
+    for line in lines + lines:  # the second time from memory
+        assert split_command(line) == commands._split(line)
+
+
+def test_the_split_lines_kept_are_bounded_and_short() -> None:
+    for n in range(commands._SPLIT_MAX + 10):
+        line = b"RCPT TO:<u%d@example.org>" % n
+        assert split_command(line) == ("RCPT", f"TO:<u{n}@example.org>")
+    assert len(commands._SPLIT) <= commands._SPLIT_MAX
+    long = b"NOOP " + b"x" * 400
+    assert split_command(long) == ("NOOP", "x" * 400)
+    assert long not in commands._SPLIT
+
+
 # MAIL and RCPT arguments already parsed are answered from a bounded cache (commands._SEEN_*):
 # the answer must be the grammar's, whatever else decides it (EHLO, the size limit, SMTPUTF8).
 
