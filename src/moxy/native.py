@@ -40,7 +40,9 @@ MODULES = (
 # Modules written in C (src/.../<name>.c), each the fast path of a Python function that stays
 # the reference and the fallback (a pure-Python installation runs that function instead).
 # setup.py reads this tuple too.
-C_MODULES = ("moxy._sockio", "moxy.accounting._speedups", "moxy.smtp._speedups")
+C_MODULES = (
+    "moxy._schedule", "moxy._sockio", "moxy.accounting._speedups", "moxy.smtp._speedups"
+)
 
 _EXTENSIONS = tuple(importlib.machinery.EXTENSION_SUFFIXES)
 

@@ -10,7 +10,10 @@ neither more nor less than trio's function (a schedule point, not a cancel point
 About 0.3 µs a read, seven reads a message with a client that reuses its connection
 (docs/benchmarks.md). The message is a private name of trio's: if a trio release no longer has
 it, `yield_now` is trio's own function. This module is not compiled (moxy.native): mypyc does
-not make generator-based coroutines (`types.coroutine`).
+not make generator-based coroutines (`types.coroutine`). The native build's `yield_now` is
+`moxy._schedule.yield_now`, in C: an object whose await yields the message once, through the
+type's slots, without the Python call, the generator and its frame that `_yield_message` costs
+on each read; `_yield_message` stays the reference and the pure-Python form.
 """
 
 from __future__ import annotations
@@ -38,6 +41,15 @@ def _yield_message() -> Generator[Any, Any, None]:
     yield _MESSAGE
 
 
-yield_now: Callable[[], Awaitable[None]] = (
-    trio.lowlevel.cancel_shielded_checkpoint if _MESSAGE is None else _yield_message
-)
+def _fastest() -> Callable[[], Awaitable[None]]:
+    if _MESSAGE is None:
+        return trio.lowlevel.cancel_shielded_checkpoint
+    try:  # the native build's (C)
+        from moxy import _schedule
+    except ImportError:  # pure Python
+        return _yield_message
+    _schedule.set_message(_MESSAGE)
+    return _schedule.yield_now
+
+
+yield_now: Callable[[], Awaitable[None]] = _fastest()
