@@ -106,3 +106,16 @@ def test_session_ids_are_unique_and_short() -> None:
     ids = [new_session_id() for _ in range(1000)]
     assert len(set(ids)) == len(ids)
     assert all(re.fullmatch(r"[0-9A-F]{12}", i) for i in ids)
+    counters = [int(i[6:], 16) for i in ids]
+    assert counters == list(range(counters[0], counters[0] + 1000))  # the counter, in order
+
+
+def test_session_ids_past_the_sixth_counter_digit_grow(monkeypatch: pytest.MonkeyPatch) -> None:
+    import itertools
+
+    from moxy import trace
+
+    monkeypatch.setattr(trace, "_ids", itertools.count(0xFFFFFF))
+    first, second = new_session_id(), new_session_id()
+    assert re.fullmatch(r"[0-9A-F]{6}FFFFFF", first)
+    assert re.fullmatch(r"[0-9A-F]{6}1000000", second)
