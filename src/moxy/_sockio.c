@@ -9,7 +9,7 @@
    after the signal handlers ran (PEP 475).
 
    Both keep the GIL: on a non-blocking socket the call returns at once, and releasing and
-   taking the GIL back (plus the method lookup on a `socket.socket`) was about a seventh of
+   taking the GIL back (plus the method lookup on a `socket.socket`) was about an eighth of
    the user-space cost of a short read or write. They take a file descriptor, not the socket:
    moxy.stream.Stream forgets its descriptor (sets it to -1) before it closes the socket, so a
    descriptor number the system has given to a new connection is never used in its place.
