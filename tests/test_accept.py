@@ -12,8 +12,9 @@ import socket
 
 import pytest
 import trio
+import trio.testing
 
-from moxy.accept import ACCEPT_BATCH, accept_loop
+from moxy.accept import ACCEPT_BATCH, SessionTasks, accept_loop
 from moxy.stream import Stream
 from moxy.trace import new_session_id
 
@@ -119,3 +120,49 @@ def test_session_ids_past_the_sixth_counter_digit_grow(monkeypatch: pytest.Monke
     first, second = new_session_id(), new_session_id()
     assert re.fullmatch(r"[0-9A-F]{6}FFFFFF", first)
     assert re.fullmatch(r"[0-9A-F]{6}1000000", second)
+
+
+async def test_a_session_task_takes_the_next_connection_once_its_own_has_ended() -> None:
+    served: list[tuple[object, str]] = []
+    done = trio.Event()
+
+    async def handle(stream: object, client_ip: str) -> None:
+        served.append((trio.lowlevel.current_task(), client_ip))
+        await trio.lowlevel.checkpoint()
+        if len(served) == 3:
+            done.set()
+
+    async with trio.open_nursery() as nursery:
+        sessions = SessionTasks(nursery, keep=4)
+        sessions.start_soon(handle, "s1", "192.0.2.1")  # type: ignore[arg-type]
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(sessions.idle) == 1  # its connection over, the task waits
+        sessions.start_soon(handle, "s2", "192.0.2.2")  # type: ignore[arg-type]
+        await trio.testing.wait_all_tasks_blocked()
+        sessions.start_soon(handle, "s3", "192.0.2.3")  # type: ignore[arg-type]
+        await done.wait()
+        nursery.cancel_scope.cancel()  # the waiting task ends with the nursery
+    assert [ip for _, ip in served] == ["192.0.2.1", "192.0.2.2", "192.0.2.3"]
+    assert len({task for task, _ in served}) == 1  # one task served all three
+    assert sessions.idle == []
+
+
+async def test_busy_session_tasks_mean_new_ones_and_only_keep_of_them_wait() -> None:
+    release = trio.Event()
+    tasks: set[object] = set()
+
+    async def handle(stream: object, client_ip: str) -> None:
+        tasks.add(trio.lowlevel.current_task())
+        await release.wait()
+
+    async with trio.open_nursery() as nursery:
+        sessions = SessionTasks(nursery, keep=2)
+        for n in range(5):  # all at once: none has ended, so five tasks
+            sessions.start_soon(handle, f"s{n}", "192.0.2.9")  # type: ignore[arg-type]
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(tasks) == 5 and sessions.idle == []
+        release.set()
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(sessions.idle) == 2  # the other three ended
+        nursery.cancel_scope.cancel()
+    assert sessions.idle == []

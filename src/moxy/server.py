@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import trio
 
 from moxy import control, metrics_http, native
-from moxy.accept import accept_loop
+from moxy.accept import SessionTasks, accept_loop
 from moxy.accounting import events as acct
 from moxy.accounting.dispatch import Accounting
 from moxy.accounting.remote import RemoteAccounting
@@ -171,10 +171,11 @@ async def serve(
     accepting = trio.CancelScope()
 
     async def accept(nursery: trio.Nursery) -> None:
+        sessions = SessionTasks(nursery)  # session tasks, reused from one connection to the next
         with accepting:
             async with trio.open_nursery() as acceptors:
                 for listener in listeners:
-                    acceptors.start_soon(accept_loop, listener, handle, nursery,
+                    acceptors.start_soon(accept_loop, listener, handle, sessions,
                                          listener in proxied)
 
     async def drain(shutdown: trio.Event, nursery: trio.Nursery) -> None:
