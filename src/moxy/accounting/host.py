@@ -121,7 +121,7 @@ async def _serve() -> int:
         try:
             async for kind, payload in incoming:
                 if kind == pipe.EVENTS:
-                    events = marshal.loads(payload)
+                    events = pipe.unpack_events(payload)
                     received.count += count_events(events)
                     accounting.deliver(events)
                 elif kind == pipe.REOPEN:

@@ -3,10 +3,10 @@ serving side.
 
 Sessions see the same `emit` as with the in-process dispatcher: an event is appended to one
 list. Every `[accounting] interval` (sooner once a batch has gathered) one task sends what has
-gathered, marshalled, down a pipe to the accounting process (moxy.accounting.host), which runs
-the dispatcher and the sinks. So the message log's formatting, the Redis counters' summing and
-every sink's I/O use another CPU than the serving event loop's; what stays here is making the
-events and one write per batch.
+gathered, packed (moxy.accounting.packing), down a pipe to the accounting process
+(moxy.accounting.host), which runs the dispatcher and the sinks. So the message log's
+formatting, the Redis counters' summing and every sink's I/O use another CPU than the serving
+event loop's; what stays here is making the events, packing them and one write per batch.
 
 The accounting process is one per serving process (a worker has its own, as it had its own
 sinks). If it dies, what it had not confirmed is counted as dropped, and it is started again
@@ -51,7 +51,7 @@ class RemoteAccounting(Intake):
         settings = config.accounting
         self._config_frame = pipe.frame(pipe.CONFIG, pickle.dumps(config))
         # Sent once a frame's worth has gathered, while the events are still in the CPU's
-        # caches (and before marshal's table of them outgrows those).
+        # caches.
         super().__init__(bool(settings.sinks), settings.queue, settings.interval,
                          wake_at=max(1, min(pipe.FRAME_EVENTS, settings.queue // 2)))
         self.names = tuple(settings.sinks)

@@ -1,0 +1,183 @@
+"""The events' encoding on the accounting process's pipe (moxy.accounting.packing) and its C
+twin (moxy.accounting._frames, native build): every event comes back as it went, a repeated
+field is one byte, the C functions write the same bytes and read the same events as the
+reference, and anything that is not a payload is refused by both alike (ValueError, FrameError
+on the pipe)."""
+
+from __future__ import annotations
+
+import math
+import struct
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from moxy import native
+from moxy.accounting import packing, pipe
+from moxy.accounting.events import DeliveryEvent
+
+NATIVE = "moxy.accounting._frames" in native.compiled()
+if NATIVE:
+    from moxy.accounting import _frames
+
+# Lone surrogates included (what surrogateescape makes of bad bytes in an address).
+text = st.text(st.characters(), max_size=8)
+plain_fields = (
+    text | st.integers(-2**63, 2**63 - 1) | st.floats(allow_nan=True)
+    | st.lists(text, max_size=3).map(tuple)
+)
+odd_fields = (
+    st.integers(-2**80, 2**80) | st.booleans() | st.none() | st.binary(max_size=5)
+    | st.lists(st.integers(0, 3) | text, max_size=3).map(tuple)
+)
+
+
+@st.composite
+def event_lists(draw: st.DrawFn, fields: st.SearchStrategy[Any]) -> list[tuple[Any, ...]]:
+    """Events drawn from a small pool of values, so that fields repeat (SAME) and do not."""
+    pool = draw(st.lists(fields, min_size=1, max_size=6))
+    pick = st.sampled_from(pool) | fields
+    sizes = st.integers(1, 5)
+    return [tuple(draw(st.lists(pick, min_size=n, max_size=n)))
+            for n in draw(st.lists(sizes, max_size=6))]
+
+
+def same(a: Any, b: Any) -> bool:
+    """Equal, type for type; NaN equal to NaN, and -0.0 not equal to 0.0."""
+    if type(a) is not type(b):
+        return False
+    if type(a) is float:
+        return struct.pack("<d", a) == struct.pack("<d", b) or (math.isnan(a) and math.isnan(b))
+    if type(a) is tuple:
+        return len(a) == len(b) and all(map(same, a, b))
+    return bool(a == b)
+
+
+def same_events(a: list[tuple[Any, ...]], b: list[tuple[Any, ...]]) -> bool:
+    return len(a) == len(b) and all(map(same, a, b))
+
+
+def unpackers() -> list[Any]:
+    return [packing.unpack, *([_frames.unpack] if NATIVE else [])]
+
+
+@given(event_lists(plain_fields | odd_fields))
+def test_events_come_back_as_they_went(events: list[tuple[Any, ...]]) -> None:
+    payload = packing.pack(events)
+    for unpack in unpackers():
+        assert same_events(unpack(payload), events)
+
+
+def test_the_encoding_byte_for_byte() -> None:
+    """Pinned, so that a change to either implementation that changes the format shows."""
+    when = 1.5
+    events = [("leg", 250, when, ("a@x",), "é"), ("leg", 251, when, ("a@x",), True)]
+    expected = (
+        b"\x05" + b"\x01\x03leg" + b"\x02" + (250).to_bytes(8, "little") + b"\x03"
+        + struct.pack("<d", 1.5) + b"\x04\x01\x03a@x" + b"\x01\x02\xc3\xa9"
+        + b"\x05" + b"\x00" + b"\x02" + (251).to_bytes(8, "little") + b"\x00" + b"\x00"
+        + b"\x05\x01T"
+    )
+    assert packing.pack(events) == expected
+    if NATIVE:
+        assert _frames.pack(events) == expected
+
+
+def test_a_repeated_field_is_one_byte_and_the_same_object() -> None:
+    first = ("leg", "S1", "S1.1", "192.0.2.7", "client.test", "s@c.test", ("r@x.test",), 7)
+    second = tuple(  # equal fields, other objects
+        field.encode().decode() if type(field) is str
+        else tuple(item.encode().decode() for item in field) if type(field) is tuple
+        else field
+        for field in first
+    )
+    assert all(a is not b for a, b in zip(first[:-1], second[:-1], strict=True))
+    alone = len(packing.pack([first]))
+    assert len(packing.pack([first, second])) == alone + 1 + len(first)
+    for unpack in unpackers():
+        one, two = unpack(packing.pack([first, second]))
+        assert one == first and two == second
+        assert all(a is b for a, b in zip(one, two, strict=True))
+
+
+def test_a_float_repeats_only_as_the_same_object() -> None:
+    zero = 0.0
+    events = [(zero, zero), (-0.0, zero)]
+    payload = packing.pack(events)
+    assert payload.count(packing.FLOAT) == 3  # -0.0 is written; `zero` repeats
+    for unpack in unpackers():
+        assert same_events(unpack(payload), events)
+
+
+def test_what_is_not_an_event_is_refused() -> None:
+    for events in ([()], [tuple(range(256))], [(object(),)]):
+        with pytest.raises(ValueError):
+            pipe.pack_events(events)  # C leaves these to Python, which refuses them
+    assert packing.unpack(pipe.pack_events([["a", 1]])) == [("a", 1)]  # type: ignore[list-item]
+
+
+@pytest.mark.parametrize("payload", [
+    b"\x00",  # an event of no fields
+    b"\x01",  # the end inside an event
+    b"\x01\x00",  # SAME in the first event
+    b"\x01\x01\x01a\x02\x00\x00",  # SAME for a field the event before lacks
+    b"\x01\x07",  # an unknown tag
+    b"\x01\x01\x05ab",  # a string past the end
+    b"\x01\x01" + b"\xff" * 10,  # a length of more than 9 bytes
+    b"\x01\x02\x01\x02",  # an int past the end
+    b"\x01\x03" + b"\x00" * 7,  # a float past the end
+    b"\x01\x04\x03\x01a",  # a tuple whose strings end early
+    b"\x01\x01\x01\xff",  # not UTF-8
+    b"\x01\x05\x01\x00",  # not marshal
+])
+def test_a_broken_payload_is_refused(payload: bytes) -> None:
+    for unpack in unpackers():
+        with pytest.raises(ValueError):
+            unpack(payload)
+    with pytest.raises(pipe.FrameError, match="does not unpack"):
+        pipe.unpack_events(payload)
+
+
+def test_delivery_events_pack_as_tuples() -> None:
+    event = DeliveryEvent(
+        kind="leg", session_id="S1", message_id="S1.1", client_ip="192.0.2.7", helo="c.test",
+        mail_from="s@c.test", recipients=("a@x.test",), destination="127.0.0.1:2525",
+        route="127.0.0.1:2525", size=120, code=250, reply="2.0.0 Ok", stage="end-of-data",
+        duration=0.0123, node="n1", time=1_764_000_000.25,
+    )
+    for unpack in unpackers():
+        assert unpack(pipe.pack_events([event, event])) == [tuple(event)] * 2
+
+
+@pytest.mark.skipif(not NATIVE, reason="pure Python: no C to compare (conftest.py fails "
+                    "the run under MOXY_EXPECT_NATIVE=1)")
+class TestCAgainstPython:
+    @given(event_lists(plain_fields))
+    def test_the_same_bytes(self, events: list[tuple[Any, ...]]) -> None:
+        assert _frames.pack(events) == packing.pack(events)
+
+    @given(event_lists(plain_fields | odd_fields))
+    def test_the_same_events_back(self, events: list[tuple[Any, ...]]) -> None:
+        # Marshalled fields may differ in a flag bit (marshal looks at reference counts).
+        assert same_events(packing.unpack(_frames.pack(events)), events)
+
+    @settings(max_examples=300)
+    # Random bytes never ask marshal to read them (it is not made for hostile data).
+    @given(st.binary(max_size=40).filter(lambda b: packing.OTHER not in b)
+           | event_lists(plain_fields).map(packing.pack).flatmap(
+               lambda payload: st.integers(0, len(payload)).map(lambda n: payload[:n])))
+    def test_the_same_verdict_on_any_bytes(self, payload: bytes) -> None:
+        try:
+            expected = packing.unpack(payload)
+        except ValueError:
+            with pytest.raises(ValueError):
+                _frames.unpack(payload)
+        else:
+            assert same_events(_frames.unpack(payload), expected)
+
+    def test_a_large_batch_and_the_buffer_after_it(self) -> None:
+        big = [("x" * 5000, n) for n in range(400)]  # 2 MB: past the buffer kept
+        assert _frames.pack(big) == packing.pack(big)
+        assert _frames.pack([("a",)]) == packing.pack([("a",)])
