@@ -5,6 +5,8 @@ rotating every round, so that the VM's drift falls on all of them alike.
 - "none": this tree, `sinks = []` (no accounting at all);
 - "this": this tree, message log + Redis counters;
 - "other" (with SRC): the Moxy whose `src` directory is SRC, message log + Redis counters;
+- "inline" (with --inline): this tree, message log + Redis counters in the serving process
+  (`[accounting] process = false`);
 - "bystander" (with --bystander): the "none" Moxy again, while a process that has nothing to
   do with mail burns CPU the way the accounting process does (a burst every 0.1 s, as much CPU
   per second as "this" one's accounting process used in the round before). It measures what
@@ -16,7 +18,8 @@ accounting process writes the last events. At the end, per contender, the median
 rounds' throughput ratios to "none", and for each Moxy with accounting the message log's line
 count against what was sent (nothing may be lost).
 
-    .venv/bin/python benchmarks/bench_accounting_trees.py [SRC] [--bystander] [--mode reuse]
+    .venv/bin/python benchmarks/bench_accounting_trees.py [SRC] [--bystander] [--inline]
+                                                          [--mode reuse]
                                                           [--rounds 12]
 
 SRC is a copy of an older `src` (e.g. from `git worktree`, with its own native build, or this
@@ -72,6 +75,8 @@ def main() -> None:
     parser.add_argument("src", metavar="SRC", nargs="?", help="the other Moxy's src directory")
     parser.add_argument("--bystander", action="store_true",
                         help="also the Moxy without accounting beside a CPU-burning process")
+    parser.add_argument("--inline", action="store_true",
+                        help="also this tree with the sinks in the serving process")
     parser.add_argument("--mode", choices=sorted(MODES), default="reuse")
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--messages", type=int, default=10_000)
@@ -81,6 +86,8 @@ def main() -> None:
     reuse, pool = MODES[args.mode]
     to = f"u@{ROUTE}"
     counted = ["this"] if args.src is None else ["other", "this"]
+    if args.inline:
+        counted.append("inline")
     with contextlib.ExitStack() as stack:
         sink = free_port()
         stack.enter_context(proxies.smtp_sink(sink))
@@ -94,7 +101,8 @@ def main() -> None:
             try:
                 moxies[name] = stack.enter_context(proxies.moxy(
                     workdir, f"{ROUTE}  127.0.0.1:{sink}\n", idle_upstreams=pool,
-                    extra=proxies.accounting_toml(None if name == "none" else url)))
+                    extra=proxies.accounting_toml(None if name == "none" else url,
+                                                  process=name != "inline")))
             finally:
                 os.environ.pop("PYTHONPATH", None)
             logs[name] = workdir / "moxy.log"
