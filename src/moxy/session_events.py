@@ -9,32 +9,17 @@ is made when accounting has no sinks.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
+from time import monotonic
+from time import time as wall_time
 from typing import Any
 
 from moxy.accounting import events as acct
 from moxy.accounting.events import LEG_AND_MESSAGE, Emit, discard
 from moxy.context import ServerContext
-from moxy.lookup.base import DestinationGroup
 from moxy.smtp.replies import Reply
 from moxy.transaction import LegResult, Transaction
 from moxy.upstream import Leg
-
-# str(group) per group object, by id (the entry holds the group, so the id stays its own):
-# the route cache hands out the same group objects message after message.
-_group_texts: dict[int, tuple[DestinationGroup, str]] = {}
-
-
-def _group_text(group: DestinationGroup) -> str:
-    known = _group_texts.get(id(group))
-    if known is not None and known[0] is group:
-        return known[1]
-    if len(_group_texts) >= 4096:
-        _group_texts.clear()
-    text = str(group)
-    _group_texts[id(group)] = (group, text)
-    return text
 
 
 def _leg_tls(leg: Leg) -> str:
@@ -73,8 +58,8 @@ class SessionEvents:
         # Typed Any, not float: compiled (setup.py), a float is boxed again wherever it goes
         # into a tuple, and the events would no longer share these objects, which is what
         # lets log_lines format a message's clock fields once for both of its lines.
-        now: Any = time.time()
-        duration: Any = time.monotonic() - self.data_started
+        now: Any = wall_time()
+        duration: Any = monotonic() - self.data_started
         node = self.node
         tls = acct.tls_field(self.tls) if self.tls else ""
         sid, mid, ip, helo, mail_from = (
@@ -89,7 +74,7 @@ class SessionEvents:
                 # The commonest message: its two events as one tuple (acct.LEG_AND_MESSAGE).
                 emit((
                     LEG_AND_MESSAGE, sid, mid, ip, helo, mail_from, recipients,
-                    result.destination, _group_text(leg.group), leg.sent, outcome.code,
+                    result.destination, leg.group.text, leg.sent, outcome.code,
                     str(outcome), "end-of-data", duration, node, "", tls, now,
                     size, reply.code, str(reply), _leg_tls(leg),
                 ))
@@ -102,14 +87,14 @@ class SessionEvents:
                 code, text, stage = 0, str(outcome), getattr(outcome, "stage", "?")
             # A leg that carried every recipient shares the message's tuple (and its "to=").
             accepted = leg.accepted
-            route = _group_text(leg.group)
+            route = leg.group.text
             emit((
                 "leg", sid, mid, ip, helo, mail_from,
                 recipients if accepted == everyone else tuple(accepted), result.destination,
                 route, leg.sent, code, text, stage, duration, node, "", _leg_tls(leg), now,
             ))
         if len(results) != 1 or len(t.legs) != 1:  # one leg: its route is the message's
-            route = " ".join(map(_group_text, t.legs))
+            route = " ".join([group.text for group in t.legs])
         emit((
             "message", sid, mid, ip, helo, mail_from, recipients, "-", route, size,
             reply.code, str(reply), "end-of-data", duration, node, "", tls, now,
@@ -125,14 +110,14 @@ class SessionEvents:
         t = self.transaction
         if t is not None:
             mail_from, recipients = t.envelope.mail_from, tuple(t.recipients)
-            route = " ".join([_group_text(g) for g in t.legs])
+            route = " ".join([group.text for group in t.legs])
         else:
             mail_from, recipients, route = "", (), ""
         emit((
             "message", self.id, self.message_id, self.client_ip, self.helo, mail_from,
             recipients, "-", route, size, reply.code, str(reply), stage,
-            time.monotonic() - self.data_started, self.node, "",
-            acct.tls_field(self.tls) if self.tls else "", time.time(),
+            monotonic() - self.data_started, self.node, "",
+            acct.tls_field(self.tls) if self.tls else "", wall_time(),
         ))
 
     def log_refused(
@@ -147,7 +132,7 @@ class SessionEvents:
                 "refused", self.id, self.message_id, self.client_ip, self.helo,
                 t.envelope.mail_from if t is not None else "", (address,), destination, route,
                 0, reply.code, str(reply), "rcpt", 0.0, self.node, reason,
-                acct.tls_field(self.tls) if self.tls else "", time.time(),
+                acct.tls_field(self.tls) if self.tls else "", wall_time(),
             ))
         return reply
 

@@ -91,9 +91,15 @@ class DestinationGroup:
     alternatives: tuple[Destination, ...] = attrs.field(
         validator=attrs.validators.min_len(1)
     )
+    # str(), made once: every message's events name the group (moxy.session_events), and the
+    # route cache hands out the same group objects message after message.
+    text: str = attrs.field(init=False, eq=False, order=False, hash=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        object.__setattr__(self, "text", "|".join([str(d) for d in self.alternatives]))
 
     def __str__(self) -> str:
-        return "|".join(str(d) for d in self.alternatives)
+        return self.text
 
 
 @attrs.frozen
