@@ -344,3 +344,57 @@ def test_sum_known_leaves_a_sum_that_is_not_ints_to_python() -> None:
     want = (None, {key_of(BASE): [2.5, BASE.size, "counted"]})
     assert outcome_of(_speedups.sum_known, [BASE], sums) == want
     assert outcome_of(counters.sum_known, [BASE], sums) == want
+
+
+@given(st.lists(st.tuples(st.integers(0, 2), st.integers(0, 1), st.sampled_from(
+    ["leg", "message", "refused"]), st.sampled_from([250, 550]), st.floats(0, 59.9)),
+    max_size=12), st.data())
+def test_sum_known_adds_runs_of_events_sharing_their_objects(
+    shapes: list[tuple[int, int, str, int, float]], data: st.DataObject
+) -> None:
+    """Consecutive events whose tally fields are the very same objects (as the accounting
+    process unpacks them) add to the sum of the event before without a lookup of their own:
+    still exactly where Python adds them, a new minute, outcome or tally taking its own sum,
+    and an event without a sum stopping the loop there."""
+    from moxy.accounting import _speedups
+
+    tallies = [  # destination, recipients, sender, client, node: one set of objects each
+        ("127.0.0.1:2525", ("a@x.test",), "s@c.test", "192.0.2.7", "n1"),
+        ("127.0.0.1:2526", ("a@x.test", "b@x.test"), "t@c.test", "192.0.2.8", "n1"),
+    ]
+    batch = [
+        BASE._replace(kind=kind, code=code, time=1_764_000_000.0 + 60 * minute + second,
+                      destination=tally[0], recipients=tally[1], mail_from=tally[2],
+                      client_ip=tally[3], node=tally[4])
+        for minute, which, kind, code, second in shapes for tally in [tallies[which]]
+    ]
+    keys = sorted({key for key in map(key_of, batch) if key is not None}, key=repr)
+    known = data.draw(st.lists(st.sampled_from(keys), unique=True) if keys else st.just([]))
+    sums: dict[object, list[object]] = {key: [3, 7, "counted"] for key in known}
+    assert outcome_of(_speedups.sum_known, batch, sums) == \
+        outcome_of(counters.sum_known, batch, sums)
+    stop = _speedups.sum_known(batch, {key: [0, 0] for key in known}, 0)
+    assert stop == counters.sum_known(batch, {key: [0, 0] for key in known}, 0)
+
+
+@pytest.mark.parametrize("duration", [
+    0.0, 0.0005, 0.0015, 0.0025, 0.0035, 0.1235, 0.9995, 1.0005, 2.675, 123.4565, 999.9995,
+    999_999.9995, 999_999.999, 1e6 - 1e-10, 1e6, 5e-324, 1e-7, 0.00049999999999999, -0.0,
+    -0.0005, 1e30,
+])
+def test_a_duration_is_rounded_as_python_rounds_it(duration: float) -> None:
+    """The line's duration is `format(duration, ".3f")`, ties and their neighbours included
+    (beyond 10^36 seconds C leaves the batch to Python)."""
+    event = BASE._replace(duration=duration)
+    assert encode([event]) == python([event])
+
+
+@given(st.integers(0, 10**9 - 1), st.sampled_from([0.0, 0.0004, 0.0005, 0.0006]),
+       st.sampled_from([-1e-12, 0.0, 1e-12]))
+def test_thousandths_near_a_tie_are_rounded_as_python_rounds_them(
+    thousandths: int, offset: float, nudge: float
+) -> None:
+    duration = thousandths / 1000 + offset + nudge
+    if duration >= 0:
+        event = BASE._replace(duration=duration)
+        assert encode([event]) == python([event])

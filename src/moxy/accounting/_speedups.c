@@ -15,7 +15,9 @@
      each event to its sum of messages and bytes (keyed by minute and tally) while that sum
      exists, and returns the index of the first event that needs a new one. It may also stop
      at an event it leaves to Python (a field of an unexpected type, an unhashable one); the
-     sink handles that event in Python and calls it again after it.
+     sink handles that event in Python and calls it again after it. An event whose tally
+     fields are the very objects of the event before (and of the same minute and outcome)
+     adds to that event's sum without a key made and looked up (`Last`).
 
    The Python functions stay the reference and the fallback (a pure-Python installation runs
    them); tests/accounting/test_speedups.py holds both side by side on generated events.
@@ -185,6 +187,38 @@ typedef struct {
     Py_ssize_t fixed_n;
 } Seen;
 
+/* format(d, ".3f") for 0 <= d < 10^6 (not -0.0) when the thousandths are not within 10^-6 of
+   a tie, into `out` (at least 12 bytes); 0 otherwise, and PyOS_double_to_string decides. A
+   duration is a few thousandths of a second, and that function (sprintf underneath) cost more
+   than the rest of a line. Below 10^6, d * 1000 is within 2^-24 of the exact product, so away
+   from a tie it rounds as the exact binary value does. */
+static Py_ssize_t fixed3(double d, char *out) {
+    if (!(d >= 0.0 && d < 1e6) || signbit(d))
+        return 0;
+    double scaled = d * 1000.0;
+    double whole = floor(scaled);
+    double fraction = scaled - whole;
+    if (fabs(fraction - 0.5) < 1e-6)
+        return 0;
+    long long q = (long long)whole + (fraction > 0.5);
+    long long units = q / 1000;
+    int thousandths = (int)(q % 1000);
+    char digits[12];
+    int n = 0;
+    do {
+        digits[n++] = (char)('0' + units % 10);
+        units /= 10;
+    } while (units);
+    char *p = out;
+    while (n)
+        *p++ = digits[--n];
+    *p++ = '.';
+    *p++ = (char)('0' + thousandths / 100);
+    *p++ = (char)('0' + thousandths / 10 % 10);
+    *p++ = (char)('0' + thousandths % 10);
+    return p - out;
+}
+
 /* One event's line: 1 written, 0 give up (Python formats the batch), -1 error. */
 static int put_line(Buffer *b, PyObject *event, Seen *seen) {
     if (!PyTuple_Check(event) || PyTuple_GET_SIZE(event) != FIELDS)
@@ -254,18 +288,21 @@ static int put_line(Buffer *b, PyObject *event, Seen *seen) {
     if (duration != seen->duration) {
         if (!PyFloat_CheckExact(duration))
             return 0;
-        /* The function behind Python's own format(duration, ".3f"). */
-        char *fixed = PyOS_double_to_string(PyFloat_AS_DOUBLE(duration), 'f', 3, 0, NULL);
-        if (fixed == NULL)
-            return -1;
-        size_t n = strlen(fixed);
-        if (n >= sizeof seen->fixed) {  /* a duration of 10^36 seconds */
+        Py_ssize_t n = fixed3(PyFloat_AS_DOUBLE(duration), seen->fixed);
+        if (n == 0) {
+            /* The function behind Python's own format(duration, ".3f"). */
+            char *fixed = PyOS_double_to_string(PyFloat_AS_DOUBLE(duration), 'f', 3, 0, NULL);
+            if (fixed == NULL)
+                return -1;
+            n = (Py_ssize_t)strlen(fixed);
+            if (n >= (Py_ssize_t)sizeof seen->fixed) {  /* a duration of 10^36 seconds */
+                PyMem_Free(fixed);
+                return 0;
+            }
+            memcpy(seen->fixed, fixed, n);
             PyMem_Free(fixed);
-            return 0;
         }
-        memcpy(seen->fixed, fixed, n);
-        PyMem_Free(fixed);
-        seen->fixed_n = (Py_ssize_t)n;
+        seen->fixed_n = n;
         seen->duration = duration;
     }
     TRY_PUT(PUT_LITERAL(b, " duration="));
@@ -427,9 +464,33 @@ static double minute_of(double t) {
     return copysign(0.0, t / 60.0);
 }
 
+/* The sum the last event of this call was added to, and what its key was made of. The next
+   event whose key is made of the very same objects (and minute) adds to it without a key
+   made and looked up: consecutive events from one sender, client and destination share those
+   objects (moxy.accounting.packing hands on a repeated field as the same object). Only set
+   from a key of exact str and tuple-of-str parts, whose lookup runs no Python code, and
+   forgotten at every lookup: so no Python code runs between its setting and its use. */
+typedef struct {
+    PyObject *entry; /* borrowed from `sums`, or NULL */
+    PyObject *owner; /* the event whose fields these are: held, so they stay what they are */
+    double minute;
+    PyObject *outcome, *dest, *recipients, *from, *client, *node;
+} Last;
+
+static int exact_text(PyObject *value) {
+    if (PyUnicode_CheckExact(value))
+        return 1;
+    if (!PyTuple_CheckExact(value))
+        return 0;
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(value); i++)
+        if (!PyUnicode_CheckExact(PyTuple_GET_ITEM(value, i)))
+            return 0;
+    return 1;
+}
+
 /* counters.sum_known for one event: 1 when it was added (or counts nothing), 0 when it needs
    Python (no sum yet, or a field of an unexpected type). Never raises. */
-static int add_known(PyObject *sums, PyObject *event) {
+static int add_known(PyObject *sums, PyObject *event, Last *last) {
     if (!PyTuple_Check(event) || PyTuple_GET_SIZE(event) < FIELDS)
         return 0;
     PyObject **f = &PyTuple_GET_ITEM(event, 0);
@@ -453,12 +514,21 @@ static int add_known(PyObject *sums, PyObject *event) {
     }
     if (!PyLong_CheckExact(f[SIZE]))
         return 0;
-    PyObject *minute;
-    if (PyFloat_CheckExact(f[TIME])) {
+    PyObject *minute, *entry;
+    double minute_value = 0.0;
+    int by_float = PyFloat_CheckExact(f[TIME]);
+    if (by_float) {
         double t = PyFloat_AS_DOUBLE(f[TIME]);
         if (!isfinite(t))
             return 0;
-        minute = PyLong_FromDouble(minute_of(t));
+        minute_value = minute_of(t);
+        if (last->entry != NULL && minute_value == last->minute && outcome == last->outcome &&
+            f[DEST] == last->dest && f[RECIPIENTS] == last->recipients &&
+            f[FROM] == last->from && f[CLIENT] == last->client && f[NODE] == last->node) {
+            entry = last->entry;
+            goto add;
+        }
+        minute = PyLong_FromDouble(minute_value);
     } else if (PyLong_CheckExact(f[TIME])) {
         minute = PyNumber_FloorDivide(f[TIME], SIXTY);
     } else {
@@ -475,7 +545,8 @@ static int add_known(PyObject *sums, PyObject *event) {
         PyErr_Clear();
         return 0;
     }
-    PyObject *entry = PyDict_GetItemWithError(sums, key);  /* borrowed */
+    last->entry = NULL;
+    entry = PyDict_GetItemWithError(sums, key);  /* borrowed */
     Py_DECREF(key);
     if (entry == NULL || !PyList_CheckExact(entry) || PyList_GET_SIZE(entry) < 2 ||
         !PyLong_CheckExact(PyList_GET_ITEM(entry, 0)) ||
@@ -483,6 +554,14 @@ static int add_known(PyObject *sums, PyObject *event) {
         PyErr_Clear();
         return 0;  /* ints only: no Python code runs while the entry is borrowed */
     }
+    if (by_float && exact_text(f[DEST]) && exact_text(f[RECIPIENTS]) && exact_text(f[FROM]) &&
+        exact_text(f[CLIENT]) && exact_text(f[NODE])) {
+        Py_INCREF(event);
+        Py_XDECREF(last->owner);
+        *last = (Last){entry, event, minute_value, outcome, f[DEST], f[RECIPIENTS], f[FROM],
+                       f[CLIENT], f[NODE]};
+    }
+add:
     PyObject *count = PyNumber_Add(PyList_GET_ITEM(entry, 0), ONE);
     PyObject *bytes = count ? PyNumber_Add(PyList_GET_ITEM(entry, 1), f[SIZE]) : NULL;
     if (bytes == NULL) {
@@ -507,15 +586,17 @@ static PyObject *sum_known(PyObject *module, PyObject *const *args, Py_ssize_t n
     if (batch == NULL)
         return NULL;
     Py_ssize_t i = start < 0 ? 0 : start;
+    Last last = {NULL};
     /* The size and items are read again each time: a key's __eq__ is Python code. */
     for (; i < PySequence_Fast_GET_SIZE(batch); i++) {
         PyObject *event = PySequence_Fast_GET_ITEM(batch, i);
         Py_INCREF(event);
-        int done = add_known(args[1], event);
+        int done = add_known(args[1], event, &last);
         Py_DECREF(event);
         if (!done)
             break;
     }
+    Py_XDECREF(last.owner);
     Py_DECREF(batch);
     return PyLong_FromSsize_t(i);
 }
