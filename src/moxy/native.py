@@ -41,8 +41,8 @@ MODULES = (
 # the reference and the fallback (a pure-Python installation runs that function instead).
 # setup.py reads this tuple too.
 C_MODULES = (
-    "moxy._schedule", "moxy._sockio", "moxy.accounting._frames", "moxy.accounting._speedups",
-    "moxy.smtp._speedups",
+    "moxy._schedule", "moxy._sockio", "moxy.accounting._frames", "moxy.accounting._loglines",
+    "moxy.accounting._speedups", "moxy.smtp._speedups",
 )
 
 _EXTENSIONS = tuple(importlib.machinery.EXTENSION_SUFFIXES)

@@ -3,7 +3,6 @@ from typing import Any
 
 from moxy.accounting.events import DeliveryEvent
 
-def encode_lines(batch: Sequence[DeliveryEvent], /) -> bytes | None: ...
 def expand(
     emitted: Iterable[tuple[Any, ...]], cls: type[DeliveryEvent], marker: str, /
 ) -> list[DeliveryEvent] | None: ...

@@ -26,7 +26,7 @@ from moxy.accounting.events import DeliveryEvent, json_lines, log_lines
 from moxy.accounting.settings import FileSinkSettings
 
 try:  # the native build's formatter of the text lines (C): log_lines, a tenth of the cost
-    from moxy.accounting._speedups import encode_lines as _encode_lines
+    from moxy.accounting._loglines import encode_lines as _encode_lines
 except ImportError:  # pure Python
     def _encode_lines(batch: Sequence[DeliveryEvent], /) -> bytes | None:
         return None

@@ -1,0 +1,5 @@
+from collections.abc import Sequence
+
+from moxy.accounting.events import DeliveryEvent
+
+def encode_lines(batch: Sequence[DeliveryEvent], /) -> bytes | None: ...
