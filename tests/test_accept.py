@@ -4,11 +4,13 @@ address; out of file descriptors, it pauses and goes on; session ids stay unique
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import re
 import resource
 import socket
+import weakref
 
 import pytest
 import trio
@@ -166,3 +168,25 @@ async def test_busy_session_tasks_mean_new_ones_and_only_keep_of_them_wait() -> 
         assert len(sessions.idle) == 2  # the other three ended
         nursery.cancel_scope.cancel()
     assert sessions.idle == []
+
+
+async def test_a_waiting_session_task_keeps_nothing_of_its_last_connection() -> None:
+    """Its stream (with the closed socket) and the handler are let go while it waits."""
+
+    class Connection:
+        pass
+
+    async def handle(stream: object, client_ip: str) -> None:
+        await trio.lowlevel.checkpoint()
+
+    connection = Connection()
+    gone = weakref.ref(connection)
+    async with trio.open_nursery() as nursery:
+        sessions = SessionTasks(nursery, keep=4)
+        sessions.start_soon(handle, connection, "192.0.2.1")  # type: ignore[arg-type]
+        del connection
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(sessions.idle) == 1
+        gc.collect()
+        assert gone() is None
+        nursery.cancel_scope.cancel()

@@ -74,10 +74,11 @@ class SessionTasks:
         else:
             self.nursery.start_soon(self._serve, handle, stream, client_ip)
 
-    async def _serve(self, handle: Handle, stream: trio.SocketStream | Stream,
+    async def _serve(self, handle: Handle, stream: trio.SocketStream | Stream | None,
                      client_ip: str) -> None:
-        while True:
+        while stream is not None:
             await handle(stream, client_ip)
+            stream = None  # ended: its closed socket is not kept while the task waits
             if len(self.idle) >= self.keep:
                 return
             task = trio.lowlevel.current_task()
