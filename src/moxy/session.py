@@ -62,6 +62,7 @@ class Session(SessionEvents):
         self.drain = ctx.drain
         self.split_destinations = cfg.proxy.split_destinations
         self.emit = ctx.emit
+        self.events_on = ctx.emit is not acct.discard
         self.node = cfg.server.node
         self.data_chunk = cfg.limits.data_chunk
         self.hostname = cfg.server.hostname

@@ -9,13 +9,12 @@ is made when accounting has no sinks.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from time import monotonic
 from time import time as wall_time
 from typing import Any
 
 from moxy.accounting import events as acct
-from moxy.accounting.events import LEG_AND_MESSAGE, Emit, discard
+from moxy.accounting.events import LEG_AND_MESSAGE, Emit
 from moxy.context import ServerContext
 from moxy.smtp.replies import Reply
 from moxy.transaction import LegResult, Transaction
@@ -34,6 +33,7 @@ class SessionEvents:
     ctx: ServerContext
     counting: bool  # metrics on
     emit: Emit  # ctx.emit: takes an event's fields as a plain tuple
+    events_on: bool  # emit is not events.discard (a native attribute: no global looked up)
     node: str  # [server] node
     id: str
     client_ip: str
@@ -44,15 +44,15 @@ class SessionEvents:
     transaction: Transaction | None
     ended_by: str | None
 
-    def log_delivery(self, results: Sequence[LegResult], reply: Reply, size: int) -> None:
+    def log_delivery(self, results: list[LegResult], reply: Reply, size: int) -> None:
         """End of data: an event per leg, then the message's. They share one reading of the
         clocks and everything else that describes the message, computed once. A message whose
         one leg carried every recipient hands both over as one LEG_AND_MESSAGE tuple."""
         if self.counting:
             self.ctx.metrics.message(reply.code)
-        emit = self.emit
-        if emit is discard:
+        if not self.events_on:
             return
+        emit = self.emit
         t = self.transaction
         assert t is not None
         # Typed Any, not float: compiled (setup.py), a float is boxed again wherever it goes
@@ -104,9 +104,9 @@ class SessionEvents:
         """A message no leg finished: refused at DATA, or its body refused by Moxy."""
         if self.counting:
             self.ctx.metrics.message(reply.code)
-        emit = self.emit
-        if emit is discard:
+        if not self.events_on:
             return
+        emit = self.emit
         t = self.transaction
         if t is not None:
             mail_from, recipients = t.envelope.mail_from, tuple(t.recipients)
@@ -126,7 +126,7 @@ class SessionEvents:
         """A recipient refused at RCPT; returns `reply`."""
         self.ctx.metrics.recipient_refused(reason)
         emit = self.emit
-        if emit is not discard:
+        if self.events_on:
             t = self.transaction
             emit((
                 "refused", self.id, self.message_id, self.client_ip, self.helo,
@@ -141,7 +141,7 @@ class SessionEvents:
         if self.ended_by is None:
             self.ended_by = reason
             self.ctx.metrics.connection_refused(reason)
-            if self.emit is not discard:
+            if self.events_on:
                 self.emit(acct.connection_event(
                     self.client_ip, code, text, reason, self.node,
                     session_id=self.id, helo=self.helo, stage=stage,

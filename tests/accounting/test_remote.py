@@ -21,7 +21,7 @@ import trio.testing
 
 from moxy.accounting import host, pipe
 from moxy.accounting.dispatch import Accounting
-from moxy.accounting.remote import RemoteAccounting, accounting_for
+from moxy.accounting.remote import RemoteAccounting, _write, accounting_for
 from moxy.config import ConfigError, load_config
 from peers.waiting import eventually
 
@@ -348,3 +348,23 @@ def test_the_collector_leaves_what_the_accounting_process_was_made_of_alone() ->
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True)
     assert done.stdout.split() == ["True", str(host.YOUNG)]
+
+
+async def test_a_batch_larger_than_the_pipe_arrives_whole_and_a_closed_reader_is_an_error() -> None:
+    """The clock writes straight into the pipe; what it does not take goes through send_all,
+    in order, and a reader gone is trio's BrokenResourceError (as send_all says it)."""
+    read_end, write_end = os.pipe()
+    data = bytes(range(256)) * 1024  # 256 KiB: four times what a default pipe holds
+    got = bytearray()
+    async with trio.lowlevel.FdStream(read_end) as reader, \
+            trio.lowlevel.FdStream(write_end) as writer:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_write, writer, data)
+            while len(got) < len(data):
+                got += await reader.receive_some(1 << 16)
+        assert got == data
+        await _write(writer, b"small")
+        assert await reader.receive_some() == b"small"
+        await reader.aclose()
+        with pytest.raises(trio.BrokenResourceError):
+            await _write(writer, b"nobody reads this")

@@ -41,9 +41,12 @@ REOPEN = b"R"
 STATS = b"S"
 
 MAX_FRAME = 64 << 20  # bytes: a longer frame is a bug on the other side, not data
-# Events per EVENTS frame, and how many gathered make the serving process send them (sooner
-# than `[accounting] interval`): sent while they are still in the CPU's caches.
-FRAME_EVENTS = 128
+# Entries (events, or a message's LEG_AND_MESSAGE pair) gathered that make the serving process
+# send them, sooner than `[accounting] interval`: sent while they are still in the CPU's caches.
+SEND_AT = 128
+# Entries per EVENTS frame at most, which bounds a frame's size (a few hundred KiB): a batch is
+# one frame unless the serving process gathered a great many before it could send them.
+FRAME_EVENTS = 4096
 _HEAD = struct.Struct(">cI")
 # Bytes the pipe to the accounting process is asked to hold (F_SETPIPE_SZ; 1 MiB is Linux's
 # default ceiling for an unprivileged process): at about 160 bytes per event, over half a

@@ -53,7 +53,7 @@ class RemoteAccounting(Intake):
         # Sent once a frame's worth has gathered, while the events are still in the CPU's
         # caches.
         super().__init__(bool(settings.sinks), settings.queue, settings.interval,
-                         wake_at=max(1, min(pipe.FRAME_EVENTS, settings.queue // 2)))
+                         wake_at=max(1, min(pipe.SEND_AT, settings.queue // 2)))
         self.names = tuple(settings.sinks)
         self.pid: int | None = None  # the accounting process, while it runs
         self._reopen = False
@@ -192,7 +192,7 @@ class RemoteAccounting(Intake):
         sent first: should the accounting process die meanwhile, they count as lost."""
         if events:
             self._sent += count_events(events)
-            await stdin.send_all(pipe.events_frames(events))
+            await _write(stdin, pipe.events_frames(events))
 
     async def _listen(self, stdout: trio.abc.ReceiveStream, scope: trio.CancelScope) -> None:
         """The accounting process's reports; when it ends (or talks nonsense), the end of
@@ -210,6 +210,21 @@ class RemoteAccounting(Intake):
             if self._closing:
                 return  # it is writing what is queued: its exit is awaited
         scope.cancel()
+
+
+async def _write(stdin: trio.abc.SendStream, data: bytes) -> None:
+    """`data` into the pipe: straight into its non-blocking descriptor, which takes a batch at
+    once unless the accounting process is far behind (it holds 1 MiB); `send_all` for what it
+    did not take, and for the errors, which it turns into trio's (BrokenResourceError when the
+    accounting process is gone). The clock's task is the pipe's only writer."""
+    done = 0
+    if isinstance(stdin, trio.lowlevel.FdStream):
+        try:
+            done = os.write(stdin.fileno(), data)
+        except OSError:  # full (BlockingIOError), or broken: send_all says which
+            done = 0
+    if done < len(data):
+        await stdin.send_all(memoryview(data)[done:] if done else data)
 
 
 def _environment() -> dict[str, str]:
