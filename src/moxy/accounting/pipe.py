@@ -49,7 +49,7 @@ SEND_AT = 128
 FRAME_EVENTS = 4096
 _HEAD = struct.Struct(">cI")
 # Bytes the pipe to the accounting process is asked to hold (F_SETPIPE_SZ; 1 MiB is Linux's
-# default ceiling for an unprivileged process): at about 160 bytes per event, over half a
+# default ceiling for an unprivileged process): at 90 to 200 bytes a packed entry, over half a
 # second of a busy server's events, so that the accounting process can read it a few times a
 # second instead of being woken by every write (see moxy.accounting.host).
 PIPE_SIZE = 1 << 20

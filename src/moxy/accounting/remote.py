@@ -50,8 +50,7 @@ class RemoteAccounting(Intake):
         """Raises pickle's errors when `config` cannot be sent (see `accounting_for`)."""
         settings = config.accounting
         self._config_frame = pipe.frame(pipe.CONFIG, pickle.dumps(config))
-        # Sent once a frame's worth has gathered, while the events are still in the CPU's
-        # caches.
+        # Sent once pipe.SEND_AT entries have gathered, while they are still in the CPU's caches.
         super().__init__(bool(settings.sinks), settings.queue, settings.interval,
                          wake_at=max(1, min(pipe.SEND_AT, settings.queue // 2)))
         self.names = tuple(settings.sinks)
