@@ -98,8 +98,14 @@ static int equal(PyObject *value, PyObject *before) {
         return 0;
     if (type == &PyUnicode_Type)
         return same_text(value, before);
-    if (type == &PyLong_Type)
+    if (type == &PyLong_Type) {  /* sizes and reply codes: within a long long, compared so */
+        int overflow_a, overflow_b;
+        long long a = PyLong_AsLongLongAndOverflow(value, &overflow_a);
+        long long b = PyLong_AsLongLongAndOverflow(before, &overflow_b);
+        if (!overflow_a && !overflow_b)
+            return a == b;
         return PyObject_RichCompareBool(value, before, Py_EQ);
+    }
     if (type != &PyTuple_Type)
         return 0;
     Py_ssize_t n = PyTuple_GET_SIZE(value);
@@ -135,8 +141,13 @@ static int put_field(PyObject *value) {
         }
     } else if (type == &PyFloat_Type) {
         buffer[used++] = FLOAT;
+#if PY_LITTLE_ENDIAN
+        double x = PyFloat_AS_DOUBLE(value); /* IEEE 754 on every platform CPython runs on */
+        memcpy(buffer + used, &x, 8);
+#else
         if (PyFloat_Pack8(PyFloat_AS_DOUBLE(value), buffer + used, 1) < 0)
             return -1;
+#endif
         used += 8;
         return 0;
     } else if (type == &PyTuple_Type && all_text(value)) {
