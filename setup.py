@@ -8,7 +8,7 @@ dependencies already installed) builds it into an installation, as the container
 Without MOXY_NATIVE=1 an installation is pure Python.
 
 `python3 setup.py --native-sources` prints the compiled modules' source files (for make): the
-mypyc modules' .py files, then the C modules' .c files.
+mypyc modules' .py files, then the C modules' .c files and the headers they include.
 """
 
 import ast
@@ -39,6 +39,12 @@ def c_sources() -> dict[str, str]:
     return {name: f"src/{name.replace('.', '/')}.c" for name in _listed("C_MODULES")}
 
 
+def c_headers() -> list[str]:
+    """The headers the C modules include (beside them)."""
+    return sorted({str(header) for source in c_sources().values()
+                   for header in Path(source).parent.glob("*.h")})
+
+
 def ext_modules() -> list[object]:
     if os.environ.get("MOXY_NATIVE") != "1":
         return []
@@ -47,13 +53,13 @@ def ext_modules() -> list[object]:
 
     return [
         *mypycify(native_sources(), opt_level="3", group_name="moxy_native"),
-        *[Extension(name, [source], extra_compile_args=["-O2"])
+        *[Extension(name, [source], depends=c_headers(), extra_compile_args=["-O2"])
           for name, source in c_sources().items()],
     ]
 
 
 if sys.argv[1:] == ["--native-sources"]:
-    print(" ".join([*native_sources(), *c_sources().values()]))
+    print(" ".join([*native_sources(), *c_sources().values(), *c_headers()]))
 else:
     from setuptools import setup
 

@@ -28,8 +28,10 @@ def test_setup_py_compiles_exactly_the_listed_modules() -> None:
     out = subprocess.run([sys.executable, "setup.py", "--native-sources"], cwd=ROOT,
                          capture_output=True, text=True, check=True).stdout.split()
     c_sources = [SRC / (m.replace(".", "/") + ".c") for m in native.C_MODULES]
+    headers = sorted({header for source in c_sources for header in source.parent.glob("*.h")})
+    assert headers, "the C modules' shared header (accounting/_packing.h)"
     assert out == [str(path.relative_to(ROOT))
-                   for path in [*map(_source, native.MODULES), *c_sources]]
+                   for path in [*map(_source, native.MODULES), *c_sources, *headers]]
     assert all(path.is_file() for path in [*map(_source, native.MODULES), *c_sources])
 
 

@@ -42,7 +42,7 @@ MODULES = (
 # setup.py reads this tuple too.
 C_MODULES = (
     "moxy._schedule", "moxy._sockio", "moxy.accounting._frames", "moxy.accounting._loglines",
-    "moxy.accounting._speedups", "moxy.smtp._speedups",
+    "moxy.accounting._packer", "moxy.accounting._speedups", "moxy.smtp._speedups",
 )
 
 _EXTENSIONS = tuple(importlib.machinery.EXTENSION_SUFFIXES)

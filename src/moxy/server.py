@@ -274,7 +274,7 @@ async def _refuse(stream: trio.SocketStream | Stream, reply: Reply) -> None:
 def _refused(ctx: ServerContext, client_ip: str, reply: Reply, reason: str) -> None:
     """A connection refused before its session: a "connection" event and the metric."""
     ctx.metrics.connection_refused(reason)
-    ctx.emit(acct.connection_event(
+    ctx.emit(*acct.connection_event(
         client_ip, reply.code, str(reply), reason, ctx.config.server.node
     ))
 

@@ -3,8 +3,8 @@ at end-of-data, one per refused recipient, one when Moxy ends a connection itsel
 `Session`, which keeps the state they describe.
 
 The events of end of data are the hot path (`log_delivery`: one per leg and the message's,
-sharing what they have in common): each is one tuple made from the session's state, and none
-is made when accounting has no sinks.
+sharing what they have in common): each is the session's state handed to `emit` as its
+arguments, and nothing is made when accounting has no sinks.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ class SessionEvents:
     # The session's state the events describe (set by Session.__init__).
     ctx: ServerContext
     counting: bool  # metrics on
-    emit: Emit  # ctx.emit: takes an event's fields as a plain tuple
+    emit: Emit  # ctx.emit: takes an event's fields as its arguments
     events_on: bool  # emit is not events.discard (a native attribute: no global looked up)
     node: str  # [server] node
     id: str
@@ -47,7 +47,7 @@ class SessionEvents:
     def log_delivery(self, results: list[LegResult], reply: Reply, size: int) -> None:
         """End of data: an event per leg, then the message's. They share one reading of the
         clocks and everything else that describes the message, computed once. A message whose
-        one leg carried every recipient hands both over as one LEG_AND_MESSAGE tuple."""
+        one leg carried every recipient hands both over as one LEG_AND_MESSAGE entry."""
         if self.counting:
             self.ctx.metrics.message(reply.code)
         if not self.events_on:
@@ -55,9 +55,10 @@ class SessionEvents:
         emit = self.emit
         t = self.transaction
         assert t is not None
-        # Typed Any, not float: compiled (setup.py), a float is boxed again wherever it goes
-        # into a tuple, and the events would no longer share these objects, which is what
-        # lets log_lines format a message's clock fields once for both of its lines.
+        # Typed Any, not float: compiled (setup.py), a float is boxed again wherever it is
+        # passed, and the events would no longer share these objects, which is what packs
+        # them as SAME and lets log_lines format a message's clock fields once for both of
+        # its lines.
         now: Any = wall_time()
         duration: Any = monotonic() - self.data_started
         node = self.node
@@ -71,13 +72,13 @@ class SessionEvents:
             result = results[0]
             outcome, leg = result.outcome, result.leg
             if isinstance(outcome, Reply) and leg.accepted == everyone:
-                # The commonest message: its two events as one tuple (acct.LEG_AND_MESSAGE).
-                emit((
+                # The commonest message: its two events as one entry (acct.LEG_AND_MESSAGE).
+                emit(
                     LEG_AND_MESSAGE, sid, mid, ip, helo, mail_from, recipients,
                     result.destination, leg.group.text, leg.sent, outcome.code,
                     str(outcome), "end-of-data", duration, node, "", tls, now,
                     size, reply.code, str(reply), _leg_tls(leg),
-                ))
+                )
                 return
         for result in results:
             outcome, leg = result.outcome, result.leg
@@ -88,17 +89,17 @@ class SessionEvents:
             # A leg that carried every recipient shares the message's tuple (and its "to=").
             accepted = leg.accepted
             route = leg.group.text
-            emit((
+            emit(
                 "leg", sid, mid, ip, helo, mail_from,
                 recipients if accepted == everyone else tuple(accepted), result.destination,
                 route, leg.sent, code, text, stage, duration, node, "", _leg_tls(leg), now,
-            ))
+            )
         if len(results) != 1 or len(t.legs) != 1:  # one leg: its route is the message's
             route = " ".join([group.text for group in t.legs])
-        emit((
+        emit(
             "message", sid, mid, ip, helo, mail_from, recipients, "-", route, size,
             reply.code, str(reply), "end-of-data", duration, node, "", tls, now,
-        ))
+        )
 
     def log_message(self, reply: Reply, stage: str, size: int) -> None:
         """A message no leg finished: refused at DATA, or its body refused by Moxy."""
@@ -113,12 +114,12 @@ class SessionEvents:
             route = " ".join([group.text for group in t.legs])
         else:
             mail_from, recipients, route = "", (), ""
-        emit((
+        emit(
             "message", self.id, self.message_id, self.client_ip, self.helo, mail_from,
             recipients, "-", route, size, reply.code, str(reply), stage,
             monotonic() - self.data_started, self.node, "",
             acct.tls_field(self.tls) if self.tls else "", wall_time(),
-        ))
+        )
 
     def log_refused(
         self, address: str, reply: Reply, reason: str, destination: str = "-", route: str = ""
@@ -128,12 +129,12 @@ class SessionEvents:
         emit = self.emit
         if self.events_on:
             t = self.transaction
-            emit((
+            emit(
                 "refused", self.id, self.message_id, self.client_ip, self.helo,
                 t.envelope.mail_from if t is not None else "", (address,), destination, route,
                 0, reply.code, str(reply), "rcpt", 0.0, self.node, reason,
                 acct.tls_field(self.tls) if self.tls else "", wall_time(),
-            ))
+            )
         return reply
 
     def log_connection(self, code: int, text: str, reason: str, stage: str) -> None:
@@ -142,7 +143,7 @@ class SessionEvents:
             self.ended_by = reason
             self.ctx.metrics.connection_refused(reason)
             if self.events_on:
-                self.emit(acct.connection_event(
+                self.emit(*acct.connection_event(
                     self.client_ip, code, text, reason, self.node,
                     session_id=self.id, helo=self.helo, stage=stage,
                 ))

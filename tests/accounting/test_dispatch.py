@@ -144,11 +144,11 @@ async def test_events_reach_the_sinks_in_batches_and_in_order() -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(accounting.run)
         for n in range(300):  # a burst, as sessions emit them between two looks
-            accounting.emit(event(n))
+            accounting.emit(*event(n))
         await eventually(lambda: len(one.written) == 300, what="300 events")
         await eventually(lambda: len(two.written) == 300, what="300 events")
         for n in range(300, 2000):  # more than a batch: the clock looks at once
-            accounting.emit(event(n))
+            accounting.emit(*event(n))
         with trio.fail_after(WINDOW / 2):
             await eventually(lambda: len(one.written) >= 512, what="a full batch at once")
         await eventually(lambda: len(one.written) == 2000, what="2000 events")
@@ -185,7 +185,7 @@ def test_emit_after_shutdown_counts_a_drop() -> None:
             nursery.cancel_scope.cancel()
 
     trio.run(main)
-    accounting.emit(DeliveryEvent(
+    accounting.emit(*DeliveryEvent(
         kind="message", session_id="S", message_id="", client_ip="127.0.0.1", helo="",
         mail_from="", recipients=(), destination="-", route="", size=0, code=250, reply="",
         stage="end-of-data", duration=0.0,

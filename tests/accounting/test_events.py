@@ -192,7 +192,7 @@ async def test_a_one_leg_message_is_handed_over_as_one_entry_that_expands_to_its
     config_path = write_config({"example.org": plain, "example.net": [plain, mirror]})
     accounting = Accounting([FileSink(FileSinkSettings(path=config_path.parent / "x.log"))])
     handed: list[tuple[Any, ...]] = []
-    accounting.emit = handed.append  # what sessions hand over, before the dispatcher
+    accounting.emit = lambda *fields: handed.append(fields)  # before the dispatcher
     async with trio.open_nursery() as nursery:
         [address, *_] = await nursery.start(
             functools.partial(serve, load_config(config_path), accounting=accounting))

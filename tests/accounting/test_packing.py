@@ -1,8 +1,8 @@
 """The events' encoding on the accounting process's pipe (moxy.accounting.packing) and its C
-twin (moxy.accounting._frames, native build): every event comes back as it went, a repeated
-field is one byte, the C functions write the same bytes and read the same events as the
-reference, and anything that is not a payload is refused by both alike (ValueError, FrameError
-on the pipe)."""
+twins (moxy.accounting._packer and _frames, native build): every event comes back as it went,
+a repeated field is one byte, the C Packer writes the same frames and the C unpack reads the
+same events as the reference, and anything that is not a payload is refused by both alike
+(ValueError, FrameError on the pipe)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ from moxy.accounting.events import DeliveryEvent
 
 NATIVE = "moxy.accounting._frames" in native.compiled()
 if NATIVE:
-    from moxy.accounting import _frames
+    from moxy.accounting import _frames, _packer
+PAIR = "leg+message"
 
 # Lone surrogates included (what surrogateescape makes of bad bytes in an address).
 text = st.text(st.characters(), max_size=8)
@@ -63,6 +64,35 @@ def unpackers() -> list[Any]:
     return [packing.unpack, *([_frames.unpack] if NATIVE else [])]
 
 
+def packers() -> list[Any]:
+    return [packing.Packer, *([_packer.Packer] if NATIVE else [])]
+
+
+def _refuse(fields: tuple[Any, ...]) -> None:
+    raise AssertionError(f"crowded by {fields!r}")
+
+
+def packed(cls: Any, events: list[tuple[Any, ...]], frame_entries: int = 4096,
+           frame_bytes: int = 1 << 20) -> bytes:
+    """The frames a Packer of class `cls` makes of `events`, added one by one."""
+    packer = cls(b"E", 0, _refuse, PAIR, frame_entries, frame_bytes)
+    for event in events:
+        packer.add(event)
+    return bytes(packer.take())
+
+
+def split(frames: bytes) -> list[bytes]:
+    """The payloads of EVENTS frames, which must be all there is."""
+    payloads = []
+    while frames:
+        assert frames[:1] == b"E"
+        (size,) = struct.unpack(">I", frames[1:5])
+        assert len(frames) >= 5 + size
+        payloads.append(frames[5:5 + size])
+        frames = frames[5 + size:]
+    return payloads
+
+
 @given(event_lists(plain_fields | odd_fields))
 def test_events_come_back_as_they_went(events: list[tuple[Any, ...]]) -> None:
     payload = packing.pack(events)
@@ -81,8 +111,8 @@ def test_the_encoding_byte_for_byte() -> None:
         + b"\x05\x01T"
     )
     assert packing.pack(events) == expected
-    if NATIVE:
-        assert _frames.pack(events) == expected
+    for cls in packers():
+        assert packed(cls, events) == pipe.frame(pipe.EVENTS, expected)
 
 
 def test_a_repeated_field_is_one_byte_and_the_same_object() -> None:
@@ -111,11 +141,51 @@ def test_a_float_repeats_only_as_the_same_object() -> None:
         assert same_events(unpack(payload), events)
 
 
-def test_what_is_not_an_event_is_refused() -> None:
-    for events in ([()], [tuple(range(256))], [(object(),)]):
+@pytest.mark.parametrize("cls", packers())
+def test_what_is_not_an_event_is_refused_and_leaves_nothing(cls: Any) -> None:
+    packer = cls(b"E", 0, _refuse, PAIR, 4096, 1 << 20)
+    for bad in [(), tuple(range(256)), (object(),)]:
         with pytest.raises(ValueError):
-            pipe.pack_events(events)  # C leaves these to Python, which refuses them
-    assert packing.unpack(pipe.pack_events([["a", 1]])) == [("a", 1)]  # type: ignore[list-item]
+            packer.add(bad)  # in a frame of its own: the frame is not left open
+        assert (packer.entries, packer.events) == (0, 0)
+    packer.add(("a", 1))
+    with pytest.raises(ValueError):
+        packer.add(("a", object()))  # inside a frame: it ends that frame, without it
+    packer.add(("a", 2))
+    assert packer.take() == (packed(packing.Packer, [("a", 1)])
+                             + packed(packing.Packer, [("a", 2)]))
+    assert packing.pack([["a", 1]]) == packing.pack([("a", 1)])  # type: ignore[list-item]
+
+
+@pytest.mark.parametrize("cls", packers())
+def test_put_packs_until_wake_at_then_hands_over(cls: Any) -> None:
+    crowded: list[tuple[Any, ...]] = []
+    packer = cls(b"E", 2, crowded.append, PAIR, 4096, 1 << 20)
+    packer.put("leg", 1)
+    packer.put(PAIR, 2, 3.5)
+    packer.put("message", 3)  # the third: handed over, as a tuple, not packed
+    assert crowded == [("message", 3)]
+    assert (packer.entries, packer.events) == (2, 3)  # a PAIR entry is two events
+    packer.add(crowded[0])  # what `crowded` does while the intake has room
+    frames = packer.take()
+    assert frames == packed(packing.Packer, [("leg", 1), (PAIR, 2, 3.5), ("message", 3)])
+    assert (packer.entries, packer.events) == (0, 0)
+    assert packer.take() == b""
+    packer.put("leg", 1)  # a new frame after a take: nothing refers to the one before
+    assert packer.take() == packed(packing.Packer, [("leg", 1)])
+
+
+@pytest.mark.parametrize("cls", packers())
+def test_frames_end_at_their_entries_or_bytes(cls: Any) -> None:
+    events = [("leg", "x" * 30, n % 2) for n in range(7)]
+    by_entries = split(packed(cls, events, frame_entries=3))
+    assert by_entries == [packing.pack(events[0:3]), packing.pack(events[3:6]),
+                          packing.pack(events[6:])]
+    by_bytes = split(packed(cls, events, frame_bytes=60))  # an entry is 44 bytes, then 14
+    assert by_bytes == [packing.pack(events[0:2]), packing.pack(events[2:4]),
+                        packing.pack(events[4:6]), packing.pack(events[6:])]
+    for frames in (by_entries, by_bytes):
+        assert [event for payload in frames for event in packing.unpack(payload)] == events
 
 
 @pytest.mark.parametrize("payload", [
@@ -147,21 +217,36 @@ def test_delivery_events_pack_as_tuples() -> None:
         route="127.0.0.1:2525", size=120, code=250, reply="2.0.0 Ok", stage="end-of-data",
         duration=0.0123, node="n1", time=1_764_000_000.25,
     )
+    (payload,) = split(pipe.events_frames([event, event]))
     for unpack in unpackers():
-        assert unpack(pipe.pack_events([event, event])) == [tuple(event)] * 2
+        assert unpack(payload) == [tuple(event)] * 2
 
 
 @pytest.mark.skipif(not NATIVE, reason="pure Python: no C to compare (conftest.py fails "
                     "the run under MOXY_EXPECT_NATIVE=1)")
 class TestCAgainstPython:
-    @given(event_lists(plain_fields))
-    def test_the_same_bytes(self, events: list[tuple[Any, ...]]) -> None:
-        assert _frames.pack(events) == packing.pack(events)
+    @given(event_lists(plain_fields), st.integers(1, 4), st.sampled_from([1, 20, 1 << 20]),
+           st.integers(0, 6))
+    def test_the_same_frames(self, events: list[tuple[Any, ...]], entries: int,
+                             size: int, take_at: int) -> None:
+        made = []
+        for cls in (packing.Packer, _packer.Packer):
+            packer = cls(b"E", 0, _refuse, PAIR, entries, size)
+            frames = b""
+            for n, event in enumerate(events):
+                if n == take_at:
+                    frames += packer.take()
+                packer.add(event)
+            made.append((frames + packer.take(), packer.entries, packer.events))
+        assert made[0] == made[1]
+        back = [event for payload in split(made[0][0]) for event in packing.unpack(payload)]
+        assert same_events(back, events)
 
     @given(event_lists(plain_fields | odd_fields))
     def test_the_same_events_back(self, events: list[tuple[Any, ...]]) -> None:
         # Marshalled fields may differ in a flag bit (marshal looks at reference counts).
-        assert same_events(packing.unpack(_frames.pack(events)), events)
+        (payload,) = split(packed(_packer.Packer, events)) or [b""]
+        assert same_events(packing.unpack(payload), events)
 
     @settings(max_examples=300)
     # Random bytes never ask marshal to read them (it is not made for hostile data).
@@ -179,5 +264,10 @@ class TestCAgainstPython:
 
     def test_a_large_batch_and_the_buffer_after_it(self) -> None:
         big = [("x" * 5000, n) for n in range(400)]  # 2 MB: past the buffer kept
-        assert _frames.pack(big) == packing.pack(big)
-        assert _frames.pack([("a",)]) == packing.pack([("a",)])
+        assert packed(_packer.Packer, big) == packed(packing.Packer, big)
+        packer = _packer.Packer(b"E", 1000, _refuse, PAIR, 4096, 1 << 20)
+        for event in big:
+            packer.put(*event)
+        assert packer.take() == packed(packing.Packer, big)
+        packer.put("a")  # into a new buffer
+        assert packer.take() == packed(packing.Packer, [("a",)])

@@ -45,7 +45,7 @@ def _events(count: int, start: int = 0) -> list[tuple[str, int]]:
 
 def _emit(remote: RemoteAccounting, events: list[tuple[str, int]]) -> None:
     for destination, size in events:
-        remote.emit(leg(destination, ("rcpt@example.org",), size))
+        remote.emit(*leg(destination, ("rcpt@example.org",), size))
 
 
 def _sizes(log: Path) -> list[int]:
@@ -228,7 +228,7 @@ async def test_events_a_dead_accounting_process_never_confirmed_are_counted_as_d
         assert pid is not None
         os.kill(pid, signal.SIGSTOP)  # it neither reads nor reports any more
         _emit(remote, _events(6))
-        await eventually(lambda: remote._intake == [], what="the events sent")
+        await eventually(lambda: remote._packer.entries == 0, what="the events sent")
         assert remote.stats()["file"].backlog == 6
         await _kill_and_see_it_replaced(remote)
         assert remote.stats()["file"] == remote.stats()["file"].__class__(backlog=0, dropped=6)

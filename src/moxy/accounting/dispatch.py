@@ -112,35 +112,30 @@ class _Lane:
 
 
 class Intake:
-    """What sessions see of accounting: `emit` appends an event to one list, which a clock task
-    takes every `interval` (sooner once a batch has gathered). Shared by the dispatcher below
-    and by the serving side of an accounting process of its own (moxy.accounting.remote)."""
+    """What sessions see of accounting: `emit`, which keeps an event until a clock task takes
+    what has gathered, every `interval` (sooner once a batch has gathered). Shared by the
+    dispatcher below (which keeps the events as tuples in a list) and by the serving side of
+    an accounting process of its own (moxy.accounting.remote, which packs them at once)."""
 
-    def __init__(self, active: bool, queue: int, interval: float,
-                 wake_at: int | None = None) -> None:
+    def __init__(self, queue: int, interval: float, wake_at: int | None = None) -> None:
         self.window = interval
         self.size = queue
-        # Events emitted since the clock's last look; a full batch (or half a queue) wakes it,
-        # unless the caller says otherwise (`wake_at` entries).
-        # An entry may be two events (events.LEG_AND_MESSAGE): the counts are halved.
-        self._intake: list[Fields] = []
+        # A full batch (or half a queue) wakes the clock, unless the caller says otherwise
+        # (`wake_at` entries). An entry may be two events (events.LEG_AND_MESSAGE): the
+        # counts are halved.
         self._wake_at = max(1, min(BATCH, queue // 2) // 2) if wake_at is None else wake_at
-        self._mailbox = Mailbox(self._intake, self._wake_at, self._crowded)
         self._lost = 0  # events the intake itself refused (the loop is far behind, or stopped)
         self._clock_task: trio.lowlevel.Task | None = None  # the clock, while it waits
         self._stopped = False
-        # Without sinks, `emit` is `events.discard`, which tells sessions to make no events.
-        # Otherwise it is the mailbox's `put` (compiled in the native build): the intake list
-        # takes the event while it holds fewer than `_wake_at`, else `_crowded` does.
-        self.emit: Emit = self._mailbox.put if active else discard
 
-    def _crowded(self, event: Fields) -> None:
-        """A batch has gathered before the clock's look: wake it. The intake holds at most a
-        queue's worth: beyond, the event is lost for every sink (counted as their drop)."""
+    def _has_room(self, held: int) -> bool:
+        """A batch has gathered before the clock's look (`held` entries): wake it. The intake
+        holds at most half a queue's worth: beyond (or once stopped), an event is refused,
+        lost for every sink and counted as their drop."""
         self._wake_clock()
-        if len(self._intake) < self.size // 2 and not self._stopped:
-            self._intake.append(event)
-            return
+        return held < self.size // 2 and not self._stopped
+
+    def _refuse(self, event: Fields) -> None:
         lost = self._lost
         self._lost += 2 if event[0] == LEG_AND_MESSAGE else 1
         if lost == 0 or self._lost // 10_000 != lost // 10_000:
@@ -159,20 +154,11 @@ class Intake:
         self._clock_task = None  # its interval is over (or everything is cancelled)
         return trio.lowlevel.Abort.SUCCEEDED
 
-    async def _gathered(self) -> list[Fields]:
-        """Wait for the next look (an interval, or a wake-up), then take the intake."""
+    async def _look(self) -> None:
+        """Wait for the clock's next look: an interval, or a wake-up."""
         with trio.CancelScope(deadline=trio.current_time() + self.window):
             self._clock_task = trio.lowlevel.current_task()
             await trio.lowlevel.wait_task_rescheduled(self._clock_aborted)
-        return self._take_intake()
-
-    def _take_intake(self) -> list[Fields]:
-        intake = self._intake
-        if not intake:
-            return []
-        events = intake.copy()  # `emit` appends to this very list: emptied, not replaced
-        intake.clear()
-        return events
 
 
 class Accounting(Intake):
@@ -184,8 +170,29 @@ class Accounting(Intake):
         names = [sink.name for sink in sinks]
         if len(set(names)) != len(names):
             raise ValueError(f"accounting sinks need distinct names, got {names}")
-        super().__init__(bool(sinks), queue, interval)
+        super().__init__(queue, interval)
         self.lanes = [_Lane(sink, queue, interval) for sink in sinks]
+        # Events emitted since the clock's last look, as sessions made them.
+        self._intake: list[Fields] = []
+        # Without sinks, `emit` is `events.discard`, which tells sessions to make no events.
+        # Otherwise it is the mailbox's `put` (compiled in the native build): the intake list
+        # takes the event while it holds fewer than `_wake_at`, else `_crowded` does.
+        self._mailbox = Mailbox(self._intake, self._wake_at, self._crowded)
+        self.emit: Emit = self._mailbox.put if sinks else discard
+
+    def _crowded(self, event: Fields) -> None:
+        if self._has_room(len(self._intake)):
+            self._intake.append(event)
+        else:
+            self._refuse(event)
+
+    def _take_intake(self) -> list[Fields]:
+        intake = self._intake
+        if not intake:
+            return []
+        events = intake.copy()  # `emit` appends to this very list: emptied, not replaced
+        intake.clear()
+        return events
 
     @classmethod
     def from_config(cls, config: Config) -> Accounting:
@@ -249,7 +256,8 @@ class Accounting(Intake):
         """Every interval (sooner when a batch has gathered): the intake to the sinks' queues,
         and a wake-up for each sink's task with events gathered long enough, or a tick due."""
         while True:
-            self.deliver(await self._gathered())
+            await self._look()
+            self.deliver(self._take_intake())
 
     def deliver(self, emitted: list[Fields]) -> None:
         """Events (or their fields) to every sink's queue, and a wake-up for each sink's task

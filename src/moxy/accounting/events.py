@@ -210,13 +210,15 @@ def json_lines(batch: Iterable[DeliveryEvent]) -> str:
     return "".join([event.to_json() + "\n" for event in batch])
 
 
-# What `emit` takes: a DeliveryEvent, or its 18 fields in order as a plain tuple, which is what
-# sessions hand over: one object instead of two, and one that the garbage collector stops
-# tracking at its first look (it keeps tracking tuple subclasses), which matters for events
-# that wait a while for their batch. Or both events of a message that went to one leg, as one
-# LEG_AND_MESSAGE tuple. The dispatcher makes DeliveryEvents of them (`expand`).
+# What `emit` takes: an event's 18 fields in order as its arguments (sessions call it as
+# `emit(kind, session_id, ...)`; a DeliveryEvent `e` goes as `emit(*e)`), or both events of a
+# message that went to one leg, as the 22 fields of a LEG_AND_MESSAGE entry. With an
+# accounting process they are packed at once (moxy.accounting.packing.Packer: no tuple made);
+# with the sinks in the serving process they wait as a plain tuple (`Fields`), which the
+# garbage collector stops tracking at its first look, for their batch. The dispatcher makes
+# DeliveryEvents of them (`expand`).
 Fields: TypeAlias = tuple[Any, ...]
-Emit: TypeAlias = Callable[[Fields], None]
+Emit: TypeAlias = Callable[..., None]
 
 # The commonest message, one leg that carried every recipient, as one tuple: the message's 18
 # fields (the client's `tls`) with this kind, the leg's size, reply code and text in place of
@@ -270,7 +272,7 @@ def count_events(emitted: list[Fields]) -> int:
     return len(emitted) + list(map(_kind_of, emitted)).count(LEG_AND_MESSAGE)
 
 
-def discard(event: Fields) -> None:
+def discard(*event: Any) -> None:
     """What `Accounting.emit` is without sinks: a session seeing it builds no events at all."""
 
 

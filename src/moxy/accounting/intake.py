@@ -1,5 +1,7 @@
-"""The call every message makes into accounting: `Mailbox.put`, which sessions know as `emit`
-(moxy.accounting.dispatch.Intake).
+"""The call every message makes into accounting with the sinks in the serving process
+(`[accounting] process = false`): `Mailbox.put`, which sessions know as `emit`
+(moxy.accounting.dispatch.Accounting). With an accounting process, `emit` is a Packer's `put`
+instead (moxy.accounting.remote).
 
 It is a module of its own so that the native build compiles it (moxy.native.MODULES): called
 from compiled sessions at every end of data, an interpreted `emit` cost about 1,300
@@ -22,7 +24,7 @@ class Mailbox:
         self.wake_at = wake_at
         self.crowded = crowded
 
-    def put(self, event: tuple[Any, ...]) -> None:
+    def put(self, *event: Any) -> None:
         events = self.events
         if len(events) < self.wake_at:
             events.append(event)

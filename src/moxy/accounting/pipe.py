@@ -3,9 +3,9 @@
 
 A frame is one kind byte, a 4-byte big-endian payload length and the payload:
 
-- to the accounting process: CONFIG (the pickled `Config`, first and once), EVENTS (a list of
-  events as tuples, at most `FRAME_EVENTS` of them, packed: moxy.accounting.packing), REOPEN
-  (SIGUSR1; empty);
+- to the accounting process: CONFIG (the pickled `Config`, first and once), EVENTS (events,
+  at most `FRAME_EVENTS` of them, packed as they came by a `packer`: moxy.accounting.packing),
+  REOPEN (SIGUSR1; empty);
 - back, about once a second: STATS (marshalled: the number of events received so far, and per
   sink its backlog and drops).
 
@@ -23,17 +23,20 @@ from typing import Any
 import trio
 
 from moxy.accounting import packing
+from moxy.accounting.events import LEG_AND_MESSAGE
 
-# The native build's packing (C, moxy.accounting._frames): the same bytes, a fraction of the
-# cost; its `pack` answers None for a list it leaves to Python.
-_PACK: Callable[[list[tuple[Any, ...]]], bytes | None]
+# The native build's packing (C, moxy.accounting._packer and _frames): the same bytes, a
+# fraction of the cost.
+_Packer: type[packing.Packer]
 _UNPACK: Callable[[bytes], list[tuple[Any, ...]]]
 try:
-    from moxy.accounting import _frames
+    from moxy.accounting._packer import Packer as _Packer  # type: ignore[assignment]
 except ImportError:  # pure Python
-    _PACK, _UNPACK = packing.pack, packing.unpack
-else:
-    _PACK, _UNPACK = _frames.pack, _frames.unpack
+    _Packer = packing.Packer
+try:
+    from moxy.accounting._frames import unpack as _UNPACK
+except ImportError:  # pure Python
+    _UNPACK = packing.unpack
 
 CONFIG = b"C"
 EVENTS = b"E"
@@ -44,9 +47,11 @@ MAX_FRAME = 64 << 20  # bytes: a longer frame is a bug on the other side, not da
 # Entries (events, or a message's LEG_AND_MESSAGE pair) gathered that make the serving process
 # send them, sooner than `[accounting] interval`: sent while they are still in the CPU's caches.
 SEND_AT = 128
-# Entries per EVENTS frame at most, which bounds a frame's size (a few hundred KiB): a batch is
-# one frame unless the serving process gathered a great many before it could send them.
+# Entries per EVENTS frame at most, and bytes after which a frame ends, which bound a frame's
+# size (a few hundred KiB, far below MAX_FRAME): a batch is one frame unless the serving
+# process gathered a great many before it could send them.
 FRAME_EVENTS = 4096
+FRAME_BYTES = 1 << 20
 _HEAD = struct.Struct(">cI")
 # Bytes the pipe to the accounting process is asked to hold (F_SETPIPE_SZ; 1 MiB is Linux's
 # default ceiling for an unprivileged process): at 90 to 200 bytes a packed entry, over half a
@@ -63,10 +68,23 @@ def frame(kind: bytes, payload: bytes = b"") -> bytes:
     return _HEAD.pack(kind, len(payload)) + payload
 
 
-def pack_events(events: list[tuple[Any, ...]]) -> bytes:
-    """An EVENTS frame's payload: `packing.pack(events)`, in C where built."""
-    payload = _PACK(events)
-    return packing.pack(events) if payload is None else payload
+def packer(wake_at: int, crowded: Callable[[tuple[Any, ...]], None]) -> packing.Packer:
+    """Where the serving process's events go: a Packer of EVENTS frames (in C where built),
+    whose `put` packs an entry while fewer than `wake_at` are packed, and hands it to
+    `crowded` otherwise."""
+    return _Packer(EVENTS, wake_at, crowded, LEG_AND_MESSAGE, FRAME_EVENTS, FRAME_BYTES)
+
+
+def _never(fields: tuple[Any, ...]) -> None:
+    raise AssertionError("add() does not crowd")
+
+
+def events_frames(events: list[tuple[Any, ...]]) -> bytes:
+    """The EVENTS frames of `events` (for tests and benchmarks)."""
+    frames = packer(0, _never)
+    for event in events:
+        frames.add(tuple(event))
+    return frames.take()
 
 
 def unpack_events(payload: bytes) -> list[tuple[Any, ...]]:
@@ -75,16 +93,6 @@ def unpack_events(payload: bytes) -> list[tuple[Any, ...]]:
         return _UNPACK(payload)
     except ValueError as exc:
         raise FrameError(f"an EVENTS frame that does not unpack ({exc})") from None
-
-
-def events_frames(events: list[tuple[Any, ...]]) -> bytes:
-    """EVENTS frames of up to FRAME_EVENTS events each."""
-    if len(events) <= FRAME_EVENTS:
-        return frame(EVENTS, pack_events(events))
-    return b"".join([
-        frame(EVENTS, pack_events(events[start:start + FRAME_EVENTS]))
-        for start in range(0, len(events), FRAME_EVENTS)
-    ])
 
 
 def widen(fd: int) -> None:

@@ -1,12 +1,13 @@
 """Accounting in a process of its own (`[accounting] process = true`, the default): the
 serving side.
 
-Sessions see the same `emit` as with the in-process dispatcher: an event is appended to one
-list. Every `[accounting] interval` (sooner once a batch has gathered) one task sends what has
-gathered, packed (moxy.accounting.packing), down a pipe to the accounting process
-(moxy.accounting.host), which runs the dispatcher and the sinks. So the message log's
-formatting, the Redis counters' summing and every sink's I/O use another CPU than the serving
-event loop's; what stays here is making the events, packing them and one write per batch.
+Sessions call `emit` with an event's fields, as with the in-process dispatcher; here it is a
+Packer's `put` (moxy.accounting.packing, in C where built), which packs them at once into the
+frames it keeps. Every `[accounting] interval` (sooner once a batch has gathered) one task
+sends those frames down a pipe to the accounting process (moxy.accounting.host), which runs
+the dispatcher and the sinks. So the message log's formatting, the Redis counters' summing and
+every sink's I/O use another CPU than the serving event loop's; what stays here is packing
+the events' fields and one write per batch.
 
 The accounting process is one per serving process (a worker has its own, as it had its own
 sinks). If it dies, what it had not confirmed is counted as dropped, and it is started again
@@ -32,7 +33,7 @@ import moxy
 from moxy.accounting import pipe
 from moxy.accounting.base import SinkStats
 from moxy.accounting.dispatch import FLUSH_TIMEOUT, Accounting, Intake
-from moxy.accounting.events import Fields, count_events
+from moxy.accounting.events import Fields, discard
 from moxy.config import Config
 
 logger = logging.getLogger("moxy.accounting")
@@ -51,8 +52,10 @@ class RemoteAccounting(Intake):
         settings = config.accounting
         self._config_frame = pipe.frame(pipe.CONFIG, pickle.dumps(config))
         # Sent once pipe.SEND_AT entries have gathered, while they are still in the CPU's caches.
-        super().__init__(bool(settings.sinks), settings.queue, settings.interval,
+        super().__init__(settings.queue, settings.interval,
                          wake_at=max(1, min(pipe.SEND_AT, settings.queue // 2)))
+        self._packer = pipe.packer(self._wake_at, self._crowded)
+        self.emit = self._packer.put if settings.sinks else discard
         self.names = tuple(settings.sinks)
         self.pid: int | None = None  # the accounting process, while it runs
         self._reopen = False
@@ -64,6 +67,12 @@ class RemoteAccounting(Intake):
         self._scope: trio.CancelScope | None = None
         self._closing = False  # the last events are sent: its end is expected now
 
+    def _crowded(self, fields: Fields) -> None:
+        if self._has_room(self._packer.entries):
+            self._packer.add(fields)
+        else:
+            self._refuse(fields)
+
     def reopen(self) -> None:
         """SIGUSR1: passed on to the accounting process, whose sinks reopen their files."""
         self._reopen = True
@@ -72,7 +81,7 @@ class RemoteAccounting(Intake):
     def stats(self) -> dict[str, SinkStats]:
         """Per sink: events waiting (here, in the pipe, or in the accounting process) and
         events lost."""
-        waiting = count_events(self._intake) + self._sent - self._received
+        waiting = self._packer.events + self._sent - self._received
         lost = self._lost + self._gone
         if self._stopped:
             waiting, lost = 0, lost + waiting
@@ -119,9 +128,9 @@ class RemoteAccounting(Intake):
                 task_status = trio.TASK_STATUS_IGNORED
         self._stopped = True
         self.pid = None
-        if self._intake:  # no accounting process took them (it had died, or never started)
+        if self._packer.entries:  # no accounting process took them (it died, or never started)
             logger.error("accounting: %d events not written at shutdown (no accounting "
-                         "process)", count_events(self._intake))
+                         "process)", self._packer.events)
 
     async def _one(self, stopping: trio.Event, task_status: trio.TaskStatus[None]) -> bool:
         """One accounting process, from start to end: True when it ended as asked."""
@@ -148,11 +157,12 @@ class RemoteAccounting(Intake):
                 nursery.start_soon(self._listen, process.stdout, nursery.cancel_scope)
                 await process.stdin.send_all(self._config_frame)
                 while not stopping.is_set():
-                    await self._send(process.stdin, await self._gathered())
+                    await self._look()
+                    await self._send(process.stdin)
                     if self._reopen:
                         self._reopen = False
                         await process.stdin.send_all(pipe.frame(pipe.REOPEN))
-                await self._send(process.stdin, self._take_intake())
+                await self._send(process.stdin)
                 self._closing = True
                 await process.stdin.aclose()
                 await process.wait()
@@ -186,12 +196,12 @@ class RemoteAccounting(Intake):
                      f"; up to {unconfirmed} events sent to it may be lost" if unconfirmed
                      else "")
 
-    async def _send(self, stdin: trio.abc.SendStream, events: list[Fields]) -> None:
+    async def _send(self, stdin: trio.abc.SendStream) -> None:
         """What has gathered, in one write (as many as the pipe takes at a time). Counted as
         sent first: should the accounting process die meanwhile, they count as lost."""
-        if events:
-            self._sent += count_events(events)
-            await _write(stdin, pipe.events_frames(events))
+        if self._packer.entries:
+            self._sent += self._packer.events
+            await _write(stdin, self._packer.take())
 
     async def _listen(self, stdout: trio.abc.ReceiveStream, scope: trio.CancelScope) -> None:
         """The accounting process's reports; when it ends (or talks nonsense), the end of
