@@ -68,14 +68,14 @@ def packers() -> list[Any]:
     return [packing.Packer, *([_packer.Packer] if NATIVE else [])]
 
 
-def _refuse(fields: tuple[Any, ...]) -> None:
-    raise AssertionError(f"crowded by {fields!r}")
+def _refuse(*args: Any) -> None:
+    raise AssertionError(f"woken or refused: {args!r}")
 
 
 def packed(cls: Any, events: list[tuple[Any, ...]], frame_entries: int = 4096,
            frame_bytes: int = 1 << 20) -> bytes:
     """The frames a Packer of class `cls` makes of `events`, added one by one."""
-    packer = cls(b"E", 0, _refuse, PAIR, frame_entries, frame_bytes)
+    packer = cls(b"E", 0, 0, _refuse, _refuse, PAIR, frame_entries, frame_bytes)
     for event in events:
         packer.add(event)
     return bytes(packer.take())
@@ -143,7 +143,7 @@ def test_a_float_repeats_only_as_the_same_object() -> None:
 
 @pytest.mark.parametrize("cls", packers())
 def test_what_is_not_an_event_is_refused_and_leaves_nothing(cls: Any) -> None:
-    packer = cls(b"E", 0, _refuse, PAIR, 4096, 1 << 20)
+    packer = cls(b"E", 0, 0, _refuse, _refuse, PAIR, 4096, 1 << 20)
     for bad in [(), tuple(range(256)), (object(),)]:
         with pytest.raises(ValueError):
             packer.add(bad)  # in a frame of its own: the frame is not left open
@@ -158,21 +158,31 @@ def test_what_is_not_an_event_is_refused_and_leaves_nothing(cls: Any) -> None:
 
 
 @pytest.mark.parametrize("cls", packers())
-def test_put_packs_until_wake_at_then_hands_over(cls: Any) -> None:
-    crowded: list[tuple[Any, ...]] = []
-    packer = cls(b"E", 2, crowded.append, PAIR, 4096, 1 << 20)
+def test_put_wakes_at_wake_at_and_refuses_beyond_limit(cls: Any) -> None:
+    woken: list[int] = []
+    refused: list[tuple[Any, ...]] = []
+    packer = cls(b"E", 2, 3, lambda: woken.append(packer.entries), refused.append, PAIR,
+                 4096, 1 << 20)
     packer.put("leg", 1)
+    assert woken == []
     packer.put(PAIR, 2, 3.5)
-    packer.put("message", 3)  # the third: handed over, as a tuple, not packed
-    assert crowded == [("message", 3)]
-    assert (packer.entries, packer.events) == (2, 3)  # a PAIR entry is two events
-    packer.add(crowded[0])  # what `crowded` does while the intake has room
+    assert woken == [2]  # once, at the wake_at-th entry
+    packer.put("message", 3)
+    assert woken == [2] and refused == []
+    packer.put("message", 4)  # the fourth: beyond the limit, refused as a tuple
+    assert refused == [("message", 4)]
+    assert (packer.entries, packer.events) == (3, 4)  # a PAIR entry is two events
     frames = packer.take()
     assert frames == packed(packing.Packer, [("leg", 1), (PAIR, 2, 3.5), ("message", 3)])
     assert (packer.entries, packer.events) == (0, 0)
     assert packer.take() == b""
     packer.put("leg", 1)  # a new frame after a take: nothing refers to the one before
-    assert packer.take() == packed(packing.Packer, [("leg", 1)])
+    packer.put("leg", 1)
+    assert woken == [2, 2]  # and a new wake-up
+    assert packer.take() == packed(packing.Packer, [("leg", 1), ("leg", 1)])
+    packer.limit = 0  # stopped: everything is refused
+    packer.put("leg", 5)
+    assert refused[-1] == ("leg", 5) and packer.entries == 0
 
 
 @pytest.mark.parametrize("cls", packers())
@@ -231,7 +241,7 @@ class TestCAgainstPython:
                              size: int, take_at: int) -> None:
         made = []
         for cls in (packing.Packer, _packer.Packer):
-            packer = cls(b"E", 0, _refuse, PAIR, entries, size)
+            packer = cls(b"E", 0, 0, _refuse, _refuse, PAIR, entries, size)
             frames = b""
             for n, event in enumerate(events):
                 if n == take_at:
@@ -265,7 +275,7 @@ class TestCAgainstPython:
     def test_a_large_batch_and_the_buffer_after_it(self) -> None:
         big = [("x" * 5000, n) for n in range(400)]  # 2 MB: past the buffer kept
         assert packed(_packer.Packer, big) == packed(packing.Packer, big)
-        packer = _packer.Packer(b"E", 1000, _refuse, PAIR, 4096, 1 << 20)
+        packer = _packer.Packer(b"E", 1000, 1000, _refuse, _refuse, PAIR, 4096, 1 << 20)
         for event in big:
             packer.put(*event)
         assert packer.take() == packed(packing.Packer, big)

@@ -11,6 +11,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <marshal.h>
+#include <structmember.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -175,10 +176,10 @@ typedef struct {
     Buffer out;
     Py_ssize_t head;     /* where the open frame's header is, or -1 */
     Py_ssize_t in_frame; /* entries in the open frame */
-    Py_ssize_t entries, events, wake_at, frame_entries, frame_bytes;
+    Py_ssize_t entries, events, wake_at, limit, frame_entries, frame_bytes;
     char kind;
     int busy;
-    PyObject *crowded, *pair;
+    PyObject *wake, *refuse, *pair;
     Py_ssize_t known;             /* fields of the entry before in this frame */
     PyObject *before[MAX_FIELDS]; /* its fields (or equal ones: see add_entry) */
 } Packer;
@@ -265,21 +266,23 @@ fail:
 }
 
 static PyObject *Packer_put(Packer *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (self->entries < self->wake_at) {
-        if (add_entry(self, args, nargs) < 0)
+    if (self->entries >= self->limit) {
+        PyObject *fields = PyTuple_New(nargs);
+        if (fields == NULL)
             return NULL;
-        Py_RETURN_NONE;
+        for (Py_ssize_t i = 0; i < nargs; i++) {
+            Py_INCREF(args[i]);
+            PyTuple_SET_ITEM(fields, i, args[i]);
+        }
+        PyObject *result = PyObject_CallOneArg(self->refuse, fields);
+        Py_DECREF(fields);
+        return result;
     }
-    PyObject *fields = PyTuple_New(nargs);
-    if (fields == NULL)
+    if (add_entry(self, args, nargs) < 0)
         return NULL;
-    for (Py_ssize_t i = 0; i < nargs; i++) {
-        Py_INCREF(args[i]);
-        PyTuple_SET_ITEM(fields, i, args[i]);
-    }
-    PyObject *result = PyObject_CallOneArg(self->crowded, fields);
-    Py_DECREF(fields);
-    return result;
+    if (self->entries == self->wake_at)
+        return PyObject_CallNoArgs(self->wake);
+    Py_RETURN_NONE;
 }
 
 static PyObject *Packer_add(Packer *self, PyObject *fields) {
@@ -311,22 +314,24 @@ static PyObject *Packer_take(Packer *self, PyObject *unused) {
 }
 
 static int Packer_init(Packer *self, PyObject *args, PyObject *kwargs) {
-    static char *names[] = {"kind", "wake_at", "crowded", "pair", "frame_entries",
-                            "frame_bytes", NULL};
+    static char *names[] = {"kind", "wake_at", "limit", "wake", "refuse", "pair",
+                            "frame_entries", "frame_bytes", NULL};
     const char *kind;
     Py_ssize_t kind_size;
-    PyObject *crowded, *pair;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "y#nOUnn:Packer", names, &kind, &kind_size,
-                                     &self->wake_at, &crowded, &pair, &self->frame_entries,
-                                     &self->frame_bytes))
+    PyObject *wake, *refuse, *pair;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "y#nnOOUnn:Packer", names, &kind,
+                                     &kind_size, &self->wake_at, &self->limit, &wake, &refuse,
+                                     &pair, &self->frame_entries, &self->frame_bytes))
         return -1;
     if (kind_size != 1 || self->frame_entries < 1 || self->frame_bytes < 1) {
         PyErr_SetString(PyExc_ValueError, "Packer: a kind of one byte, frames of 1 or more");
         return -1;
     }
     self->kind = kind[0];
-    Py_INCREF(crowded);
-    Py_XSETREF(self->crowded, crowded);
+    Py_INCREF(wake);
+    Py_XSETREF(self->wake, wake);
+    Py_INCREF(refuse);
+    Py_XSETREF(self->refuse, refuse);
     Py_INCREF(pair);
     Py_XSETREF(self->pair, pair);
     self->head = -1;
@@ -334,12 +339,14 @@ static int Packer_init(Packer *self, PyObject *args, PyObject *kwargs) {
 }
 
 static int Packer_traverse(Packer *self, visitproc visit, void *arg) {
-    Py_VISIT(self->crowded);
+    Py_VISIT(self->wake);
+    Py_VISIT(self->refuse);
     return 0;
 }
 
 static int Packer_clear(Packer *self) {
-    Py_CLEAR(self->crowded);
+    Py_CLEAR(self->wake);
+    Py_CLEAR(self->refuse);
     return 0;
 }
 
@@ -362,11 +369,17 @@ static PyObject *Packer_events(Packer *self, void *unused) {
 
 static PyMethodDef Packer_methods[] = {
     {"put", (PyCFunction)(void (*)(void))Packer_put, METH_FASTCALL,
-     "put(*fields): the entry packed while fewer than wake_at are; else crowded(fields)"},
+     "put(*fields): the entry packed (wake() when it is the wake_at-th) while fewer than "
+     "limit are; else refuse(fields)"},
     {"add", (PyCFunction)Packer_add, METH_O, "add(fields: tuple): the entry packed"},
     {"take", (PyCFunction)Packer_take, METH_NOARGS,
      "take() -> bytes: the frames of the entries packed since the last take"},
     {NULL, NULL, 0, NULL},
+};
+
+static PyMemberDef Packer_members[] = {
+    {"limit", T_PYSSIZET, offsetof(Packer, limit), 0, "entries put packs at most"},
+    {NULL, 0, 0, 0, NULL},
 };
 
 static PyGetSetDef Packer_getset[] = {
@@ -388,6 +401,7 @@ static PyTypeObject PackerType = {
     .tp_clear = (inquiry)Packer_clear,
     .tp_methods = Packer_methods,
     .tp_getset = Packer_getset,
+    .tp_members = Packer_members,
 };
 
 static struct PyModuleDef module = {

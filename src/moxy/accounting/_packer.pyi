@@ -2,8 +2,10 @@ from collections.abc import Callable
 from typing import Any
 
 class Packer:
-    def __init__(self, kind: bytes, wake_at: int, crowded: Callable[[tuple[Any, ...]], None],
-                 pair: str, frame_entries: int, frame_bytes: int) -> None: ...
+    limit: int
+    def __init__(self, kind: bytes, wake_at: int, limit: int, wake: Callable[[], None],
+                 refuse: Callable[[tuple[Any, ...]], None], pair: str, frame_entries: int,
+                 frame_bytes: int) -> None: ...
     @property
     def entries(self) -> int: ...
     @property

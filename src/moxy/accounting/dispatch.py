@@ -128,14 +128,10 @@ class Intake:
         self._clock_task: trio.lowlevel.Task | None = None  # the clock, while it waits
         self._stopped = False
 
-    def _has_room(self, held: int) -> bool:
-        """A batch has gathered before the clock's look (`held` entries): wake it. The intake
-        holds at most half a queue's worth: beyond (or once stopped), an event is refused,
-        lost for every sink and counted as their drop."""
-        self._wake_clock()
-        return held < self.size // 2 and not self._stopped
-
     def _refuse(self, event: Fields) -> None:
+        """An event the intake cannot hold (half a queue's worth waits: the loop is far
+        behind), or emitted once accounting has stopped: lost for every sink, counted as
+        their drop."""
         lost = self._lost
         self._lost += 2 if event[0] == LEG_AND_MESSAGE else 1
         if lost == 0 or self._lost // 10_000 != lost // 10_000:
@@ -181,7 +177,10 @@ class Accounting(Intake):
         self.emit: Emit = self._mailbox.put if sinks else discard
 
     def _crowded(self, event: Fields) -> None:
-        if self._has_room(len(self._intake)):
+        """A batch has gathered before the clock's look: wake it. The intake holds at most
+        half a queue's worth."""
+        self._wake_clock()
+        if len(self._intake) < self.size // 2 and not self._stopped:
             self._intake.append(event)
         else:
             self._refuse(event)

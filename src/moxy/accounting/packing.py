@@ -125,21 +125,24 @@ class Packer:
     returns them all and starts afresh.
 
     `put(*fields)` is what the serving process's sessions call (as `emit`): it packs the entry
-    while fewer than `wake_at` entries are packed, and otherwise hands it, as a tuple, to
-    `crowded` (which wakes whoever takes them, and may `add` it). An entry whose first field is
-    `pair` counts as two events (`events`; events.LEG_AND_MESSAGE). An entry that cannot be
-    packed raises ValueError and leaves nothing of itself behind, but ends the frame it would
-    have gone into.
+    while fewer than `limit` entries are packed (calling `wake()` when it is the `wake_at`-th,
+    so that whoever takes them comes), and otherwise hands it, as a tuple, to `refuse`. An
+    entry whose first field is `pair` counts as two events (`events`;
+    events.LEG_AND_MESSAGE). An entry that cannot be packed raises ValueError and leaves
+    nothing of itself behind, but ends the frame it would have gone into.
 
     moxy.accounting._packer.Packer is this class in C."""
 
-    def __init__(self, kind: bytes, wake_at: int, crowded: Callable[[tuple[Any, ...]], None],
-                 pair: str, frame_entries: int, frame_bytes: int) -> None:
+    def __init__(self, kind: bytes, wake_at: int, limit: int, wake: Callable[[], None],
+                 refuse: Callable[[tuple[Any, ...]], None], pair: str, frame_entries: int,
+                 frame_bytes: int) -> None:
         if len(kind) != 1 or frame_entries < 1 or frame_bytes < 1:
             raise ValueError("Packer: a kind of one byte, frames of 1 or more")
         self.kind = kind
         self.wake_at = wake_at
-        self.crowded = crowded
+        self.limit = limit  # entries `put` packs at most (may be changed)
+        self.wake = wake
+        self.refuse = refuse
         self.pair = pair
         self.frame_entries = frame_entries
         self.frame_bytes = frame_bytes
@@ -151,10 +154,12 @@ class Packer:
         self._before: tuple[Any, ...] = ()  # the entry before, in the open frame
 
     def put(self, *fields: Any) -> None:
-        if self.entries < self.wake_at:
-            self.add(fields)
-        else:
-            self.crowded(fields)
+        if self.entries >= self.limit:
+            self.refuse(fields)
+            return
+        self.add(fields)
+        if self.entries == self.wake_at:
+            self.wake()
 
     def add(self, fields: tuple[Any, ...]) -> None:
         out = self._out

@@ -68,20 +68,22 @@ def frame(kind: bytes, payload: bytes = b"") -> bytes:
     return _HEAD.pack(kind, len(payload)) + payload
 
 
-def packer(wake_at: int, crowded: Callable[[tuple[Any, ...]], None]) -> packing.Packer:
+def packer(wake_at: int, limit: int, wake: Callable[[], None],
+           refuse: Callable[[tuple[Any, ...]], None]) -> packing.Packer:
     """Where the serving process's events go: a Packer of EVENTS frames (in C where built),
-    whose `put` packs an entry while fewer than `wake_at` are packed, and hands it to
-    `crowded` otherwise."""
-    return _Packer(EVENTS, wake_at, crowded, LEG_AND_MESSAGE, FRAME_EVENTS, FRAME_BYTES)
+    whose `put` packs an entry while fewer than `limit` are packed (`wake()` at the
+    `wake_at`-th), and hands it to `refuse` otherwise."""
+    return _Packer(EVENTS, wake_at, limit, wake, refuse, LEG_AND_MESSAGE, FRAME_EVENTS,
+                   FRAME_BYTES)
 
 
-def _never(fields: tuple[Any, ...]) -> None:
-    raise AssertionError("add() does not crowd")
+def _never(*_: object) -> None:
+    raise AssertionError("add() neither wakes nor refuses")
 
 
 def events_frames(events: list[tuple[Any, ...]]) -> bytes:
     """The EVENTS frames of `events` (for tests and benchmarks)."""
-    frames = packer(0, _never)
+    frames = packer(0, 0, _never, _never)
     for event in events:
         frames.add(tuple(event))
     return frames.take()

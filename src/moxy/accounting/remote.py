@@ -33,7 +33,7 @@ import moxy
 from moxy.accounting import pipe
 from moxy.accounting.base import SinkStats
 from moxy.accounting.dispatch import FLUSH_TIMEOUT, Accounting, Intake
-from moxy.accounting.events import Fields, discard
+from moxy.accounting.events import discard
 from moxy.config import Config
 
 logger = logging.getLogger("moxy.accounting")
@@ -54,7 +54,10 @@ class RemoteAccounting(Intake):
         # Sent once pipe.SEND_AT entries have gathered, while they are still in the CPU's caches.
         super().__init__(settings.queue, settings.interval,
                          wake_at=max(1, min(pipe.SEND_AT, settings.queue // 2)))
-        self._packer = pipe.packer(self._wake_at, self._crowded)
+        # Sessions' events are packed until half a queue's worth waits; beyond, each is lost
+        # (counted as every sink's drop).
+        self._packer = pipe.packer(self._wake_at, self.size // 2, self._wake_clock,
+                                   self._refuse)
         self.emit = self._packer.put if settings.sinks else discard
         self.names = tuple(settings.sinks)
         self.pid: int | None = None  # the accounting process, while it runs
@@ -66,12 +69,6 @@ class RemoteAccounting(Intake):
         self._ended: dict[str, int] = {}  # per sink, what ended processes dropped or held
         self._scope: trio.CancelScope | None = None
         self._closing = False  # the last events are sent: its end is expected now
-
-    def _crowded(self, fields: Fields) -> None:
-        if self._has_room(self._packer.entries):
-            self._packer.add(fields)
-        else:
-            self._refuse(fields)
 
     def reopen(self) -> None:
         """SIGUSR1: passed on to the accounting process, whose sinks reopen their files."""
@@ -127,6 +124,7 @@ class RemoteAccounting(Intake):
                 delay = min(delay * 2, RESTART_MAX)
                 task_status = trio.TASK_STATUS_IGNORED
         self._stopped = True
+        self._packer.limit = 0  # what sessions still emit is lost, and counted
         self.pid = None
         if self._packer.entries:  # no accounting process took them (it died, or never started)
             logger.error("accounting: %d events not written at shutdown (no accounting "
@@ -157,7 +155,8 @@ class RemoteAccounting(Intake):
                 nursery.start_soon(self._listen, process.stdout, nursery.cancel_scope)
                 await process.stdin.send_all(self._config_frame)
                 while not stopping.is_set():
-                    await self._look()
+                    if self._packer.entries < self._wake_at:  # else its wake-up came early
+                        await self._look()
                     await self._send(process.stdin)
                     if self._reopen:
                         self._reopen = False
