@@ -57,7 +57,7 @@ $(VENV)/.run-installed: pyproject.toml | $(VPY)
 NATIVE_SRC := $(shell $(PYTHON) setup.py --native-sources 2>/dev/null)
 native: $(VENV)/.native
 $(VENV)/.native: setup.py src/moxy/native.py $(NATIVE_SRC) | $(VENV)/.run-installed
-	@echo "native build: compiling $(words $(NATIVE_SRC)) modules (mypyc, and C; about a minute)"
+	@echo "native build: compiling $(words $(filter-out %.h,$(NATIVE_SRC))) modules (mypyc, and C; about a minute)"
 	@rm -f src/*.so src/moxy/*.so src/moxy/*/*.so
 	@mkdir -p build
 	@MOXY_NATIVE=1 $(VPY) setup.py build_ext --inplace > build/native.log 2>&1 \

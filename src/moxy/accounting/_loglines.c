@@ -20,6 +20,8 @@
 #include <string.h>
 #include <time.h>
 
+#include "_buffer.h"
+
 #define FIELDS 18
 /* Fields of a DeliveryEvent (moxy.accounting.events._Fields), in order. */
 enum { KIND, SESSION, MESSAGE_ID, CLIENT, HELO, FROM, RECIPIENTS, DEST, ROUTE, SIZE, CODE,
@@ -27,30 +29,8 @@ enum { KIND, SESSION, MESSAGE_ID, CLIENT, HELO, FROM, RECIPIENTS, DEST, ROUTE, S
 /* 9999-12-31T23:59:59 + 1: strftime("%Y") stops being four digits there. */
 #define LAST_TIME 253402300800.0
 
-typedef struct {
-    char *data;
-    Py_ssize_t size;
-    Py_ssize_t used;
-} Buffer;
-
-static int grow(Buffer *b, Py_ssize_t more) {
-    if (b->used + more <= b->size)
-        return 0;
-    Py_ssize_t size = b->size * 2;
-    if (size < b->used + more)
-        size = b->used + more + 4096;
-    char *data = PyMem_Realloc(b->data, size);
-    if (data == NULL) {
-        PyErr_NoMemory();
-        return -1;
-    }
-    b->data = data;
-    b->size = size;
-    return 0;
-}
-
 static inline int put(Buffer *b, const char *text, Py_ssize_t n) {
-    if (grow(b, n) < 0)
+    if (buffer_room(b, n) < 0)
         return -1;
     memcpy(b->data + b->used, text, n);
     b->used += n;
@@ -322,7 +302,7 @@ static PyObject *encode_lines(PyObject *module, PyObject *batch) {
     Py_ssize_t count = PySequence_Fast_GET_SIZE(events);
     Buffer b = {NULL, 0, 0};
     PyObject *result = NULL;
-    if (grow(&b, count * 256 + 64) < 0)
+    if (buffer_room(&b, count * 256 + 64) < 0)
         goto done;
     PyObject **items = PySequence_Fast_ITEMS(events);
     Seen seen = {NULL, {0}, NULL, {0}, 0};

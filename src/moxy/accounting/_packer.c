@@ -15,33 +15,13 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "_buffer.h"
 #include "_packing.h"
 
 #define KEEP (1 << 20) /* bytes of a Packer's buffer kept after a take; a larger one is freed */
 
-typedef struct {
-    char *data;
-    Py_ssize_t size, used;
-} Buffer;
-
-static int room(Buffer *b, Py_ssize_t more) {
-    if (b->used + more <= b->size)
-        return 0;
-    Py_ssize_t want = b->size ? b->size * 2 : 16384;
-    while (want < b->used + more)
-        want *= 2;
-    char *data = PyMem_Realloc(b->data, want);
-    if (data == NULL) {
-        PyErr_NoMemory();
-        return -1;
-    }
-    b->data = data;
-    b->size = want;
-    return 0;
-}
-
 static int put_length(Buffer *b, uint64_t n) {
-    if (room(b, 10) < 0)
+    if (buffer_room(b, 10) < 0)
         return -1;
     while (n >= 0x80) {
         b->data[b->used++] = (char)((n & 0x7F) | 0x80);
@@ -52,7 +32,7 @@ static int put_length(Buffer *b, uint64_t n) {
 }
 
 static int put_bytes(Buffer *b, const char *data, Py_ssize_t n) {
-    if (put_length(b, (uint64_t)n) < 0 || room(b, n) < 0)
+    if (put_length(b, (uint64_t)n) < 0 || buffer_room(b, n) < 0)
         return -1;
     memcpy(b->data + b->used, data, n);
     b->used += n;
@@ -122,7 +102,7 @@ static int equal(PyObject *value, PyObject *before) {
 }
 
 static int put_field(Buffer *b, PyObject *value) {
-    if (room(b, 9) < 0)
+    if (buffer_room(b, 9) < 0)
         return -1;
     PyTypeObject *type = Py_TYPE(value);
     if (type == &PyUnicode_Type) {
@@ -221,7 +201,7 @@ static int add_entry(Packer *self, PyObject *const *fields, Py_ssize_t n) {
     int opened = self->head < 0;
     /* Room for the header, the count and a byte per field (a SAME), so that only a field
        written in full asks for more. */
-    if (room(b, 6 + n) < 0)
+    if (buffer_room(b, 6 + n) < 0)
         goto fail;
     if (opened) {
         self->head = b->used;
@@ -239,7 +219,7 @@ static int add_entry(Packer *self, PyObject *const *fields, Py_ssize_t n) {
             b->data[b->used++] = SAME; /* and `before[i]`, equal to it, stays */
             continue;
         }
-        if (same < 0 || put_field(b, value) < 0 || room(b, n - i) < 0)
+        if (same < 0 || put_field(b, value) < 0 || buffer_room(b, n - i) < 0)
             goto fail;
         Py_INCREF(value);
         Py_XSETREF(before[i], value);
