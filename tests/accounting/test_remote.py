@@ -252,7 +252,19 @@ async def test_events_left_when_no_accounting_process_can_take_them_are_logged_a
         nursery.cancel_scope.cancel()
     assert "accounting: 3 events not written at shutdown (no accounting process)" in caplog.text
     assert remote.stats()["file"].dropped == 3
+    _emit(remote, _events(2, start=3))  # once stopped: lost, and counted
+    assert remote.stats()["file"].dropped == 5
     assert _sizes(log) == []
+
+
+def test_sessions_events_beyond_half_a_queue_are_counted_as_lost(
+    write_config: WriteConfig, caplog: pytest.LogCaptureFixture,
+) -> None:
+    remote, _ = _config(write_config, queue=20)  # no accounting process takes them
+    _emit(remote, _events(15))
+    assert remote.stats()["file"] == remote.stats()["file"].__class__(backlog=10, dropped=5)
+    assert "accounting: 5 events lost before reaching any sink" not in caplog.text
+    assert "accounting: 1 events lost before reaching any sink" in caplog.text  # once
 
 
 def test_the_accounting_process_finds_the_same_moxy(monkeypatch: pytest.MonkeyPatch) -> None:
