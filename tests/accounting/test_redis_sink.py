@@ -280,10 +280,11 @@ async def test_beyond_the_backlog_events_are_dropped_and_counted(
     # event 36. A backlog of 60 holds the first event and four more recipients.
     sink = sink_for(redis_server, backlog=60, timeout=1.0)
     redis_server.stop()
-    await sink.write([leg("mx.example:25", ("r0@example.org",), 10)])
+    now = time.time()  # one minute's buckets, even if the run straddles a minute
+    await sink.write([leg("mx.example:25", ("r0@example.org",), 10, when=now)])
     await sink.tick()
     for i in range(1, 10):
-        await sink.write([leg("mx.example:25", (f"r{i}@example.org",), 10)])
+        await sink.write([leg("mx.example:25", (f"r{i}@example.org",), 10, when=now)])
         await sink.tick()
     assert sink.stats().backlog == 60
     assert sink.stats().dropped == 5
@@ -311,11 +312,12 @@ def black_hole() -> Iterator[str]:
 
 async def test_a_hung_redis_costs_one_timeout_not_one_per_write(black_hole: str) -> None:
     sink = sink_for(black_hole, timeout=0.5, batch_size=10)
-    await sink.write([leg("mx.example:25", ("a@example.org",), 1)])  # finds it hung: 0.5 s
+    now = time.time()  # one minute's buckets, even if the run straddles a minute
+    await sink.write([leg("mx.example:25", ("a@example.org",), 1, when=now)])  # hung: 0.5 s
     assert sink.stats().backlog == 36
     started = trio.current_time()
     for i in range(200):  # each would flush (batch_size 10) if Redis were up
-        await sink.write([leg("mx.example:25", (f"r{i}@example.org",), 1)])
+        await sink.write([leg("mx.example:25", (f"r{i}@example.org",), 1, when=now)])
     assert trio.current_time() - started < 5  # 200 timeouts would take 100 s
     assert sink.stats().backlog == 36 + 200 * 6
     with trio.fail_after(10):  # aclose gives up after its timeout

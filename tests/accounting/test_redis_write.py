@@ -112,8 +112,9 @@ async def test_tallies_sharing_counters_do_not_bring_a_flush_forward(
     client = redis_server.client()
     sink = sink_for(redis_server, flush_interval=3600.0, batch_size=200)
     await sink.tick()
+    now = time.time()  # one minute's buckets for all 40
     await sink.write([
-        leg("mx.example:25", (f"r{i}@example.org",), 10, client_ip=ip)
+        leg("mx.example:25", (f"r{i}@example.org",), 10, client_ip=ip, when=now)
         for ip in ("192.0.2.1", "192.0.2.2") for i in range(20)
     ])
     await sink.tick()
