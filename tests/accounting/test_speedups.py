@@ -159,6 +159,24 @@ def test_sum_known_finds_the_minute_python_computes(when: float) -> None:
     assert sums[key_of(event)][:2] == [1, BASE.size]
 
 
+def test_sum_known_finds_the_minute_at_its_edges_after_the_minute_before() -> None:
+    """C remembers the last minute it computed: times just inside and just outside its edges,
+    one after another (in one call and in calls one after another), get Python's minute."""
+    from moxy.accounting import _speedups
+
+    start = 29_000_000 * 60.0  # 2025
+    times = [start + 30.0, math.nextafter(start, 0.0), start, math.nextafter(start + 60.0, 0.0),
+             start + 60.0, start + 30.0, start - 60.0, 1e12 + 30.0, 1e12 + 90.0, 59.5, 60.0]
+    batch = [DeliveryEvent(**{**BASE._asdict(), "time": when}) for when in times]
+    assert len({key_of(event) for event in batch}) == 7
+    for calls in (batch, *([event] for event in batch)):
+        sums: dict[object, list[object]] = {key_of(e): [0, 0, "counted"] for e in batch}
+        theirs = {key: list(entry) for key, entry in sums.items()}
+        assert _speedups.sum_known(calls, sums, 0) == len(calls)
+        assert counters.sum_known(calls, theirs, 0) == len(calls)
+        assert sums == theirs
+
+
 @pytest.mark.parametrize(("change", "why"), [
     ({"recipients": ["a@x.test"]}, "unhashable: Python raises TypeError"),
     ({"code": True}, "a bool code"),

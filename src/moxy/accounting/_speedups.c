@@ -133,6 +133,24 @@ static double minute_of(double t) {
     return copysign(0.0, t / 60.0);
 }
 
+/* minute_of for events of the minute before, without fmod (about 470 instructions a call):
+   the events of a batch nearly all fall into one minute. Kept only for times from 1970 to
+   about 33,000 AD, where 60 * m is exact and `t // 60` is m exactly when 60m <= t < 60(m+1).
+   The GIL is held: one thread at a time. */
+static double known_minute = 0.0, known_from = 1.0, known_until = 0.0;
+
+static inline double minute_of_cached(double t) {
+    if (t >= known_from && t < known_until)
+        return known_minute;
+    double minute = minute_of(t);
+    if (t >= 60.0 && t < 1e12) {
+        known_minute = minute;
+        known_from = minute * 60.0;
+        known_until = (minute + 1.0) * 60.0;
+    }
+    return minute;
+}
+
 /* The sum the last event of this call was added to, and what its key was made of. The next
    event whose key is made of the very same objects (and minute) adds to it without a key
    made and looked up: consecutive events from one sender, client and destination share those
@@ -190,7 +208,7 @@ static int add_known(PyObject *sums, PyObject *event, Last *last) {
         double t = PyFloat_AS_DOUBLE(f[TIME]);
         if (!isfinite(t))
             return 0;
-        minute_value = minute_of(t);
+        minute_value = minute_of_cached(t);
         if (last->entry != NULL && minute_value == last->minute && outcome == last->outcome &&
             f[DEST] == last->dest && f[RECIPIENTS] == last->recipients &&
             f[FROM] == last->from && f[CLIENT] == last->client && f[NODE] == last->node) {
