@@ -106,6 +106,21 @@ def test_objects_are_not_mistaken_for_the_last_calls() -> None:
         assert encode([event]) == python([event])
 
 
+def test_its_buffer_kept_between_calls_holds_nothing_of_the_last_batch() -> None:
+    """The buffer is kept from call to call, and let go of after a batch of over 4 MiB: each
+    result is that batch's lines, whatever came before (a longer batch, a huge one, one left
+    to Python halfway)."""
+    long_reply = BASE._replace(reply="250 " + "x" * 3000)
+    huge = [long_reply] * 1600  # about 5 MiB of lines
+    odd = BASE._replace(mail_from="s\udce9@c.test")
+    for batch in ([BASE] * 50, [BASE], huge, [BASE._replace(kind="message")], [BASE] * 3 + [odd],
+                  [BASE._replace(helo="h")], [long_reply] * 2):
+        out = encode(batch)
+        assert (out is None) == (batch[-1] is odd)
+        assert out is None or out == python(batch)
+    assert len(python(huge)) > 4 << 20
+
+
 def test_the_file_sink_writes_the_same_file_either_way(tmp_path: Path) -> None:
     odd = BASE._replace(mail_from="s\udce9@c.test")  # Python's batch
     path = tmp_path / "messages.log"

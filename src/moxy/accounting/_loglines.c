@@ -295,14 +295,21 @@ static int put_line(Buffer *b, PyObject *event, Seen *seen) {
     return 1;
 }
 
+/* The buffer the lines are written into, kept from call to call (the GIL is held, and no
+   Python code runs inside a call): no growing, no fresh pages to touch, only the copy into
+   the bytes returned. Let go of after a batch that needed more than KEEP bytes. */
+static Buffer kept = {NULL, 0, 0};
+#define KEEP (4 << 20)
+
 static PyObject *encode_lines(PyObject *module, PyObject *batch) {
     PyObject *events = PySequence_Fast(batch, "encode_lines() takes a sequence of events");
     if (events == NULL)
         return NULL;
     Py_ssize_t count = PySequence_Fast_GET_SIZE(events);
-    Buffer b = {NULL, 0, 0};
+    Buffer b = kept;  /* written back below, whatever happens */
+    b.used = 0;
     PyObject *result = NULL;
-    if (buffer_room(&b, count * 256 + 64) < 0)
+    if (buffer_room(&b, count * 320 + 64) < 0)
         goto done;
     PyObject **items = PySequence_Fast_ITEMS(events);
     Seen seen = {NULL, {0}, NULL, {0}, 0};
@@ -318,7 +325,11 @@ static PyObject *encode_lines(PyObject *module, PyObject *batch) {
     }
     result = PyBytes_FromStringAndSize(b.data, b.used);
 done:
-    PyMem_Free(b.data);
+    if (b.size > KEEP) {
+        PyMem_Free(b.data);
+        b = (Buffer){NULL, 0, 0};
+    }
+    kept = b;
     Py_DECREF(events);
     return result;
 }
