@@ -30,6 +30,7 @@ from moxy.accounting import pipe
 from moxy.accounting.dispatch import Accounting
 from moxy.accounting.events import count_events
 from moxy.config import Config, ConfigError
+from moxy.gil import shorten_switch_interval
 from moxy.logsetup import configure_logging
 
 logger = logging.getLogger("moxy.accounting")
@@ -146,6 +147,7 @@ def _settle_gc() -> None:
 def main() -> int:
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1):
         signal.signal(signum, signal.SIG_IGN)
+    shorten_switch_interval()
     try:
         return trio.run(_serve)
     except pipe.FrameError as exc:
