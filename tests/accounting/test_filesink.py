@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import trio
 
+from moxy import native
 from moxy.accounting.events import DeliveryEvent
-from moxy.accounting.filesink import IN_FLIGHT, FileSink
+from moxy.accounting.filesink import HAND_BYTES, IN_FLIGHT, FileSink
 from moxy.accounting.settings import FileSinkSettings
 from peers.waiting import eventually
 
@@ -92,3 +93,60 @@ async def test_a_stuck_file_holds_up_neither_the_loop_nor_more_than_a_bounded_ba
     lines = b"".join(received).decode().splitlines()
     assert lines == [EVENT.to_log_line()] * IN_FLIGHT
     assert sink.stats().dropped == 0
+
+
+# --- handing lines over to the writer thread ------------------------------------------------
+
+native_lines = pytest.mark.skipif(
+    "moxy.accounting._loglines" not in native.compiled(),
+    reason="pure Python: the writer thread formats every batch (nothing is held)",
+)
+
+
+def lines_in(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+@native_lines
+async def test_lines_are_held_for_a_moment_and_handed_over_by_tick(tmp_path: Path) -> None:
+    """A quiet sink hands a batch's lines over at once; lines that follow within HAND_EVERY
+    wait in the event loop (counted as backlog) until the next hand-over: `tick`, a later
+    write, or more than HAND_BYTES held."""
+    path = tmp_path / "messages.log"
+    sink = FileSink(FileSinkSettings(path))
+    first, second = EVENT._replace(size=1), EVENT._replace(size=2)
+    await sink.write([first])
+    await eventually(lambda: len(lines_in(path)) == 1, what="the first line, at once")
+    await sink.write([second])
+    assert sink.stats().backlog == 1  # held
+    await trio.sleep(0.1)
+    assert len(lines_in(path)) == 1
+    await sink.tick()
+    await eventually(lambda: len(lines_in(path)) == 2, what="the held line, after tick")
+    assert lines_in(path) == [first.to_log_line(), second.to_log_line()]
+    assert sink.stats().backlog == 0
+    big = [EVENT._replace(reply="250 " + "x" * 1000)] * (HAND_BYTES // 1000 + 1)
+    await sink.write(big)  # more than HAND_BYTES: handed over without waiting for tick
+    await eventually(lambda: len(lines_in(path)) == 2 + len(big), what="a big batch at once")
+    await sink.aclose()
+
+
+@native_lines
+async def test_held_lines_stay_in_order_with_everything_the_thread_does(tmp_path: Path) -> None:
+    """Held lines are handed over before anything else goes to the thread: a batch the C
+    formatter leaves to Python, a reopen (they belong to the old file) and the close."""
+    path = tmp_path / "messages.log"
+    sink = FileSink(FileSinkSettings(path))
+    await sink.write([EVENT._replace(size=1)])
+    await eventually(lambda: len(lines_in(path)) == 1, what="the first line")
+    await sink.write([EVENT._replace(size=2)])  # held
+    await sink.write([EVENT._replace(size=3, mail_from="s\udce9@c.test")])  # Python's batch
+    await sink.write([EVENT._replace(size=4)])  # held again
+    path.rename(tmp_path / "messages.log.1")
+    await sink.reopen()
+    await sink.write([EVENT._replace(size=5)])  # held, then handed over by aclose
+    await sink.aclose()
+    sizes = [[int(field[5:]) for field in line.split() if field.startswith("size=")]
+             for line in lines_in(tmp_path / "messages.log.1")]
+    assert sizes == [[1], [2], [3], [4]]
+    assert [line.split(" size=")[1].split()[0] for line in lines_in(path)] == ["5"]

@@ -1,16 +1,23 @@
 """The "file" accounting sink: the message log, one line per event, text or JSON.
 
-Lines are formatted and written by the sink's own writer thread: `write` hands it a batch and
-returns, so the event loop never waits for the disk, and a batch costs no trio thread round
-trip. Each batch is one write() on an O_APPEND file, so that the batches of several worker
-processes sharing the file never interleave inside a line. `reopen` (SIGUSR1) opens the path
-again, after logrotate has moved the old file away, in order with the writes. Without a path
-it writes to standard error.
+Lines are written by the sink's own writer thread, so the event loop never waits for the
+disk, and a batch costs no trio thread round trip. `write` formats a batch's text lines at
+once (C, in the native build) and holds them; what is held goes to the thread as one job
+(`_hand_over`) when the last job is HAND_EVERY old, when HAND_BYTES are held, at `tick` (about
+once a second), and before a reopen or the close. Under load the thread is so woken a few
+times a second rather than for every batch (see HAND_EVERY); a quiet server's lines go at
+once. JSON lines, and a batch the C formatter leaves to Python, are formatted by the thread.
+
+Each job is one write() on an O_APPEND file, so that the lines of several worker processes
+sharing the file never interleave inside a line. `reopen` (SIGUSR1) opens the path again,
+after logrotate has moved the old file away, in order with the writes. Without a path it
+writes to standard error.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import queue
 import sys
@@ -34,10 +41,20 @@ except ImportError:  # pure Python
 logger = logging.getLogger("moxy.accounting.file")
 
 IN_FLIGHT = 4096  # events handed to the writer thread and not yet written: `write` waits beyond
+# Formatted lines are held in the event loop and handed to the writer thread at most every
+# HAND_EVERY seconds (or once HAND_BYTES are held; `tick` hands over what is left). Each
+# hand-over wakes the thread, which then needs the GIL twice, and while a thread waits for
+# the GIL each system call of a busy event loop costs a futex wake-up (moxy.gil): handed
+# every batch (about 50 a second at full load), the writer cost the serving process 4-5 µs
+# of CPU a message with `process = false` (docs/accounting.md).
+HAND_EVERY = 0.25
+HAND_BYTES = 1 << 20
 OPEN_RETRY = 1.0  # seconds between attempts to open a path that could not be opened
 _WAIT = 0.05  # seconds between looks while the thread is behind (a stuck disk)
 
-_Job = tuple[str, Sequence[DeliveryEvent]]  # ("write", batch) | ("reopen", ()) | ("close", ())
+# (what, events, data, count): ("write", the events, None, n) to format and write, ("write",
+# (), their lines, n) to write, ("reopen", (), None, 0), ("close", (), None, 0).
+_Job = tuple[str, Sequence[DeliveryEvent], bytes | None, int]
 
 
 class FileSink:
@@ -52,6 +69,11 @@ class FileSink:
         # each with one writer, so neither needs a lock.
         self._handed = 0
         self._finished = 0
+        # Lines formatted and not yet handed over (event loop only).
+        self._held: list[bytes] = []
+        self._held_events = 0
+        self._held_bytes = 0
+        self._hand_at = -math.inf
         # The writer thread's own state.
         self._fd: int | None = None
         self._opened = False
@@ -63,31 +85,58 @@ class FileSink:
     # --- the Sink interface (event loop) ----------------------------------------------------
 
     async def write(self, batch: Sequence[DeliveryEvent]) -> None:
-        while self._handed - self._finished >= IN_FLIGHT:
+        while self._handed + self._held_events - self._finished >= IN_FLIGHT:
+            self._hand_over()
             await trio.sleep(_WAIT)  # the disk is stuck: let the dispatcher's queue fill
-        self._handed += len(batch)
-        self._send(("write", batch))
+        data = None if self.json else _encode_lines(batch)
+        if data is None:  # JSON, pure Python, or a batch the C formatter leaves to Python
+            self._hand_over()
+            self._handed += len(batch)
+            self._send(("write", batch, None, len(batch)))
+            return
+        self._held.append(data)
+        self._held_events += len(batch)
+        self._held_bytes += len(data)
+        if self._held_bytes >= HAND_BYTES or trio.current_time() >= self._hand_at:
+            self._hand_over()
 
     async def tick(self) -> None:
-        """Nothing on a schedule: the writer retries opening a path with its next batch."""
+        """What is held goes to the writer (which retries opening a path with its next
+        batch)."""
+        self._hand_over()
 
     async def reopen(self) -> None:
         if self.path is None:
             return
         logger.info("reopening the message log %s", self.path)
-        self._send(("reopen", ()))
+        self._hand_over()
+        self._send(("reopen", (), None, 0))
 
     async def aclose(self) -> None:
         """Write what was handed over and close; the caller bounds the time (a stuck disk:
         the thread is left behind, a daemon thread that does not hold up the exit)."""
+        self._hand_over()
         writer = self._writer
         if writer is None or self._writer_pid != os.getpid():
             return
-        self._jobs.put(("close", ()))
+        self._jobs.put(("close", (), None, 0))
         await trio.to_thread.run_sync(writer.join, abandon_on_cancel=True)
 
     def stats(self) -> SinkStats:
-        return SinkStats(backlog=self._handed - self._finished, dropped=self._dropped)
+        return SinkStats(backlog=self._handed - self._finished + self._held_events,
+                         dropped=self._dropped)
+
+    def _hand_over(self) -> None:
+        """The lines held, to the writer thread as one job; the next lines are held for
+        HAND_EVERY (a quiet server's next line is handed over at once)."""
+        if not self._held:
+            return
+        self._hand_at = trio.current_time() + HAND_EVERY
+        data = self._held[0] if len(self._held) == 1 else b"".join(self._held)
+        events = self._held_events
+        self._held, self._held_events, self._held_bytes = [], 0, 0
+        self._handed += events
+        self._send(("write", (), data, events))
 
     def _send(self, job: _Job) -> None:
         if self._writer is None or self._writer_pid != os.getpid():
@@ -101,10 +150,10 @@ class FileSink:
 
     def _run(self) -> None:
         while True:
-            what, batch = self._jobs.get()
+            what, batch, data, count = self._jobs.get()
             try:
                 if what == "write":
-                    self._write(batch)
+                    self._write(batch, data, count)
                 elif what == "reopen":
                     self._open()
                 else:
@@ -113,13 +162,12 @@ class FileSink:
                         self._fd = None
                     return
             except Exception:  # a bug: it must not stop the thread (nor mail)
-                self._dropped += len(batch)
+                self._dropped += count
                 logger.exception("message log %s: %s failed", self.path or "(stderr)", what)
             finally:
-                self._finished += len(batch)
+                self._finished += count
 
-    def _write(self, batch: Sequence[DeliveryEvent]) -> None:
-        data = None if self.json else _encode_lines(batch)
+    def _write(self, batch: Sequence[DeliveryEvent], data: bytes | None, count: int) -> None:
         if data is None:  # JSON, pure Python, or a batch the C formatter leaves to Python
             text = json_lines(batch) if self.json else log_lines(batch)
             data = text.encode("utf-8", "replace")
@@ -133,7 +181,7 @@ class FileSink:
                 raise OSError("the file could not be opened")
             _write(self._fd, data)
         except OSError as exc:
-            self._dropped += len(batch)
+            self._dropped += count
             if not self._failing:
                 self._failing = True
                 logger.error("cannot write the message log %s: %s; dropping events until "
