@@ -101,14 +101,15 @@ def smtp_sink(port: int) -> Iterator[int]:
 @contextlib.contextmanager
 def moxy(
     workdir: Path, routes: str, *, workers: int = 1, idle_upstreams: int | None = None,
-    name: str = "moxy", extra: str = "",
+    name: str = "moxy", extra: str = "", server: str = "",
 ) -> Iterator[Proxy]:
-    """Moxy with a route file and `extra` TOML tables appended to its configuration."""
+    """Moxy with a route file and `extra` TOML tables appended to its configuration (`server`:
+    more `[server]` lines)."""
     port = free_port()
     (workdir / "routes").write_text(routes)
     (workdir / "moxy.toml").write_text(
         f'[server]\nlisten = ["127.0.0.1:{port}"]\nhostname = "bench.moxy.test"\n'
-        f"workers = {workers}\n"
+        f"workers = {workers}\n{server}"
         '[routes]\nfile = "routes"\n[log]\nfile = "moxy.log"\nlevel = "warning"\n'
         "[limits]\nmessage_size = 104857600\nconnections = 5000\n"
         # Every client of a benchmark comes from 127.0.0.1: no per-address cap.

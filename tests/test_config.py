@@ -81,6 +81,7 @@ def test_minimal_file_gives_defaults(tmp_path: Path) -> None:
         (Timeouts, "upstream_data_end", 600.0),
         (Timeouts, "client_command", 300.0),
         (ServerSettings, "banner", "ESMTP Moxy"),
+        (ServerSettings, "gil_switch_interval", 1e-4),
         (ProxySettings, "split_destinations", False),
         (ProxySettings, "bare_newlines", "refuse"),
         (ProxySettings, "helo_name", ""),
@@ -127,6 +128,7 @@ def test_config_remembers_its_absolute_path(
         ('[proxy]\nbare_newlines = "Refuse"', "proxy.bare_newlines", "refuse"),
         ('[proxy]\nhelo_name = "relay.example.org"', "proxy.helo_name", "relay.example.org"),
         ("[routes]\nreload_interval = 5", "routes.reload_interval", 5.0),
+        ("[server]\ngil_switch_interval = 0.005", "server.gil_switch_interval", 0.005),
         ("[routes]\nreload_interval = 0", "routes.reload_interval", 0.0),
         ('[log]\nlevel = "DEBUG"', "log.level", "debug"),
         ('[log]\nlevel = "warning"', "log.level", "warning"),
@@ -195,6 +197,10 @@ def test_listen_address_keeps_host_without_brackets() -> None:
             "limits.recipients: expected a positive integer, got 'ten'",
         ),
         ("[limits]\nrecipients = 0", "limits.recipients: expected a positive integer, got 0"),
+        (
+            "[server]\ngil_switch_interval = 0",
+            "server.gil_switch_interval: expected a positive number of seconds, got 0",
+        ),
         ("[limits]\nrecipients = true", "limits.recipients: expected a positive integer, got true"),
         ("[limits]\nrecipients = 1.5", "limits.recipients: expected a positive integer, got 1.5"),
         (

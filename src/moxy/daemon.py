@@ -20,7 +20,7 @@ from moxy import control, privileges, workers
 from moxy.accounting.dispatch import check_sinks
 from moxy.accounting.remote import accounting_for
 from moxy.config import Config
-from moxy.gil import shorten_switch_interval
+from moxy.gil import set_switch_interval
 from moxy.logsetup import configure_logging
 from moxy.lookup.build import Routing
 from moxy.server import serve
@@ -91,7 +91,7 @@ def run(config: Config) -> int:
     before anything listens. Started as root, Moxy binds its listeners, then serves as
     `[server] user` (src/moxy/privileges.py)."""
     configure_logging(config.log.level)
-    shorten_switch_interval()  # workers inherit it
+    set_switch_interval(config.server.gil_switch_interval)  # workers inherit it
     # Until the event loop takes SIGHUP over, a reload request must neither kill the process
     # nor be lost: blocked, it stays pending (in a worker too, which inherits the mask) until
     # _main's receiver unblocks it. Ignored once that receiver is gone (the very end).

@@ -10,15 +10,14 @@ the event loop a futex call and the other CPU a context switch: in the serving p
 the accounting sinks in it, about 5 µs of CPU a message (docs/accounting.md). With a wait of
 0.1 ms the waiter asks for the GIL and gets it at the loop's next check (a thread that
 computes for long then shares the GIL in slices of 0.1 ms, which the event loop's latency
-only gains from).
+only gains from). `[server] gil_switch_interval` sets it (docs/configuration.md).
 """
 
 from __future__ import annotations
 
 import sys
 
-SWITCH_INTERVAL = 1e-4  # seconds
 
-
-def shorten_switch_interval() -> None:
-    sys.setswitchinterval(SWITCH_INTERVAL)
+def set_switch_interval(seconds: float) -> None:
+    """At the start of a serving process (workers inherit it) and of an accounting process."""
+    sys.setswitchinterval(seconds)

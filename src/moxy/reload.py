@@ -32,6 +32,7 @@ logger = logging.getLogger("moxy")
 RESTART_ONLY: tuple[tuple[str, str | None], ...] = (
     ("server", "listen"),
     ("server", "workers"),
+    ("server", "gil_switch_interval"),
     ("server", "user"),
     ("server", "group"),
     ("log", "file"),

@@ -30,7 +30,7 @@ from moxy.accounting import pipe
 from moxy.accounting.dispatch import Accounting
 from moxy.accounting.events import count_events
 from moxy.config import Config, ConfigError
-from moxy.gil import shorten_switch_interval
+from moxy.gil import set_switch_interval
 from moxy.logsetup import configure_logging
 
 logger = logging.getLogger("moxy.accounting")
@@ -108,6 +108,7 @@ async def _serve() -> int:
     if size >= ENOUGH:
         paced.pause, paced.size = min(PAUSE, config.accounting.interval / 5), size
     configure_logging(config.log.level)
+    set_switch_interval(config.server.gil_switch_interval)
     try:
         accounting = Accounting.from_config(config)
     except ConfigError as exc:
@@ -147,7 +148,6 @@ def _settle_gc() -> None:
 def main() -> int:
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1):
         signal.signal(signum, signal.SIG_IGN)
-    shorten_switch_interval()
     try:
         return trio.run(_serve)
     except pipe.FrameError as exc:

@@ -16,6 +16,7 @@ import attrs
 from moxy.config._parsing import (
     _COUNT,
     _DOMAIN_RE,
+    _SECONDS,
     Network,
     _Context,
     _domain,
@@ -154,6 +155,8 @@ class ServerSettings:
     hostname: str = attrs.field(factory=_fqdn, metadata=_key(_domain()))
     banner: str = attrs.field(default="ESMTP Moxy", metadata=_key(_text))
     workers: int = attrs.field(default=1, metadata=_COUNT)
+    # sys.setswitchinterval of the serving and accounting processes (moxy/gil.py).
+    gil_switch_interval: float = attrs.field(default=1e-4, metadata=_SECONDS)
     # Which Moxy of a cluster saw an event (accounting); the short host name by default.
     node: str = attrs.field(factory=socket.gethostname, metadata=_key(_node))
     # Started as root: bind the listeners, then serve as this user and group (privileges.py).
