@@ -259,23 +259,3 @@ def test_sum_known_adds_runs_of_events_sharing_their_objects(
         outcome_of(counters.sum_known, batch, sums)
     stop = _speedups.sum_known(batch, {key: [0, 0] for key in known}, 0)
     assert stop == counters.sum_known(batch, {key: [0, 0] for key in known}, 0)
-
-
-def test_expanded_events_of_atoms_are_out_of_the_collectors_sight() -> None:
-    """Events made of str, int, float and a tuple of str cannot be part of a cycle: C untracks
-    them (CPython never untracks a tuple subclass itself); one holding anything else (a list)
-    stays tracked."""
-    import gc
-
-    from moxy.accounting import _speedups
-
-    fields = tuple(BASE)
-    entry = (LEG_AND_MESSAGE, *fields[1:], 20, 250, "250 ok", "")
-    plain, both = _speedups.expand([fields, entry], DeliveryEvent, LEG_AND_MESSAGE)[0], \
-        _speedups.expand([entry], DeliveryEvent, LEG_AND_MESSAGE)
-    assert not gc.is_tracked(plain)
-    assert [gc.is_tracked(event) for event in both] == [False, False]
-    odd = _speedups.expand([(*fields[:6], ["a@x.test"], *fields[7:])], DeliveryEvent,
-                           LEG_AND_MESSAGE)[0]
-    assert gc.is_tracked(odd)
-    assert odd == DeliveryEvent(*fields[:6], ["a@x.test"], *fields[7:])  # type: ignore[arg-type]

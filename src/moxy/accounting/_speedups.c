@@ -27,41 +27,16 @@ enum { KIND, SESSION, MESSAGE_ID, CLIENT, HELO, FROM, RECIPIENTS, DEST, ROUTE, S
 /* Constants of the events expand makes (interned, as Python's literals are). */
 static PyObject *LEG, *MESSAGE, *DASH, *END_OF_DATA, *EMPTY;
 
-/* An object that can take no part in a reference cycle: a str, int, float, None, or a
-   plain tuple of str (the recipients). */
-static inline int atom(PyObject *item) {
-    if (PyUnicode_CheckExact(item) || PyLong_CheckExact(item) || PyFloat_CheckExact(item) ||
-        item == Py_None || PyBool_Check(item))
-        return 1;
-    if (!PyTuple_CheckExact(item))
-        return 0;
-    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(item); i++)
-        if (!PyUnicode_CheckExact(PyTuple_GET_ITEM(item, i)))
-            return 0;
-    return 1;
-}
-
 /* A `cls` instance (a tuple subclass) holding `n` items, each a new reference taken from
-   `items`: what tuple.__new__(cls, items) makes.
-
-   One whose items are all atoms is taken out of the cyclic collector's sight, as CPython
-   does itself with a plain tuple of atoms once it has survived a collection (a tuple
-   subclass it never untracks): it cannot be part of a cycle. Events wait up to `[accounting]
-   interval` for their sinks, long enough to reach the older generations; tracked, each
-   collection there walked all of them. */
+   `items`: what tuple.__new__(cls, items) makes. */
 static PyObject *event_of(PyTypeObject *cls, PyObject **items, Py_ssize_t n) {
     PyObject *event = cls->tp_alloc(cls, n);
     if (event == NULL)
         return NULL;
-    int atoms = 1;
     for (Py_ssize_t i = 0; i < n; i++) {
         Py_INCREF(items[i]);
         PyTuple_SET_ITEM(event, i, items[i]);
-        if (atoms && !atom(items[i]))
-            atoms = 0;
     }
-    if (atoms)
-        PyObject_GC_UnTrack(event);
     return event;
 }
 
