@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from moxy import native
 from moxy.accounting.events import DeliveryEvent
-from moxy.accounting.filesink import HAND_BYTES, IN_FLIGHT, FileSink
+from moxy.accounting.filesink import HAND_EVENTS, IN_FLIGHT, FileSink
 from moxy.accounting.settings import FileSinkSettings
 from peers.waiting import eventually
 
@@ -97,21 +96,14 @@ async def test_a_stuck_file_holds_up_neither_the_loop_nor_more_than_a_bounded_ba
 
 # --- handing lines over to the writer thread ------------------------------------------------
 
-native_lines = pytest.mark.skipif(
-    "moxy.accounting._loglines" not in native.compiled(),
-    reason="pure Python: the writer thread formats every batch (nothing is held)",
-)
-
-
 def lines_in(path: Path) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
 
 
-@native_lines
 async def test_lines_are_held_for_a_moment_and_handed_over_by_tick(tmp_path: Path) -> None:
-    """A quiet sink hands a batch's lines over at once; lines that follow within HAND_EVERY
-    wait in the event loop (counted as backlog) until the next hand-over: `tick`, a later
-    write, or more than HAND_BYTES held."""
+    """A quiet sink hands a batch over at once; batches that follow within HAND_EVERY wait in
+    the event loop (counted as backlog) until the next hand-over: `tick`, a later
+    write, or HAND_EVENTS held."""
     path = tmp_path / "messages.log"
     sink = FileSink(FileSinkSettings(path))
     first, second = EVENT._replace(size=1), EVENT._replace(size=2)
@@ -125,16 +117,16 @@ async def test_lines_are_held_for_a_moment_and_handed_over_by_tick(tmp_path: Pat
     await eventually(lambda: len(lines_in(path)) == 2, what="the held line, after tick")
     assert lines_in(path) == [first.to_log_line(), second.to_log_line()]
     assert sink.stats().backlog == 0
-    big = [EVENT._replace(reply="250 " + "x" * 1000)] * (HAND_BYTES // 1000 + 1)
-    await sink.write(big)  # more than HAND_BYTES: handed over without waiting for tick
+    big = [EVENT] * HAND_EVENTS
+    await sink.write(big)  # HAND_EVENTS: handed over without waiting for tick
     await eventually(lambda: len(lines_in(path)) == 2 + len(big), what="a big batch at once")
     await sink.aclose()
 
 
-@native_lines
 async def test_held_lines_stay_in_order_with_everything_the_thread_does(tmp_path: Path) -> None:
-    """Held lines are handed over before anything else goes to the thread: a batch the C
-    formatter leaves to Python, a reopen (they belong to the old file) and the close."""
+    """Held batches are handed over before anything else goes to the thread: a reopen (they
+    belong to the old file) and the close; a batch the C formatter leaves to Python keeps its
+    place among them."""
     path = tmp_path / "messages.log"
     sink = FileSink(FileSinkSettings(path))
     await sink.write([EVENT._replace(size=1)])

@@ -125,8 +125,8 @@ def test_the_file_sink_writes_the_same_file_either_way(tmp_path: Path) -> None:
     odd = BASE._replace(mail_from="s\udce9@c.test")  # Python's batch
     path = tmp_path / "messages.log"
     sink = FileSink(FileSinkSettings(path))
-    sink._write([BASE, BASE._replace(kind="message")], None, 2)
-    sink._write([odd], None, 1)
+    sink._write([[BASE, BASE._replace(kind="message")]], 2)
+    sink._write([[odd]], 1)
     assert path.read_bytes() == python([BASE, BASE._replace(kind="message")]) + python([odd])
     assert b"s?@c.test" in path.read_bytes()
 

@@ -1,17 +1,16 @@
 """The "file" accounting sink: the message log, one line per event, text or JSON.
 
-Lines are written by the sink's own writer thread, so the event loop never waits for the
-disk, and a batch costs no trio thread round trip. `write` formats a batch's text lines at
-once (C, in the native build) and holds them; what is held goes to the thread as one job
-(`_hand_over`) when the last job is HAND_EVERY old, when HAND_BYTES are held, at `tick` (about
-once a second), and before a reopen or the close. Under load the thread is so woken a few
-times a second rather than for every batch (see HAND_EVERY); a quiet server's lines go at
-once. JSON lines, and a batch the C formatter leaves to Python, are formatted by the thread.
+Lines are formatted and written by the sink's own writer thread, so the event loop never
+waits for the disk, and a batch costs no trio thread round trip. `write` holds each batch; what
+is held goes to the thread as one job (`_hand_over`) when the last job is HAND_EVERY old, when
+HAND_EVENTS are held, at `tick` (about once a second), and before a reopen or the close. Under
+load the thread is so woken a few times a second rather than for every batch (see
+HAND_EVERY); a quiet server's lines go at once.
 
-Each job is one write() on an O_APPEND file, so that the lines of several worker processes
-sharing the file never interleave inside a line. `reopen` (SIGUSR1) opens the path again,
-after logrotate has moved the old file away, in order with the writes. Without a path it
-writes to standard error.
+Each job is one writev() of whole lines on an O_APPEND file, so that the lines of several
+worker processes sharing the file never interleave inside a line. `reopen` (SIGUSR1) opens
+the path again, after logrotate has moved the old file away, in order with the writes.
+Without a path it writes to standard error.
 """
 
 from __future__ import annotations
@@ -41,20 +40,21 @@ except ImportError:  # pure Python
 logger = logging.getLogger("moxy.accounting.file")
 
 IN_FLIGHT = 4096  # events handed to the writer thread and not yet written: `write` waits beyond
-# Formatted lines are held in the event loop and handed to the writer thread at most every
-# HAND_EVERY seconds (or once HAND_BYTES are held; `tick` hands over what is left). Each
+# Batches are held in the event loop and handed to the writer thread at most every
+# HAND_EVERY seconds (or once HAND_EVENTS are held; `tick` hands over what is left). Each
 # hand-over wakes the thread, which then needs the GIL twice, and while a thread waits for
 # the GIL each system call of a busy event loop costs a futex wake-up (moxy.gil): handed
 # every batch (about 50 a second at full load), the writer cost the serving process 4-5 µs
 # of CPU a message with `process = false` (docs/accounting.md).
 HAND_EVERY = 0.25
-HAND_BYTES = 1 << 20
+HAND_EVENTS = 2048
 OPEN_RETRY = 1.0  # seconds between attempts to open a path that could not be opened
 _WAIT = 0.05  # seconds between looks while the thread is behind (a stuck disk)
+_IOV_MAX = 1024  # buffers per writev() (Linux's IOV_MAX)
 
-# (what, events, data, count): ("write", the events, None, n) to format and write, ("write",
-# (), their lines, n) to write, ("reopen", (), None, 0), ("close", (), None, 0).
-_Job = tuple[str, Sequence[DeliveryEvent], bytes | None, int]
+# (what, batches, events): ("write", batches of events, their number), ("reopen", [], 0),
+# ("close", [], 0).
+_Job = tuple[str, list[Sequence[DeliveryEvent]], int]
 
 
 class FileSink:
@@ -69,10 +69,9 @@ class FileSink:
         # each with one writer, so neither needs a lock.
         self._handed = 0
         self._finished = 0
-        # Lines formatted and not yet handed over (event loop only).
-        self._held: list[bytes] = []
+        # Batches not yet handed over (event loop only), and their events.
+        self._held: list[Sequence[DeliveryEvent]] = []
         self._held_events = 0
-        self._held_bytes = 0
         self._hand_at = -math.inf
         # The writer thread's own state.
         self._fd: int | None = None
@@ -88,16 +87,9 @@ class FileSink:
         while self._handed + self._held_events - self._finished >= IN_FLIGHT:
             self._hand_over()
             await trio.sleep(_WAIT)  # the disk is stuck: let the dispatcher's queue fill
-        data = None if self.json else _encode_lines(batch)
-        if data is None:  # JSON, pure Python, or a batch the C formatter leaves to Python
-            self._hand_over()
-            self._handed += len(batch)
-            self._send(("write", batch, None, len(batch)))
-            return
-        self._held.append(data)
+        self._held.append(batch)
         self._held_events += len(batch)
-        self._held_bytes += len(data)
-        if self._held_bytes >= HAND_BYTES or trio.current_time() >= self._hand_at:
+        if self._held_events >= HAND_EVENTS or trio.current_time() >= self._hand_at:
             self._hand_over()
 
     async def tick(self) -> None:
@@ -110,7 +102,7 @@ class FileSink:
             return
         logger.info("reopening the message log %s", self.path)
         self._hand_over()
-        self._send(("reopen", (), None, 0))
+        self._send(("reopen", [], 0))
 
     async def aclose(self) -> None:
         """Write what was handed over and close; the caller bounds the time (a stuck disk:
@@ -119,7 +111,7 @@ class FileSink:
         writer = self._writer
         if writer is None or self._writer_pid != os.getpid():
             return
-        self._jobs.put(("close", (), None, 0))
+        self._jobs.put(("close", [], 0))
         await trio.to_thread.run_sync(writer.join, abandon_on_cancel=True)
 
     def stats(self) -> SinkStats:
@@ -127,16 +119,15 @@ class FileSink:
                          dropped=self._dropped)
 
     def _hand_over(self) -> None:
-        """The lines held, to the writer thread as one job; the next lines are held for
+        """The batches held, to the writer thread as one job; the next ones are held for
         HAND_EVERY (a quiet server's next line is handed over at once)."""
         if not self._held:
             return
         self._hand_at = trio.current_time() + HAND_EVERY
-        data = self._held[0] if len(self._held) == 1 else b"".join(self._held)
-        events = self._held_events
-        self._held, self._held_events, self._held_bytes = [], 0, 0
+        batches, events = self._held, self._held_events
+        self._held, self._held_events = [], 0
         self._handed += events
-        self._send(("write", (), data, events))
+        self._send(("write", batches, events))
 
     def _send(self, job: _Job) -> None:
         if self._writer is None or self._writer_pid != os.getpid():
@@ -150,10 +141,10 @@ class FileSink:
 
     def _run(self) -> None:
         while True:
-            what, batch, data, count = self._jobs.get()
+            what, batches, count = self._jobs.get()
             try:
                 if what == "write":
-                    self._write(batch, data, count)
+                    self._write(batches, count)
                 elif what == "reopen":
                     self._open()
                 else:
@@ -167,10 +158,8 @@ class FileSink:
             finally:
                 self._finished += count
 
-    def _write(self, batch: Sequence[DeliveryEvent], data: bytes | None, count: int) -> None:
-        if data is None:  # JSON, pure Python, or a batch the C formatter leaves to Python
-            text = json_lines(batch) if self.json else log_lines(batch)
-            data = text.encode("utf-8", "replace")
+    def _write(self, batches: list[Sequence[DeliveryEvent]], count: int) -> None:
+        data = [self._lines(batch) for batch in batches]
         if not self._opened or (
             self.path is not None and self._fd is None
             and time.monotonic() - self._last_open >= OPEN_RETRY
@@ -191,6 +180,13 @@ class FileSink:
             self._failing = False
             logger.warning("message log %s is written again; %d events were dropped",
                            self.path or "(stderr)", self._dropped)
+
+    def _lines(self, batch: Sequence[DeliveryEvent]) -> bytes:
+        data = None if self.json else _encode_lines(batch)
+        if data is None:  # JSON, pure Python, or a batch the C formatter leaves to Python
+            text = json_lines(batch) if self.json else log_lines(batch)
+            data = text.encode("utf-8", "replace")
+        return data
 
     def _open(self) -> None:
         """Open (or reopen) the path; on failure keep the old file, if any, and say so."""
@@ -216,12 +212,16 @@ def _open_append(path: Path) -> int:
     return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
 
 
-def _write(fd: int | None, data: bytes) -> None:
-    """One write() per batch (looping only on a short write)."""
+def _write(fd: int | None, data: list[bytes]) -> None:
+    """One writev() per job (looping only on a short write)."""
     if fd is None:
-        sys.stderr.write(data.decode("utf-8", "replace"))
+        sys.stderr.write(b"".join(data).decode("utf-8", "replace"))
         sys.stderr.flush()
         return
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
+    parts = [memoryview(part) for part in data if part]
+    while parts:
+        written = os.writev(fd, parts[:_IOV_MAX])
+        while parts and written >= len(parts[0]):
+            written -= len(parts.pop(0))
+        if written:
+            parts[0] = parts[0][written:]
