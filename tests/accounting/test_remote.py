@@ -264,7 +264,7 @@ def test_sessions_events_beyond_half_a_queue_are_counted_as_lost(
     _emit(remote, _events(15))
     assert remote.stats()["file"] == remote.stats()["file"].__class__(backlog=10, dropped=5)
     assert "accounting: 5 events lost before reaching any sink" not in caplog.text
-    assert "accounting: 1 events lost before reaching any sink" in caplog.text  # once
+    assert "accounting: 1 event lost before reaching any sink" in caplog.text  # once
 
 
 def test_the_accounting_process_finds_the_same_moxy(monkeypatch: pytest.MonkeyPatch) -> None:

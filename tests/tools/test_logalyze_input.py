@@ -71,7 +71,7 @@ def test_malformed_lines_on_standard_input() -> None:
     result = logalyze("-", stdin=TEXT + b"garbage\n")
     assert result.status == 0
     last = TEXT.count(b"\n") + 1
-    assert result.stderr == f"moxylogalyze: 1 malformed lines skipped (first at <stdin>:{last})\n"
+    assert result.stderr == f"moxylogalyze: 1 malformed line skipped (first at <stdin>:{last})\n"
 
 
 def test_an_overlong_line_is_one_malformed_line(tmp_path: Path) -> None:

@@ -33,6 +33,7 @@ from moxy.accounting.intake import Mailbox
 from moxy.accounting.settings import RedisSinkSettings, SyslogSinkSettings
 from moxy.accounting.syslog import SyslogSink
 from moxy.config import Config, ConfigError
+from moxy.logsetup import plural
 
 logger = logging.getLogger("moxy.accounting")
 
@@ -93,8 +94,8 @@ class _Lane:
         if not self.overflowing:
             self.overflowing = True
             logger.error(
-                "accounting sink %s is not keeping up (%d events queued): dropping events "
-                "until it catches up", self.sink.name, self.size,
+                "accounting sink %s is not keeping up (%s queued): dropping events "
+                "until it catches up", self.sink.name, plural(self.size, "event"),
             )
 
     def queued(self) -> int:
@@ -135,8 +136,8 @@ class Intake:
         lost = self._lost
         self._lost += 2 if event[0] == LEG_AND_MESSAGE else 1
         if lost == 0 or self._lost // 10_000 != lost // 10_000:
-            logger.error("accounting: %d events lost before reaching any sink (the event loop "
-                         "is far behind, or accounting has stopped)", self._lost)
+            logger.error("accounting: %s lost before reaching any sink (the event loop "
+                         "is far behind, or accounting has stopped)", plural(self._lost, "event"))
 
     def _wake_clock(self) -> None:
         """A plain reschedule: cancelling the clock's wait instead raised Cancelled through it,
@@ -303,8 +304,8 @@ class Accounting(Intake):
             lane.queue = []
             if left:
                 lane.dropped += left
-                logger.error("accounting sink %s: %d events not written at shutdown (gave up "
-                             "after %gs)", sink.name, left, FLUSH_TIMEOUT)
+                logger.error("accounting sink %s: %s not written at shutdown (gave up "
+                             "after %gs)", sink.name, plural(left, "event"), FLUSH_TIMEOUT)
 
     async def _write(self, lane: _Lane, batch: list[DeliveryEvent]) -> None:
         if await self._call(lane, lambda: lane.sink.write(batch), "write"):
@@ -313,8 +314,8 @@ class Accounting(Intake):
             lane.dropped += len(batch)
         if lane.overflowing and lane.queued() <= lane.size // 2:
             lane.overflowing = False
-            logger.warning("accounting sink %s caught up; %d events dropped so far",
-                           lane.sink.name, lane.dropped)
+            logger.warning("accounting sink %s caught up; %s dropped so far",
+                           lane.sink.name, plural(lane.dropped, "event"))
 
     async def _call(self, lane: _Lane, method: Callable[[], Any], what: str) -> bool:
         """Call a sink method; a sink raises only for bugs, which must not stop accounting

@@ -30,6 +30,7 @@ import trio
 from moxy.accounting.base import SinkStats
 from moxy.accounting.events import DeliveryEvent, json_lines, log_lines
 from moxy.accounting.settings import FileSinkSettings
+from moxy.logsetup import plural
 
 try:  # the native build's formatter of the text lines (C): log_lines, a tenth of the cost
     from moxy.accounting._loglines import encode_lines as _encode_lines
@@ -178,8 +179,8 @@ class FileSink:
             return
         if self._failing:
             self._failing = False
-            logger.warning("message log %s is written again; %d events were dropped",
-                           self.path or "(stderr)", self._dropped)
+            logger.warning("message log %s is written again; %s dropped meanwhile",
+                           self.path or "(stderr)", plural(self._dropped, "event"))
 
     def _lines(self, batch: Sequence[DeliveryEvent]) -> bytes:
         data = None if self.json else _encode_lines(batch)

@@ -22,6 +22,7 @@ from moxy.accounting.base import SinkStats
 from moxy.accounting.counters import normal_address
 from moxy.accounting.events import DeliveryEvent
 from moxy.accounting.settings import GdbmSinkSettings
+from moxy.logsetup import plural
 
 log = logging.getLogger("moxy.accounting")
 
@@ -98,8 +99,8 @@ class GdbmSink:
             ):
                 self._dropped += 1
                 if self._dropped == 1 or self._dropped % 1000 == 0:
-                    log.error("accounting: GDBM log %s not writable, %d events dropped",
-                              self.settings.path, self._dropped)
+                    log.error("accounting: GDBM log %s not writable, %s dropped",
+                              self.settings.path, plural(self._dropped, "event"))
                 continue
             when, size = int(event.time), event.size
             for key in encoded:

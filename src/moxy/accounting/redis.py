@@ -34,6 +34,7 @@ from moxy.accounting.counters import (
 from moxy.accounting.events import DeliveryEvent
 from moxy.accounting.redis_write import CounterWriter
 from moxy.accounting.settings import RedisSinkSettings
+from moxy.logsetup import plural
 from moxy.lookup.redis import connect, where
 from moxy.lookup.settings import RedisSettings
 
@@ -166,8 +167,8 @@ class RedisSink:
         if self._pending:
             what = "no answer in time" if deadline.cancelled_caught else "unreachable"
             log.error(
-                "accounting: redis %s at shutdown, %d counters not written: %s",
-                what, self._count, self._where,
+                "accounting: redis %s at shutdown, %s not written: %s",
+                what, plural(self._count, "counter"), self._where,
             )
         with trio.move_on_after(self.settings.timeout):
             await trio.to_thread.run_sync(self._client.close, abandon_on_cancel=True)
@@ -190,8 +191,8 @@ class RedisSink:
                 self._dropped += 1
                 if self._dropped == self._dropped_at_outage + 1:
                     log.error(
-                        "accounting: redis backlog full (%d counters), dropping events until "
-                        "%s is back", self._held(now), self._where,
+                        "accounting: redis backlog full (%s), dropping events until "
+                        "%s is back", plural(self._held(now), "counter"), self._where,
                     )
                 return None
         entry = self._sums[key] = [0, 0, triples]
@@ -298,8 +299,8 @@ class RedisSink:
                 self._down = True
                 self._dropped_at_outage = self._dropped
                 log.error(
-                    "accounting: redis unreachable, keeping %d counters (at most %d): %s: %s",
-                    self._count, self.settings.backlog, self._where, error,
+                    "accounting: redis unreachable, keeping %s (at most %d): %s: %s",
+                    plural(self._count, "counter"), self.settings.backlog, self._where, error,
                 )
             return
         self._failures = 0
@@ -307,8 +308,8 @@ class RedisSink:
             self._down = False
             lost = self._dropped - self._dropped_at_outage
             log.warning(
-                "accounting: redis reachable again, %d counters written, %d events dropped "
-                "during the outage: %s", held, lost, self._where,
+                "accounting: redis reachable again, %s written, %s dropped during the "
+                "outage: %s", plural(held, "counter"), plural(lost, "event"), self._where,
             )
         self._expiry = {key: self._expiry[key] for key in self._pending}
 

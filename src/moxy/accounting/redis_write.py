@@ -27,6 +27,8 @@ import redis
 from hiredis import pack_command  # redis[hiredis] (pyproject.toml)
 from redis.exceptions import BusyLoadingError, NoScriptError, OutOfMemoryError, ReadOnlyError
 
+from moxy.logsetup import plural
+
 log = logging.getLogger("moxy.accounting")
 
 # Per key, per member: what to add to the member's score.
@@ -149,9 +151,9 @@ class CounterWriter:
         if count and not self._refusing:
             self._refusing = True
             text = first.decode(errors="replace") if isinstance(first, bytes) else first
-            log.error("accounting: %s refused %d counters of a write and they are lost "
+            log.error("accounting: %s refused %s of a write and they are lost "
                       "(first: %s); is another program using keys under the key prefix?",
-                      self._where, count, text)
+                      self._where, plural(count, "counter"), text)
         elif not count and self._refusing:
             self._refusing = False
             log.warning("accounting: %s takes every counter again", self._where)

@@ -35,6 +35,7 @@ from moxy.accounting.base import SinkStats
 from moxy.accounting.dispatch import FLUSH_TIMEOUT, Accounting, Intake
 from moxy.accounting.events import discard
 from moxy.config import Config
+from moxy.logsetup import plural
 
 logger = logging.getLogger("moxy.accounting")
 
@@ -127,8 +128,8 @@ class RemoteAccounting(Intake):
         self._packer.limit = 0  # what sessions still emit is lost, and counted
         self.pid = None
         if self._packer.entries:  # no accounting process took them (it died, or never started)
-            logger.error("accounting: %d events not written at shutdown (no accounting "
-                         "process)", self._packer.events)
+            logger.error("accounting: %s not written at shutdown (no accounting "
+                         "process)", plural(self._packer.events, "event"))
 
     async def _one(self, stopping: trio.Event, task_status: trio.TaskStatus[None]) -> bool:
         """One accounting process, from start to end: True when it ended as asked."""
@@ -191,9 +192,9 @@ class RemoteAccounting(Intake):
             return
         self._gone += unconfirmed
         how = f"exit status {status}" if status is None or status >= 0 else f"signal {-status}"
+        lost = f"; up to {plural(unconfirmed, 'event')} sent to it may be lost"
         logger.error("accounting: the accounting process ended (%s)%s", how,
-                     f"; up to {unconfirmed} events sent to it may be lost" if unconfirmed
-                     else "")
+                     lost if unconfirmed else "")
 
     async def _send(self, stdin: trio.abc.SendStream) -> None:
         """What has gathered, in one write (as many as the pipe takes at a time). Counted as

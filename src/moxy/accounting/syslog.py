@@ -19,6 +19,7 @@ import trio
 from moxy.accounting.base import SinkStats
 from moxy.accounting.events import DeliveryEvent
 from moxy.accounting.settings import SYSLOG_FACILITIES, SyslogSinkSettings
+from moxy.logsetup import plural
 from moxy.lookup.settings import host_port
 
 logger = logging.getLogger("moxy.accounting.syslog")
@@ -97,8 +98,8 @@ class SyslogSink:
             return
         if self._down:
             self._down = False
-            logger.warning("syslog %s is reachable again; %d events dropped so far",
-                           self.address, self._dropped)
+            logger.warning("syslog %s is reachable again; %s dropped so far",
+                           self.address, plural(self._dropped, "event"))
 
     async def tick(self) -> None:
         if not self._connected() and trio.current_time() - self._last_attempt >= RETRY:

@@ -18,6 +18,7 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any, NoReturn
 
 from moxy import __version__
+from moxy.logsetup import plural
 from moxy.tools import logplot
 from moxy.tools.logread import InputError, Malformed, check_readable, read_events
 from moxy.tools.logreport import FORMATS, MessageWriter, write_listing, write_summary
@@ -187,7 +188,7 @@ def _run(argv: Sequence[str] | None) -> int:
         status = _plot(plt, hourly, args)
     if malformed.count:
         print(
-            f"{PROG}: {malformed.count} malformed lines skipped"
+            f"{PROG}: {plural(malformed.count, 'malformed line')} skipped"
             f" (first at {malformed.first})",
             file=sys.stderr,
         )
