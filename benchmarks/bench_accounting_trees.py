@@ -15,8 +15,10 @@ rotating every round, so that the VM's drift falls on all of them alike.
 Per round and contender: throughput, the serving process's CPU per message and its accounting
 process's (or the bystander's), settled: each burst is followed by 1.2 s in which the
 accounting process writes the last events. At the end, per contender, the median of the
-rounds' throughput ratios to "none", and for each Moxy with accounting the message log's line
-count against what was sent (nothing may be lost).
+rounds' throughput ratios to "none" with a 95 % confidence interval for it (distribution-free:
+from the ranks of the rounds' ratios, so the VM's wild rounds do not widen it more than their
+count), and for each Moxy with accounting the message log's line count against what was sent
+(nothing may be lost).
 
     .venv/bin/python benchmarks/bench_accounting_trees.py [SRC] [--bystander] [--inline]
                                                           [--mode reuse]
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import signal
 import statistics
@@ -68,6 +71,22 @@ def bystander(busy: float) -> Iterator[int]:
     finally:
         process.send_signal(signal.SIGKILL)
         process.wait()
+
+
+def median_interval(values: list[float], level: float = 0.95) -> tuple[float, float] | None:
+    """A distribution-free confidence interval for the median of `values`: between the k-th
+    smallest and the k-th largest, k the largest for which a fair coin tossed len(values)
+    times comes up heads fewer than k times with a probability of at most (1 - level) / 2.
+    None when there are too few values for that level (fewer than 6 at 95 %)."""
+    n = len(values)
+    ordered = sorted(values)
+    tail, below, k = (1 - level) / 2, 0.0, 0
+    while k < n // 2:  # below: the chance of fewer than k+1 heads
+        below += math.comb(n, k) / 2 ** n
+        if below > tail:
+            break
+        k += 1
+    return None if k == 0 else (ordered[k - 1], ordered[n - k])
 
 
 def main() -> None:
@@ -144,8 +163,12 @@ def main() -> None:
     sent = 2 * (warm + args.rounds * args.messages)  # two log lines a message
     for name in names[1:]:
         ratios = sorted(b / a for a, b in zip(rates["none"], rates[name], strict=True))
+        interval = median_interval(ratios)
+        within = "" if interval is None else (f", 95 % interval {100 * (interval[0] - 1):+.1f} "
+                                              f"to {100 * (interval[1] - 1):+.1f} %")
+        rounds = " ".join(f"{100 * (r - 1):+.0f}" for r in ratios)
         print(f"{args.mode} {name}: throughput {100 * (statistics.median(ratios) - 1):+.1f} % "
-              f"against none (rounds: {' '.join(f'{100 * (r - 1):+.0f}' for r in ratios)}); "
+              f"against none{within} (rounds: {rounds}); "
               f"serving process {statistics.median(serving[name]):.1f} µs/msg (none "
               f"{statistics.median(serving['none']):.1f}), "
               f"{'bystander' if name == 'bystander' else 'accounting process'} "
