@@ -31,6 +31,7 @@ logger = logging.getLogger("moxy")
 # or hold state that must outlive a reload (the accounting sinks, the metrics, the dead set).
 RESTART_ONLY: tuple[tuple[str, str | None], ...] = (
     ("server", "listen"),
+    ("server", "listen_proxy"),
     ("server", "workers"),
     ("server", "gil_switch_interval"),
     ("server", "user"),
@@ -144,6 +145,18 @@ def describe(exc: ConfigError | RoutesFileError) -> str:
     return "; ".join(" ".join(p.splitlines()) for p in problems)
 
 
+def keep_restart_only(old: Config, new: Config) -> Config:
+    """`new` with every RESTART_ONLY setting as `old` has it: the configuration in force after
+    a reload, and the one a worker the master starts again from then on gets (a restarted
+    worker inherits the listening sockets and the master's metrics endpoint of the start)."""
+    for section, key in RESTART_ONLY:
+        kept = getattr(old, section)
+        if key is not None:
+            kept = attrs.evolve(getattr(new, section), **{key: getattr(kept, key)})
+        new = attrs.evolve(new, **{section: kept})
+    return new
+
+
 def restart_only_changes(old: Config, new: Config) -> list[str]:
     """The changed settings that a reload does not apply, as "section.key"."""
     changed = []
@@ -174,12 +187,14 @@ async def next_generation(current: Generation, shared: Shared) -> Generation | N
     except Exception as exc:  # a bug must not stop the server that is running fine
         logger.error("reload failed, still serving the previous configuration: %r", exc)
         return None
+    changed = restart_only_changes(current.config, config)
+    config = keep_restart_only(current.config, config)
     if current.routing is None:  # a router given by the caller (tests) stays
         await routing.aclose()
         generation = Generation.build(config, shared, router=current.ctx.router,
                                       number=current.number + 1)
     else:
         generation = Generation.build(config, shared, routing=routing, number=current.number + 1)
-    for key in restart_only_changes(current.config, config):
+    for key in changed:
         logger.warning("reload: %s changed; it takes effect at the next restart", key)
     return generation

@@ -21,8 +21,6 @@ import sys
 import time
 from collections.abc import Callable
 
-import attrs
-
 from moxy import privileges, reload
 from moxy.config import Config, ConfigError
 from moxy.lookup.file import RoutesFileError
@@ -166,12 +164,11 @@ def _reload(config: Config, children: dict[int, int]) -> Config:
         logger.error("reload failed, still serving the previous configuration: %r", exc)
         return config
     del routing  # each worker builds its own
-    if new.server.workers != config.server.workers:
-        logger.warning("reload: server.workers changed; it takes effect at the next restart")
-        new = attrs.evolve(new, server=attrs.evolve(new.server, workers=config.server.workers))
     for pid in children:
         _kill(pid, signal.SIGHUP)
-    return new
+    # Each worker logs what waits for the next restart; one started again from now on gets
+    # the new configuration but keeps those settings as they were (reload.RESTART_ONLY).
+    return reload.keep_restart_only(config, new)
 
 
 def _reap() -> list[tuple[int, int]]:

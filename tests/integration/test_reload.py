@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import gc
 import logging
+import os
 import shutil
 import signal
 import smtplib
@@ -210,6 +211,45 @@ async def test_sighup_with_workers_reloads_every_worker_and_the_master_checks_fi
     assert len(stderr_lines(moxy, "reload failed")) == 1
     assert len(stderr_lines(moxy, "reloaded")) == 2
     assert await send(address) == 250
+
+
+def _children(pid: int) -> list[int]:
+    return [int(child) for child in
+            Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+async def test_a_worker_started_again_after_a_reload_keeps_the_restart_only_settings(
+    moxy_process: Callable[..., MoxyProcess], make_recorder: MakeRecorder
+) -> None:
+    """[accounting] waits for the next restart of Moxy: a worker the master starts again after
+    a reload must not take it up on its own (its message log stays in the started format)."""
+    recorder = make_recorder()
+    moxy = moxy_process({"example.org": recorder}, server={"workers": 2},
+                        accounting={"process": False})
+    address = (moxy.host, moxy.port)
+    text = moxy.config_path.read_text()
+    moxy.config_path.write_text(text + '\n[accounting.file]\nformat = "json"\n')
+    moxy.process.send_signal(signal.SIGHUP)
+    await eventually(lambda: len(stderr_lines(moxy, "reloaded")) == 2, timeout=10,
+                     what="both workers' reloads")
+    assert len(stderr_lines(moxy, "[accounting] changed; it takes effect at the next "
+                                  "restart")) == 2
+    workers = _children(moxy.process.pid)
+    assert len(workers) == 2
+    for pid in workers:
+        os.kill(pid, signal.SIGKILL)
+    await eventually(lambda: len(stderr_lines(moxy, "starting it again")) == 2, timeout=10,
+                     what="both workers started again")
+    for _ in range(3):
+        assert await send(address) == 250
+
+    def message_lines() -> list[str]:
+        return [line for line in moxy.log_file.read_text().splitlines()
+                if " message " in line or '"message"' in line]
+
+    await eventually(lambda: len(message_lines()) == 3, timeout=10, what="3 messages logged")
+    assert all(" message node=" in line and not line.startswith("{")
+               for line in message_lines()), message_lines()
 
 
 def _starttls_verifies(address: tuple[str, int], ca: Path) -> bool:
