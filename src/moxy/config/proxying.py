@@ -58,7 +58,8 @@ class ProxySettings:
 
 @attrs.frozen
 class Limits:
-    """[limits]: sizes in octets (lines include CRLF) and counts; RFC 5321 §4.5.3.1 minimums."""
+    """[limits]: sizes in octets (command and reply lines include their CRLF, text lines do
+    not) and counts; RFC 5321 §4.5.3.1 minimums."""
 
     command_line: int = attrs.field(
         default=512, metadata=_key(_integer(512, why="RFC 5321 §4.5.3.1.4"))
