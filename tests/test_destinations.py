@@ -138,11 +138,21 @@ async def test_overrides_apply_by_address_or_by_the_name_in_the_route() -> None:
     assert d.cap(B) == 20
 
 
-async def test_concurrency_zero_is_unlimited() -> None:
+async def test_concurrency_zero_is_unlimited(autojump_clock: trio.testing.MockClock) -> None:
     d = make(concurrency=0)
-    slots = [await d.admit(A) for _ in range(100)]
+    assert d.cap(A) == 0
+    start = trio.current_time()
+    slots = [await d.admit(A) for _ in range(100)]  # all held at once
+    assert len(slots) == 100
+    assert trio.current_time() == start  # none waited for a place (the clock jumps if one does)
     for slot in slots:
         slot.release()
+    capped = make(concurrency=1)
+    held = await capped.admit(A)
+    with pytest.raises(Unavailable):
+        await capped.admit(A)  # the same count against a cap waits, then gives up
+    assert trio.current_time() > start
+    held.release()
 
 
 async def test_clear_forgets_one_address_or_all() -> None:

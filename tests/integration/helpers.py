@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import email.utils
 import re
+import time
 from collections.abc import Sequence
 
 import attrs
@@ -99,7 +100,10 @@ def check_received(header: bytes, helo: str = CLIENT_HELO, hostname: str = HOSTN
     assert match is not None, f"unexpected Received header {header!r}"
     assert match["helo"].decode() == helo, header
     assert match["by"].decode() == hostname, header
-    assert email.utils.parsedate_to_datetime(match["date"].decode()) is not None, header
+    # RFC 5322's date with a zone, and about now (a test's message is a few seconds old).
+    when = email.utils.parsedate_to_datetime(match["date"].decode())
+    assert when.tzinfo is not None, header
+    assert abs(time.time() - when.timestamp()) < 300, header
     return match["id"].decode()
 
 

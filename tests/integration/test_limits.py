@@ -29,6 +29,7 @@ async def test_connections_over_the_limit_get_421_and_are_closed(
     async with await SmtpClient.connect(server.host, server.port) as third:
         refused = await third.reply()
         assert (refused.code, refused.lines[0][:5]) == (421, "4.3.2")
+        assert await third.expect_closed() == b""  # and nothing more: closed
     await first.aclose()
     # A place is free again: the next connection is served.
     with trio.fail_after(5):

@@ -130,16 +130,41 @@ def test_error_is_permanent() -> None:
         parser.next_reply()
 
 
-@given(st.lists(st.binary(min_size=1, max_size=200), max_size=10))
-def test_any_bytes_give_replies_or_the_protocol_error(packets: list[bytes]) -> None:
+# Well-formed replies: a code and one to five lines of printable text.
+GOOD_REPLIES = st.lists(
+    st.tuples(
+        st.integers(min_value=200, max_value=599),
+        st.lists(st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), max_size=20),
+                 min_size=1, max_size=5),
+    ),
+    max_size=4,
+)
+
+
+def wire_of(code: int, lines: list[str]) -> bytes:
+    *first, last = lines
+    return b"".join(f"{code}-{line}\r\n".encode() for line in first) + f"{code} {last}\r\n".encode()
+
+
+@given(GOOD_REPLIES, st.lists(st.binary(min_size=1, max_size=200), max_size=10),
+       st.lists(st.integers(min_value=0, max_value=400), max_size=3))
+def test_any_bytes_give_replies_or_the_protocol_error(
+    good: list[tuple[int, list[str]]], junk: list[bytes], points: list[int]
+) -> None:
+    """Whatever follows, the well-formed replies before it come out as sent, in order; what
+    the junk gives is a reply within the limits or the protocol error, never anything else."""
     parser = ReplyParser(max_line=100, max_lines=5)
+    replies = []
     try:
-        for packet in [*packets, b""]:
+        for packet in [*split_at(b"".join(wire_of(c, lines) for c, lines in good), *points),
+                       *junk, b""]:
             parser.receive_data(packet)
             while (reply := parser.next_reply()) is not None:
                 assert 200 <= reply.code < 600 and 1 <= len(reply.lines) <= 5
+                replies.append(reply)
     except UpstreamProtocolError:
         pass
+    assert replies[:len(good)] == [Reply(code, tuple(lines)) for code, lines in good]
 
 
 # -- the fast path for a whole single-line reply ---------------------------------------------

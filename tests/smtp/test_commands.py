@@ -188,9 +188,29 @@ def test_any_line_gives_an_event_and_every_refusal_has_an_enhanced_code(line: by
         assert 500 <= event.reply.code < 600
 
 
-@given(st.text(alphabet=st.characters(codec="ascii"), max_size=100))
-def test_any_address_the_grammar_accepts_is_printable_ascii(address: str) -> None:
+ATOMS = st.lists(st.text("abcXYZ09!#$%&'*+/=?^_`{|}~-", min_size=1, max_size=8),
+                min_size=1, max_size=3).map(".".join)
+LABELS = st.lists(st.from_regex(r"[a-zA-Z][a-zA-Z0-9-]{0,6}[a-zA-Z0-9]", fullmatch=True),
+                  min_size=1, max_size=3).map(".".join)
+
+
+@given(ATOMS, LABELS, st.lists(st.tuples(st.integers(min_value=0, max_value=40),
+                                         st.characters(codec="ascii")), max_size=3))
+def test_any_address_the_grammar_accepts_is_printable_ascii(
+    local: str, domain: str, noise: list[tuple[int, str]]
+) -> None:
+    """A dot-atom address is accepted as it is; with any ASCII characters put into it, what is
+    accepted is still printable and has no '<' in its domain, and a control character is
+    never accepted."""
+    address = f"{local}@{domain}"
+    for at, char in noise:
+        at %= len(address) + 1
+        address = address[:at] + char + address[at:]
     event = parse_command(b"RCPT TO:<" + address.encode() + b">")
+    if not noise:
+        assert event == RcptTo(address=address, params={})
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in address):
+        assert isinstance(event, Invalid)
     if isinstance(event, RcptTo):
         assert all(0x20 <= ord(c) < 0x7F for c in event.address)
         assert "<" not in event.address.split("@")[-1]

@@ -114,14 +114,23 @@ TOKENS_TLS = st.sampled_from(
 )
 
 
+RANDOM_TLS = st.lists(st.one_of(TOKENS_TLS, st.binary(max_size=20)), max_size=30).map(b"".join)
+
+
 @given(
-    st.lists(st.one_of(TOKENS_TLS, st.binary(max_size=20)), max_size=30).map(b"".join),
+    st.lists(st.one_of(TOKENS_TLS, st.binary(max_size=20)), max_size=3).map(b"".join),
+    RANDOM_TLS,
     st.lists(st.integers(0, 600), max_size=5),
 )
 def test_random_input_with_starttls_never_raises_and_nothing_survives_a_220(
-    data: bytes, points: list[int]
+    before: bytes, after: bytes, points: list[int]
 ) -> None:
+    """Random input around an EHLO and a STARTTLS: never an exception, and at every 220 for
+    STARTTLS nothing the client sent before it is left to read. Without the random bytes in
+    front, the STARTTLS is always answered with 220."""
+    data = before + b"EHLO client.example\r\nSTARTTLS\r\n" + after
     conn = connect(max_command_line=64, max_errors=5, starttls=True, require_tls=True)
+    handshakes = 0
     for packet in [*split_at(data, *points), b""]:
         if conn.state is State.CLOSED:
             break
@@ -133,9 +142,12 @@ def test_random_input_with_starttls_never_raises_and_nothing_survives_a_220(
             if isinstance(event, StartTls):
                 conn.send(GO)
                 assert conn.buffered == 0 and conn.tls
+                handshakes += 1
             elif isinstance(event, Invalid):
                 conn.send(event.reply)
             elif isinstance(event, Data):
                 conn.send(Reply(354, ("go",)))
             elif not isinstance(event, BodyChunk | BodyRefused):
                 conn.send(OK)
+    if not before:
+        assert handshakes >= 1
