@@ -60,6 +60,10 @@ def test_make_opens_every_line_with_the_enhanced_code(
         (Reply(250, ("",)), ("2.0.0",)),
         (Reply(250, ("Ok", "", "more")), ("2.0.0 Ok", "2.0.0", "2.0.0 more")),
         (Reply(250, ("2.6.0 queued",)), ("2.6.0 queued",)),  # its own code stays
+        # A later line's own code: kept there, and given to the lines without one.
+        (Reply(250, ("first", "second", "2.1.5 ok")), ("2.1.5 first", "2.1.5 second", "2.1.5 ok")),
+        (Reply(550, ("no", "5.7.1 denied", "4.0.0 odd")),
+         ("5.7.1 no", "5.7.1 denied", "4.0.0 odd")),
     ],
 )
 def test_with_enhanced_adds_the_default_only_where_none_is(

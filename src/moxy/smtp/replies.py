@@ -64,13 +64,23 @@ class Reply(Value):
         return " / ".join(out)
 
     def with_enhanced(self, default: str) -> Reply:
-        """This reply with `default` put on every line that has no enhanced code of its own."""
+        """This reply with an enhanced code on every line that has none of its own: the one a
+        later line of it gives (of the reply's class), else `default`."""
         if self.enhanced is not None:
             return self
         lines = self.lines
         if len(lines) == 1:  # the usual case, without the generator
             return Reply(self.code, (f"{default} {lines[0]}" if lines[0] else default,))
-        return Reply(self.code, tuple(f"{default} {ln}" if ln else default for ln in lines))
+        klass = str(self.code // 100)
+        for line in lines:
+            m = _ENHANCED_RE.match(line)
+            if m is not None and m.group(1) == klass:
+                default = m.group(0)
+                break
+        return Reply(self.code, tuple(
+            line if _ENHANCED_RE.match(line) else f"{default} {line}" if line else default
+            for line in lines
+        ))
 
     def to_bytes(self) -> bytes:
         wire = self._wire
