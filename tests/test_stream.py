@@ -151,10 +151,22 @@ async def test_replies_split_across_reads_at_any_offset(
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(write_in_two)
-        first = await conn.read_reply("ehlo", 30.0)
+        first = await conn.read_reply("ehlo", 30.0, more=True)  # as if two were pipelined
         second = await conn.read_reply("mail", 30.0)
     assert first == Reply(250, ("mx.example", "PIPELINING", "SIZE 100"))
     assert second == Reply(250, ("2.1.0 Ok",))
+
+
+async def test_a_reply_beyond_the_ones_asked_for_is_out_of_step(
+    pair: tuple[Stream, socket.socket],
+) -> None:
+    stream, peer = pair
+    conn = connection(stream)
+    peer.send(WIRE)  # two replies, where one command was sent
+    with pytest.raises(LegError) as caught:
+        await conn.read_reply("ehlo", 1.0)
+    assert caught.value.stage == "ehlo"
+    assert caught.value.detail.startswith("out of step: 14 octets after the reply")
 
 
 async def test_a_reply_left_half_written_times_out(pair: tuple[Stream, socket.socket]) -> None:

@@ -168,6 +168,18 @@ class Connection:
             self.stats.replied(stage, time.monotonic() - self.sent_at)
         if reply.code == 421:
             raise self.error(stage, f"service closing: {reply}", reply)
+        if parser.unread and not more:
+            # More than the commands sent so far ask for: a reply would be taken as the answer
+            # to a command not yet sent (an early "250" after the 354 as the verdict on the
+            # message). The dialogue is out of step; it cannot go on.
+            raise self.error(stage, f"out of step: {len(parser.unread)} octets after the "
+                                    f"reply ({reply}) answer no command")
+        if (reply.klass == 3 or stage == "data") and reply.klass < 4 and (
+            reply.code != 354 or stage != "data"
+        ):
+            # Only DATA may be answered 354, and DATA only with 354 or a refusal (RFC 5321
+            # §4.3.2): a 334 passed on would put the client into a body it never meant to send.
+            raise self.error(stage, f"a reply that cannot answer {stage}: {reply}")
         return reply
 
     async def send(self, data: bytes, stage: str, timeout: float) -> None:

@@ -60,7 +60,9 @@ async def start_tls(conn: Connection, helo: bytes) -> None:
     that, whatever the mode), as does anything the server sent after its 220 in clear text
     (a response injection, the client side of CVE-2011-0411)."""
     destination, t = conn.destination, conn.settings.timeouts
-    reply = await conn.command(b"STARTTLS\r\n", "tls", t.upstream_command)
+    await conn.send(b"STARTTLS\r\n", "tls", t.upstream_command)
+    # more=True: what follows the 220 is judged below, by a message that says what it may be.
+    reply = await conn.read_reply("tls", t.upstream_command, more=True)
     if reply.code != 220:
         raise conn.error("tls", f"STARTTLS refused: {reply}", reply)
     if conn.parser.buffered:

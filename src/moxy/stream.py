@@ -279,6 +279,17 @@ class Stream:
             return
         raise StreamTimeout
 
+    def unasked(self, size: int) -> bytes | None:
+        """Whatever the peer sent that was not read yet, without waiting: None when nothing
+        has come, b"" when it closed; StreamBroken when it reset. Over TLS always None: a
+        record there may be a session ticket rather than data, and is left alone."""
+        if self.ssl is not None:
+            return None
+        try:
+            return _recv(self.fd, size)
+        except OSError as exc:
+            raise StreamBroken(_detail(exc)) from None
+
     def ack_now(self) -> None:
         """TCP_QUICKACK: ACK what arrived at once rather than after the delayed-ACK timer."""
         if _QUICKACK is not None:

@@ -285,9 +285,19 @@ class Transaction:
 
     async def finish(self) -> list[LegResult]:
         """End of data from the client: commit on every leg at once (or report the failure)."""
-        if self.body_failure is not None:
-            return [LegResult(leg, leg.destination, self.body_failure) for leg in self.streaming]
         legs = self.streaming
+        if self.body_failure is None:
+            # Every leg still quiet, or none commits: a leg that spoke out of turn, closed or
+            # reset during the body fails the message for all, as during the body itself.
+            for leg in legs:
+                failure = leg.heard_unasked()
+                if failure is not None:
+                    logger.warning("leg %s failed during data: %s", leg.group, failure)
+                    self.body_failure = failure
+                    await self.abort()
+                    break
+        if self.body_failure is not None:
+            return [LegResult(leg, leg.destination, self.body_failure) for leg in legs]
         tail = bytes(self.pending)
         self.pending.clear()
         if len(legs) == 1:  # the usual case: no task, no partial

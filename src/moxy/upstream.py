@@ -16,6 +16,7 @@ import logging
 import trio
 
 from moxy.connection import (
+    RECEIVE_SIZE,
     TRACE_ALLOWANCE,
     Connection,
     Envelope,
@@ -26,6 +27,7 @@ from moxy.connection import (
 from moxy.lookup.base import Destination, DestinationGroup
 from moxy.pool import ConnectionPool
 from moxy.smtp.replies import Reply
+from moxy.stream import StreamBroken
 
 __all__ = ["TRACE_ALLOWANCE", "ConnectionPool", "Envelope", "Leg", "LegError", "UpstreamSettings"]
 
@@ -236,6 +238,23 @@ class Leg:
         self.sent += len(data)
         if conn.timed:  # metrics on
             conn.stats.sent(len(data))
+
+    def heard_unasked(self) -> LegError | None:
+        """Before the commit: the destination must have said nothing since its 354. A reply
+        now (an early "250", then perhaps a "550" for the message itself), a close or a reset
+        fails the leg before any leg gets the end-of-data sequence. One read that finds
+        nothing, on a plain connection (not over TLS: Stream.unasked)."""
+        conn = self.conn
+        assert conn is not None and self.in_data
+        try:
+            data = conn.stream.unasked(RECEIVE_SIZE)
+        except StreamBroken as exc:
+            return conn.error("body", f"connection lost: {exc}")
+        if data is None:
+            return None
+        if not data:
+            return conn.error("body", "connection closed by upstream")
+        return conn.error("body", f"out of step: it spoke before the end of data: {data[:80]!r}")
 
     async def finish(self, tail: bytes = b"") -> Reply:
         """Send the rest of the body and the end-of-data sequence, in one write, and read the

@@ -1,0 +1,174 @@
+"""Destinations that say more than they are asked, or answer what cannot be an answer.
+
+A reply that arrives before the command it would answer must never be taken for that answer:
+an early "250" after the 354 would otherwise be the client's verdict on a message the
+destination then refuses (a lost message), and an extra reply would answer every later command
+of the session one step late. And a reply code that cannot answer a command (a 334 to DATA)
+must not reach the client, which would take it as an invitation to send a body. Each fails the
+leg: 451 for the message, and no end-of-data sequence to any destination.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import trio
+
+from peers.client import SmtpClient
+from peers.moxy import RunningMoxy, StartMoxy
+from peers.recorder import DISCONNECT, Recorder, Step
+from peers.waiting import eventually
+
+from .helpers import BODY, FAST_TIMEOUTS, SENDER, body_of, open_session, send_one
+
+MakeRecorder = Callable[..., Recorder]
+
+BIG = b"".join(b"line %05d of a body longer than Moxy gathers before it writes\r\n" % i
+               for i in range(600))  # about 38 KB: written to the legs before the end of data
+
+
+async def big_message_with_a_pause(server: RunningMoxy, rcpt: str) -> tuple[int, str]:
+    """MAIL, RCPT, DATA, most of a large body, a pause in which the destination may speak,
+    then the end of data: the final reply's code and enhanced code."""
+    async with await open_session(server) as client:
+        assert (await client.command(f"MAIL FROM:<{SENDER}>")).code == 250
+        assert (await client.command(f"RCPT TO:<{rcpt}>")).code == 250
+        assert (await client.command("DATA")).code == 354
+        await client.send(b"Subject: big\r\n\r\n" + BIG)
+        await trio.sleep(0.3)
+        await client.send(b".\r\n")
+        final = await client.reply()
+        await client.command("QUIT")
+        return final.code, final.enhanced or ""
+
+
+async def test_an_early_250_after_the_354_in_the_same_segment_is_not_the_verdict(
+    moxy: StartMoxy, make_recorder: MakeRecorder
+) -> None:
+    liar = make_recorder({"data": "354 go\r\n250 2.0.0 early accept",
+                          "end_of_data": "550 5.7.1 refused after all"}, name="liar")
+    server = await moxy({"example.org": liar}, timeouts=FAST_TIMEOUTS)
+    outcome = await send_one(server, ["user@example.org"])
+    [data] = outcome.envelope[-1:]
+    assert (data.code, data.enhanced) == (451, "4.4.2"), outcome.transcript
+    assert outcome.final is None
+    assert not liar.messages  # no end-of-data sequence went out
+
+
+async def test_a_reply_during_the_body_fails_every_leg_before_any_commits(
+    moxy: StartMoxy, make_recorder: MakeRecorder
+) -> None:
+    """A mirror route: one destination answers mid-body (its own early "250"), and is refused
+    later; the other is fine. Neither gets the end of data, and the client hears 451 4.4.2."""
+    liar = make_recorder({"body": "250 2.0.0 early accept",
+                          "end_of_data": "550 5.7.1 refused after all"}, name="liar")
+    honest = make_recorder(name="honest")
+    server = await moxy({"example.org": [honest, liar]}, timeouts=FAST_TIMEOUTS)
+    assert await big_message_with_a_pause(server, "user@example.org") == (451, "4.4.2")
+    assert not liar.messages and not honest.messages
+
+
+async def test_a_destination_that_resets_mid_body_fails_every_leg_before_any_commits(
+    moxy: StartMoxy, make_recorder: MakeRecorder
+) -> None:
+    """The other half of a mirror route closes its connection once the body has begun: known
+    before the end of data, so neither destination gets it (no 'destinations disagreed')."""
+    gone = make_recorder({"body": DISCONNECT}, name="gone")
+    honest = make_recorder(name="honest")
+    server = await moxy({"example.org": [honest, gone]}, timeouts=FAST_TIMEOUTS)
+    assert await big_message_with_a_pause(server, "user@example.org") == (451, "4.4.2")
+    assert not gone.messages and not honest.messages
+
+
+async def test_a_quiet_destination_still_gets_a_large_message(
+    moxy: StartMoxy, make_recorder: MakeRecorder
+) -> None:
+    """The same pause with well-behaved destinations: both get the message and the 250."""
+    first, second = make_recorder(name="first"), make_recorder(name="second")
+    server = await moxy({"example.org": [first, second]}, timeouts=FAST_TIMEOUTS)
+    code, _ = await big_message_with_a_pause(server, "user@example.org")
+    assert code == 250
+    for recorder in (first, second):
+        [message] = recorder.messages
+        assert body_of(message).endswith(BIG)
+
+
+async def test_an_extra_reply_to_rcpt_is_not_the_answer_to_data(
+    moxy: StartMoxy, make_recorder: MakeRecorder
+) -> None:
+    chatty = make_recorder({"rcpt": ["250 2.1.5 ok\r\n250 2.1.5 extra"]}, name="chatty")
+    server = await moxy({"example.org": chatty}, timeouts=FAST_TIMEOUTS)
+    outcome = await send_one(server, ["user@example.org"])
+    [rcpt] = outcome.rcpt
+    assert (rcpt.code, rcpt.enhanced) == (451, "4.4.2"), outcome.transcript
+    assert not chatty.messages
+
+
+async def test_two_replies_to_the_end_of_data_do_not_answer_the_next_transaction(
+    moxy: StartMoxy, make_recorder: MakeRecorder
+) -> None:
+    """The second "250" would otherwise answer the next message's RCPT, and the destination's
+    refusal of that recipient would then answer DATA."""
+    doubled = make_recorder({"end_of_data": ["250 2.0.0 Ok\r\n250 2.0.0 Ok again",
+                                             "250 2.0.0 Ok"]},
+                            rcpt_script={"reject@example.org": "550 5.1.1 no such user"},
+                            name="doubled")
+    server = await moxy({"example.org": doubled}, timeouts=FAST_TIMEOUTS)
+    async with await open_session(server) as client:
+        _, final = await client.send_message(SENDER, ["user@example.org"], BODY)
+        assert final is not None and (final.code, final.enhanced) == (451, "4.4.2")
+        assert (await client.command(f"MAIL FROM:<{SENDER}>")).code == 250
+        rcpt = await client.command("RCPT TO:<reject@example.org>")
+        assert (rcpt.code, rcpt.enhanced) == (550, "5.1.1"), client.dump()
+        assert (await client.command("RCPT TO:<user@example.org>")).code == 250
+        assert (await client.command("DATA")).code == 354
+        await client.send(BODY + b".\r\n")
+        assert (await client.reply()).code == 250, client.dump()
+        await client.command("QUIT")
+    # The first message did reach the destination (it said 250, then spoke out of turn): the
+    # client's retry may be a duplicate, never a loss.
+    assert len(doubled.messages) == 2
+
+
+async def answer_to(server: RunningMoxy, until: str) -> tuple[SmtpClient, int, str]:
+    client = await open_session(server)
+    assert (await client.command(f"MAIL FROM:<{SENDER}>")).code == 250
+    reply = await client.command("RCPT TO:<user@example.org>")
+    if until == "data" and reply.code == 250:
+        reply = await client.command("DATA")
+    return client, reply.code, reply.enhanced or ""
+
+
+async def test_codes_that_cannot_answer_the_command_fail_the_leg(
+    moxy: StartMoxy, make_recorder: MakeRecorder
+) -> None:
+    cases: list[tuple[str, Step, str]] = [
+        ("data", "334 3.0.0 huh", "data"),
+        ("data", "250 2.0.0 no body needed", "data"),
+        ("rcpt", "354 go ahead", "rcpt"),
+        ("mail", "334 what", "rcpt"),
+    ]
+    for stage, step, until in cases:
+        odd = make_recorder({stage: step}, name=f"odd-{stage}")
+        server = await moxy({"example.org": odd}, timeouts=FAST_TIMEOUTS)
+        client, code, enhanced = await answer_to(server, until)
+        async with client:
+            assert (code, enhanced) == (451, "4.4.2"), (step, client.dump())
+            # The session is in step with the client: it answers the next command at once.
+            assert (await client.command("RSET")).code == 250, (step, client.dump())
+            await client.command("QUIT")
+        assert not odd.messages
+
+
+async def test_a_multi_line_reply_keeps_its_own_enhanced_code(
+    moxy: StartMoxy, make_recorder: MakeRecorder
+) -> None:
+    wordy = make_recorder({"rcpt": "250-first\r\n250-second\r\n250 2.1.5 ok"}, name="wordy")
+    server = await moxy({"example.org": wordy}, timeouts=FAST_TIMEOUTS)
+    async with await open_session(server) as client:
+        assert (await client.command(f"MAIL FROM:<{SENDER}>")).code == 250
+        rcpt = await client.command("RCPT TO:<user@example.org>")
+        assert rcpt.code == 250
+        assert rcpt.lines == ("2.1.5 first", "2.1.5 second", "2.1.5 ok"), client.dump()
+        await client.command("QUIT")
+    await eventually(lambda: wordy.connections, timeout=5, what="the connection")
