@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import dbm.gnu
+import json
+import os
 import re
+import socket
+import stat
 import subprocess
 import sys
+import tempfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -266,6 +272,54 @@ def test_makedb_of_a_missing_file(tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.parametrize("kind", ["fifo", "device", "directory", "link to a device"])
+def test_makedb_writes_only_over_a_regular_file(tmp_path: Path, kind: str) -> None:
+    """makedb renames its new file over the target: over /dev/full that would be a database
+    where every program expects a device."""
+    (tmp_path / "routes").write_text("example.org  10.0.0.5\n")
+    target = tmp_path / "target"
+    # Never a system's own device as the target: a makedb that regressed would replace it.
+    if kind == "fifo":
+        os.mkfifo(target)
+    elif kind == "directory":
+        target.mkdir()
+    elif kind == "device":
+        try:
+            os.mknod(target, 0o600 | stat.S_IFCHR, os.makedev(1, 3))  # a /dev/null of its own
+        except PermissionError:
+            pytest.skip("creating a device node needs root")
+    else:
+        target.symlink_to("/dev/null")  # a regressed makedb replaces the link, not /dev/null
+    before = target.lstat()
+    result = moxy("makedb", "routes", "-o", str(target), cwd=tmp_path)
+    what = "a directory" if kind == "directory" else "not a regular file"
+    assert (result.returncode, result.stdout, result.stderr) == (
+        2, "", f"moxy: {target}: {what}; makedb writes a database only over a regular file\n"
+    )  # fmt: skip
+    after = target.lstat()
+    assert (after.st_ino, after.st_mode) == (before.st_ino, before.st_mode)
+
+
+def test_makedb_over_an_older_database_and_through_a_dangling_link(tmp_path: Path) -> None:
+    (tmp_path / "routes").write_text("example.org  10.0.0.5\n")
+    assert moxy("makedb", "routes", cwd=tmp_path).returncode == 0
+    assert moxy("makedb", "routes", cwd=tmp_path).returncode == 0  # a regular file: replaced
+    (tmp_path / "link.db").symlink_to(tmp_path / "nowhere.db")
+    assert moxy("makedb", "routes", "-o", "link.db", cwd=tmp_path).returncode == 0
+
+
+def test_makedb_cuts_a_huge_bad_line_in_its_message(tmp_path: Path) -> None:
+    routes = tmp_path / "routes"
+    routes.write_text("ok.example  10.0.0.5\nexample.org  " + "x" * 1_000_000 + ":smtp\n")
+    result = moxy("makedb", str(routes))
+    assert result.returncode == 2 and result.stdout == "", result
+    [line] = result.stderr.splitlines()
+    assert len(line) < 400, line[:500]
+    assert line.startswith(f"moxy: {routes}:2: 'xxx")
+    assert re.search(r"xxx\[\.\.\. \d+ characters \.\.\.\]xxx", line), line
+    assert line.endswith("x:smtp': bad host name")  # the end still says why
+
+
 # --- moxy route -------------------------------------------------------------------------------
 
 
@@ -456,3 +510,49 @@ def test_lookup_refuses_what_is_no_address(
     assert capsys.readouterr().err == (
         f"moxy: {target!r}: expected an address, a domain or a local part\n"
     )
+
+
+# --- moxy destinations --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        {"address": "192.0.2.2:25", "since": 1e300, "retry_in": 5, "probing": False,
+         "failures": 1, "reason": "timeout"},
+        {"address": "192.0.2.2:25", "since": 10**400, "retry_in": 5, "probing": False,
+         "failures": 1, "reason": "timeout"},
+        "[" * 100_000 + "]" * 100_000,
+        '{"a": ' * 100_000 + "1" + "}" * 100_000,
+    ],
+    ids=["since-1e300", "since-400-digits", "nested-list", "nested-object"],
+)
+def test_destinations_list_with_a_malformed_answer_is_one_line(
+    tmp_path: Path, answer: object, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A server of another version, or something else on the socket: one line, status 3."""
+    line = (answer if isinstance(answer, str) else json.dumps(answer)).encode() + b"\n"
+    with tempfile.TemporaryDirectory(dir="/tmp") as short:  # a unix socket path is short
+        path = Path(short) / "control"
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(str(path))
+        listener.listen(1)
+
+        def serve() -> None:
+            connection, _ = listener.accept()
+            with connection:
+                connection.recv(1024)
+                connection.sendall(line)
+
+        server = threading.Thread(target=serve, daemon=True)
+        server.start()
+        config = write_config(tmp_path, f'[destinations]\ncontrol_socket = "{path}"\n')
+        try:
+            status = main(["destinations", "list", "-c", str(config)])
+        finally:
+            server.join(5)
+            listener.close()
+    out, err = capsys.readouterr()
+    assert (status, out) == (3, "")
+    [message] = err.splitlines()
+    assert message.startswith("moxy: unexpected answer from ") and len(message) < 400, message

@@ -14,6 +14,7 @@ import argparse
 import dbm.gnu
 import logging
 import os
+import stat
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -33,6 +34,8 @@ EXIT_NO_ROUTE = 1  # `lookup` found no route, `route del`/`destinations clear` n
 EXIT_USAGE = 2  # bad arguments, configuration or input file, as `nginx -t` and argparse
 EXIT_UNAVAILABLE = 3  # a backend cannot answer now, or the output cannot be written
 EXIT_BAD_DATA = 4  # the backend that answered holds a malformed value
+# Characters of one error line: the word quoted from a bad routes-file line can be megabytes.
+MAX_MESSAGE = 300
 
 _Command = Callable[[argparse.Namespace], int]
 
@@ -201,6 +204,10 @@ def _read_config(path: Path) -> Config | None:
 
 def _makedb(args: argparse.Namespace) -> int:
     output: Path = args.output or args.routes.with_name(args.routes.name + ".db")
+    refusal = _not_replaceable(output)
+    if refusal:
+        _report([refusal])
+        return EXIT_USAGE
     try:
         count = make_db(args.routes, output)
     except RoutesFileError as exc:
@@ -211,6 +218,22 @@ def _makedb(args: argparse.Namespace) -> int:
         return EXIT_UNAVAILABLE
     print(f"moxy: {output}: {count} routes from {args.routes}")
     return EXIT_OK
+
+
+def _not_replaceable(output: Path) -> str | None:
+    """Why makedb must not write `output`, or None. It renames a new file over the target,
+    which would put a database where a FIFO or a device node was (/dev/null, /dev/full for
+    everyone after it): only a regular file, or nothing yet, is a database's place."""
+    try:
+        mode = output.stat().st_mode  # a symbolic link: what it points to
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return f"cannot write {output}: {exc.strerror or exc}"
+    if stat.S_ISREG(mode):
+        return None
+    kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+    return f"{output}: {kind}; makedb writes a database only over a regular file"
 
 
 def _lookup(args: argparse.Namespace) -> int:
@@ -354,4 +377,14 @@ def _config_errors(exc: ConfigError) -> list[str]:
 
 def _report(errors: Sequence[str]) -> None:
     for error in errors:
-        print(f"moxy: {' '.join(error.splitlines())}", file=sys.stderr)
+        print(f"moxy: {' '.join(_cut(error).splitlines())}", file=sys.stderr)
+
+
+def _cut(message: str) -> str:
+    """A message of at most about MAX_MESSAGE characters: its start (where and what) and its
+    end (why), the middle of a long quoted word left out and counted."""
+    if len(message) <= MAX_MESSAGE:
+        return message
+    head, tail = MAX_MESSAGE * 2 // 3, MAX_MESSAGE // 4
+    left_out = len(message) - head - tail
+    return f"{message[:head]}[... {left_out} characters ...]{message[-tail:]}"

@@ -135,7 +135,7 @@ def ask(path: Path, request: str) -> list[dict[str, object]]:
                            f"{exc.strerror or exc}") from None
     try:
         objects = [json.loads(line) for line in data.splitlines() if line.strip()]
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than json can read
         raise ControlError(f"unexpected answer from {path}") from None
     if not all(isinstance(o, dict) for o in objects):
         raise ControlError(f"unexpected answer from {path}")
@@ -147,8 +147,16 @@ def describe(answer: dict[str, object]) -> list[str]:
     an answer of another shape (a server of another version)."""
     try:
         return _describe(answer)
-    except (KeyError, TypeError, ValueError):
-        raise ControlError(f"unexpected answer from the server: {answer!r:.200}") from None
+    except (KeyError, TypeError, ValueError, OverflowError):  # Overflow: "since": 1e300
+        raise ControlError(f"unexpected answer from the server: {_shown(answer)}") from None
+
+
+def _shown(answer: dict[str, object]) -> str:
+    """The start of an answer, for a message: repr() of a nested one can itself fail."""
+    try:
+        return f"{answer!r:.200}"
+    except (RecursionError, ValueError):  # ValueError: an int of more digits than str() makes
+        return "(not printable)"
 
 
 def _describe(answer: dict[str, object]) -> list[str]:

@@ -3,6 +3,7 @@ GDBM files; JSON rows, the plain table, the terminal table, and every way it can
 
 from __future__ import annotations
 
+import dbm.gnu
 import json
 import os
 import pty
@@ -14,8 +15,10 @@ from pathlib import Path
 
 import attrs
 import pytest
+import redis
 import trio
 
+from moxy.accounting.counters import TOTAL, counter_key
 from moxy.accounting.gdbm import GdbmSink
 from moxy.accounting.redis import RedisSink
 from moxy.accounting.settings import GdbmSinkSettings, RedisSinkSettings
@@ -243,8 +246,15 @@ def test_unreachable_redis_is_one_line(tmp_path: Path) -> None:
     [
         (["--by", "subject"], "invalid choice: 'subject'"),
         (["--top", "0"], "--top: '0' is not positive"),
+        # A Redis range this long is an error of Redis's, not an unreachable Redis.
+        (["--top", "99999999999999999999999"], "is not from 1 to 100000"),
         (["--interval", "fast"], "--interval: 'fast' is not a number"),
+        (["--interval", "nan"], "--interval: 'nan' is not a finite number"),
+        (["--interval", "inf"], "--interval: 'inf' is not a finite number"),
+        (["--interval", "1e308"], "--interval: '1e308' is not from 0.1 to 86400"),
+        (["--interval", "0.001"], "--interval: '0.001' is not from 0.1 to 86400"),
         (["--day", "yesterday"], "not a date YYYY-MM-DD"),
+        (["--day", "2026-1-1"], "'2026-1-1' is not a date YYYY-MM-DD"),
         (["--redis", "localhost:6379"], "must start with redis://"),
         (["--redis", "redis://x", "--gdbm", "f.db"], "not allowed with argument"),
         (["--gdbm", "f.db", "--by", "domain"], "a GDBM log has only 'dest' and 'rcpt'"),
@@ -261,6 +271,41 @@ def test_bad_options_are_one_line(
     status = main([*args, "--once"])
     out, err = capsys.readouterr()
     one_line_error(subprocess.CompletedProcess(args, status, out, err), 2, text)
+
+
+def test_counters_that_are_no_counts_are_left_out_and_named(counters: RedisServer) -> None:
+    """A score that no sink writes (inf, negative, beyond 2**53: set by hand or by another
+    program) leaves out its member with a note, not a traceback; the other rows stay."""
+    client = redis.Redis.from_url(counters.url)
+    client.zadd(counter_key("moxy:acct:", TOTAL, "dest", "bytes"), {"inf.example:25": "inf"})
+    client.zadd(counter_key("moxy:acct:", TOTAL, "dest", "msgs"), {"small.example:25": -1})
+    client.zadd(counter_key("moxy:acct:", TOTAL, "dest", "refused"), {"big.example:25": 2**60})
+    client.close()
+    result = moxystats("--redis", counters.url, "--json")
+    assert result.returncode == 0, result
+    keys = [row["key"] for row in json.loads(result.stdout)]
+    assert keys == ["mirror.example:25", "failing.example:25"]
+    assert result.stderr == (
+        "moxystats: 3 members left out, malformed counters: 'inf.example:25',"
+        " 'big.example:25', 'small.example:25'\n"
+    )
+    table = moxystats("--redis", counters.url, "--once")
+    assert table.returncode == 0 and "mirror.example:25" in table.stdout, table
+    assert table.stderr.startswith("moxystats: 3 members left out"), table.stderr
+
+
+def test_a_gdbm_record_with_a_time_past_year_9999_is_left_out(tmp_path: Path) -> None:
+    path = tmp_path / "acct.db"
+    with dbm.gnu.open(str(path), "c") as db:
+        db[b"dest:good.example:25"] = b"1 2 1764547200 1764547260"
+        db[b"dest:bad.example:25"] = b"1 2 1 99999999999999999999"
+    for output in ("--json", "--once"):
+        result = moxystats("--gdbm", str(path), output)
+        assert result.returncode == 0, result
+        assert "good.example:25" in result.stdout and "bad.example:25" not in result.stdout
+        assert result.stderr == (
+            "moxystats: 1 member left out, malformed counters: 'bad.example:25'\n"
+        )
 
 
 def test_unreadable_gdbm_is_one_line(tmp_path: Path) -> None:

@@ -113,6 +113,14 @@ LINE = (
         '{"kind": "leg", "time": "2026-11-25T22:40:18Z", "to": "a@b"}',
         '{"kind": "leg"}',
         "[1, 2]",
+        # Digits to str.isdigit() that int() refuses, and more digits than int() converts.
+        LINE.replace("size=400", "size=\u00b2"),
+        LINE.replace("code=250", "code=\u0663"),
+        LINE.replace("size=400", "size=" + "9" * 5000),
+        LINE.replace("size=400", "size=" + "9" * 19),
+        '{"kind": "leg", "time": "2026-11-25T22:40:18Z", "size": 1' + "0" * 4000 + "}",
+        # Nested deeper than the JSON decoder's recursion: RecursionError, not ValueError.
+        '{"a": ' * 200_000 + "1" + "}" * 200_000,
     ],
 )
 def test_broken_lines_are_bad_lines(broken: str) -> None:

@@ -2,37 +2,51 @@
 accounting sink), with the original Moxy tool's options (-l, --from, -i, -d, -v, -V).
 
 Errors are one line on stderr prefixed "moxylogalyze: ", never a traceback. Exit status: 0 done;
-1 a log file cannot be read, or the plot cannot be made or written; 2 bad arguments.
+1 a log file cannot be read, the output cannot be written, or the plot cannot be made or
+written; 2 bad arguments.
 Malformed lines are skipped and reported at the end; they do not change the exit status.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import ipaddress
 import os
 import sys
 from collections.abc import Sequence
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime
 from typing import Any, NoReturn
 
 from moxy import __version__
 from moxy.logsetup import plural
 from moxy.tools import logplot
-from moxy.tools.logread import InputError, Malformed, check_readable, read_events
+from moxy.tools.logread import Input, InputError, Malformed, open_inputs, read_events
 from moxy.tools.logreport import FORMATS, MessageWriter, write_listing, write_summary
-from moxy.tools.logstats import LISTBY, Filters, IPNetwork, Listing, MessageJoiner, Summary
+from moxy.tools.logstats import (
+    LISTBY,
+    MAX_LEGS,
+    Filters,
+    IPNetwork,
+    Listing,
+    MessageJoiner,
+    Summary,
+)
 
 PROG = "moxylogalyze"
 EXIT_OK = 0
-EXIT_INPUT = 1  # a log cannot be read; the plot cannot be made or written
+EXIT_INPUT = 1  # a log cannot be read, the output not written, the plot not made or written
 EXIT_USAGE = 2
 PLOT_TOP = 5  # destinations drawn by --plot without --top
 
 
 class UsageError(Exception):
     """A bad option; argparse's own errors are turned into this too."""
+
+
+class OutputError(Exception):
+    """Standard output cannot be written (closed, a full disk); not a reader gone (`| head`)."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -42,12 +56,13 @@ class _Parser(argparse.ArgumentParser):
 
 def _time_bound(text: str, end_of_day: bool) -> float:
     """An ISO date or date and time, UTC unless it names a zone. A date alone as --until
-    includes that whole day."""
+    includes that whole day: a UTC day is 86400 seconds, added to the timestamp rather than
+    the date, which has no day after 9999-12-31."""
     try:
         if len(text) == 10:
             day = date.fromisoformat(text)
-            start = datetime(day.year, day.month, day.day, tzinfo=UTC)
-            return (start + timedelta(days=1) if end_of_day else start).timestamp()
+            start = datetime(day.year, day.month, day.day, tzinfo=UTC).timestamp()
+            return start + 86400 if end_of_day else start
         when = datetime.fromisoformat(text)
     except ValueError:
         raise argparse.ArgumentTypeError(
@@ -129,8 +144,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (InputError, logplot.PlotUnavailable) as exc:
         return _fail(str(exc), EXIT_INPUT)
     except BrokenPipeError:  # `moxylogalyze ... | head`: stop quietly
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _discard_stdout()
         return EXIT_OK
+    except OutputError as exc:
+        _discard_stdout()
+        return _fail(str(exc), EXIT_INPUT)
     except KeyboardInterrupt:
         return 130
 
@@ -138,6 +156,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _fail(message: str, status: int) -> int:
     print(f"{PROG}: {message}", file=sys.stderr)
     return status
+
+
+def _discard_stdout() -> None:
+    """Point standard output at /dev/null, so that the interpreter's last flush of what is
+    still buffered neither fails again nor prints a traceback on the way out."""
+    if sys.stdout is not None:
+        with contextlib.suppress(OSError, ValueError):  # no descriptor: nothing to flush there
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def _run(argv: Sequence[str] | None) -> int:
@@ -149,9 +175,22 @@ def _run(argv: Sequence[str] | None) -> int:
     if args.since is not None and args.until is not None and args.since >= args.until:
         raise UsageError("--since is not before --until: nothing could match")
     # Everything that can fail early fails before the first line is read.
+    if sys.stdout is None:  # started with standard output closed (`>&-`)
+        raise OutputError("standard output is closed")
     plt = logplot.load_pyplot() if args.plot else None
-    check_readable(args.logfiles)
+    inputs = open_inputs(args.logfiles)
+    try:
+        return _report(inputs, filters, plt, args)
+    except BrokenPipeError:
+        raise
+    except OSError as exc:  # reading errors are InputError by now: this is the output
+        raise OutputError(f"cannot write standard output: {exc.strerror or exc}") from None
 
+
+def _report(
+    inputs: list[Input], filters: Filters, plt: Any, args: argparse.Namespace
+) -> int:
+    """Read every input once, write the report, then the plot and the notes on stderr."""
     out = sys.stdout
     if isinstance(out, io.TextIOWrapper):  # a reply in UTF-8 must not end a run on a Latin-1 tty
         out.reconfigure(errors="backslashreplace")
@@ -161,7 +200,7 @@ def _run(argv: Sequence[str] | None) -> int:
     hourly = logplot.HourlyBytes() if plt is not None else None
     joiner = MessageJoiner(filters) if args.verbose else None
     writer = MessageWriter(args.format, out) if args.verbose else None
-    for event in read_events(args.logfiles, malformed):
+    for event in read_events(inputs, malformed):
         if joiner is not None and writer is not None:
             for joined in joiner.add(event):  # the joiner filters whole messages itself
                 writer.write(joined)
@@ -190,6 +229,13 @@ def _run(argv: Sequence[str] | None) -> int:
         print(
             f"{PROG}: {plural(malformed.count, 'malformed line')} skipped"
             f" (first at {malformed.first})",
+            file=sys.stderr,
+        )
+    if joiner is not None and joiner.dropped:
+        node, session, message_id = joiner.first_dropped
+        print(
+            f"{PROG}: {plural(joiner.dropped, 'leg')} not listed: more than {MAX_LEGS} legs for"
+            f" one message (first: node={node or '-'} session={session} id={message_id or '-'})",
             file=sys.stderr,
         )
     return status

@@ -1,4 +1,5 @@
-"""`moxylogalyze --plot FILE.png`: delivered bytes per hour (UTC) for the top destinations.
+"""`moxylogalyze --plot FILE.png`: delivered bytes per hour (UTC) for the top destinations;
+per day, week, ... when a bar per hour would be more bars than the image has pixels.
 
 matplotlib is an optional extra (`pip install 'moxy[plot]'`); it is imported only when a plot
 is asked for, and its absence is `PlotUnavailable` before any log is read.
@@ -7,8 +8,8 @@ is asked for, and its absence is `PlotUnavailable` before any log is read.
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
-from datetime import UTC, datetime
 from typing import Any
 
 from moxy.accounting.events import DeliveryEvent
@@ -16,6 +17,12 @@ from moxy.tools.logstats import accepted
 
 INSTALL_HINT = "pip install 'moxy[plot]'"
 OTHERS = "others"
+# The bars drawn at most: the figure is 10 inches at 100 dpi, so more would share pixels (and
+# two events 56 years apart would make half a million of them).
+MAX_BARS = 1000
+# Hours per bar, the first that keeps the bars within MAX_BARS: hours, days, weeks, then 4, 13
+# and 52 weeks (about a month, a quarter, a year); beyond, multiples of 52 weeks.
+BIN_HOURS = (1, 2, 3, 6, 12, 24, 48, 7 * 24, 14 * 24, 28 * 24, 91 * 24, 364 * 24)
 
 
 class PlotUnavailable(Exception):
@@ -72,19 +79,57 @@ def _human(value: float, _position: object = None) -> str:
     raise AssertionError("unreachable")
 
 
-def _hour_label(hour: int) -> str:
-    return datetime.fromtimestamp(hour * 3600, UTC).strftime("%Y-%m-%d %H:00")
+def bin_hours(first: int, last: int) -> int:
+    """Hours per bar for the hours `first` to `last`: one, unless that is more than MAX_BARS."""
+    for width in BIN_HOURS:
+        if _bars(first, last, width) <= MAX_BARS:
+            return width
+    year = BIN_HOURS[-1]
+    years = -(-(last - first + 1) // (year * MAX_BARS))
+    while _bars(first, last, year * years) > MAX_BARS:  # a bar's start is a multiple of it
+        years += 1
+    return year * years
+
+
+def _bars(first: int, last: int, width: int) -> int:
+    return last // width - first // width + 1
+
+
+def binned(series: dict[str, dict[int, int]], width: int) -> dict[str, dict[int, int]]:
+    """The bytes per hour summed per bar of `width` hours; a bar is its first hour."""
+    out: dict[str, dict[int, int]] = {}
+    for dest, per_hour in series.items():
+        bars = out[dest] = {}
+        for hour, size in per_hour.items():
+            start = hour - hour % width
+            bars[start] = bars.get(start, 0) + size
+    return out
+
+
+def _hour_label(hour: int, width: int) -> str:
+    # gmtime, not datetime: a log line may carry a time past year 9999 (UTC+14 on 9999-12-31).
+    shown = "%Y-%m-%d %H:00" if width < 24 else "%Y-%m-%d"
+    return time.strftime(shown, time.gmtime(hour * 3600))
+
+
+def _per(width: int) -> str:
+    """ "hour", "6 hours", "day", "7 days": what one bar is."""
+    if width % 24:
+        return "hour" if width == 1 else f"{width} hours"
+    return "day" if width == 24 else f"{width // 24} days"
 
 
 def write_plot(plt: Any, hourly: HourlyBytes, top: int, path: str) -> None:
-    """Stacked bars, one per hour, one colour per destination. Raises OSError when the file
-    cannot be written."""
+    """Stacked bars, one per hour (or per longer period, see bin_hours), one colour per
+    destination. Raises OSError when the file cannot be written."""
     from matplotlib.ticker import FuncFormatter
 
     series = hourly.series(top)
     hours = sorted({hour for per_hour in series.values() for hour in per_hour})
-    # Every hour from the first to the last, so that quiet hours show as gaps.
-    span = list(range(hours[0], hours[-1] + 1)) if hours else []
+    width = bin_hours(hours[0], hours[-1]) if hours else 1
+    series = binned(series, width)
+    # Every bar from the first to the last, so that quiet periods show as gaps.
+    span = list(range(hours[0] - hours[0] % width, hours[-1] + 1, width)) if hours else []
     figure, axes = plt.subplots(figsize=(10, 5), dpi=100)
     try:
         bottom = [0] * len(span)
@@ -96,7 +141,7 @@ def write_plot(plt: Any, hourly: HourlyBytes, top: int, path: str) -> None:
             step = max(1, len(span) // 12)  # at most a dozen labels, however long the log
             axes.set_xticks(range(0, len(span), step))
             axes.set_xticklabels(
-                [_hour_label(h) for h in span[::step]], rotation=30, ha="right"
+                [_hour_label(h, width) for h in span[::step]], rotation=30, ha="right"
             )
             axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small")
         else:
@@ -104,8 +149,8 @@ def write_plot(plt: Any, hourly: HourlyBytes, top: int, path: str) -> None:
                       transform=axes.transAxes)  # fmt: skip
         shown = len(series) - (OTHERS in series)
         plural = "s" if shown != 1 else ""
-        axes.set_title(f"Bytes delivered per hour (UTC), top {shown} destination{plural}")
-        axes.set_xlabel("hour starting (UTC)")
+        axes.set_title(f"Bytes delivered per {_per(width)} (UTC), top {shown} destination{plural}")
+        axes.set_xlabel(f"{'hour' if width < 24 else 'day'} starting (UTC)")
         axes.set_ylabel("bytes")
         axes.yaxis.set_major_formatter(FuncFormatter(_human))
         axes.grid(True, axis="y", alpha=0.3)

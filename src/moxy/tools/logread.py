@@ -10,6 +10,8 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import os
+import stat
 import sys
 import zlib
 from collections.abc import Iterator
@@ -23,6 +25,9 @@ from moxy.accounting.events import KINDS, DeliveryEvent
 GZIP_MAGIC = b"\x1f\x8b"
 MAX_LINE = 4 * 1024 * 1024  # far above any real line (1000 recipients of 256 octets)
 STDIN_NAME = "<stdin>"
+# A size or code: no log line has more digits (sizes are bytes, far below 10**18).
+MAX_DIGITS = 18
+MAX_COUNT = 10**MAX_DIGITS - 1
 
 
 class InputError(Exception):
@@ -46,13 +51,12 @@ class Malformed:
             self.first = where
 
 
-def read_events(names: list[str], malformed: Malformed) -> Iterator[DeliveryEvent]:
-    """Every event of every file in turn; `-` is standard input."""
-    for name in names:
-        shown = STDIN_NAME if name == "-" else name
-        for number, line in _lines(name):
+def read_events(inputs: list[Input], malformed: Malformed) -> Iterator[DeliveryEvent]:
+    """Every event of every input in turn."""
+    for source in inputs:
+        for number, line in _lines(source):
             if line is None:
-                malformed.add(f"{shown}:{number}")
+                malformed.add(f"{source.name}:{number}")
                 continue
             text = line.decode("utf-8", "replace").rstrip("\r\n")
             if not text.strip():
@@ -60,46 +64,113 @@ def read_events(names: list[str], malformed: Malformed) -> Iterator[DeliveryEven
             try:
                 yield parse_line(text)
             except BadLine:
-                malformed.add(f"{shown}:{number}")
+                malformed.add(f"{source.name}:{number}")
 
 
-def check_readable(names: list[str]) -> None:
-    """Fail before any output when a named file cannot even be opened."""
-    for name in names:
-        if name != "-":
-            for stream in _open(name):
-                stream.close()
+@attrs.define
+class Input:
+    """One LOGFILE argument, opened once to check that it can be read."""
+
+    name: str  # as messages show it: the path, or <stdin>
+    path: str | None = None  # a regular file: opened again when its turn comes
+    raw: BinaryIO | None = None  # stdin, a pipe, a FIFO, a device: kept, read only once
+    owned: bool = True  # False for standard input, which is not ours to close
 
 
-def _open(name: str) -> tuple[BinaryIO, ...]:
-    """The stream to read, then the file under it (closing a GzipFile leaves its file open)."""
+def open_inputs(names: list[str]) -> list[Input]:
+    """Open every input before any output, so that one that cannot be opened fails first.
+
+    A regular file is closed again and reopened when read, so that a rotated set of thousands
+    of files does not hold thousands of descriptors. Anything else (`-`, `<(zcat ...)`, a
+    FIFO) keeps the handle opened here: what was read from it, or a writer that saw its reader
+    go, would be lost by a second open (or the second open would wait for a writer forever)."""
+    inputs: list[Input] = []
     try:
-        raw = open(name, "rb")  # noqa: SIM115 - the caller closes it
+        for name in names:
+            inputs.append(_stdin_input() if name == "-" else _file_input(name))
+    except InputError:
+        for opened in inputs:
+            if opened.raw is not None and opened.owned:
+                opened.raw.close()
+        raise
+    return inputs
+
+
+def _stdin_input() -> Input:
+    raw = getattr(sys.stdin, "buffer", None)  # None: started with standard input closed
+    if raw is None:
+        raise InputError(f"{STDIN_NAME}: standard input is closed")
+    return Input(STDIN_NAME, raw=raw, owned=False)
+
+
+def _file_input(name: str) -> Input:
+    raw = _open_raw(name)
+    try:
+        regular = stat.S_ISREG(os.fstat(raw.fileno()).st_mode)
     except OSError as exc:
-        raise InputError(f"{name}: {exc.strerror or exc}") from None
-    try:
-        magic = raw.peek(2)[:2]
-    except OSError as exc:  # a directory opens, then fails to read
         raw.close()
         raise InputError(f"{name}: {exc.strerror or exc}") from None
-    if magic == GZIP_MAGIC:  # rotated logs follow no suffix rule we could trust
-        return gzip.GzipFile(fileobj=raw, mode="rb"), raw  # type: ignore[return-value]
-    return (raw,)
+    if regular:
+        raw.close()
+        return Input(name, path=name)
+    return Input(name, raw=raw)
 
 
-def _open_stdin() -> tuple[BinaryIO, ...]:
-    raw: Any = sys.stdin.buffer  # a BufferedReader, unless stdin was replaced
-    buffered = raw if isinstance(raw, io.BufferedReader) else io.BufferedReader(raw)
-    if buffered.peek(2)[:2] == GZIP_MAGIC:
-        return (gzip.GzipFile(fileobj=buffered, mode="rb"),)  # type: ignore[return-value]
-    return (buffered,)
+def _open_raw(name: str) -> BinaryIO:
+    try:
+        return open(name, "rb", buffering=0)
+    except OSError as exc:  # missing, unreadable, a directory
+        raise InputError(f"{name}: {exc.strerror or exc}") from None
 
 
-def _lines(name: str) -> Iterator[tuple[int, bytes | None]]:
+class _Replay(io.RawIOBase):
+    """The first bytes already read (to tell gzip from text), then the rest of the stream:
+    a pipe cannot seek back to them, and a buffered reader's peek may show fewer than two."""
+
+    def __init__(self, head: bytes, rest: BinaryIO) -> None:
+        super().__init__()
+        self._head = head
+        # One read(2) call at a time, so that a line written to a pipe is seen when it comes.
+        self._read = getattr(rest, "read1", rest.read)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if self._head:
+            data, self._head = self._head[: len(buffer)], self._head[len(buffer) :]
+        else:
+            data = self._read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+
+def _head(raw: BinaryIO, size: int) -> bytes:
+    """The first `size` bytes, fewer only at the end of the stream."""
+    head = b""
+    while len(head) < size and (chunk := raw.read(size - len(head))):
+        head += chunk
+    return head
+
+
+def _stream(source: Input) -> tuple[BinaryIO, BinaryIO]:
+    """The stream of lines to read, plain or gunzipped, and the file under it."""
+    raw = source.raw if source.raw is not None else _open_raw(source.path or source.name)
+    try:
+        head = _head(raw, len(GZIP_MAGIC))
+    except OSError as exc:  # a directory opened as a device, stdin opened for writing only
+        if source.owned:
+            raw.close()
+        raise InputError(f"{source.name}: {exc.strerror or exc}") from None
+    stream: Any = io.BufferedReader(_Replay(head, raw), 64 * 1024)
+    if head == GZIP_MAGIC:  # rotated logs follow no suffix rule we could trust
+        stream = gzip.GzipFile(fileobj=stream, mode="rb")
+    return stream, raw
+
+
+def _lines(source: Input) -> Iterator[tuple[int, bytes | None]]:
     """(line number, line) pairs; the line is None when it was longer than MAX_LINE."""
-    shown = STDIN_NAME if name == "-" else name
-    streams = _open_stdin() if name == "-" else _open(name)
-    stream = streams[0]
+    stream, raw = _stream(source)
     number = 0
     try:
         while True:
@@ -115,11 +186,11 @@ def _lines(name: str) -> Iterator[tuple[int, bytes | None]]:
                 yield number, line
     except (OSError, EOFError, zlib.error) as exc:
         # A truncated or corrupt gzip stream, or an I/O error in the middle of a file.
-        raise InputError(f"{shown}: cannot read line {number + 1}: {exc}") from None
+        raise InputError(f"{source.name}: cannot read line {number + 1}: {exc}") from None
     finally:
-        if name != "-":
-            for opened in streams:
-                opened.close()
+        stream.close()  # not the file under a GzipFile, nor standard input
+        if source.owned:
+            raw.close()
 
 
 # --- one line --------------------------------------------------------------------------------
@@ -190,8 +261,10 @@ def _text_fields(rest: str) -> dict[str, str]:
 
 
 def _int(value: str, key: str) -> int:
-    if not value.isdigit():
-        raise BadLine(f"{key}={value!r} is not a number")
+    # ASCII digits only: str.isdigit() takes "²", which int() refuses. The length bound keeps
+    # a line of digits below int()'s limit and the totals printable.
+    if not (value.isascii() and value.isdigit()) or len(value) > MAX_DIGITS:
+        raise BadLine(f"{key}={value[:40]!r} is not a number")
     return int(value)
 
 
@@ -261,15 +334,15 @@ def _get(record: dict[str, Any], key: str, kind: type, default: Any) -> Any:
 
 def _count(record: dict[str, Any], key: str) -> int:
     value: int = _get(record, key, int, 0)
-    if value < 0:
-        raise BadLine(f"{key}: {value} is negative")
+    if not 0 <= value <= MAX_COUNT:
+        raise BadLine(f"{key}: out of range (negative, or more than {MAX_DIGITS} digits)")
     return value
 
 
 def _parse_json(text: str) -> DeliveryEvent:
     try:
         record = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: `[[[...` nested too deep
         raise BadLine("not JSON") from None
     if not isinstance(record, dict):
         raise BadLine("not a JSON object")

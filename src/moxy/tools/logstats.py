@@ -23,6 +23,7 @@ from moxy.accounting.events import DeliveryEvent
 LISTBY = ("from", "ip", "dest")
 NO_DESTINATION = "-"  # the group of refusals that name no destination
 MAX_PENDING = 100_000  # legs waiting for their message line (-v) before they count as orphans
+MAX_LEGS = 1000  # legs kept for one message (-v); a message has one per destination group
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -212,21 +213,38 @@ class MessageJoiner:
     def __init__(self, filters: Filters) -> None:
         self.filters = filters
         self._pending: dict[tuple[str, str, str], list[DeliveryEvent]] = {}
+        self._held = 0  # legs in _pending
+        # Legs beyond MAX_LEGS for one message: counted, not kept (a log that repeats one id
+        # would otherwise hold all of them), and the first such message, for the report.
+        self.dropped = 0
+        self.first_dropped: tuple[str, str, str] = ("", "", "")
 
     def add(self, e: DeliveryEvent) -> Iterator[JoinedMessage]:
         key = (e.node, e.session_id, e.message_id)
         if e.kind == "leg":
-            self._pending.setdefault(key, []).append(e)
-            if len(self._pending) > MAX_PENDING:  # bounded, even for a log of legs alone
+            legs = self._pending.setdefault(key, [])
+            if len(legs) >= MAX_LEGS:
+                if not self.dropped:
+                    self.first_dropped = key
+                self.dropped += 1
+                return
+            legs.append(e)
+            self._held += 1
+            while self._held > MAX_PENDING:  # bounded, even for a log of legs alone
                 oldest = next(iter(self._pending))
-                yield from self._orphans([self._pending.pop(oldest)])
+                yield from self._orphans([self._pop(oldest)])
         elif e.kind == "message":
-            legs = tuple(self._pending.pop(key, ()))
+            joined = JoinedMessage(e, tuple(self._pop(key)))
             if self.filters.matches(e):
-                yield JoinedMessage(e, legs)
+                yield joined
+
+    def _pop(self, key: tuple[str, str, str]) -> list[DeliveryEvent]:
+        legs = self._pending.pop(key, [])
+        self._held -= len(legs)
+        return legs
 
     def finish(self) -> Iterator[JoinedMessage]:
-        rest, self._pending = list(self._pending.values()), {}
+        rest, self._pending, self._held = list(self._pending.values()), {}, 0
         yield from self._orphans(rest)
 
     def _orphans(self, groups: list[list[DeliveryEvent]]) -> Iterator[JoinedMessage]:

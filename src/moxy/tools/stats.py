@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import re
 import sys
 import time
 import tomllib
@@ -22,9 +24,11 @@ import attrs
 from moxy.accounting.counters import DIMENSIONS, day_start
 from moxy.accounting.settings import RedisSinkSettings
 from moxy.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
+from moxy.logsetup import plural
 from moxy.tools.stats_data import (
     GDBM_DIMENSIONS,
     RATE_MINUTES,
+    Reading,
     RedisCounters,
     Row,
     Unavailable,
@@ -35,6 +39,10 @@ EXIT_OK = 0
 EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 3
 PROG = "moxystats"
+MAX_TOP = 100_000  # rows: more is no table, and ZREVRANGE takes no index past 2**63
+# Seconds between refreshes: more often only loads Redis; time.sleep() takes no more than
+# about 2**63 ns (and no NaN), and a day is already no "live" view.
+MIN_INTERVAL, MAX_INTERVAL = 0.1, 86400.0
 
 
 class Usage(Exception):
@@ -46,21 +54,37 @@ class _Parser(argparse.ArgumentParser):
         raise Usage(f"{message} (see {PROG} --help)")
 
 
-def _positive(kind: Callable[[str], float]) -> Callable[[str], Any]:
-    def parse(text: str) -> float:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"{text!r} is not positive")
-        return value
+def _number(kind: Callable[[str], float], text: str, low: float, high: float) -> Any:
+    """`text` as a number from `low` to `high`: a bad one is a usage error here, not a
+    traceback (or a Redis error) later."""
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a number") from None
+    if isinstance(value, float) and not math.isfinite(value):  # int() gives no inf, no NaN
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not positive")
+    if not low <= value <= high:
+        raise argparse.ArgumentTypeError(f"{text[:40]!r} is not from {low:g} to {high:g}")
+    return value
 
-    return parse
+
+def _top(text: str) -> int:
+    value: int = _number(int, text, 1, MAX_TOP)
+    return value
+
+
+def _interval(text: str) -> float:
+    value: float = _number(float, text, MIN_INTERVAL, MAX_INTERVAL)
+    return value
 
 
 def _day(text: str) -> str:
+    # strptime alone takes "2026-1-1", a key no sink writes (counters.py names days YYYY-MM-DD).
     try:
+        if not re.fullmatch(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", text):
+            raise ValueError(text)
         day_start(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a date YYYY-MM-DD") from None
@@ -84,10 +108,11 @@ def _parser() -> _Parser:
         help="key prefix with --redis (default moxy:acct:)",
     )
     parser.add_argument("--by", choices=DIMENSIONS, default="dest", help="rows (default dest)")
-    parser.add_argument("--top", type=_positive(int), default=20, metavar="N",
-                        help="show the N members with most bytes (default 20)")
-    parser.add_argument("--interval", type=_positive(float), default=2.0, metavar="S",
-                        help="seconds between refreshes (default 2)")
+    parser.add_argument("--top", type=_top, default=20, metavar="N",
+                        help=f"show the N members with most bytes (default 20, at most {MAX_TOP})")
+    parser.add_argument("--interval", type=_interval, default=2.0, metavar="S",
+                        help=f"seconds between refreshes (default 2, {MIN_INTERVAL:g} to "
+                        f"{MAX_INTERVAL:g})")
     parser.add_argument("--day", type=_day, metavar="YYYY-MM-DD",
                         help="that day's counts (UTC) instead of the totals")
     parser.add_argument("--once", action="store_true", help="print one table and exit")
@@ -108,9 +133,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(str(exc), EXIT_UNAVAILABLE)
     try:
         if args.json:
-            print(json.dumps([_json_row(row) for row in read()], indent=2))
+            reading = read()
+            print(json.dumps([_json_row(row) for row in reading.rows], indent=2))
+            _note(reading)
         elif args.once:
-            print_table(read(), title(), args)
+            reading = read()
+            print_table(reading.rows, title(), args)
+            _note(reading)
         else:
             _live(read, title, args)
     except Unavailable as exc:
@@ -127,9 +156,24 @@ def _fail(message: str, status: int) -> int:
     return status
 
 
+def malformed_note(reading: Reading) -> str | None:
+    """One line about the members left out, naming the first few; None if there are none."""
+    if not reading.malformed:
+        return None
+    names = ", ".join(repr(name[:60]) for name in reading.malformed[:3])
+    more = ", ..." if len(reading.malformed) > 3 else ""
+    return f"{plural(len(reading.malformed), 'member')} left out, malformed counters: {names}{more}"
+
+
+def _note(reading: Reading) -> None:
+    note = malformed_note(reading)
+    if note:
+        print(f"{PROG}: {note}", file=sys.stderr, flush=True)
+
+
 # --- where the counters are --------------------------------------------------------------
 
-Reader = Callable[[], list[Row]]
+Reader = Callable[[], Reading]
 
 
 def _source(args: argparse.Namespace) -> tuple[Reader, Callable[[], str]]:
@@ -160,7 +204,7 @@ def _source(args: argparse.Namespace) -> tuple[Reader, Callable[[], str]]:
     first = counters.rows(args.by, args.top, args.day)  # unreachable: say so before any table
     pending = [first]
 
-    def read_redis() -> list[Row]:
+    def read_redis() -> Reading:
         return pending.pop() if pending else counters.rows(args.by, args.top, args.day)
 
     def title_redis() -> str:
@@ -321,22 +365,25 @@ def _live(read: Reader, title: Callable[[], str], args: argparse.Namespace) -> N
     if not _fancy():
         while True:
             try:
-                print(plain_table(read(), title(), args.by) + "\n", flush=True)
+                reading = read()
+                print(plain_table(reading.rows, title(), args.by) + "\n", flush=True)
+                _note(reading)
             except Unavailable as exc:
                 print(f"{PROG}: {exc}", file=sys.stderr, flush=True)
             time.sleep(args.interval)
     from rich.console import Console
     from rich.live import Live
 
-    rows = read()
+    reading = read()
     console = Console()
-    with Live(_rich_table(rows, title(), args.by), console=console, screen=True,
-              auto_refresh=False) as live:
+    with Live(_rich_table(reading.rows, title(), args.by, malformed_note(reading)),
+              console=console, screen=True, auto_refresh=False) as live:
         while True:
             time.sleep(args.interval)
             caption = f"refresh every {args.interval:g}s; Ctrl-C quits"
             try:
-                rows = read()
+                reading = read()
+                caption = malformed_note(reading) or caption
             except Unavailable as exc:
                 caption = f"{exc} (showing the last rows read)"
-            live.update(_rich_table(rows, title(), args.by, caption), refresh=True)
+            live.update(_rich_table(reading.rows, title(), args.by, caption), refresh=True)

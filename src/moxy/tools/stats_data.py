@@ -13,11 +13,16 @@ import attrs
 import redis
 
 from moxy.accounting.counters import TOTAL, counter_key, minute_period
-from moxy.accounting.gdbm import GdbmLogError, read_log
+from moxy.accounting.gdbm import GdbmLogError, Totals, read_log
 from moxy.accounting.redis import client_for, describe
 from moxy.accounting.settings import RedisSinkSettings
 
 RATE_MINUTES = (1, 5)
+# Beyond 2**53 a float score no longer counts by ones: no counter of Moxy's gets there (8 PiB),
+# so a larger score, like a negative or infinite one, was written by something else.
+MAX_SCORE = 2**53
+MAX_STAMP = 253_402_300_799  # 9999-12-31T23:59:59Z: the last time ISO 8601 writes plainly
+MAX_TOTAL = 2**63 - 1  # messages or bytes in a GDBM record
 
 
 class Unavailable(Exception):
@@ -39,6 +44,16 @@ class Row:
     bytes_per_sec_5m: float | None = None
     first_seen: int | None = None
     last_seen: int | None = None
+
+
+@attrs.frozen
+class Reading:
+    """The rows of one read, and the members left out of them because a counter of theirs is
+    no count (a score of inf in Redis, a time past year 9999 in a GDBM log): shown as a note,
+    not a traceback, and the other rows still shown."""
+
+    rows: list[Row]
+    malformed: tuple[str, ...] = ()
 
 
 def window_weights(now: float, minutes: int) -> list[tuple[str, float]]:
@@ -66,7 +81,7 @@ class RedisCounters:
 
     def rows(
         self, by: str, top: int, day: str | None = None, now: float | None = None
-    ) -> list[Row]:
+    ) -> Reading:
         try:
             return self._rows(by, top, day, time.time() if now is None else now)
         except (redis.RedisError, OSError) as exc:
@@ -75,7 +90,7 @@ class RedisCounters:
     def _key(self, period: str, by: str, metric: str) -> str:
         return counter_key(self.settings.key_prefix, period, by, metric)
 
-    def _rows(self, by: str, top: int, day: str | None, now: float) -> list[Row]:
+    def _rows(self, by: str, top: int, day: str | None, now: float) -> Reading:
         period = TOTAL if day is None else f"d:{day}"
         client = self._client
         # Members are bytes (decode_responses is off), given back to ZMSCORE as they came.
@@ -86,7 +101,7 @@ class RedisCounters:
             )
             members += [m for m in refused if m not in set(members)][: top - len(members)]
         if not members:
-            return []
+            return Reading([])
         windows = {n: window_weights(now, n) for n in RATE_MINUTES}
         minutes = sorted({p for weights in windows.values() for p, _ in weights})
         with client.pipeline(transaction=False) as pipe:
@@ -101,42 +116,67 @@ class RedisCounters:
             minute: (_counts(replies[3 + 2 * i]), _counts(replies[4 + 2 * i]))
             for i, minute in enumerate(minutes)
         }
-        rows = []
+        rows, malformed = [], []
         for i, member in enumerate(members):
+            key = bytes(member).decode("utf-8", "backslashreplace")
+            counts = [msgs[i], size[i], refused_counts[i]]
+            counts += [c[i] for pair in per_minute.values() for c in pair]
+            if None in counts:
+                malformed.append(key)
+                continue
             rates: dict[int, tuple[float, float]] = {}
             for n, weights in windows.items():
-                m = sum(per_minute[p][0][i] * w for p, w in weights)
-                b = sum(per_minute[p][1][i] * w for p, w in weights)
+                m = sum((per_minute[p][0][i] or 0) * w for p, w in weights)
+                b = sum((per_minute[p][1][i] or 0) * w for p, w in weights)
                 rates[n] = (m / n, b / (60 * n))
             rows.append(Row(
-                key=bytes(member).decode("utf-8", "backslashreplace"),
-                messages=msgs[i], bytes=size[i], refused=refused_counts[i],
+                key=key, messages=msgs[i] or 0, bytes=size[i] or 0, refused=refused_counts[i],
                 messages_per_min_1m=rates[1][0], bytes_per_sec_1m=rates[1][1],
                 messages_per_min_5m=rates[5][0], bytes_per_sec_5m=rates[5][1],
             ))
         rows.sort(key=lambda r: (-r.bytes, -(r.refused or 0), r.key))
-        return rows
+        return Reading(rows, tuple(malformed))
 
 
-def _counts(scores: list[float | None]) -> list[int]:
-    return [int(s or 0) for s in scores]
+def _counts(scores: list[float | None]) -> list[int | None]:
+    """Each score as a count (no score: 0); None for one that is no count."""
+    return [_count(s) for s in scores]
+
+
+def _count(score: float | None) -> int | None:
+    if score is None:
+        return 0
+    if not 0 <= score <= MAX_SCORE:  # also false for NaN
+        return None
+    return int(score)
 
 
 GDBM_DIMENSIONS = ("dest", "rcpt")
 
 
-def gdbm_rows(path: Path, by: str, top: int) -> list[Row]:
+def gdbm_rows(path: Path, by: str, top: int) -> Reading:
     """The `top` keys of one kind (`dest` or `rcpt`) of a GDBM log, by bytes."""
     try:
         totals = read_log(path)
     except GdbmLogError as exc:
         raise Unavailable(str(exc)) from None
     prefix = f"{by}:"
-    rows = [
-        Row(key=key[len(prefix):], messages=t.messages, bytes=t.size,
-            first_seen=t.first_seen, last_seen=t.last_seen)
-        for key, t in totals.items()
-        if key.startswith(prefix)
-    ]
+    rows, malformed = [], []
+    for key, t in totals.items():
+        if not key.startswith(prefix):
+            continue
+        if not _sane(t):
+            malformed.append(key[len(prefix):])
+            continue
+        rows.append(Row(key=key[len(prefix):], messages=t.messages, bytes=t.size,
+                        first_seen=t.first_seen, last_seen=t.last_seen))
     rows.sort(key=lambda r: (-r.bytes, r.key))
-    return rows[:top]
+    return Reading(rows[:top], tuple(sorted(malformed)))
+
+
+def _sane(t: Totals) -> bool:
+    """Totals that can be shown: four decimal numbers, but times that a clock could read."""
+    return (
+        t.messages <= MAX_TOTAL and t.size <= MAX_TOTAL
+        and t.first_seen <= MAX_STAMP and t.last_seen <= MAX_STAMP
+    )
