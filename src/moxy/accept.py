@@ -112,9 +112,23 @@ async def accept_loop(
     # socket.accept() without its wrapper, which reads the listener's family and type as
     # enums for every connection: the accepted socket's are the listener's.
     accept: Callable[[], tuple[int, Any]] | None = getattr(sock, "_accept", None)
-    if behind_proxy or type(sock) is not socket.socket or accept is None:
-        await _accept_trio(listener, handle, nursery, behind_proxy)
+    try:
+        if behind_proxy or type(sock) is not socket.socket or accept is None:
+            await _accept_trio(listener, handle, nursery, behind_proxy)
+        else:
+            await _accept_plain(sock, accept, handle, nursery)
+    except trio.ClosedResourceError:
+        # The listener was closed under a loop that was not yet told to stop (a stop at once
+        # racing the drain, which closes it): the end of accepting, not an error.
         return
+
+
+async def _accept_plain(
+    sock: socket.socket,
+    accept: Callable[[], tuple[int, Any]],
+    handle: Handle,
+    nursery: trio.Nursery | SessionTasks,
+) -> None:
     family, kind, proto = int(sock.family), int(sock.type), sock.proto
     in_row = 0
     while True:

@@ -9,10 +9,12 @@ import contextlib
 import functools
 import gc
 import logging
+import os
 import signal
 import socket
 import sys
 from collections.abc import Sequence
+from typing import Final
 
 import trio
 
@@ -33,8 +35,10 @@ async def _main(
     routing: Routing,
     sockets: Sequence[socket.socket] | None = None,
     control_socket: socket.socket | None = None,
+    master: int | None = None,
 ) -> None:
     """Serve until SIGTERM/SIGINT, then drain gracefully; a second signal stops at once.
+    A worker (`master`: its master's pid) takes both from its master instead, as SIGUSR2.
     SIGHUP reloads the configuration; SIGUSR1 makes the accounting sinks reopen their files
     (after logrotate)."""
     shutdown = trio.Event()
@@ -43,14 +47,29 @@ async def _main(
 
     async def signals(stop_now: trio.CancelScope) -> None:
         with trio.open_signal_receiver(
-            signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1
+            signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2
         ) as received:
-            # SIGHUP and SIGUSR1 were blocked since the start (see run): one sent meanwhile
-            # arrives now (Linux keeps a blocked signal pending even while it is ignored).
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP, signal.SIGUSR1})
+            # SIGHUP, SIGUSR1 and SIGUSR2 were blocked since the start (see run): one sent
+            # meanwhile arrives now (Linux keeps a blocked signal pending even while it is
+            # ignored).
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _HELD)
             async for signum in received:
                 name = signal.Signals(signum).name
-                if signum == signal.SIGUSR1:
+                if signum in _STOPS and master is not None and os.getppid() == master:
+                    # A worker stops when its master says so (SIGUSR2, below): a signal sent to
+                    # the whole process group (Ctrl-C, systemd's default KillMode) reaches the
+                    # worker too, and must not count as a first or second stop beside the
+                    # master's word. A worker whose master is gone obeys signals itself.
+                    logger.debug("received %s: the master passes it on", name)
+                    continue
+                if signum in _STOPS or signum == signal.SIGUSR2:
+                    if not shutdown.is_set():
+                        logger.info("received %s, stopping (again to stop at once)", name)
+                        shutdown.set()
+                    else:
+                        logger.info("received %s again, stopping now", name)
+                        stop_now.cancel()
+                elif signum == signal.SIGUSR1:
                     logger.info("received SIGUSR1, reopening the accounting sinks")
                     accounting.reopen()
                 elif signum == signal.SIGHUP:
@@ -58,12 +77,6 @@ async def _main(
                     # When a reload is pending already, it reads the newest file anyway.
                     with contextlib.suppress(trio.WouldBlock):
                         send_reload.send_nowait(None)
-                elif not shutdown.is_set():
-                    logger.info("received %s, stopping (again to stop at once)", name)
-                    shutdown.set()
-                else:
-                    logger.info("received %s again, stopping now", name)
-                    stop_now.cancel()
 
     async def serving(task_status: trio.TaskStatus[object]) -> None:
         await serve(config, routing=routing, sockets=sockets, shutdown=shutdown,
@@ -81,6 +94,11 @@ async def _main(
         gc.freeze()
 
 
+# Held (ignored and blocked) from the start until the event loop's receiver takes them.
+_HELD: Final = {signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2}
+_STOPS: Final = (signal.SIGTERM, signal.SIGINT)
+
+
 def run(config: Config) -> int:
     """`moxy serve`: serve until SIGTERM/SIGINT, then drain for up to
     `timeouts.shutdown_grace`. Messages still in DATA after that (or at a second signal) are
@@ -95,10 +113,11 @@ def run(config: Config) -> int:
     # Until the event loop takes SIGHUP over, a reload request must neither kill the process
     # nor be lost: blocked, it stays pending (in a worker too, which inherits the mask) until
     # _main's receiver unblocks it. Ignored once that receiver is gone (the very end).
-    # SIGUSR1 (logrotate) likewise: a worker still starting must not miss its reopen.
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP, signal.SIGUSR1})
+    # SIGUSR1 (logrotate) likewise: a worker still starting must not miss its reopen, nor
+    # SIGUSR2, the master's "drain" (workers.py).
+    for signum in _HELD:
+        signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_BLOCK, _HELD)
     try:
         switch = privileges.plan(config)
     except privileges.PrivilegeError as exc:
@@ -163,12 +182,13 @@ def _serve_here(
     routing: Routing,
     sockets: Sequence[socket.socket] | None = None,
     control_socket: socket.socket | None = None,
+    master: int | None = None,
 ) -> int:
     status = 0
     # Until the signal task listens, a SIGUSR1 (logrotate) must not kill the process.
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     try:
-        trio.run(_main, config, routing, sockets, control_socket)
+        trio.run(_main, config, routing, sockets, control_socket, master)
     except* OSError as group:
         for error in group.exceptions:
             print(f"moxy: {getattr(error, 'strerror', None) or error}", file=sys.stderr)
@@ -180,4 +200,4 @@ def _worker(
     controls: list[socket.socket], config: Config, sockets: list[socket.socket], number: int
 ) -> int:
     control_socket = controls[number] if controls else None
-    return _serve_here(config, Routing.build(config), sockets, control_socket)
+    return _serve_here(config, Routing.build(config), sockets, control_socket, os.getppid())

@@ -2,12 +2,12 @@
 
 The master binds the listening sockets (then gives up root, see src/moxy/privileges.py), forks
 the workers, which all accept on them (the kernel spreads connections among them), restarts a
-worker that dies, and on SIGTERM/SIGINT passes the signal on (the workers drain gracefully; a
-second signal stops them at once) and waits for every worker to finish; SIGUSR1 (logrotate)
-goes on to every worker too. On SIGHUP it checks the
-configuration file and, if it loads, passes SIGHUP on: each worker reloads itself, and a worker
-started later gets the new configuration. The master itself runs no event loop and keeps no
-route source open: fork and a running trio loop (or a live Redis/LDAP connection) do not mix.
+worker that dies, and on SIGTERM/SIGINT tells the workers to drain gracefully (SIGUSR2; a
+second signal, a second SIGUSR2, stops them at once) and waits for every worker to finish;
+SIGUSR1 (logrotate) goes on to every worker too. On SIGHUP it checks the configuration file
+and, if it loads, passes SIGHUP on: each worker reloads itself, and a worker started later gets
+the new configuration. The master itself runs no event loop and keeps no route source open:
+fork and a running trio loop (or a live Redis/LDAP connection) do not mix.
 """
 
 from __future__ import annotations
@@ -96,6 +96,7 @@ def supervise(
             try:
                 # A SIGUSR1 before the worker's loop listens must not kill it.
                 signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+                signal.signal(signal.SIGUSR2, signal.SIG_IGN)
                 signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
                 if metrics is not None:
                     metrics.in_worker()
@@ -122,12 +123,14 @@ def supervise(
                 if not stopping:
                     config = _reload(config, children)
             elif info is not None and info.si_signo != signal.SIGCHLD:
-                # The first signal makes the workers drain; a second one stops them at once.
+                # The first signal makes the workers drain, a second one stops them at once:
+                # passed on as SIGUSR2, which only the master sends (a worker ignores the
+                # SIGTERM or SIGINT a signal to the whole process group gives it as well).
                 logger.info("received %s, %s workers", signal.Signals(info.si_signo).name,
                             "stopping" if stopping else "draining")
-                stopping = True
                 for pid in children:
-                    _kill(pid, signal.SIGTERM)
+                    _kill(pid, signal.SIGUSR2)
+                stopping = True
             for pid, status in _reap():
                 if metrics is not None:
                     metrics.worker_ended(pid)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from peers.moxy import MoxyProcess
 from peers.recorder import Recorder
 from peers.waiting import eventually
 
-from .helpers import SENDER
+from .helpers import SENDER, open_session
 
 MakeRecorder = Callable[..., Recorder]
 StartProcess = Callable[..., MoxyProcess]
@@ -80,3 +81,56 @@ def test_sigterm_stops_the_master_and_every_worker(
     assert len(workers) == 3
     assert moxy.stop(signal.SIGTERM) == 0
     assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
+
+
+async def test_a_stop_signal_to_the_whole_process_group_drains_the_workers_gracefully(
+    moxy_process: StartProcess, make_recorder: MakeRecorder
+) -> None:
+    """Ctrl-C and systemd's default KillMode signal every process of the group: each worker
+    gets the signal itself and the master's word to drain too. That must not count as a second
+    signal (which stops at once): a message in DATA still finishes."""
+    upstream = make_recorder()
+    moxy = moxy_process({"example.org": upstream}, server={"workers": 2},
+                        timeouts={"shutdown_grace": 10})
+    async with await open_session((moxy.host, moxy.port)) as client:
+        assert (await client.command(f"MAIL FROM:<{SENDER}>")).code == 250
+        assert (await client.command("RCPT TO:<user@example.org>")).code == 250
+        assert (await client.command("DATA")).code == 354
+        await client.send(b"Subject: group\r\n\r\nfirst half\r\n")
+        for pid in (moxy.process.pid, *workers_of(moxy.process.pid)):  # as kill(-pgid) does
+            os.kill(pid, signal.SIGTERM)
+        await trio.sleep(1.0)
+        await client.send(b"second half\r\n.\r\n")
+        assert (await client.reply()).code == 250, client.dump()
+    [message] = upstream.messages
+    assert message.data is not None and message.data.endswith(b"first half\r\nsecond half\r\n")
+    moxy.stopped_by_test = True
+    try:
+        status = await trio.to_thread.run_sync(moxy.process.wait, 15)
+    except subprocess.TimeoutExpired:
+        moxy.process.kill()
+        raise AssertionError(f"moxy did not stop:\n{moxy.stderr()}") from None
+    assert status == 0, moxy.stderr()
+    assert "stopping now" not in moxy.stderr()
+
+
+async def test_a_second_stop_signal_to_the_master_stops_the_workers_at_once(
+    moxy_process: StartProcess, make_recorder: MakeRecorder
+) -> None:
+    """The master passes both on: a message still in DATA is abandoned, never delivered."""
+    upstream = make_recorder()
+    moxy = moxy_process({"example.org": upstream}, server={"workers": 2},
+                        timeouts={"shutdown_grace": 30})
+    async with await open_session((moxy.host, moxy.port)) as client:
+        assert (await client.command(f"MAIL FROM:<{SENDER}>")).code == 250
+        assert (await client.command("RCPT TO:<user@example.org>")).code == 250
+        assert (await client.command("DATA")).code == 354
+        await client.send(b"Subject: twice\r\n\r\nfirst half\r\n")
+        moxy.process.send_signal(signal.SIGTERM)
+        await eventually(lambda: "draining workers" in moxy.stderr(), what="the first")
+        moxy.process.send_signal(signal.SIGTERM)
+        moxy.stopped_by_test = True
+        assert await trio.to_thread.run_sync(moxy.process.wait, 15) == 0
+        assert await client.expect_closed() == b""  # no 250: the client will send it again
+    assert not upstream.messages
+    assert moxy.stderr().count("SIGUSR2 again, stopping now") == 2  # each worker

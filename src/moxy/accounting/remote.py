@@ -98,9 +98,11 @@ class RemoteAccounting(Intake):
             await trio.sleep_forever()
         stopping = trio.Event()
         async with trio.open_nursery() as nursery:
-            await nursery.start(self._keep, stopping)
-            task_status.started()
             try:
+                # A stop at once may come while the first process starts: `_keep` is
+                # shielded, and only `stopping` ends it.
+                await nursery.start(self._keep, stopping)
+                task_status.started()
                 await trio.sleep_forever()
             finally:
                 stopping.set()
