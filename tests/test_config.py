@@ -538,6 +538,11 @@ def test_the_cache_table_alone_tunes_the_flat_file_setup(tmp_path: Path) -> None
             ["routes.redis.url: '127.0.0.1:6379' must start with redis://, rediss:// or unix://"],
         ),
         (
+            '[routes]\nchain = ["redis"]\n[routes.redis]\nurl = "redis://h/0?socket_timeout=x"\n',
+            ["routes.redis.url: 'redis://h/0?socket_timeout=x': Invalid value for "
+             "'socket_timeout' in connection URL."],
+        ),
+        (
             '[routes]\nchain = ["redis"]\n[routes.redis]\nurl = "redis://host:port/0"\n',
             [
                 "routes.redis.url: 'redis://host:port/0': Port could not be cast to integer "

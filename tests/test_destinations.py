@@ -4,6 +4,7 @@ covers."""
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -223,3 +224,12 @@ def test_bad_destination_settings_name_the_key(tmp_path: Path, toml: str, error:
     with pytest.raises(ConfigError) as exc:
         _load(tmp_path, f"[destinations]\n{toml}\n")
     assert any(e.startswith(error) for e in exc.value.errors), exc.value.errors
+
+
+async def test_a_host_name_idna_cannot_encode_is_a_resolution_failure_not_a_crash() -> None:
+    """A route may name a host with a label over 63 characters (nothing checks it before the
+    lookup): getaddrinfo's IDNA encoding raised UnicodeError, which ended the session."""
+    from moxy.destinations import resolve
+
+    with pytest.raises(socket.gaierror, match="not a valid host name"):
+        await resolve(Destination("a" * 64 + ".example", 25))

@@ -276,7 +276,10 @@ async def resolve(destination: Destination) -> list[Destination]:
     """The addresses of `destination`, in the resolver's order (an IP literal is its own)."""
     if is_ip_literal(destination.host):
         return [destination]
-    infos = await trio.socket.getaddrinfo(
-        destination.host, destination.port, type=socket.SOCK_STREAM
-    )
+    try:
+        infos = await trio.socket.getaddrinfo(
+            destination.host, destination.port, type=socket.SOCK_STREAM
+        )
+    except UnicodeError:  # IDNA: a label over 63 characters, or an empty one
+        raise socket.gaierror(socket.EAI_NONAME, "not a valid host name") from None
     return list(dict.fromkeys(Destination(str(info[4][0]), destination.port) for info in infos))

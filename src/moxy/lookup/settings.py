@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import attrs
+from redis.connection import parse_url
 
 LDAP_SCOPES = ("base", "one", "sub")
 
@@ -89,6 +90,9 @@ def _check_url(instance: RedisSettings, attribute: object, value: str) -> None:
         raise ValueError(f"url: {value!r} must start with redis://, rediss:// or unix://")
     try:
         urllib.parse.urlsplit(value).port  # noqa: B018 (parsing it is the check)
+        # What redis-py will make of it, query options included (`?db=abc`, `?socket_timeout=x`
+        # raise ValueError there): found by check-config, not by the first connection.
+        parse_url(value)  # type: ignore[no-untyped-call]
     except ValueError as exc:
         raise ValueError(f"url: {value!r}: {exc}") from None
 
