@@ -311,8 +311,8 @@ class Session(SessionEvents):
         except BadRouteData as exc:
             logger.error("bad route data for <%s>: %s", address, exc)
             failed = Reply.make(451, "4.3.0", "Routing data error; try again later")
-        except LookupFailed as exc:
-            logger.warning("route lookup for <%s> failed: %s", address, exc)
+        except LookupFailed as exc:  # the outage is logged once, by the router
+            logger.debug("route lookup for <%s> failed: %s", address, exc)
             failed = Reply.make(451, "4.4.3", "Routing temporarily unavailable; try again later")
         except Exception:
             # A bug, not a routing answer: never accept what cannot be routed, keep the session.

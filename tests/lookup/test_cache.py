@@ -259,6 +259,22 @@ async def test_a_stale_route_is_served_within_grace_while_the_backend_fails(
         await chain.route("user@example.org")
 
 
+async def test_an_expired_no_route_is_not_an_answer_while_the_backend_fails(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """Within its negative TTL, "no route" is the answer (a 550 for the recipient); past it,
+    with the source down, the lookup fails (451), however recent the absence was."""
+    source = TableSource("t", {"example.org": "mx.example:25"})
+    chain = router(source, ttl=60, negative_ttl=3, stale_grace=300)
+    assert await chain.route("user@unknown.example") is None
+    source.down = True
+    mock_clock.jump(2)
+    assert await chain.route("user@unknown.example") is None  # still fresh
+    mock_clock.jump(4)
+    with pytest.raises(LookupFailed, match="t is down"):
+        await chain.route("user@unknown.example")
+
+
 async def test_backend_failure_without_a_cached_answer_raises_lookup_failed() -> None:
     source = TableSource("t", {"example.org": "mx.example:25"})
     source.down = True

@@ -57,6 +57,9 @@ class _Answer:
     groups: tuple[DestinationGroup, ...] | None
     source: str = ""
     bad: BadRouteData | None = None
+    # An expired "no route" served while a source fails: it lets a less specific key's stale
+    # route answer, but is no answer by itself (route_keys raises this instead of None).
+    failure: LookupFailed | None = None
 
 
 @attrs.define
@@ -124,6 +127,7 @@ class CachedRouter:
         lookup example.org`)."""
         entries = self._entries
         now = self._clock()
+        failure: LookupFailed | None = None
         for key in keys:
             # A fresh cached answer, inline: what _answer() does for a hit, without its
             # coroutine (this runs for every RCPT).
@@ -139,7 +143,13 @@ class CachedRouter:
             answer = await self._answer(key)
             if answer.groups is not None:
                 return Route(answer.groups, key=key, source=answer.source)
+            if answer.failure is not None:
+                failure = answer.failure
             now = self._clock()  # the lookup took time
+        if failure is not None:
+            # No route, but only because expired absences stood in for a failing source: the
+            # domain may have been added meanwhile, so no 550 for it (451, as without them).
+            raise LookupFailed(*failure.args)
         return None
 
     def invalidate(self, key: str) -> None:
@@ -189,7 +199,7 @@ class CachedRouter:
                 if stale is None:
                     flight.failure = exc
                     raise
-                answer = stale
+                answer = stale if stale.groups is not None else attrs.evolve(stale, failure=exc)
             else:
                 self.observer.route_lookup(time.monotonic() - started)
                 if not flight.outdated:
