@@ -185,8 +185,8 @@ def _serve_here(
     master: int | None = None,
 ) -> int:
     status = 0
-    # Until the signal task listens, a SIGUSR1 (logrotate) must not kill the process.
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    # Until the signal task listens, SIGUSR1 and SIGUSR2 stay ignored and blocked as run()
+    # left them (setting SIG_IGN again would discard one already pending).
     try:
         trio.run(_main, config, routing, sockets, control_socket, master)
     except* OSError as group:

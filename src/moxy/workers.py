@@ -94,9 +94,9 @@ def supervise(
         if pid == 0:  # the worker
             status = 1
             try:
-                # A SIGUSR1 before the worker's loop listens must not kill it.
-                signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-                signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+                # SIGUSR1 and SIGUSR2 stay as daemon.run left them, ignored and blocked, until
+                # the worker's loop takes them: one the master sent since the fork is pending,
+                # and setting SIG_IGN again here would discard it (POSIX), a drain lost.
                 signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
                 if metrics is not None:
                     metrics.in_worker()
