@@ -4,6 +4,7 @@ covers."""
 
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
 
@@ -233,3 +234,35 @@ async def test_a_host_name_idna_cannot_encode_is_a_resolution_failure_not_a_cras
 
     with pytest.raises(socket.gaierror, match="not a valid host name"):
         await resolve(Destination("a" * 64 + ".example", 25))
+
+
+async def test_a_local_shortage_of_descriptors_marks_no_destination_down() -> None:
+    """connect() failing with EMFILE is this host's trouble: the leg fails (451 4.3.0), and the
+    address is not put in the dead set, where every leg would skip it for `down_time`."""
+    import resource
+
+    from moxy.config import Timeouts
+    from moxy.connection import UpstreamSettings, connect
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    destinations = make()
+    target = Destination("127.0.0.1", listener.getsockname()[1])
+    settings = UpstreamSettings("moxy.test", Timeouts(), destinations=destinations)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        # No descriptor left for the next socket() (the lowest free number is not allowed);
+        # restored before anything else runs.
+        lowest_free = os.dup(0)
+        os.close(lowest_free)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, hard))
+        with pytest.raises(LegError) as caught:
+            await connect(target, settings)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        listener.close()
+    assert caught.value.stage == "local", caught.value
+    assert (leg_error_reply(caught.value).code, leg_error_reply(caught.value).enhanced) == (
+        451, "4.3.0")
+    assert destinations.down() == []

@@ -5,6 +5,7 @@ replies (pipelined when the destination offers PIPELINING) over a `moxy.stream.S
 
 from __future__ import annotations
 
+import errno
 import logging
 import operator
 import socket
@@ -245,6 +246,10 @@ async def _open_stream(address: Destination, timeout: float) -> Stream:
 # Failures at these stages mark an address down (src/moxy/destinations.py); a greeting heard
 # marks it up, whatever follows.
 _HEALTH_STAGES: Final = ("connect", "greeting")
+# A connect failing with these says nothing of the destination (see _connect_address).
+_LOCAL_ERRORS: Final = frozenset(
+    (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EADDRNOTAVAIL)
+)
 
 
 async def connect(destination: Destination, settings: UpstreamSettings) -> Connection:
@@ -273,7 +278,8 @@ async def connect(destination: Destination, settings: UpstreamSettings) -> Conne
         try:
             conn = await _connect_address(destination, address, settings)
         except LegError as exc:
-            slot.done(f"{exc.stage}: {exc.detail}" if exc.stage in _HEALTH_STAGES else None)
+            if exc.stage != "local":  # a local shortage: no verdict on the address
+                slot.done(f"{exc.stage}: {exc.detail}" if exc.stage in _HEALTH_STAGES else None)
             slot.release()
             errors.append(exc)
             continue
@@ -309,7 +315,10 @@ async def _connect_address(
         raise LegError("connect", _where(destination, address),
                        f"no connection within {t.upstream_connect:g}s") from None
     except OSError as exc:
-        raise LegError("connect", _where(destination, address), exc.strerror or str(exc)) from None
+        # Out of descriptors, buffers or local ports is this host's trouble, not the
+        # destination's: not a reason to mark it down for everyone (stage "local").
+        stage = "local" if exc.errno in _LOCAL_ERRORS else "connect"
+        raise LegError(stage, _where(destination, address), exc.strerror or str(exc)) from None
     conn = Connection(stream, destination, settings)
     if conn.timed:
         conn.stats.connected(time.monotonic() - started)

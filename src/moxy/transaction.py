@@ -42,6 +42,8 @@ def leg_error_reply(exc: LegError) -> Reply:
         return Reply.make(451, "4.4.1", "Destination unavailable (recently failed); "
                           "try again later")
 
+    if exc.stage == "local":  # this host out of descriptors, buffers or ports (connection.py)
+        return Reply.make(451, "4.3.0", "Temporary local problem; try again later")
     if exc.stage == "tls":  # RFC 3463 X.7.5: cryptographic failure (or TLS not offered)
         return Reply.make(451, "4.7.5", "TLS with destination failed; try again later")
     if exc.stage in ("connect", "greeting", "ehlo", "helo", "xclient"):
