@@ -10,7 +10,7 @@ from pathlib import Path
 
 import trio
 
-from peers.client import smtplib_send
+from peers.client import SmtpClient, smtplib_send
 from peers.moxy import MoxyProcess
 from peers.recorder import Recorder
 from peers.waiting import eventually
@@ -83,6 +83,16 @@ def test_sigterm_stops_the_master_and_every_worker(
     assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
 
 
+async def half_a_message(moxy: MoxyProcess, subject: str) -> SmtpClient:
+    """A session inside DATA, the first half of its body sent."""
+    client = await open_session((moxy.host, moxy.port))
+    assert (await client.command(f"MAIL FROM:<{SENDER}>")).code == 250
+    assert (await client.command("RCPT TO:<user@example.org>")).code == 250
+    assert (await client.command("DATA")).code == 354
+    await client.send(f"Subject: {subject}\r\n\r\nfirst half\r\n".encode())
+    return client
+
+
 async def test_a_stop_signal_to_the_whole_process_group_drains_the_workers_gracefully(
     moxy_process: StartProcess, make_recorder: MakeRecorder
 ) -> None:
@@ -92,11 +102,7 @@ async def test_a_stop_signal_to_the_whole_process_group_drains_the_workers_grace
     upstream = make_recorder()
     moxy = moxy_process({"example.org": upstream}, server={"workers": 2},
                         timeouts={"shutdown_grace": 10})
-    async with await open_session((moxy.host, moxy.port)) as client:
-        assert (await client.command(f"MAIL FROM:<{SENDER}>")).code == 250
-        assert (await client.command("RCPT TO:<user@example.org>")).code == 250
-        assert (await client.command("DATA")).code == 354
-        await client.send(b"Subject: group\r\n\r\nfirst half\r\n")
+    async with await half_a_message(moxy, "group") as client:
         for pid in (moxy.process.pid, *workers_of(moxy.process.pid)):  # as kill(-pgid) does
             os.kill(pid, signal.SIGTERM)
         await trio.sleep(1.0)
@@ -121,11 +127,7 @@ async def test_a_second_stop_signal_to_the_master_stops_the_workers_at_once(
     upstream = make_recorder()
     moxy = moxy_process({"example.org": upstream}, server={"workers": 2},
                         timeouts={"shutdown_grace": 30})
-    async with await open_session((moxy.host, moxy.port)) as client:
-        assert (await client.command(f"MAIL FROM:<{SENDER}>")).code == 250
-        assert (await client.command("RCPT TO:<user@example.org>")).code == 250
-        assert (await client.command("DATA")).code == 354
-        await client.send(b"Subject: twice\r\n\r\nfirst half\r\n")
+    async with await half_a_message(moxy, "twice") as client:
         moxy.process.send_signal(signal.SIGTERM)
         await eventually(lambda: "draining workers" in moxy.stderr(), what="the first")
         moxy.process.send_signal(signal.SIGTERM)
@@ -133,4 +135,5 @@ async def test_a_second_stop_signal_to_the_master_stops_the_workers_at_once(
         assert await trio.to_thread.run_sync(moxy.process.wait, 15) == 0
         assert await client.expect_closed() == b""  # no 250: the client will send it again
     assert not upstream.messages
-    assert moxy.stderr().count("SIGUSR2 again, stopping now") == 2  # each worker
+    # The worker with the session stopped at once; the idle one may have ended already.
+    assert moxy.stderr().count("SIGUSR2 again, stopping now") >= 1
