@@ -52,9 +52,11 @@ def leg_error_reply(exc: LegError) -> Reply:
 
 
 def _as_reply(outcome: Outcome, default_enhanced: str) -> Reply:
+    """What the client hears of one leg's outcome: a leg failure's own 4xx, or the
+    destination's reply with enhanced codes and lines of at most 512 octets."""
     if isinstance(outcome, LegError):
         return leg_error_reply(outcome)
-    return outcome.with_enhanced(f"{outcome.klass}{default_enhanced[1:]}")
+    return outcome.with_enhanced(f"{outcome.klass}{default_enhanced[1:]}").fitted()
 
 
 DATA_GO: Final = Reply(354, ("End data with <CR><LF>.<CR><LF>",))

@@ -187,3 +187,19 @@ async def test_smtp_sink_rejecting_the_message_passes_its_reply_through(
     outcome = await send_one(server, ["user@example.org"])
     assert outcome.final is not None, outcome.transcript
     assert (outcome.final.code, outcome.final.lines) == (554, ("5.7.1 Sink says no",))
+
+
+async def test_a_destination_reply_line_over_512_octets_reaches_the_client_cut_into_lines(
+    moxy: StartMoxy, make_recorder: MakeRecorder
+) -> None:
+    """RFC 5321 §4.5.3.1.5: 512 octets a reply line, code and CRLF included. Moxy reads a
+    destination's longer lines (up to `reply_line`) and passes them on within the limit."""
+    words = " ".join(f"word{n:03d}" for n in range(110))  # 879 characters
+    wordy = make_recorder(rcpt_script={"user@example.org": f"550 5.1.1 {words}"}, name="wordy")
+    server = await moxy({"example.org": wordy})
+    outcome = await send_one(server, ["user@example.org"])
+    [rcpt] = outcome.rcpt
+    assert rcpt.code == 550 and len(rcpt.lines) == 2, outcome.transcript
+    assert all(len(f"550-{line}\r\n".encode()) <= 512 for line in rcpt.lines)
+    assert all(line.startswith("5.1.1 ") for line in rcpt.lines)
+    assert " ".join(line[len("5.1.1 "):] for line in rcpt.lines) == words

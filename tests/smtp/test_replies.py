@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from moxy import native
-from moxy.smtp.replies import Reply
+from moxy.smtp.replies import TEXT_MAX, Reply
 
 
 @pytest.mark.parametrize(("code", "klass"), [(220, 2), (354, 3), (451, 4), (550, 5)])
@@ -70,3 +70,28 @@ def test_with_enhanced_adds_the_default_only_where_none_is(
     reply: Reply, lines: tuple[str, ...]
 ) -> None:
     assert reply.with_enhanced("2.0.0").lines == lines
+
+
+def test_fitted_leaves_lines_within_512_octets_alone() -> None:
+    reply = Reply(250, ("2.0.0 Ok",))
+    assert reply.fitted() is reply
+    near = Reply(550, ("5.7.1 " + "x" * (TEXT_MAX - 6), "5.7.1 short"))
+    assert near.fitted() is near
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        " ".join(f"w{n:04d}" for n in range(300)),  # words: cut at spaces
+        "y" * 1300,  # one word: cut inside it
+        "é" * 400,  # 800 octets of UTF-8: cut by octets, never inside a character
+    ],
+)
+def test_fitted_cuts_a_long_line_into_lines_of_512_octets_with_the_code(text: str) -> None:
+    fitted = Reply(550, (f"5.1.1 {text}",)).fitted()
+    assert len(fitted.lines) > 1
+    for wire_line in fitted.to_bytes().split(b"\r\n")[:-1]:
+        assert len(wire_line) + 2 <= 512
+        assert wire_line[4:10] == b"5.1.1 "
+    pieces = [line[len("5.1.1 "):] for line in fitted.lines]
+    assert ("" if " " not in text else " ").join(pieces) == text

@@ -8,6 +8,35 @@ from typing import Final
 from moxy.smtp.value import Value
 
 _ENHANCED_RE: Final = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?= |$)")
+# RFC 5321 §4.5.3.1.5: a reply line is at most 512 octets with its code, separator and CRLF.
+TEXT_MAX: Final = 512 - 6
+_SURELY_SHORT: Final = TEXT_MAX // 4  # characters: at most 4 octets each in UTF-8
+
+
+def _octets(text: str) -> int:
+    return len(text.encode("utf-8", "replace"))
+
+
+def _cut(text: str, room: int) -> list[str]:
+    """`text` in pieces of at most `room` octets, at spaces where it can be."""
+    pieces: list[str] = []
+    current = ""
+    for word in text.split(" "):
+        joined = f"{current} {word}" if current else word
+        if _octets(joined) <= room:
+            current = joined
+            continue
+        if current:
+            pieces.append(current)
+        while _octets(word) > room:  # one word longer than a line: cut inside it
+            end = room
+            while _octets(word[:end]) > room:
+                end -= 1
+            pieces.append(word[:end])
+            word = word[end:]
+        current = word
+    pieces.append(current)
+    return pieces
 
 
 class Reply(Value):
@@ -81,6 +110,27 @@ class Reply(Value):
             line if _ENHANCED_RE.match(line) else f"{default} {line}" if line else default
             for line in lines
         ))
+
+    def fitted(self) -> Reply:
+        """This reply with every line within RFC 5321's 512 octets: a destination may send
+        longer ones (Moxy reads up to `[limits] reply_line`), a client need not take them. A
+        longer line becomes several, each opened with the line's enhanced code."""
+        lines = self.lines
+        if len(lines) == 1 and len(lines[0]) <= _SURELY_SHORT:  # the usual case
+            return self
+        if all(_octets(line) <= TEXT_MAX for line in lines):
+            return self
+        out: list[str] = []
+        for line in lines:
+            if _octets(line) <= TEXT_MAX:
+                out.append(line)
+                continue
+            m = _ENHANCED_RE.match(line)
+            code = m.group(0) if m else ""
+            text = line[len(code):].lstrip(" ") if code else line
+            room = TEXT_MAX - (_octets(code) + 1 if code else 0)
+            out.extend(f"{code} {piece}" if code else piece for piece in _cut(text, room))
+        return Reply(self.code, tuple(out))
 
     def to_bytes(self) -> bytes:
         wire = self._wire
