@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import pytest
 import trio
 
 from peers.client import SmtpClient
@@ -55,29 +56,26 @@ async def test_an_early_250_after_the_354_in_the_same_segment_is_not_the_verdict
     assert not liar.messages  # no end-of-data sequence went out
 
 
-async def test_a_reply_during_the_body_fails_every_leg_before_any_commits(
-    moxy: StartMoxy, make_recorder: MakeRecorder
+@pytest.mark.parametrize(
+    "misbehaviour",
+    [
+        # Its own early "250" mid-body, and a refusal at the end of data.
+        {"body": "250 2.0.0 early accept", "end_of_data": "550 5.7.1 refused after all"},
+        # A close once the body has begun (no 'destinations disagreed' any more).
+        {"body": DISCONNECT},
+    ],
+    ids=["speaks", "closes"],
+)
+async def test_a_leg_that_speaks_or_closes_during_the_body_fails_every_leg_before_any_commits(
+    moxy: StartMoxy, make_recorder: MakeRecorder, misbehaviour: dict[str, Step]
 ) -> None:
-    """A mirror route: one destination answers mid-body (its own early "250"), and is refused
-    later; the other is fine. Neither gets the end of data, and the client hears 451 4.4.2."""
-    liar = make_recorder({"body": "250 2.0.0 early accept",
-                          "end_of_data": "550 5.7.1 refused after all"}, name="liar")
+    """A mirror route whose second destination misbehaves during the body while the other is
+    fine: known before the end of data, so neither gets it, and the client hears 451 4.4.2."""
+    odd = make_recorder(misbehaviour, name="odd")
     honest = make_recorder(name="honest")
-    server = await moxy({"example.org": [honest, liar]}, timeouts=FAST_TIMEOUTS)
+    server = await moxy({"example.org": [honest, odd]}, timeouts=FAST_TIMEOUTS)
     assert await big_message_with_a_pause(server, "user@example.org") == (451, "4.4.2")
-    assert not liar.messages and not honest.messages
-
-
-async def test_a_destination_that_resets_mid_body_fails_every_leg_before_any_commits(
-    moxy: StartMoxy, make_recorder: MakeRecorder
-) -> None:
-    """The other half of a mirror route closes its connection once the body has begun: known
-    before the end of data, so neither destination gets it (no 'destinations disagreed')."""
-    gone = make_recorder({"body": DISCONNECT}, name="gone")
-    honest = make_recorder(name="honest")
-    server = await moxy({"example.org": [honest, gone]}, timeouts=FAST_TIMEOUTS)
-    assert await big_message_with_a_pause(server, "user@example.org") == (451, "4.4.2")
-    assert not gone.messages and not honest.messages
+    assert not odd.messages and not honest.messages
 
 
 async def test_a_quiet_destination_still_gets_a_large_message(
