@@ -193,6 +193,8 @@ async def serve(
             drained.set()
         with trio.move_on_after(grace):
             await drained.wait()
+        if active:
+            logger.warning("shutdown grace of %gs over: stopping %d sessions", grace, active)
         nursery.cancel_scope.cancel()
 
     async def reload(reloads: trio.abc.ReceiveChannel[None], nursery: trio.Nursery) -> None:

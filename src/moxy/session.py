@@ -168,6 +168,9 @@ class Session(SessionEvents):
             await self.flush()
         except ClientGone:
             pass
+        except trio.Cancelled:  # the server stopping past its grace: no checkpoint here
+            self.log_stopped()
+            raise
         finally:
             await self.close()
 

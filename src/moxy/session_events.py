@@ -9,6 +9,7 @@ arguments, and nothing is made when accounting has no sinks.
 
 from __future__ import annotations
 
+import logging
 from time import monotonic
 from time import time as wall_time
 from typing import Any
@@ -17,8 +18,11 @@ from moxy.accounting import events as acct
 from moxy.accounting.events import LEG_AND_MESSAGE, Emit
 from moxy.context import ServerContext
 from moxy.smtp.replies import Reply
+from moxy.stream import Stream
 from moxy.transaction import LegResult, Transaction
 from moxy.upstream import Leg
+
+logger = logging.getLogger("moxy.session")
 
 
 def _leg_tls(leg: Leg) -> str:
@@ -43,6 +47,9 @@ class SessionEvents:
     data_started: float
     transaction: Transaction | None
     ended_by: str | None
+    hostname: str
+    stream: Stream
+    received_bytes: int
 
     def log_delivery(self, results: list[LegResult], reply: Reply, size: int) -> None:
         """End of data: an event per leg, then the message's. They share one reading of the
@@ -101,8 +108,9 @@ class SessionEvents:
             reply.code, str(reply), "end-of-data", duration, node, "", tls, now,
         )
 
-    def log_message(self, reply: Reply, stage: str, size: int) -> None:
-        """A message no leg finished: refused at DATA, or its body refused by Moxy."""
+    def log_message(self, reply: Reply, stage: str, size: int, reason: str = "") -> None:
+        """A message no leg finished: refused at DATA, its body refused by Moxy, or stopped
+        by the server's shutdown (`reason` "shutdown")."""
         if self.counting:
             self.ctx.metrics.message(reply.code)
         if not self.events_on:
@@ -117,9 +125,32 @@ class SessionEvents:
         emit(
             "message", self.id, self.message_id, self.client_ip, self.helo, mail_from,
             recipients, "-", route, size, reply.code, str(reply), stage,
-            monotonic() - self.data_started, self.node, "",
+            monotonic() - self.data_started, self.node, reason,
             acct.tls_field(self.tls) if self.tls else "", wall_time(),
         )
+
+    def log_stopped(self) -> None:
+        """The server stopped this session mid-message (its shutdown grace over, or a second
+        signal): the client hears 421 if its socket takes it at once, and the message gets
+        its event. Once the end-of-data sequence is on its way, the verdict is lost: the
+        message may be delivered and its client will send it again."""
+        t = self.transaction
+        if t is None or not t.streaming:
+            return
+        reply = Reply.make(421, "4.3.2", f"{self.hostname} Service shutting down; try again later")
+        self.stream.say_now(reply.to_bytes())
+        committed = [leg.destination for leg in t.streaming if leg.committing]
+        if committed:
+            logger.warning(
+                "message %s: stopped awaiting the verdict of %s after the end of data: it may "
+                "be delivered, and its client may send it again (duplicate possible)",
+                self.message_id, ", ".join(committed),
+            )
+        else:
+            logger.warning("message %s: stopped during its data; not delivered",
+                           self.message_id)
+        self.log_message(reply, "end-of-data" if committed else "data", self.received_bytes,
+                         acct.SHUTDOWN)
 
     def log_refused(
         self, address: str, reply: Reply, reason: str, destination: str = "-", route: str = ""

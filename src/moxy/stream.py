@@ -290,6 +290,13 @@ class Stream:
         except OSError as exc:
             raise StreamBroken(_detail(exc)) from None
 
+    def say_now(self, data: bytes) -> None:
+        """Best effort, never waiting: what the kernel takes of `data` at once, on a plain
+        connection (a session stopped by the server's shutdown says 421 this way)."""
+        if self.ssl is None:
+            with contextlib.suppress(OSError):
+                _send(self.fd, data)
+
     def ack_now(self) -> None:
         """TCP_QUICKACK: ACK what arrived at once rather than after the delayed-ACK timer."""
         if _QUICKACK is not None:

@@ -50,6 +50,7 @@ class Leg:
         self.needs_reset = False  # the upstream holds transaction state to clear with RSET
         self.failure: LegError | None = None  # this transaction can no longer use this leg
         self.in_data = False
+        self.committing = False  # the end-of-data sequence is on its way: a verdict is due
         self.sent = 0
 
     def __repr__(self) -> str:
@@ -67,6 +68,7 @@ class Leg:
         self.accepted = []
         self.synced = False
         self.failure = None
+        self.committing = False
         self.sent = 0
 
     def end_transaction(self) -> None:
@@ -265,6 +267,7 @@ class Leg:
         # A session cancelled now (a shutdown past its grace) must not commit: it could not
         # read the verdict, and its client would send the message again.
         await trio.lowlevel.checkpoint_if_cancelled()
+        self.committing = True
         try:
             await conn.send(tail + b".\r\n", "end-of-data", t.upstream_data_block)
             self.sent += len(tail)

@@ -15,7 +15,7 @@ from moxy.config import load_config
 from moxy.server import serve
 from peers.client import SmtpClient
 from peers.moxy import MoxyProcess
-from peers.recorder import Recorder
+from peers.recorder import HANG, Recorder
 
 from .helpers import SENDER, open_session
 
@@ -62,27 +62,63 @@ async def test_shutdown_lets_a_message_in_data_finish_and_tells_idle_sessions_42
     assert message.data.endswith(b"Subject: shutdown\r\n\r\nfirst half\r\nsecond half\r\n")
 
 
+def shutdown_events(config_path: Path) -> list[str]:
+    log = (config_path.parent / "moxy.log").read_text().splitlines()
+    return [line for line in log if " reason=shutdown " in line]
+
+
 async def test_a_message_not_finished_within_the_grace_time_is_not_delivered(
     write_config: Callable[..., Path], make_recorder: MakeRecorder
 ) -> None:
     upstream = make_recorder()
-    config = load_config(
-        write_config({"example.org": upstream}, timeouts={"shutdown_grace": 0.5})
-    )
+    path = write_config({"example.org": upstream}, timeouts={"shutdown_grace": 0.5})
     shutdown = trio.Event()
     async with trio.open_nursery() as nursery:
-        [address, *_] = await nursery.start(functools.partial(serve, config, shutdown=shutdown))
+        [address, *_] = await nursery.start(functools.partial(serve, load_config(path),
+                                                              shutdown=shutdown))
         stalled = await start_in_data(address)
         shutdown.set()
         with trio.fail_after(10):
             while nursery.child_tasks:
                 await trio.sleep(0.05)
+        goodbye = await stalled.reply()  # told, then the connection is gone
+        assert (goodbye.code, goodbye.lines[0][:5]) == (421, "4.3.2")
         with pytest.raises(trio.BrokenResourceError):
             for _ in range(100):  # the session is gone: writes fail once the RST is back
                 await stalled.send(TAIL)
                 await trio.sleep(0.01)
     upstream.wait_closed(0)
     assert upstream.messages == []
+    [event] = shutdown_events(path)
+    assert " message " in event and " stage=data " in event and " code=421 " in event
+    size = int(event.split(" size=")[1].split()[0])
+    assert 0 < size <= len(HEAD)  # the body as far as it came (a last CRLF may be held back)
+
+
+async def test_a_verdict_not_heard_within_the_grace_time_is_logged_as_a_possible_duplicate(
+    write_config: Callable[..., Path], make_recorder: MakeRecorder,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    upstream = make_recorder({"end_of_data": HANG})  # has the whole message, never answers
+    path = write_config({"example.org": upstream}, timeouts={"shutdown_grace": 0.5})
+    shutdown = trio.Event()
+    async with trio.open_nursery() as nursery:
+        [address, *_] = await nursery.start(functools.partial(serve, load_config(path),
+                                                              shutdown=shutdown))
+        client = await start_in_data(address)
+        await client.send(TAIL)
+        with trio.fail_after(5):
+            while not upstream.messages:  # the end of data has reached the destination
+                await trio.sleep(0.01)
+        shutdown.set()
+        goodbye = await client.reply()
+        assert (goodbye.code, goodbye.lines[0][:5]) == (421, "4.3.2")
+        with trio.fail_after(10):
+            while nursery.child_tasks:
+                await trio.sleep(0.05)
+    [event] = shutdown_events(path)
+    assert " message " in event and " stage=end-of-data " in event and " code=421 " in event
+    assert "duplicate possible" in caplog.text
 
 
 def test_sigterm_drains_and_the_process_exits_0(

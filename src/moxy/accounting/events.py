@@ -36,6 +36,7 @@ CLIENT_TIMEOUT = "timeout"
 CONNECTIONS_PER_IP = "connections-per-ip"  # the per-client limits ([limits], clientlimits.py)
 CONNECTION_RATE = "connection-rate-per-ip"
 MESSAGE_RATE = "message-rate-per-ip"
+SHUTDOWN = "shutdown"  # a message the server's shutdown stopped (message events)
 
 
 def tls_field(tls: str) -> str:
