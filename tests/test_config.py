@@ -234,6 +234,11 @@ def test_listen_address_keeps_host_without_brackets() -> None:
             "[timeouts]\nupstream_rcpt = false",
             "timeouts.upstream_rcpt: expected a positive number of seconds, got false",
         ),
+        ("[routes]\nmax_groups = 0", "routes.max_groups: expected a positive integer, got 0"),
+        (
+            "[routes]\nmax_alternatives = -2",
+            "routes.max_alternatives: expected a positive integer, got -2",
+        ),
         (
             "[routes]\nreload_interval = -1",
             "routes.reload_interval: expected a non-negative number of seconds, got -1",

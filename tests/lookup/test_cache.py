@@ -317,6 +317,21 @@ async def test_bad_data_names_source_and_key_and_spares_other_recipients(
     ]
 
 
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("a b c", r"3 destination groups, more than \[routes\] max_groups \(2\)"),
+        ("a b|c|d|e", r"a group of 4 alternatives, more than \[routes\] max_alternatives \(3\)"),
+    ],
+)
+async def test_a_route_larger_than_the_limits_is_bad_data(text: str, problem: str) -> None:
+    source = TableSource("t", {"big.example": text, "fits.example": "a|b|c d"})
+    chain = CachedRouter([source], SETTINGS, max_size=(2, 3))
+    with pytest.raises(BadRouteData, match=r"source t for 'big.example': " + problem):
+        await chain.route("user@big.example")
+    assert str(await chain.route("user@fits.example")) == "a:25|b:25|c:25 d:25"
+
+
 # --- every real source in one chain -------------------------------------------------------------
 
 

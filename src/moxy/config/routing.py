@@ -9,6 +9,7 @@ from pathlib import Path
 import attrs
 
 from moxy.config._parsing import (
+    _COUNT,
     _ZERO_OK,
     _backend_table,
     _key,
@@ -35,6 +36,9 @@ class RoutesSettings:
     chain: tuple[str, ...] | None = attrs.field(default=None, metadata=_key(_chain))
     file: Path | None = attrs.field(default=None, metadata=_key(_path))
     reload_interval: float = attrs.field(default=1.0, metadata=_key(_ZERO_OK))
+    # A route naming more is bad route data (451): one RCPT must not open unbounded connections.
+    max_groups: int = attrs.field(default=10, metadata=_COUNT)
+    max_alternatives: int = attrs.field(default=10, metadata=_COUNT)
     gdbm: GdbmSettings | None = attrs.field(
         default=None, metadata=_backend_table(GdbmSettings, reload_interval=_ZERO_OK)
     )

@@ -50,7 +50,9 @@ class Routing:
         for a bad routes file, `ConfigError` naming the key for an unusable GDBM or CA file.
         """
         sources = [_make_source(name, config) for name in config.routes.sources]
-        router = CachedRouter(sources, config.routes.cache)
+        routes = config.routes
+        router = CachedRouter(sources, routes.cache,
+                              max_size=(routes.max_groups, routes.max_alternatives))
         for source in sources:
             if isinstance(source, FileSource | GdbmSource):
                 source.on_change = router.clear  # any key may have changed

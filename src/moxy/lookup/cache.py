@@ -105,12 +105,14 @@ class CachedRouter:
         settings: CacheSettings | None = None,
         *,
         clock: Callable[[], float] = trio.current_time,
+        max_size: tuple[int, int] = (10, 10),
     ) -> None:
         if not sources:
             raise ValueError("CachedRouter needs at least one route source")
         self.sources = tuple(sources)
         self.settings = settings if settings is not None else CacheSettings()
         self._clock = clock
+        self.max_groups, self.max_alternatives = max_size  # [routes]: larger routes are bad
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._flights: dict[str, _Flight] = {}
         self._failing: set[str] = set()  # names of sources in an outage
@@ -220,13 +222,26 @@ class CachedRouter:
                 raise LookupFailed(f"route source {source.name} failed for {key!r}: {exc}") from exc
             except BadRouteData as exc:
                 self._note_success(source.name)
-                bad = BadRouteData(f"bad route data in source {source.name} for {key!r}: {exc}")
-                log.warning("%s", bad)
-                return _Answer(None, source.name, bad=bad)
+                return self._bad(source.name, key, exc)
             self._note_success(source.name)
             if groups is not None:
+                if len(groups) > self.max_groups:
+                    return self._bad(source.name, key, BadRouteData(
+                        f"{len(groups)} destination groups, more than [routes] max_groups "
+                        f"({self.max_groups})"))
+                widest = max(len(group.alternatives) for group in groups)
+                if widest > self.max_alternatives:
+                    return self._bad(source.name, key, BadRouteData(
+                        f"a group of {widest} alternatives, more than [routes] "
+                        f"max_alternatives ({self.max_alternatives})"))
                 return _Answer(groups, source.name)
         return _Answer(None)
+
+    @staticmethod
+    def _bad(source: str, key: str, exc: BadRouteData) -> _Answer:
+        bad = BadRouteData(f"bad route data in source {source} for {key!r}: {exc}")
+        log.warning("%s", bad)
+        return _Answer(None, source, bad=bad)
 
     def _stale(self, key: str) -> _Answer | None:
         entry = self._entries.get(key)
