@@ -38,7 +38,7 @@ from moxy.stream import Stream, StreamBroken, StreamTimeout
 from moxy.tls import describe
 from moxy.trace import new_session_id, received_header, with_protocol
 from moxy.transaction import Transaction, decide_final
-from moxy.upstream import Envelope, Leg, UpstreamSettings
+from moxy.upstream import Envelope, Leg, UpstreamSettings, close_legs
 
 __all__ = ["ClientGone", "Session", "received_header"]
 
@@ -390,7 +390,7 @@ class Session(SessionEvents):
         for leg in self.legs.values():
             if leg.conn is not None and (leg.in_data or not leg.release()):
                 with trio.CancelScope(shield=True):
-                    await self._close_legs()
+                    await close_legs(list(self.legs.values()))
                 break
         self.drain.waiting.discard(self.stream)
         stream = self.stream
@@ -399,21 +399,3 @@ class Session(SessionEvents):
         else:
             with trio.CancelScope(shield=True):
                 await stream.aclose()
-
-    async def _close_legs(self) -> None:
-        """What `close` could not pool: the legs in DATA dropped, the others quit."""
-        # First, before anything that may wait: no leg may stay inside DATA.
-        for leg in self.legs.values():
-            if leg.in_data:
-                await leg.drop()
-        # Clean connections go to the pool; the others get QUIT, within 5 s in all.
-        to_quit = [leg for leg in self.legs.values() if not leg.release() and leg.conn]
-        if len(to_quit) == 1:  # its QUIT's write has a deadline of at most 5 s itself
-            await to_quit[0].quit()
-        elif to_quit:
-            with trio.move_on_after(5):
-                for leg in to_quit:
-                    await leg.quit()
-        for leg in self.legs.values():
-            if leg.conn is not None:  # pooled or quit: nothing left to close
-                await leg.drop()

@@ -308,5 +308,24 @@ class Leg:
         await self.drop()
 
 
+async def close_legs(legs: list[Leg]) -> None:
+    """The end of a session whose legs could not all be pooled: the legs in DATA dropped,
+    the clean ones pooled, the others sent QUIT (within 5 s in all)."""
+    # First, before anything that may wait: no leg may stay inside DATA.
+    for leg in legs:
+        if leg.in_data:
+            await leg.drop()
+    to_quit = [leg for leg in legs if not leg.release() and leg.conn]
+    if len(to_quit) == 1:  # its QUIT's write has a deadline of at most 5 s itself
+        await to_quit[0].quit()
+    elif to_quit:
+        with trio.move_on_after(5):
+            for leg in to_quit:
+                await leg.quit()
+    for leg in legs:
+        if leg.conn is not None:  # pooled or quit: nothing left to close
+            await leg.drop()
+
+
 def _rcpt_line(recipient: str) -> bytes:
     return f"RCPT TO:<{recipient}>\r\n".encode("utf-8", "replace")
