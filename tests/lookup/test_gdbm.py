@@ -8,6 +8,8 @@ from __future__ import annotations
 import dbm.gnu
 import logging
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,7 @@ import trio.testing
 from moxy.lookup.base import BadRouteData, LookupFailed, parse_destinations
 from moxy.lookup.cache import CachedRouter
 from moxy.lookup.file import RoutesFileError
-from moxy.lookup.gdbm import GdbmSource, make_db
+from moxy.lookup.gdbm import COUNT_KEY, DamagedFile, GdbmSource, check_db, make_db
 from peers.example_routes import assert_answers_like_the_routes_file
 
 
@@ -35,6 +37,7 @@ def test_make_db_stores_every_route_in_canonical_form(routes_file: Path, tmp_pat
     assert make_db(routes_file, db_path) == 5
     with dbm.gnu.open(str(db_path), "r") as db:
         stored = {key.decode(): db[key].decode() for key in db.keys()}  # noqa: SIM118 (gdbm has no __iter__)
+    assert stored.pop(COUNT_KEY.decode()) == "5"  # what a reader checks the file against
     assert stored == {
         "example.org": "10.0.0.5:2525 mx2.example.org:25",
         "shop.example": "203.0.113.7:2600|198.51.100.9:25",
@@ -175,3 +178,95 @@ async def test_check_of_a_missing_file_leaves_it_to_the_lookups(tmp_path: Path) 
     await source.check()  # no exception: a task watching the file carries on
     with pytest.raises(LookupFailed):
         await source.lookup("example.org")
+
+
+# --- files changed in place, cut short or damaged ---------------------------------------------
+
+
+def big_db(tmp_path: Path, routes: int = 3000) -> Path:
+    """A database of `routes` domains, d0.example … (several hundred KiB: many buckets)."""
+    text = "".join(f"d{n}.example  mx{n}.example.net:2525\n" for n in range(routes))
+    (tmp_path / "routes").write_text(text)
+    db_path = tmp_path / "routes.db"
+    make_db(tmp_path / "routes", db_path)
+    return db_path
+
+
+LOOKUPS_WHILE_TRUNCATED = """
+import os, sys, trio
+from moxy.lookup.gdbm import GdbmSource
+
+async def main(path):
+    source = GdbmSource(path, reload_interval=3600.0)  # no look for a change meanwhile
+    assert await source.lookup("d1.example") is not None
+    with open(path, "r+b") as f:  # rewritten in place: `cp new.db routes.db`, cut short
+        f.truncate(4096)
+    found = [await source.lookup(f"d{n}.example") for n in range(0, 3000, 7)]
+    print(sum(1 for f in found if f is not None))
+
+trio.run(main, sys.argv[1])
+"""
+
+
+def test_a_file_truncated_in_place_does_not_reach_the_copy_in_use(tmp_path: Path) -> None:
+    """GDBM maps its file: read through a handle on a file cut short in place, the process
+    died of SIGBUS. Moxy reads a private copy (in a child process here: a regression must fail
+    this test, not kill the suite)."""
+    db_path = big_db(tmp_path)
+    run = subprocess.run([sys.executable, "-c", LOOKUPS_WHILE_TRUNCATED, str(db_path)],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, (run.returncode, run.stderr[-2000:])
+    assert run.stdout.split() == [str(len(range(0, 3000, 7)))]  # every route still answered
+
+
+@pytest.mark.parametrize("damage", ["first half", "buckets overwritten"])
+async def test_a_damaged_replacement_is_refused_and_the_open_file_keeps_serving(
+    tmp_path: Path, mock_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture,
+    damage: str,
+) -> None:
+    """A half-copied file (an interrupted copy renamed into place) or one with damaged
+    buckets opened fine, and its unreadable routes read as absent: 550 for routed domains."""
+    db_path = big_db(tmp_path)
+    source = GdbmSource(db_path, reload_interval=1.0)
+    assert await source.lookup("d1.example") == parse_destinations("mx1.example.net:2525")
+    data = bytearray(db_path.read_bytes())
+    if damage == "first half":
+        data = data[: len(data) // 2]
+        expected = r"truncated: \d+ of its \d+ bytes"
+    else:
+        data[len(data) // 3 : len(data) // 3 + 20000] = os.urandom(20000)
+        expected = r"damaged: \d+ of its 3000 routes readable"
+    with pytest.raises(DamagedFile, match=expected):  # what `moxy check-config` says too
+        (tmp_path / "damaged.db").write_bytes(data)
+        check_db(tmp_path / "damaged.db")
+    os.replace(tmp_path / "damaged.db", db_path)
+    for _ in range(3):
+        mock_clock.jump(1)
+        for n in range(0, 3000, 101):
+            assert await source.lookup(f"d{n}.example") == parse_destinations(
+                f"mx{n}.example.net:2525"
+            )
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "still using the previous file" in errors[0], errors
+    await source.aclose()
+
+
+async def test_a_damaged_file_with_nothing_open_fails_lookups(tmp_path: Path) -> None:
+    db_path = big_db(tmp_path, routes=500)
+    db_path.write_bytes(db_path.read_bytes()[:8192])
+    with pytest.raises(LookupFailed, match="truncated"):  # 451, never "no route" (550)
+        await GdbmSource(db_path).lookup("d1.example")
+
+
+def test_make_db_does_not_replace_routes_with_an_empty_routes_file(tmp_path: Path) -> None:
+    """An editor or `>` truncates before writing: makedb at that instant must not turn the
+    database into one that refuses all mail."""
+    db_path = big_db(tmp_path, routes=20)
+    (tmp_path / "routes").write_bytes(b"")
+    with pytest.raises(RoutesFileError, match=r"empty \(0 bytes\), and .*routes\.db holds 20 "):
+        make_db(tmp_path / "routes", db_path)
+    check_db(db_path)
+    with dbm.gnu.open(str(db_path), "r") as db:
+        assert db.get(COUNT_KEY) == b"20"
+    db_path.unlink()  # with nothing to lose, an empty database is what was asked for
+    assert make_db(tmp_path / "routes", db_path) == 0

@@ -20,7 +20,7 @@ from moxy.config import Config, ConfigError
 from moxy.lookup.base import RouteSource
 from moxy.lookup.cache import CachedRouter
 from moxy.lookup.file import FileSource
-from moxy.lookup.gdbm import GdbmSource
+from moxy.lookup.gdbm import DamagedFile, GdbmSource, check_db
 from moxy.lookup.settings import RedisSettings
 
 log = logging.getLogger("moxy.lookup")
@@ -130,9 +130,9 @@ def _configured(value: T | None, name: str) -> T:
 
 def _check_gdbm(path: Path, config: Config) -> None:
     try:
-        dbm.gnu.open(str(path), "ru").close()
-    except dbm.gnu.error as exc:
-        reason = exc.args[-1] if exc.args else exc
+        check_db(path)
+    except (dbm.gnu.error, OSError, DamagedFile) as exc:
+        reason = (exc.strerror if isinstance(exc, OSError) else exc.args[-1]) if exc.args else exc
         raise ConfigError(
             [f"routes.gdbm.path: cannot open {path}: {reason} (build it with `moxy makedb`)"],
             config.path,
