@@ -170,11 +170,10 @@ def _load(path: Path) -> Config | None:
     config = _read_config(path)
     if config is None or _build(config) is None:
         return None
-    from moxy.tls import UpstreamTls, server_context
+    from moxy.tls import TlsContexts
 
     try:  # the certificate, key and CA files are read now, not at the first STARTTLS
-        server_context(config)
-        UpstreamTls.from_config(config)
+        TlsContexts.read(config)
     except ConfigError as exc:
         _report(_config_errors(exc))
         return None

@@ -17,7 +17,7 @@ from moxy.metrics import Metrics
 from moxy.pool import ConnectionPool
 from moxy.relay import RelayPolicy
 from moxy.stream import Stream
-from moxy.tls import UpstreamTls, server_context
+from moxy.tls import TlsContexts
 from moxy.upstream import UpstreamSettings
 
 
@@ -63,12 +63,15 @@ class ServerContext:
         clients: ClientLimiter | None = None,
         metrics: Metrics | None = None,
         destinations: Destinations | None = None,
+        tls: TlsContexts | None = None,
     ) -> ServerContext:
         """Everything that follows from one configuration, for `moxy serve` and each reload.
         `router`, `emit`, `drain`, `clients`, `metrics` and `destinations` are made by the
         server (the router needs its background tasks, the others outlive a reload). Whoever
         runs the context runs `upstream.pool.run` when there is a pool. The certificates are
-        read here, so a reload reads them again."""
+        read here unless `tls` holds them read already (ConfigError when they cannot be)."""
+        if tls is None:
+            tls = TlsContexts.read(config)
         pool = None
         if config.limits.idle_upstreams:
             pool = ConnectionPool(config.limits.idle_upstreams, config.timeouts.upstream_idle)
@@ -83,11 +86,11 @@ class ServerContext:
                 pool=pool,
                 metrics=metrics or Metrics(),
                 destinations=destinations or Destinations(config.destinations),
-                tls=UpstreamTls.from_config(config),
+                tls=tls.upstream,
             ),
             drain=drain,
             relay=RelayPolicy.from_settings(config.relay),
             clients=clients,
             metrics=metrics or Metrics(),
-            tls=server_context(config),
+            tls=tls.server,
         )

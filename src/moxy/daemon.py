@@ -26,12 +26,14 @@ from moxy.gil import set_switch_interval
 from moxy.logsetup import configure_logging
 from moxy.lookup.build import Routing
 from moxy.server import serve
+from moxy.tls import TlsContexts
 
 logger = logging.getLogger("moxy")
 
 
 async def _main(
     config: Config,
+    tls: TlsContexts,
     routing: Routing,
     sockets: Sequence[socket.socket] | None = None,
     control_socket: socket.socket | None = None,
@@ -79,7 +81,7 @@ async def _main(
                         send_reload.send_nowait(None)
 
     async def serving(task_status: trio.TaskStatus[object]) -> None:
-        await serve(config, routing=routing, sockets=sockets, shutdown=shutdown,
+        await serve(config, routing=routing, tls=tls, sockets=sockets, shutdown=shutdown,
                     accounting=accounting, control_socket=control_socket, reloads=reloads,
                     task_status=task_status)
         nursery.cancel_scope.cancel()
@@ -124,6 +126,8 @@ def run(config: Config) -> int:
         print(f"moxy: {exc}", file=sys.stderr)
         return 2
     routing = Routing.build(config)
+    # Read now, as root if started so: a key only root may read (Let's Encrypt's) works.
+    tls = TlsContexts.read(config)
     check_sinks(config)  # a sink that cannot be made, or an unwritable log, stops the start
     if config.server.workers > 1:
         # Checked once here so that a broken routes file stops the start; every worker then
@@ -135,11 +139,11 @@ def run(config: Config) -> int:
         if controls is None:
             return 1
         try:
-            return workers.supervise(config, functools.partial(_worker, controls), switch)
+            return workers.supervise(config, tls, functools.partial(_worker, controls), switch)
         finally:
             _unbind_controls(config, controls)
     if switch is None:
-        return _serve_here(config, routing)
+        return _serve_here(config, tls, routing)
     # Root binds what needs binding (port 25, the control socket), then Moxy gives root up.
     controls = _bind_controls(config)
     if controls is None:
@@ -151,7 +155,7 @@ def run(config: Config) -> int:
         except OSError as exc:
             print(f"moxy: {exc.strerror or exc}", file=sys.stderr)
             return 1
-        return _serve_here(config, routing, sockets, controls[0] if controls else None)
+        return _serve_here(config, tls, routing, sockets, controls[0] if controls else None)
     finally:
         _unbind_controls(config, controls)
 
@@ -179,6 +183,7 @@ def _unbind_controls(config: Config, controls: list[socket.socket]) -> None:
 
 def _serve_here(
     config: Config,
+    tls: TlsContexts,
     routing: Routing,
     sockets: Sequence[socket.socket] | None = None,
     control_socket: socket.socket | None = None,
@@ -188,7 +193,7 @@ def _serve_here(
     # Until the signal task listens, SIGUSR1 and SIGUSR2 stay ignored and blocked as run()
     # left them (setting SIG_IGN again would discard one already pending).
     try:
-        trio.run(_main, config, routing, sockets, control_socket, master)
+        trio.run(_main, config, tls, routing, sockets, control_socket, master)
     except* OSError as group:
         for error in group.exceptions:
             print(f"moxy: {getattr(error, 'strerror', None) or error}", file=sys.stderr)
@@ -197,7 +202,9 @@ def _serve_here(
 
 
 def _worker(
-    controls: list[socket.socket], config: Config, sockets: list[socket.socket], number: int
+    controls: list[socket.socket], config: Config, tls: TlsContexts,
+    sockets: list[socket.socket], number: int,
 ) -> int:
     control_socket = controls[number] if controls else None
-    return _serve_here(config, Routing.build(config), sockets, control_socket, os.getppid())
+    return _serve_here(config, tls, Routing.build(config), sockets, control_socket,
+                       os.getppid())

@@ -9,6 +9,7 @@ configuration that does not load leaves the running one in place.
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from moxy.lookup.base import Router
 from moxy.lookup.build import Routing
 from moxy.lookup.file import RoutesFileError
 from moxy.metrics import Metrics
+from moxy.tls import TlsContexts
 
 logger = logging.getLogger("moxy")
 
@@ -75,9 +77,11 @@ class Generation:
         routing: Routing | None = None,
         router: Router | None = None,
         number: int = 1,
+        tls: TlsContexts | None = None,
     ) -> Generation:
         """A generation for `config`; routed by `router` as it is, or by `routing` (built
-        from the configuration when neither is given, which reads the local route files)."""
+        from the configuration when neither is given, which reads the local route files);
+        with the certificates in `tls`, or read from the configuration's files."""
         if config.relay.accounting_only is not None:
             logger.warning(
                 "accounting-only mode: accepting mail for ANY domain and relaying all of it to "
@@ -90,7 +94,7 @@ class Generation:
         shared.metrics.observe_router(router)
         ctx = ServerContext.build(
             config, router=router, emit=shared.emit, drain=shared.drain, clients=shared.clients,
-            metrics=shared.metrics, destinations=shared.destinations,
+            metrics=shared.metrics, destinations=shared.destinations, tls=tls,
         )
         return cls(ctx, routing, number)
 
@@ -129,11 +133,12 @@ class Generation:
             nursery.cancel_scope.cancel()
 
 
-def check(path: Path) -> tuple[Config, Routing]:
-    """Load a configuration and build its route sources as `moxy check-config` does; raises
-    `ConfigError` or `RoutesFileError`."""
+def check(path: Path) -> tuple[Config, Routing, TlsContexts]:
+    """Load a configuration, build its route sources and read its certificates as `moxy
+    check-config` does; raises `ConfigError` or `RoutesFileError`."""
     config = load_config(path)
-    return config, Routing.build(config)
+    tls = TlsContexts.read(config)
+    return config, Routing.build(config), tls
 
 
 def describe(exc: ConfigError | RoutesFileError) -> str:
@@ -179,7 +184,7 @@ async def next_generation(current: Generation, shared: Shared) -> Generation | N
         return None
     try:
         # Off the event loop: a large routes file takes a while to parse.
-        config, routing = await trio.to_thread.run_sync(check, path)
+        config, routing, tls = await trio.to_thread.run_sync(check, path)
     except (ConfigError, RoutesFileError) as exc:
         logger.error("reload failed, still serving the previous configuration: %s",
                      describe(exc))
@@ -191,10 +196,17 @@ async def next_generation(current: Generation, shared: Shared) -> Generation | N
     config = keep_restart_only(current.config, config)
     if current.routing is None:  # a router given by the caller (tests) stays
         await routing.aclose()
-        generation = Generation.build(config, shared, router=current.ctx.router,
-                                      number=current.number + 1)
+        build = functools.partial(Generation.build, config, shared, router=current.ctx.router,
+                                  number=current.number + 1, tls=tls)
     else:
-        generation = Generation.build(config, shared, routing=routing, number=current.number + 1)
+        build = functools.partial(Generation.build, config, shared, routing=routing,
+                                  number=current.number + 1, tls=tls)
+    try:
+        generation = build()
+    except Exception as exc:  # the files are read already (check): a bug, never a crash
+        logger.error("reload failed, still serving the previous configuration: %r", exc)
+        await routing.aclose()
+        return None
     for key in changed:
         logger.warning("reload: %s changed; it takes effect at the next restart", key)
     return generation

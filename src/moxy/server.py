@@ -36,6 +36,7 @@ from moxy.reload import Generation, Shared, next_generation
 from moxy.session import Session
 from moxy.smtp.replies import Reply
 from moxy.stream import Stream, StreamBroken, StreamTimeout
+from moxy.tls import TlsContexts
 
 logger = logging.getLogger("moxy")
 
@@ -45,6 +46,7 @@ async def serve(
     *,
     routing: Routing | None = None,
     router: Router | None = None,
+    tls: TlsContexts | None = None,
     sockets: Sequence[socket.socket] | None = None,
     shutdown: trio.Event | None = None,
     accounting: Accounting | RemoteAccounting | None = None,
@@ -57,6 +59,7 @@ async def serve(
 
     Recipients are routed by `routing` (built from `config.routes` when neither it nor `router`
     is given), which is kept current while serving and whose backends are closed at the end.
+    `tls` holds the certificates read already (by default they are read from their files).
     A `router` is used as it is. With `sockets` (listening sockets made by the master of
     several workers) Moxy accepts on those instead of binding `config.server.listen`, and
     answers on `control_socket` (bound by the master too) instead of binding
@@ -71,7 +74,7 @@ async def serve(
         accounting.emit, Drain(), ClientLimiter(config.limits), metrics,
         Destinations(config.destinations, metrics),
     )
-    current = Generation.build(config, shared, routing=routing, router=router)
+    current = Generation.build(config, shared, routing=routing, router=router, tls=tls)
     control_path = config.destinations.control_socket
     own_control = control_socket is None and control_path is not None and sockets is None
     if own_control:

@@ -100,3 +100,19 @@ def describe(stream: object) -> str:
         return ""
     name, _, bits = info
     return f"{version()} with cipher {name} ({bits}/{bits} bits)"
+
+
+@attrs.frozen
+class TlsContexts:
+    """The TLS of one configuration, its files read: STARTTLS for clients (None without a
+    certificate) and towards destinations. Made where the files can be read: before Moxy gives
+    root up at the start (a key only root may read, as Let's Encrypt's), as Moxy's user at a
+    reload."""
+
+    server: ssl.SSLContext | None = attrs.field(eq=False)
+    upstream: UpstreamTls
+
+    @classmethod
+    def read(cls, config: Config) -> TlsContexts:
+        """Raises ConfigError naming the key of a file that cannot be used."""
+        return cls(server_context(config), UpstreamTls.from_config(config))

@@ -25,6 +25,7 @@ from moxy import privileges, reload
 from moxy.config import Config, ConfigError
 from moxy.lookup.file import RoutesFileError
 from moxy.metrics_http import MasterEndpoint
+from moxy.tls import TlsContexts
 
 logger = logging.getLogger("moxy.master")
 
@@ -62,12 +63,14 @@ def bind(config: Config) -> list[socket.socket]:
 
 def supervise(
     config: Config,
-    worker: Callable[[Config, list[socket.socket], int], int],
+    tls: TlsContexts,
+    worker: Callable[[Config, TlsContexts, list[socket.socket], int], int],
     switch: privileges.Switch | None = None,
 ) -> int:
-    """Run `worker(config, sockets, number)` in `config.server.workers` child processes
+    """Run `worker(config, tls, sockets, number)` in `config.server.workers` child processes
     (numbered from 0; a restarted worker keeps its number) until told to stop; with `switch`,
-    as that user once the sockets are bound."""
+    as that user once the sockets are bound. `tls` holds the certificates read at the start
+    (as root: a worker may not be able to read them); after a reload, those it read."""
     try:
         sockets = bind(config)
         if switch is not None:
@@ -100,7 +103,7 @@ def supervise(
                 signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
                 if metrics is not None:
                     metrics.in_worker()
-                status = worker(config, sockets, number)
+                status = worker(config, tls, sockets, number)
             except BaseException:
                 logger.exception("worker %d failed", number)
             finally:
@@ -121,7 +124,7 @@ def supervise(
                     _kill(pid, signal.SIGUSR1)
             elif info is not None and info.si_signo == signal.SIGHUP:
                 if not stopping:
-                    config = _reload(config, children)
+                    config, tls = _reload(config, tls, children)
             elif info is not None and info.si_signo != signal.SIGCHLD:
                 # The first signal makes the workers drain, a second one stops them at once:
                 # passed on as SIGUSR2, which only the master sends (a worker ignores the
@@ -151,27 +154,30 @@ def supervise(
     return 0
 
 
-def _reload(config: Config, children: dict[int, int]) -> Config:
-    """SIGHUP: check the configuration file; if it loads, pass SIGHUP on to every worker (each
-    reloads itself) and return it for the workers started from now on."""
+def _reload(
+    config: Config, tls: TlsContexts, children: dict[int, int]
+) -> tuple[Config, TlsContexts]:
+    """SIGHUP: check the configuration file (and read its certificates); if it loads, pass
+    SIGHUP on to every worker (each reloads itself) and return it for the workers started from
+    now on."""
     if config.path is None:
-        return config
+        return config, tls
     logger.info("received SIGHUP, checking %s", config.path)
     try:
-        new, routing = reload.check(config.path)
+        new, routing, new_tls = reload.check(config.path)
     except (ConfigError, RoutesFileError) as exc:
         logger.error("reload failed, still serving the previous configuration: %s",
                      reload.describe(exc))
-        return config
+        return config, tls
     except Exception as exc:  # a bug must not take the master down with the workers
         logger.error("reload failed, still serving the previous configuration: %r", exc)
-        return config
+        return config, tls
     del routing  # each worker builds its own
     for pid in children:
         _kill(pid, signal.SIGHUP)
     # Each worker logs what waits for the next restart; one started again from now on gets
     # the new configuration but keeps those settings as they were (reload.RESTART_ONLY).
-    return reload.keep_restart_only(config, new)
+    return reload.keep_restart_only(config, new), new_tls
 
 
 def _reap() -> list[tuple[int, int]]:

@@ -10,7 +10,10 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
+import signal
+import smtplib
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -22,6 +25,7 @@ import trio
 
 from peers.recorder import Recorder
 from peers.sink import wait_for_greeting
+from peers.tls import make_tls_files
 
 from .helpers import send_one
 
@@ -156,3 +160,57 @@ def test_a_user_other_than_the_current_one_needs_root(shared_dir: Path) -> None:
     assert result.stderr.splitlines() == [
         "moxy: server.user: cannot become 'root': Moxy was not started as root"
     ]
+
+
+def _starttls_verifies(port: int, ca: Path) -> bool:
+    with smtplib.SMTP("127.0.0.1", port, "privileges.test", timeout=10) as smtp:
+        smtp.starttls(context=ssl.create_default_context(cafile=str(ca)))
+        return smtp.ehlo()[0] == 250
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_a_key_only_root_may_read_is_read_before_root_is_given_up(
+    shared_dir: Path, tmp_path: Path, workers: int
+) -> None:
+    """Let's Encrypt's privkey.pem is mode 0600, root's: Moxy reads it at the start, as root,
+    and a worker started again later has it too. (It was read after the switch: Moxy could
+    not start, with a traceback.)"""
+    tls = make_tls_files(tmp_path)  # root's directory: nobody cannot even reach it
+    tls.key.chmod(0o600)
+    port = free_privileged_port()
+    config = write(
+        shared_dir,
+        f'listen = ["127.0.0.1:{port}"]\nuser = "nobody"\ngroup = "nogroup"\nworkers = {workers}'
+        f'\n[tls]\ncert = "{tls.cert}"\nkey = "{tls.key}"',
+        "example.org 127.0.0.1:9\n",
+    )
+    output = shared_dir / "stderr"
+    with open(output, "wb") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "moxy", "serve", "-c", str(config)],
+            stdin=subprocess.DEVNULL, stdout=stderr, stderr=subprocess.STDOUT,
+        )
+    try:
+        await trio.to_thread.run_sync(wait_for_greeting, "127.0.0.1", port, 15, process)
+        assert await trio.to_thread.run_sync(_starttls_verifies, port, tls.ca)
+        if workers > 1:
+            children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text()
+            for pid in children.split():
+                os.kill(int(pid), signal.SIGKILL)
+            with trio.fail_after(15):
+                while output.read_text().count("starting it again") < workers:
+                    await trio.sleep(0.05)
+            await trio.to_thread.run_sync(wait_for_greeting, "127.0.0.1", port, 15, process)
+            for _ in range(4):  # whichever worker takes it
+                assert await trio.to_thread.run_sync(_starttls_verifies, port, tls.ca)
+        # A reload reads the files as nobody: that one cannot, so it fails in one line and
+        # the certificate read at the start keeps serving.
+        process.send_signal(signal.SIGHUP)
+        with trio.fail_after(15):
+            while "reload failed" not in output.read_text():
+                await trio.sleep(0.05)
+        assert await trio.to_thread.run_sync(_starttls_verifies, port, tls.ca)
+    finally:
+        process.terminate()
+        assert process.wait(15) == 0, output.read_text()
+    assert "Traceback" not in output.read_text()

@@ -290,3 +290,69 @@ async def test_reload_reads_the_certificates_again(
         assert await trio.to_thread.run_sync(_starttls_verifies, address, second.ca)
         assert not await trio.to_thread.run_sync(_starttls_verifies, address, first.ca)
         nursery.cancel_scope.cancel()
+
+
+def _break_tls(live: Path, other: Path, how: str) -> None:
+    """The certificate files in `live` made unusable, as a renewal gone wrong leaves them."""
+    if how == "missing":
+        (live / "server.key").unlink()
+    elif how == "garbage":
+        (live / "server.crt").write_text("not a certificate\n")
+    else:  # "mismatch": another certificate's key
+        shutil.copy(other / "server.key", live / "server.key")
+
+
+@pytest.mark.parametrize("how", ["missing", "garbage", "mismatch"])
+async def test_a_reload_whose_certificate_cannot_be_used_keeps_the_old_one_serving(
+    write_config: Callable[..., Path], make_recorder: MakeRecorder, tmp_path: Path,
+    caplog: pytest.LogCaptureFixture, how: str,
+) -> None:
+    """The certificate was read only once the new generation was built, after the checks: a
+    bad one ended the server with a traceback (and every worker, again at each restart)."""
+    first, _ = make_tls_files(tmp_path / "first"), make_tls_files(tmp_path / "other")
+    live = tmp_path / "live"
+    shutil.copytree(tmp_path / "first", live)
+    path = write_config(
+        {"example.org": make_recorder()}, server={"banner": "ESMTP before"},
+        tls={"cert": str(live / "server.crt"), "key": str(live / "server.key")},
+    )
+    send_reload, reloads = trio.open_memory_channel[None](1)
+    async with trio.open_nursery() as nursery:
+        [address, *_] = await nursery.start(
+            functools.partial(serve, load_config(path), reloads=reloads)
+        )
+        _break_tls(live, tmp_path / "other", how)
+        path.write_text(path.read_text().replace("ESMTP before", "ESMTP after"))
+        await send_reload.send(None)
+        await eventually(lambda: "reload failed" in caplog.text, what="the log line")
+        [record] = [r for r in caplog.records if r.levelno >= logging.WARNING]
+        assert record.getMessage().startswith(
+            f"reload failed, still serving the previous configuration: {path}: tls."
+        ), record.getMessage()
+        assert await banner(address) == "mx.moxy.test ESMTP before"
+        assert await trio.to_thread.run_sync(_starttls_verifies, address, first.ca)
+        assert await send(address) == 250
+        nursery.cancel_scope.cancel()
+
+
+async def test_with_workers_the_master_reads_the_certificate_before_passing_a_reload_on(
+    moxy_process: Callable[..., MoxyProcess], make_recorder: MakeRecorder, tmp_path: Path
+) -> None:
+    first = make_tls_files(tmp_path / "first")
+    live = tmp_path / "live"
+    shutil.copytree(tmp_path / "first", live)
+    moxy = moxy_process(
+        {"example.org": make_recorder()}, server={"workers": 2},
+        tls={"cert": str(live / "server.crt"), "key": str(live / "server.key")},
+    )
+    address = (moxy.host, moxy.port)
+    (live / "server.crt").write_text("not a certificate\n")
+    moxy.process.send_signal(signal.SIGHUP)
+    await eventually(lambda: stderr_lines(moxy, "reload failed"), timeout=10, what="the line")
+    await trio.sleep(0.5)  # workers would log theirs by now if the master had passed it on
+    assert len(stderr_lines(moxy, "reload failed")) == 1
+    assert "tls.cert" in stderr_lines(moxy, "reload failed")[0]
+    assert not stderr_lines(moxy, "Traceback") and not stderr_lines(moxy, "ended (")
+    for _ in range(4):  # whichever worker takes it
+        assert await trio.to_thread.run_sync(_starttls_verifies, address, first.ca)
+        assert await send(address) == 250
