@@ -62,6 +62,9 @@ except ImportError:  # pure Python
     _recv, _send = recv_fallback, send_fallback
 
 
+TLS_UNREAD: Final = b"(TLS records not yet read)"  # what Stream.unasked says of them
+
+
 class StreamTimeout(Exception):
     """The deadline passed (or the wait was interrupted, see `Stream.interrupt`)."""
 
@@ -281,10 +284,25 @@ class Stream:
 
     def unasked(self, size: int) -> bytes | None:
         """Whatever the peer sent that was not read yet, without waiting: None when nothing
-        has come, b"" when it closed; StreamBroken when it reset. Over TLS always None: a
-        record there may be a session ticket rather than data, and is left alone."""
-        if self.ssl is not None:
-            return None
+        has come, b"" when it closed; StreamBroken when it reset.
+
+        Over TLS, what the peer sent cannot be decrypted without a read that might wait, so
+        it is judged unread: records held by the TLS object, or bytes in the socket, give a
+        placeholder (`TLS_UNREAD`). Asked between a reply and the next command (after a 354,
+        of an idle connection), that is a peer out of step; its session tickets came long
+        before, with the reply to the EHLO after STARTTLS."""
+        tls = self.ssl
+        if tls is not None:
+            # trio's SSLStream keeps its TLS object and incoming buffer private (trio 0.35).
+            if tls._ssl_object.pending() or tls._incoming.pending:
+                return TLS_UNREAD
+            try:
+                peeked = self.socket.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return None
+            except OSError as exc:
+                raise StreamBroken(_detail(exc)) from None
+            return TLS_UNREAD if peeked else b""
         try:
             return _recv(self.fd, size)
         except OSError as exc:

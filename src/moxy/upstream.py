@@ -245,7 +245,7 @@ class Leg:
         """Before the commit: the destination must have said nothing since its 354. A reply
         now (an early "250", then perhaps a "550" for the message itself), a close or a reset
         fails the leg before any leg gets the end-of-data sequence. One read that finds
-        nothing, on a plain connection (not over TLS: Stream.unasked)."""
+        nothing (over TLS, a look at what is buffered and a peek: Stream.unasked)."""
         conn = self.conn
         assert conn is not None and self.in_data
         try:

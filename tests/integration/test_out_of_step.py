@@ -10,6 +10,7 @@ leg: 451 for the message, and no end-of-data sequence to any destination.
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Callable
 
 import pytest
@@ -17,7 +18,8 @@ import trio
 
 from peers.client import SmtpClient
 from peers.moxy import RunningMoxy, StartMoxy
-from peers.recorder import DISCONNECT, Recorder, Step
+from peers.recorder import DISCONNECT, Late, Recorder, Step
+from peers.tls import TlsFiles
 from peers.waiting import eventually
 
 from .helpers import BODY, FAST_TIMEOUTS, SENDER, body_of, open_session, send_one
@@ -56,6 +58,18 @@ async def test_an_early_250_after_the_354_in_the_same_segment_is_not_the_verdict
     assert not liar.messages  # no end-of-data sequence went out
 
 
+@pytest.fixture(params=[False, True], ids=["plain", "tls"])
+def starttls(request: pytest.FixtureRequest, tls_files: TlsFiles) -> ssl.SSLContext | None:
+    """Destinations in clear text, or offering STARTTLS (which Moxy then uses: the default
+    `[tls] upstream` is opportunistic), where what a peer sent cannot be read without a read
+    that may wait."""
+    if not request.param:
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(tls_files.cert, tls_files.key)
+    return context
+
+
 @pytest.mark.parametrize(
     "misbehaviour",
     [
@@ -67,15 +81,48 @@ async def test_an_early_250_after_the_354_in_the_same_segment_is_not_the_verdict
     ids=["speaks", "closes"],
 )
 async def test_a_leg_that_speaks_or_closes_during_the_body_fails_every_leg_before_any_commits(
-    moxy: StartMoxy, make_recorder: MakeRecorder, misbehaviour: dict[str, Step]
+    moxy: StartMoxy, make_recorder: MakeRecorder, misbehaviour: dict[str, Step],
+    starttls: ssl.SSLContext | None,
 ) -> None:
     """A mirror route whose second destination misbehaves during the body while the other is
-    fine: known before the end of data, so neither gets it, and the client hears 451 4.4.2."""
-    odd = make_recorder(misbehaviour, name="odd")
-    honest = make_recorder(name="honest")
+    fine: known before the end of data, so neither gets it, and the client hears 451 4.4.2.
+    (Over TLS the early "250" was the verdict, the "550" unread: a lost message.)"""
+    odd = make_recorder(misbehaviour, name="odd", starttls=starttls)
+    honest = make_recorder(name="honest", starttls=starttls)
     server = await moxy({"example.org": [honest, odd]}, timeouts=FAST_TIMEOUTS)
     assert await big_message_with_a_pause(server, "user@example.org") == (451, "4.4.2")
     assert not odd.messages and not honest.messages
+    assert [bool(c.tls) for c in odd.connections] == [starttls is not None]
+
+
+async def test_a_lone_leg_that_speaks_during_the_body_is_not_believed(
+    moxy: StartMoxy, make_recorder: MakeRecorder, starttls: ssl.SSLContext | None
+) -> None:
+    liar = make_recorder({"body": "250 2.0.0 early accept",
+                          "end_of_data": "550 5.7.1 refused after all"},
+                         name="liar", starttls=starttls)
+    server = await moxy({"example.org": liar}, timeouts=FAST_TIMEOUTS)
+    assert await big_message_with_a_pause(server, "user@example.org") == (451, "4.4.2")
+    assert not liar.messages
+
+
+async def test_a_pooled_connection_the_destination_spoke_on_while_idle_is_not_reused(
+    moxy: StartMoxy, make_recorder: MakeRecorder, starttls: ssl.SSLContext | None
+) -> None:
+    """A second verdict, late, after the connection went back to the pool: it answered the
+    next session's MAIL (a sender refused for good by a reply meant for another message)."""
+    late = make_recorder({"end_of_data": [Late("250 2.0.0 Ok", "550 5.7.1 late"),
+                                          "250 2.0.0 Ok"]},
+                         name="late", starttls=starttls)
+    server = await moxy({"example.org": late}, timeouts=FAST_TIMEOUTS,
+                        limits={"idle_upstreams": 4})
+    first = await send_one(server, ["user@example.org"])
+    assert first.final is not None and first.final.code == 250, first.transcript
+    await trio.sleep(0.5)  # the late "550" (0.2 s after the verdict) is at Moxy's idle end
+    second = await send_one(server, ["user@example.org"])
+    assert second.final is not None and second.final.code == 250, second.transcript
+    assert len(late.messages) == 2
+    assert len(late.connections) == 2  # the one that spoke was not taken again
 
 
 async def test_a_quiet_destination_still_gets_a_large_message(

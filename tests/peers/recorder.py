@@ -44,7 +44,17 @@ class Delay:
     then: Step | None = None
 
 
-Step = str | Disconnect | Hang | Delay
+@attrs.frozen
+class Late:
+    """Reply `now`; `seconds` later, in a write of its own, say `later` unasked (a destination
+    out of step, seen by the next command on that connection)."""
+
+    now: str
+    later: str
+    seconds: float = 0.2
+
+
+Step = str | Disconnect | Hang | Delay | Late
 """A reply (`"550 5.1.1 No such user"`, multi-line as `"250-a\\r\\n250 b"`) or an action.
 
 A reply whose code is 421 also closes the connection, as a real server shutting down would.
@@ -419,6 +429,12 @@ class _Session:
             raise _Closed
         if isinstance(step, Hang):
             self.hang()
+        if isinstance(step, Late):  # in this thread: a TLS socket is not shared with another
+            self.sock.sendall(step.now.encode("utf-8") + b"\r\n")
+            if self.r._stopping.wait(step.seconds):
+                raise _Closed
+            self.sock.sendall(step.later.encode("utf-8") + b"\r\n")
+            return step.now
         assert isinstance(step, str)
         closing = step.startswith("421")
         self.conn.disconnected_by_script = self.conn.disconnected_by_script or closing
