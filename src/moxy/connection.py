@@ -40,12 +40,16 @@ class LegError(Exception):
     Distinct from an upstream *answer* (a 4xx/5xx reply), which is passed to the client as is.
     """
 
-    def __init__(self, stage: str, where: str, detail: str, reply: Reply | None = None) -> None:
+    def __init__(
+        self, stage: str, where: str, detail: str, reply: Reply | None = None,
+        timed_out: bool = False,
+    ) -> None:
         super().__init__(f"{where}: {stage}: {detail}")
         self.stage = stage
         self.where = where
         self.detail = detail
         self.reply = reply
+        self.timed_out = timed_out  # the destination said nothing in time (it did not go away)
 
 
 class Envelope(Value):  # one per message: a Value, see moxy.smtp.value
@@ -133,6 +137,9 @@ class Connection:
     def error(self, stage: str, detail: str, reply: Reply | None = None) -> LegError:
         return LegError(stage, self.name, detail, reply)
 
+    def timeout(self, stage: str, detail: str) -> LegError:
+        return LegError(stage, self.name, detail, None, True)
+
     async def read_reply(self, stage: str, timeout: float, more: bool = False) -> Reply:
         """The next reply, all of it within `timeout`. `more`: further replies to pipelined
         commands are still due."""
@@ -164,7 +171,7 @@ class Connection:
         except StreamBroken as exc:
             raise self.error(stage, f"connection lost: {exc}") from None
         except StreamTimeout:
-            raise self.error(stage, f"no reply within {timeout:g}s") from None
+            raise self.timeout(stage, f"no reply within {timeout:g}s") from None
         if self.timed:  # metrics on: the hook is not even called otherwise
             self.stats.replied(stage, time.monotonic() - self.sent_at)
         if reply.code == 421:
@@ -191,7 +198,7 @@ class Connection:
         except StreamBroken as exc:
             raise self.error(stage, f"connection lost: {exc}") from None
         except StreamTimeout:
-            raise self.error(stage, f"could not send within {timeout:g}s") from None
+            raise self.timeout(stage, f"could not send within {timeout:g}s") from None
 
     async def command(self, line: bytes, stage: str, timeout: float) -> Reply:
         await self.send(line, stage, timeout)

@@ -179,17 +179,24 @@ class Leg:
         return replies[0] if recipient is not None and replies else None
 
     async def _failover(self, exc: LegError, recipient: str | None) -> Reply | None:
-        """`_sync` failed with `exc`: once more on a fresh connection (next alternative) if the
-        upstream went away; the transaction is replayed there. A failure here is the leg's
-        `failure` for this transaction."""
+        """`_sync` failed with `exc`: once more on a fresh connection, and the transaction
+        replayed there: to the next alternative of the group, or to the same destination when
+        the connection that failed was an old one (pooled, or kept from an earlier message)
+        that went away. Never to the same destination after it took a whole timeout, or said
+        421, on a connection of its own: the sender would wait twice (past RFC 5321's 5
+        minutes for RCPT with the defaults). A failure here is the leg's `failure` for this
+        transaction."""
         try:
             failed = self.conn.destination if self.conn else None
             was_reused = self.reused
             await self.drop()
             if failed is None and not was_reused:
                 raise exc  # could not open at all: _open already tried every alternative
+            same_again = was_reused and not exc.timed_out
+            if not same_again and len(self.group.alternatives) < 2:
+                raise exc
             logger.info("leg %s lost at %s (%s); retrying", self.group, exc.stage, exc.detail)
-            await self._open(skip=None if was_reused else failed, fresh=True)
+            await self._open(skip=None if same_again else failed, fresh=True)
             return await self._sync(recipient)
         except LegError as error:
             self.failure = error

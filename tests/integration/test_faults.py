@@ -84,6 +84,22 @@ async def test_upstream_failing_at_mail_or_rcpt_is_a_4xx_at_rcpt(
     if action == "421":
         assert rcpt.code == 451, outcome.transcript  # a closing upstream is not the client's 421
     assert upstream.messages == []
+    # Its only destination, on a connection of its own: not asked again (after a hang the
+    # sender waited two timeouts, 600 s for a RCPT with the defaults).
+    assert len(upstream.connections) == 1, upstream.connections
+
+
+@pytest.mark.parametrize("action", list(ACTIONS))
+async def test_a_fresh_connection_failing_at_mail_fails_over_to_the_next_alternative(
+    moxy: StartMoxy, make_recorder: MakeRecorder, action: str
+) -> None:
+    broken = make_recorder({"mail": ACTIONS[action]}, name="broken")
+    backup = make_recorder(name="backup")
+    server = await moxy({"example.org": f"{broken.address}|{backup.address}"},
+                        timeouts=FAST_TIMEOUTS)
+    outcome = await send_one(server, ["user@example.org"])
+    assert outcome.final is not None and outcome.final.code == 250, outcome.transcript
+    assert len(broken.connections) == 1 and len(backup.messages) == 1
 
 
 @pytest.mark.parametrize("action", list(ACTIONS))
