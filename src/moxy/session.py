@@ -266,6 +266,9 @@ class Session(SessionEvents):
             raise ClientGone
         self.tls = describe(self.stream.ssl)
         self.helo, self.protocol = "", "SMTP"
+        if self.legs:  # opened before TLS: an XCLIENT on them told the clear-text HELO
+            await close_legs(list(self.legs.values()))
+            self.legs.clear()
         logger.info("session %s from %s: TLS established: %s", self.id, self.client_ip, self.tls)
 
     async def mail(self, event: ev.MailFrom) -> None:

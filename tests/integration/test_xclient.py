@@ -3,13 +3,15 @@ the original client's address (from a PROXY header here), HELO and protocol."""
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Callable
 
 from peers.client import SmtpClient
 from peers.moxy import StartMoxy
 from peers.recorder import Recorder
+from peers.tls import TlsFiles
 
-from .helpers import BODY, SENDER, send_one
+from .helpers import BODY, SENDER, open_session, send_one
 
 MakeRecorder = Callable[..., Recorder]
 
@@ -78,3 +80,28 @@ def test_xclient_line_takes_the_offered_attributes_in_xtext() -> None:
     assert client.xclient_line("LOGIN DESTADDR") == b""
     assert ClientIdentity("::1").xclient_line("ADDR NAME") == \
         b"XCLIENT ADDR=IPV6:::1 NAME=[UNAVAILABLE]\r\n"
+
+
+async def test_after_starttls_no_leg_opened_before_it_carries_the_clear_text_helo(
+    moxy: StartMoxy, make_recorder: MakeRecorder, tls_files: TlsFiles
+) -> None:
+    """RFC 3207 §4.2: nothing learnt before TLS is kept. A leg opened in clear text had told
+    its destination the HELO a man in the middle may have written; reused after STARTTLS, it
+    vouched for that name for mail sent over TLS."""
+    upstream = make_recorder(xclient="ADDR HELO")
+    server = await moxy({"example.org": f"{upstream.address};xclient"},
+                        tls={"cert": str(tls_files.cert), "key": str(tls_files.key)})
+    async with await open_session(server, helo="clear-text.test") as client:
+        assert (await client.command(f"MAIL FROM:<{SENDER}>")).code == 250
+        assert (await client.command("RCPT TO:<u@example.org>")).code == 250
+        assert (await client.command("RSET")).code == 250
+        assert (await client.command("STARTTLS")).code == 220
+        await client.start_tls(ssl.create_default_context(cafile=str(tls_files.ca)))
+        assert (await client.command("EHLO over-tls.test")).code == 250
+        _, final = await client.send_message(SENDER, ["u@example.org"], BODY)
+        assert final is not None and final.code == 250, client.dump()
+    assert [c.xclient.get("HELO") for c in upstream.connections] == [
+        "clear-text.test", "over-tls.test"
+    ]
+    assert len(upstream.delivered) == 1
+    assert "DATA" not in upstream.verbs(0)  # the message went over the new leg only
