@@ -5,15 +5,27 @@ from __future__ import annotations
 import re
 import socket
 import subprocess
+import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trio
 
-from moxy.lookup.base import BadRouteData, LookupFailed, SourceRouter, parse_destinations
+import moxy.lookup.ldap
+from moxy.lookup.base import (
+    MAX_VALUE,
+    BadRouteData,
+    DestinationGroup,
+    LookupFailed,
+    SourceRouter,
+    parse_destinations,
+)
 from moxy.lookup.cache import CachedRouter
 from moxy.lookup.ldap import LdapSettings, LdapSource, _render_filter
+from peers.dark import black_hole
 from peers.example_routes import assert_answers_like_the_routes_file
 from peers.sink import free_port, require_binary
 from peers.slapd import DEPLOY, ROOT_DN, ROOT_PASSWORD, ROUTES_BASE, Slapd
@@ -35,6 +47,54 @@ async def test_each_attribute_value_is_one_destination_group(slapd: Slapd) -> No
     assert await source(slapd).lookup("shop.example") == parse_destinations(
         "203.0.113.7:2600|198.51.100.9"
     )
+
+
+async def test_a_value_is_read_like_a_routes_file_value(slapd: Slapd) -> None:
+    # docs/ldap.md: white space inside one value separates groups, as in the routes file.
+    slapd.add_route("spaced.example", " a.example:2525|b.example  c.example ", "d.example")
+    assert await source(slapd).lookup("spaced.example") == parse_destinations(
+        "a.example:2525|b.example c.example d.example"
+    )
+
+
+# --- the size of an answer ---------------------------------------------------------------------
+
+
+def _alternatives(count: int, first: int = 0) -> str:
+    """`count` distinct failover alternatives in one value (about 14 octets each)."""
+    addresses = (f"10.0.{i // 256 % 256}.{i % 256}:25" for i in range(first, first + count))
+    return "|".join(addresses)
+
+
+async def test_values_larger_than_a_redis_value_may_be_are_bad_data(slapd: Slapd) -> None:
+    # Each value alone is under the cap, together they are over it: 64 KiB in all, as in Redis.
+    halves = _alternatives(2400), _alternatives(2400, first=2400)
+    assert all(len(v) < MAX_VALUE < len(halves[0]) + len(halves[1]) for v in halves)
+    slapd.add_route("huge.example", *halves)
+    with pytest.raises(BadRouteData, match=rf"moxyDestination holds \d+ octets in 2 values, more "
+                       rf"than a route may \({MAX_VALUE}\)"):
+        await source(slapd).lookup("huge.example")
+    slapd.add_route("large.example", halves[0])  # under the cap: parsed
+    groups = await source(slapd).lookup("large.example")
+    assert groups is not None and len(groups[0].alternatives) == 2400
+
+
+async def test_values_are_parsed_in_the_worker_thread(
+    slapd: Slapd, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A large value takes a while to parse; not on the event loop, which every session shares.
+    loop_thread = threading.get_ident()
+    parsed_in: list[int] = []
+
+    def parse(text: str) -> tuple[DestinationGroup, ...]:
+        parsed_in.append(threading.get_ident())
+        return parse_destinations(text)
+
+    monkeypatch.setattr(moxy.lookup.ldap, "parse_destinations", parse)
+    assert await source(slapd).lookup("example.org") == parse_destinations(
+        "10.0.0.5:2525 mx2.example.org"
+    )
+    assert parsed_in and loop_thread not in parsed_in
 
 
 # --- filter escaping ---------------------------------------------------------------------------
@@ -168,6 +228,30 @@ def test_a_missing_ca_file_is_refused() -> None:
         LdapSource(settings)
 
 
+@pytest.mark.parametrize("content", ["", "not a certificate\n", "-----BEGIN CERTIFICATE-----\n"])
+def test_a_ca_file_without_a_certificate_is_refused_by_check_config(
+    tmp_path: Path, content: str
+) -> None:
+    # ldap3 only checks that the file exists; then every lookup would fail, and check-config
+    # would have said OK.
+    ca = tmp_path / "ca.pem"
+    ca.write_text(content)
+    settings = LdapSettings(uri=("ldap://ldap.example",), base=ROUTES_BASE, starttls=True,
+                            ca_file=ca)
+    with pytest.raises(ValueError, match=rf"^ca_file: {re.escape(str(ca))} holds no usable CA "
+                       "certificate: \\[X509"):
+        LdapSource(settings)
+    config = tmp_path / "moxy.toml"
+    config.write_text('[routes]\nchain = ["ldap"]\n[routes.ldap]\nuri = "ldaps://127.0.0.1"\n'
+                      'base = "o=x"\nca_file = "ca.pem"\n')
+    done = subprocess.run([sys.executable, "-m", "moxy", "check-config", "-c", str(config)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert re.fullmatch(rf"moxy: {re.escape(str(config))}: routes\.ldap\.ca_file: "
+                        rf"{re.escape(str(ca))} holds no usable CA certificate: [^\n]*\n",
+                        done.stderr)
+
+
 async def test_ldaps_with_a_ca_file(slapd_tls: Slapd) -> None:
     assert slapd_tls.tls is not None
     ldaps = source(
@@ -202,6 +286,56 @@ async def test_a_restarted_server_is_reconnected_transparently(slapd: Slapd) -> 
     assert await ldap.lookup("example.com") is not None  # an idle connection is kept open
     slapd.restart()
     assert await ldap.lookup("example.com") is not None
+
+
+async def test_a_server_that_drops_syns_is_skipped_within_the_timeout(slapd: Slapd) -> None:
+    # A crashed host or a firewall: the connect hangs. It may take only its share of `timeout`,
+    # and other threads must not wait for it to end before they connect.
+    with black_hole() as dark:
+        pool = source(slapd, uri=(f"ldap://{dark}", slapd.uri), timeout=2.0)
+
+        async def burst() -> None:
+            found: list[object] = []
+
+            async def one() -> None:
+                found.append(await pool.lookup("example.com"))
+
+            async with trio.open_nursery() as nursery:
+                for _ in range(8):  # 4 connections at once, 2 of them starting at the dark one
+                    nursery.start_soon(one)
+            assert len(found) == 8 and None not in found
+
+        started = time.monotonic()
+        await burst()
+        slapd.restart()  # every connection is reopened, half of them trying the dark one first
+        await burst()
+        assert await pool.lookup("example.com") is not None
+        assert time.monotonic() - started < 4.0
+
+
+class _SlowToCount(list):  # type: ignore[type-arg]
+    """A list that takes a while to say how long it is: a thread switch at the worst moment."""
+
+    def __len__(self) -> int:
+        length = super().__len__()
+        time.sleep(0.2)
+        return length
+
+
+async def test_two_lookups_never_take_the_same_idle_connection(slapd: Slapd) -> None:
+    ldap = source(slapd)
+    assert await ldap.lookup("example.com") is not None  # one idle connection
+    ldap._idle = _SlowToCount(ldap._idle)  # both threads see it before either takes it
+    found: list[object] = []
+
+    async def one() -> None:
+        found.append(await ldap.lookup("example.com"))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(one)
+        nursery.start_soon(one)
+    assert len(found) == 2 and None not in found
+    assert len(ldap._all) == 2
 
 
 @pytest.fixture

@@ -1,8 +1,9 @@
 """LDAP routes (ldap3): one search per lookup key, the destinations in a multi-valued attribute.
 
-The directory is reached through a pool of servers (round robin, dead ones skipped) with a few
+The directory is reached through a list of servers (round robin, dead ones skipped) with a few
 persistent connections, each used by one worker thread at a time and reopened when the server
-went away. The filter is a template; the key's parts are filter-escaped before they go in.
+went away. The filter is a template; the key's parts are filter-escaped before they go in. The
+values found are checked and parsed in the worker thread too: the event loop only gets groups.
 """
 
 from __future__ import annotations
@@ -10,8 +11,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import re
 import ssl
 import threading
+from pathlib import Path
 from typing import Literal
 
 import ldap3
@@ -20,7 +23,13 @@ from ldap3.core.exceptions import LDAPCommunicationError, LDAPException
 from ldap3.operation.search import parse_filter
 from ldap3.utils.conv import escape_filter_chars
 
-from moxy.lookup.base import BadRouteData, DestinationGroup, LookupFailed, parse_destinations
+from moxy.lookup.base import (
+    MAX_VALUE,
+    BadRouteData,
+    DestinationGroup,
+    LookupFailed,
+    parse_destinations,
+)
 from moxy.lookup.blocking import run_blocking
 from moxy.lookup.settings import LdapSettings as LdapSettings  # re-exported with its source
 
@@ -34,6 +43,30 @@ SCOPES: dict[str, Literal["BASE", "LEVEL", "SUBTREE"]] = {
 _SUCCESS = 0
 _SIZE_LIMIT_EXCEEDED = 4
 _NO_SUCH_OBJECT = 32
+
+# The shortest connect timeout per server (seconds), however many servers share `timeout`.
+_MIN_CONNECT_TIMEOUT = 0.5
+
+
+def connect_timeout(settings: LdapSettings) -> float:
+    """How long one TCP connect may take: an equal share of `timeout` per server (at least
+    `_MIN_CONNECT_TIMEOUT`, at most `timeout`), so that a server that drops SYNs leaves time
+    for the next one within one lookup."""
+    return max(settings.timeout / len(settings.uri), min(settings.timeout, _MIN_CONNECT_TIMEOUT))
+
+
+def check_ca_file(path: Path) -> None:
+    """Raise ValueError ("ca_file: ...") unless `path` is a readable PEM file of certificates.
+
+    ldap3 only checks that the file exists; a file without a certificate would fail every
+    connection instead of `check-config`."""
+    try:
+        ssl.create_default_context(cafile=str(path))
+    except ssl.SSLError as exc:
+        reason = re.sub(r" \(_ssl\.c:\d+\)$", "", str(exc.args[-1]))
+        raise ValueError(f"ca_file: {path} holds no usable CA certificate: {reason}") from None
+    except OSError as exc:
+        raise ValueError(f"ca_file: cannot read {path}: {exc.strerror or exc}") from None
 
 
 def check_filter(template: str) -> None:
@@ -71,7 +104,9 @@ class LdapSource:
 
     Up to `connections` searches run at once, each on its own connection in a worker thread. A
     connection that breaks (e.g. the server restarted) is reopened, on the next server of the
-    pool, and the search retried once on it.
+    list, and the search retried once on it. Each connection has its own `ldap3.Server` objects
+    (ldap3 keeps per-server state while it connects), so threads connect at the same time
+    without sharing anything but the round-robin turn.
     """
 
     def __init__(
@@ -87,6 +122,8 @@ class LdapSource:
         self._limiter = limiter if limiter is not None else trio.CapacityLimiter(connections)
         tls = None
         if settings.starttls or any(u.lower().startswith("ldaps:") for u in settings.uri):
+            if settings.ca_file:
+                check_ca_file(settings.ca_file)
             try:
                 tls = ldap3.Tls(
                     validate=ssl.CERT_REQUIRED,
@@ -94,49 +131,49 @@ class LdapSource:
                 )
             except LDAPException as exc:  # e.g. a CA file that does not exist
                 raise ValueError(f"ca_file: {exc}") from None
+        self._tls = tls
+        self._connect_timeout = connect_timeout(settings)
+        self._make_servers()  # a URI that ldap3 cannot use is a configuration error, found now
+        self._idle: list[_Link] = []
+        self._all: list[_Link] = []
+        # The next server a connection is opened to, round robin over all connections. Held
+        # only to take a turn, never while connecting.
+        self._turn = 0
+        self._turn_lock = threading.Lock()
+
+    def _make_servers(self) -> tuple[ldap3.Server, ...]:
         servers = []
-        for uri in settings.uri:
+        for uri in self.settings.uri:
             try:
                 server = ldap3.Server(
-                    uri, connect_timeout=settings.timeout, tls=tls, get_info=ldap3.NONE
+                    uri, connect_timeout=self._connect_timeout, tls=self._tls, get_info=ldap3.NONE
                 )
             except LDAPException as exc:  # e.g. a port that is not a number
                 raise ValueError(f"uri: {uri!r}: {exc}") from None
             servers.append(server)
-        # Not `active`: ldap3's own availability loop sleeps 10 s once every server failed.
-        # `_open` below walks the pool once instead, so a dead server is simply skipped.
-        self._pool = ldap3.ServerPool(servers, ldap3.ROUND_ROBIN, active=False)
-        self._idle: list[ldap3.Connection] = []
-        self._all: list[ldap3.Connection] = []
-        # ldap3 keeps per-server state while opening a socket; opens are rare, so take turns.
-        self._open_lock = threading.Lock()
+        return tuple(servers)
 
     async def lookup(self, key: str) -> tuple[DestinationGroup, ...] | None:
-        values = await run_blocking(
+        return await run_blocking(
             functools.partial(self._search, key),
             limiter=self._limiter,
             timeout=self.settings.timeout,
             what=f"LDAP {', '.join(self.settings.uri)}",
         )
-        if values is None:
-            return None
-        groups: list[DestinationGroup] = []
-        for raw in values:
-            try:
-                groups.extend(parse_destinations(raw.decode("utf-8")))
-            except (UnicodeDecodeError, ValueError) as exc:
-                raise BadRouteData(f"{self.settings.attribute} value {raw!r}: {exc}") from None
-        return tuple(groups)
 
     async def aclose(self) -> None:
         await trio.to_thread.run_sync(self._close_all)
 
     # --- in worker threads --------------------------------------------------------------------
 
-    def _search(self, key: str) -> list[bytes] | None:
-        conn = self._idle.pop() if self._idle else self._new_connection()
+    def _search(self, key: str) -> tuple[DestinationGroup, ...] | None:
+        try:  # not "if self._idle": another thread may take the last one in between
+            link = self._idle.pop()
+        except IndexError:
+            link = self._new_link()
+        conn = link.conn
         try:
-            return self._search_on(conn, key)
+            values = self._search_on(link, key)
         except (LookupFailed, BadRouteData):
             raise
         except LDAPCommunicationError as exc:
@@ -149,25 +186,46 @@ class LdapSource:
             self._shut(conn)
             raise LookupFailed(f"LDAP client error: {exc!r}") from exc
         finally:
-            self._idle.append(conn)  # shut ones are reopened by their next search
+            self._idle.append(link)  # shut ones are reopened by their next search
+        return None if values is None else self._parse(values)
 
-    def _search_on(self, conn: ldap3.Connection, key: str) -> list[bytes] | None:
+    def _parse(self, values: list[bytes]) -> tuple[DestinationGroup, ...]:
+        """The groups of an entry's values, each in routes-file syntax; bad data if they hold
+        more than `MAX_VALUE` octets in all (as a Redis value may) or one does not parse."""
+        size = sum(len(raw) for raw in values)
+        if size > MAX_VALUE:
+            raise BadRouteData(
+                f"{self.settings.attribute} holds {size} octets in {len(values)} values, more "
+                f"than a route may ({MAX_VALUE})"
+            )
+        groups: list[DestinationGroup] = []
+        for raw in values:
+            try:
+                groups.extend(parse_destinations(raw.decode("utf-8")))
+            except (UnicodeDecodeError, ValueError) as exc:
+                shown = repr(raw) if len(raw) <= 200 else f"{raw[:200]!r}..."
+                raise BadRouteData(f"{self.settings.attribute} value {shown}: {exc}") from None
+        return tuple(groups)
+
+    def _search_on(self, link: _Link, key: str) -> list[bytes] | None:
+        conn = link.conn
         if conn.closed:
-            self._open(conn)
+            self._open(link)
             return self._query(conn, key)
         try:
             return self._query(conn, key)
         except LDAPCommunicationError:
             # The server closed this idle connection (restart, idle timeout): once more on a
-            # fresh one, which may be another server of the pool.
+            # fresh one, which may be another server of the list.
             self._shut(conn)
-            self._open(conn)
+            self._open(link)
             return self._query(conn, key)
 
-    def _new_connection(self) -> ldap3.Connection:
+    def _new_link(self) -> _Link:
         s = self.settings
+        servers = self._make_servers()
         conn = ldap3.Connection(
-            self._pool,
+            servers[0],
             user=s.bind_dn,
             password=s.password,
             authentication=ldap3.SIMPLE if s.bind_dn else ldap3.ANONYMOUS,
@@ -180,23 +238,37 @@ class LdapSource:
             raise_exceptions=False,
             auto_referrals=False,
         )
-        self._all.append(conn)
-        return conn
+        link = _Link(conn, servers)
+        self._all.append(link)
+        return link
 
-    def _open(self, conn: ldap3.Connection) -> None:
-        """Connect to the next live server of the pool, StartTLS if asked, and bind."""
+    def _next_turn(self) -> int:
+        with self._turn_lock:
+            turn = self._turn
+            self._turn = (turn + 1) % len(self.settings.uri)
+        return turn
+
+    def _open(self, link: _Link) -> None:
+        """Connect to the next live server of the list, StartTLS if asked, and bind.
+
+        Each server gets `connect_timeout` to accept the TCP connection; one that drops SYNs
+        (a crashed host, a firewall) is thus skipped in time for the next. No lock is held: this
+        connection's `ldap3.Server` objects are its own."""
+        conn = link.conn
         errors = []
-        for _ in self.settings.uri:
+        first = self._next_turn()
+        count = len(link.servers)
+        for i in range(count):
+            server = link.servers[(first + i) % count]
+            # ldap3 would skip an address for 5 s after a failure; a restarted server is to be
+            # used at once, and a walk of the list skips dead ones anyway.
+            server.reset_availability()
+            conn.server = server
             try:
-                with self._open_lock:
-                    # ldap3 would skip an address for 5 s after a failure; a restarted server
-                    # is to be used at once, and a walk of the pool skips dead ones anyway.
-                    for server in self._pool.servers:
-                        server.reset_availability()
-                    conn.open(read_server_info=False)
+                conn.open(read_server_info=False)
                 break
             except LDAPCommunicationError as exc:
-                errors.append(f"{conn.server.name}: {exc}")
+                errors.append(f"{server.name}: {exc}")
                 self._shut(conn)
         else:
             raise LDAPCommunicationError("; ".join(errors))
@@ -243,9 +315,19 @@ class LdapSource:
         conn.closed = True
 
     def _close_all(self) -> None:
-        for conn in self._all:
-            self._shut(conn)
+        for link in self._all:
+            self._shut(link.conn)
         self._idle.clear()
+
+
+class _Link:
+    """A persistent connection, and the `ldap3.Server` of each URI that only it connects with."""
+
+    __slots__ = ("conn", "servers")
+
+    def __init__(self, conn: ldap3.Connection, servers: tuple[ldap3.Server, ...]) -> None:
+        self.conn = conn
+        self.servers = servers
 
 
 def _describe(conn: ldap3.Connection) -> str:

@@ -20,6 +20,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
+from moxy.lookup.base import MAX_VALUE as MAX_VALUE  # re-exported: the cap, checked at each GET
 from moxy.lookup.base import (
     BadRouteData,
     DestinationGroup,
@@ -34,9 +35,6 @@ from moxy.lookup.settings import host_port
 log = logging.getLogger("moxy.lookup")
 
 _IMPORT_BATCH = 1000
-# The longest route value parsed (octets): a few hundred destinations. A longer one is bad
-# data (451 4.3.0), not minutes of parsing in the event loop: 4.8 MB took 1.5 s.
-MAX_VALUE = 65536
 
 
 def connect(settings: RedisSettings, *, retries: int = 1) -> redis.Redis:
