@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import operator
 from pathlib import Path
 
 import attrs
@@ -201,6 +202,8 @@ async def next_generation(current: Generation, shared: Shared) -> Generation | N
     else:
         build = functools.partial(Generation.build, config, shared, routing=routing,
                                   number=current.number + 1, tls=tls)
+    if current.routing is not None and operator.eq(config.routes, current.config.routes):
+        routing.router.inherit(current.routing.router)
     try:
         generation = build()
     except Exception as exc:  # the files are read already (check): a bug, never a crash

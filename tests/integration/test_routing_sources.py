@@ -4,6 +4,7 @@ sender sees them."""
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
@@ -242,6 +243,25 @@ async def test_while_slapd_is_down_rcpt_is_451_4_4_3_and_mail_flows_after_its_re
     slapd.start()
     await until_delivered(server, "after@customer.example", upstream)
     assert delivered_to(upstream) == [["before@customer.example"], ["after@customer.example"]]
+
+
+async def test_a_reload_while_slapd_is_down_keeps_the_cached_routes_serving(
+    moxy_process: StartProcess, make_recorder: MakeRecorder, slapd: Slapd
+) -> None:
+    """SIGHUP built an empty route cache: during an outage, routes the cache would have served
+    for `stale_grace` turned into 451 4.4.3 for everyone at the reload."""
+    upstream = make_recorder()
+    slapd.add_route("customer.example", upstream.address)
+    server = moxy_process("", routes={"chain": ["ldap"]}, **ldap_table(slapd))
+    await send(server, ["before@customer.example"])
+    slapd.stop()
+    server.process.send_signal(signal.SIGHUP)
+    with trio.fail_after(10):
+        while "reloaded" not in server.stderr():
+            await trio.sleep(0.05)
+    outcome = await send(server, ["before@customer.example"])  # its keys are cached
+    assert outcome.final is not None and outcome.final.code == 250, outcome.transcript
+    assert delivered_to(upstream) == [["before@customer.example"]] * 2
 
 
 # --- bad data, hostile addresses ----------------------------------------------------------------

@@ -332,6 +332,24 @@ async def test_a_route_larger_than_the_limits_is_bad_data(text: str, problem: st
     assert str(await chain.route("user@fits.example")) == "a:25|b:25|c:25 d:25"
 
 
+async def test_an_inherited_cache_asks_again_but_stands_in_while_the_source_fails(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """A reload that keeps [routes] as it was: the new cache starts with the old answers,
+    expired (the sources are asked again), usable as stale ones during an outage."""
+    source = TableSource("t", {"example.org": "old.example:25"})
+    old = router(source)
+    assert str(await old.route("u@example.org")) == "old.example:25"
+    new = router(source)
+    new.inherit(old)
+    source.down = True
+    assert str(await new.route("u@example.org")) == "old.example:25"  # stale, while down
+    source.down = False
+    source.table["example.org"] = "new.example:25"
+    mock_clock.jump(SETTINGS.stale_grace / 2)
+    assert str(await new.route("u@example.org")) == "new.example:25"  # asked again, not cached
+
+
 # --- every real source in one chain -------------------------------------------------------------
 
 

@@ -161,6 +161,18 @@ class CachedRouter:
         if flight is not None:
             flight.outdated = True
 
+    def inherit(self, old: CachedRouter) -> None:
+        """A reload that left `[routes]` as it was: keep `old`'s answers, as expired ones. Each
+        key is asked of the sources again at its next use, but while a source fails its old
+        answer still serves for `stale_grace` (a reload during an LDAP outage turned every
+        cached route into 451)."""
+        now = self._clock()
+        entries = self._entries
+        for key, entry in old._entries.items():
+            if key not in entries:
+                entries[key] = _Entry(entry.answer, min(entry.expires, now))
+        self._failing |= old._failing  # the outage goes on: not logged again as new
+
     def clear(self) -> None:
         """Forget every key, e.g. after change notices may have been missed."""
         self._entries.clear()
