@@ -30,8 +30,9 @@ class Drain:
         self.waiting: set[Stream] = set()  # the sessions' client streams
 
     def start(self) -> None:
-        """Interrupt the sessions' waits for a command (and every later one): a wait for body
-        bytes is not interruptible, so a message in DATA finishes first."""
+        """Interrupt the sessions' waits for a command (and every later one), and STARTTLS
+        handshakes in progress: a wait for body bytes is not interruptible, so a message in
+        DATA finishes first."""
         self.draining = True
         for stream in self.waiting:
             stream.interrupt()

@@ -64,8 +64,11 @@ async def start_tls(conn: Connection, helo: bytes) -> None:
     # more=True: what follows the 220 is judged below, by a message that says what it may be.
     reply = await conn.read_reply("tls", t.upstream_command, more=True)
     if reply.code != 220:
+        logger.warning("upstream %s: STARTTLS refused: %s", destination, reply)
         raise conn.error("tls", f"STARTTLS refused: {reply}", reply)
     if conn.parser.buffered:
+        logger.warning("upstream %s: data after the 220 to STARTTLS (response injection?)",
+                       destination)
         raise conn.error("tls", "data after the 220 to STARTTLS (response injection?)")
     # An IP address here is checked against the certificate's IP names and, as RFC 6066
     # wants, not sent as SNI (Python's ssl does both).

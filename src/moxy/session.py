@@ -253,11 +253,16 @@ class Session(SessionEvents):
         timeout = self.ctx.config.timeouts.client_command
         failure = ""
         try:
-            await self.stream.start_tls(
-                self.ctx.tls, trio.current_time() + timeout, server_side=True
+            await self.stream.start_tls(  # a stop cuts it short: see Drain.start
+                self.ctx.tls, trio.current_time() + timeout, server_side=True,
+                interruptible=True,
             )
         except StreamTimeout:
             failure = f"no handshake within {timeout:g}s"
+            if self.drain.draining:
+                failure = "the server is stopping"
+            else:
+                self.log_connection(0, failure, acct.CLIENT_TIMEOUT, "tls")
         except StreamBroken as exc:
             failure = str(exc)
         if failure:

@@ -177,4 +177,5 @@ class SessionEvents:
                 self.emit(*acct.connection_event(
                     self.client_ip, code, text, reason, self.node,
                     session_id=self.id, helo=self.helo, stage=stage,
+                    tls=acct.tls_field(self.tls) if self.tls else "",
                 ))

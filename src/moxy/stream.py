@@ -267,18 +267,25 @@ class Stream:
 
     async def start_tls(
         self, context: ssl.SSLContext, deadline: float, *, server_side: bool = False,
-        server_hostname: str | None = None,
+        server_hostname: str | None = None, interruptible: bool = False,
     ) -> None:
-        """Switch to TLS and do the handshake: StreamTimeout, or StreamBroken with the reason."""
+        """Switch to TLS and do the handshake: StreamTimeout (the deadline, or `interrupt`
+        when `interruptible`), or StreamBroken with the reason."""
+        if interruptible and self.interrupted:
+            raise StreamTimeout
         transport = trio.SocketStream(trio.socket.from_stdlib_socket(self.socket))
         self.ssl = trio.SSLStream(
             transport, context, server_side=server_side, server_hostname=server_hostname
         )
-        with trio.move_on_at(deadline):
+        with trio.CancelScope(deadline=deadline) as scope:
+            if interruptible:
+                self._scope = scope
             try:
                 await self.ssl.do_handshake()
             except _LOST as exc:
                 raise StreamBroken(_detail(exc)) from None
+            finally:
+                self._scope = None
             return
         raise StreamTimeout
 

@@ -4,6 +4,7 @@ refused recipients for every reason, connections Moxy refuses or ends."""
 from __future__ import annotations
 
 import functools
+import ssl
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from peers.client import SmtpClient
 from peers.moxy import StartMoxy
 from peers.recorder import Recorder
 from peers.sink import free_port
+from peers.tls import TlsFiles
 from peers.waiting import eventually
 
 from .helpers import json_records, parse_text_line, text_records
@@ -173,6 +175,39 @@ async def test_sessions_moxy_ends_are_connection_events(
     assert (timeout["reason"], timeout["code"], timeout["helo"]) == ("timeout", 421,
                                                                      "sleepy.test")
     assert timeout["session"] != errors["session"]
+
+
+async def test_a_session_over_tls_that_moxy_ends_says_so_in_its_connection_event(
+    moxy: StartMoxy, make_recorder: MakeRecorder, tls_files: TlsFiles
+) -> None:
+    server = await moxy(
+        {"example.org": make_recorder()}, timeouts={"client_command": 0.5},
+        tls={"cert": str(tls_files.cert), "key": str(tls_files.key)},
+    )
+    async with await open_session(server) as client:
+        assert (await client.command("STARTTLS")).code == 220
+        await client.start_tls(ssl.create_default_context(cafile=str(tls_files.ca)))
+        assert (await client.command("EHLO over-tls.test")).code == 250
+        assert (await client.reply(timeout=10)).code == 421  # then says nothing
+    await eventually(lambda: kinds(text_records(server.log_file), "connection"), what="event")
+    [event] = kinds(text_records(server.log_file), "connection")
+    assert (event["reason"], event["helo"]) == ("timeout", "over-tls.test")
+    assert event["tls"].startswith("TLSv1.3:TLS_"), event  # it said "-"
+
+
+async def test_a_starttls_handshake_that_never_comes_is_a_timeout_event(
+    moxy: StartMoxy, make_recorder: MakeRecorder, tls_files: TlsFiles
+) -> None:
+    server = await moxy(
+        {"example.org": make_recorder()}, timeouts={"client_command": 0.5},
+        tls={"cert": str(tls_files.cert), "key": str(tls_files.key)},
+    )
+    async with await open_session(server) as client:
+        assert (await client.command("STARTTLS")).code == 220  # then no ClientHello
+        assert await client.expect_closed() == b""
+    await eventually(lambda: kinds(text_records(server.log_file), "connection"), what="event")
+    [event] = kinds(text_records(server.log_file), "connection")
+    assert (event["reason"], event["stage"], event["code"]) == ("timeout", "tls", 0)
 
 
 def test_text_line_parser_reads_routes_with_spaces() -> None:

@@ -16,6 +16,7 @@ from moxy.server import serve
 from peers.client import SmtpClient
 from peers.moxy import MoxyProcess
 from peers.recorder import HANG, Recorder
+from peers.tls import TlsFiles
 
 from .helpers import SENDER, open_session
 
@@ -119,6 +120,28 @@ async def test_a_verdict_not_heard_within_the_grace_time_is_logged_as_a_possible
     [event] = shutdown_events(path)
     assert " message " in event and " stage=end-of-data " in event and " code=421 " in event
     assert "duplicate possible" in caplog.text
+
+
+async def test_a_starttls_handshake_that_stalls_does_not_hold_the_stop(
+    write_config: Callable[..., Path], make_recorder: MakeRecorder, tls_files: TlsFiles
+) -> None:
+    """A client that says STARTTLS and then nothing held a graceful stop for the whole
+    shutdown grace (30 s by default): the handshake was the one wait the drain could not cut."""
+    path = write_config(
+        {"example.org": make_recorder()}, timeouts={"shutdown_grace": 60, "client_command": 60},
+        tls={"cert": str(tls_files.cert), "key": str(tls_files.key)},
+    )
+    shutdown = trio.Event()
+    async with trio.open_nursery() as nursery:
+        [address, *_] = await nursery.start(functools.partial(serve, load_config(path),
+                                                              shutdown=shutdown))
+        stalled = await open_session(address)
+        assert (await stalled.command("STARTTLS")).code == 220  # and no ClientHello
+        shutdown.set()
+        with trio.fail_after(10):
+            while nursery.child_tasks:
+                await trio.sleep(0.05)
+        assert await stalled.expect_closed() == b""
 
 
 def test_sigterm_drains_and_the_process_exits_0(

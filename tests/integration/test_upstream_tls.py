@@ -128,7 +128,22 @@ async def test_a_reply_injected_after_the_220_to_starttls_fails_the_leg(
     outcome = await send_one(server, ["u@example.org"])
     assert [(r.code, r.enhanced) for r in outcome.rcpt] == [(451, "4.7.5")], outcome.transcript
     assert "MAIL" not in upstream.verbs()
-    assert any("response injection" in r.getMessage() for r in caplog.records)
+    assert any("response injection" in r.getMessage() and r.levelno == logging.WARNING
+               for r in caplog.records)
+
+
+async def test_a_refused_starttls_fails_the_leg_with_a_warning(
+    moxy: StartMoxy, make_recorder: MakeRecorder, server_tls: ssl.SSLContext, caplog: Any
+) -> None:
+    """Offered, then refused (454): never clear text after that, and a warning as for a
+    failed handshake (configuration.md, [tls] upstream)."""
+    upstream = make_recorder({"starttls": "454 4.7.0 TLS not available"}, starttls=server_tls)
+    server = await moxy({"example.org": upstream})
+    outcome = await send_one(server, ["u@example.org"])
+    assert [(r.code, r.enhanced) for r in outcome.rcpt] == [(451, "4.7.5")], outcome.transcript
+    assert "MAIL" not in upstream.verbs()
+    assert any("STARTTLS refused" in r.getMessage() and r.levelno == logging.WARNING
+               for r in caplog.records)
 
 
 async def test_a_leg_line_of_the_message_log_says_how_its_destination_was_reached(

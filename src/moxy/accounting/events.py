@@ -279,11 +279,12 @@ def discard(*event: Any) -> None:
 
 def connection_event(
     client_ip: str, code: int, reply: str, reason: str, node: str, *,
-    session_id: str = "-", helo: str = "", stage: str = "connect",
+    session_id: str = "-", helo: str = "", stage: str = "connect", tls: str = "",
 ) -> DeliveryEvent:
-    """A "connection" event: a client connection Moxy refused or ended (`reason`)."""
+    """A "connection" event: a client connection Moxy refused or ended (`reason`); `tls` as
+    `tls_field` writes it, "" in clear text."""
     return DeliveryEvent(
         kind="connection", session_id=session_id, message_id="", client_ip=client_ip,
         helo=helo, mail_from="", recipients=(), destination="-", route="", size=0, code=code,
-        reply=reply, stage=stage, duration=0.0, node=node, reason=reason,
+        reply=reply, stage=stage, duration=0.0, node=node, reason=reason, tls=tls,
     )
