@@ -109,7 +109,10 @@ class Leg:
             try:
                 conn = await connect(destination, self.settings)
             except LegError as exc:
-                logger.info("upstream %s unavailable: %s", destination, exc)
+                # Skipped while marked down ("down", "busy"): the marking is logged once, a
+                # line per recipient would be a flood (200,000 in 20 minutes, seen).
+                level = logging.DEBUG if exc.stage in ("down", "busy") else logging.INFO
+                logger.log(level, "upstream %s unavailable: %s", destination, exc)
                 errors.append(exc)
                 continue
             self.conn, self.reused, self.synced, self.needs_reset = conn, False, False, False
