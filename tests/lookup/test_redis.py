@@ -4,6 +4,7 @@ change channel that keeps every node's cache current, across restarts of Redis."
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -12,7 +13,8 @@ import redis
 import trio
 import trio.testing
 
-from moxy.lookup.base import BadRouteData, LookupFailed, parse_destinations
+import moxy.lookup.redis
+from moxy.lookup.base import BadRouteData, DestinationGroup, LookupFailed, parse_destinations
 from moxy.lookup.cache import CachedRouter, CacheSettings
 from moxy.lookup.file import RoutesFileError
 from moxy.lookup.redis import (
@@ -68,9 +70,9 @@ async def test_a_malformed_value_is_bad_data_naming_source_and_key(
 
 
 async def test_a_huge_value_is_bad_data_not_parsed(redis_server: RedisServer) -> None:
-    """Parsing runs in the event loop: a route of 300,000 destinations (4.8 MB) stalled every
-    session for 1.5 s. Beyond MAX_VALUE octets it is refused unread, and the log line says its
-    size rather than quoting it."""
+    """A route of 300,000 destinations (4.8 MB) stalled every session for 1.5 s when it was
+    parsed in the event loop. Beyond MAX_VALUE octets it is refused unread, and the log line
+    says its size rather than quoting it."""
     from moxy.lookup.redis import MAX_VALUE
 
     source = RedisSource(settings_for(redis_server))
@@ -83,6 +85,26 @@ async def test_a_huge_value_is_bad_data_not_parsed(redis_server: RedisServer) ->
                                            rf"\({MAX_VALUE}\)") as caught:
         await source.lookup("huge.example")
     assert len(str(caught.value)) < 200
+
+
+async def test_values_are_parsed_in_the_worker_thread(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A value up to MAX_VALUE takes milliseconds to parse: not on the event loop.
+    loop_thread = threading.get_ident()
+    parsed_in: list[int] = []
+
+    def parse(text: str) -> tuple[DestinationGroup, ...]:
+        parsed_in.append(threading.get_ident())
+        return parse_destinations(text)
+
+    monkeypatch.setattr(moxy.lookup.redis, "parse_destinations", parse)
+    redis_server.client().set("moxy:route:example.org", "10.0.0.5:2525 mx2.example.org")
+    source = RedisSource(settings_for(redis_server))
+    assert await source.lookup("example.org") == parse_destinations(
+        "10.0.0.5:2525 mx2.example.org"
+    )
+    assert parsed_in and loop_thread not in parsed_in
 
 
 async def test_a_key_of_the_wrong_type_is_bad_data(redis_server: RedisServer) -> None:

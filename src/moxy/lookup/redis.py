@@ -98,13 +98,18 @@ class RedisSource:
         self._where = where(settings)
 
     async def lookup(self, key: str) -> tuple[DestinationGroup, ...] | None:
-        raw = await run_blocking(
-            functools.partial(self._get, key),
+        return await run_blocking(
+            functools.partial(self._get_groups, key),
             limiter=self._limiter,
             # The thread's socket timeout covers connect and read; a retry may double that.
             timeout=self.settings.timeout * 2,
             what=self._where,
         )
+
+    def _get_groups(self, key: str) -> tuple[DestinationGroup, ...] | None:
+        """In the worker thread, parsing included: a value of 64 KiB takes milliseconds to
+        parse, which the event loop's sessions would wait."""
+        raw = self._get(key)
         if raw is None:
             return None
         if len(raw) > MAX_VALUE:
