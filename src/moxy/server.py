@@ -231,9 +231,12 @@ async def serve(
         await outer.start(accounting.run)
         try:
             async with trio.open_nursery() as nursery:
-                if scrapes and metrics.registry is not None:
-                    nursery.start_soon(metrics_http.serve, scrapes, metrics.registry)
+                if metrics.registry is not None:
+                    # Also in a worker, which serves no /metrics: its master sums what the
+                    # workers count, the sinks' backlog and drops included.
                     nursery.start_soon(_observe_sinks, accounting, metrics)
+                    if scrapes:
+                        nursery.start_soon(metrics_http.serve, scrapes, metrics.registry)
                 await nursery.start(current.run)
                 if control_socket is not None:
                     destinations = shared.destinations
@@ -257,7 +260,7 @@ async def serve(
 
 
 async def _observe_sinks(accounting: Accounting | RemoteAccounting, metrics: Metrics) -> None:
-    """The accounting sinks' backlog and drops, for the metrics endpoint, once a second."""
+    """The accounting sinks' backlog and drops, for the metrics, once a second."""
     while True:
         metrics.observe_sinks(accounting.stats())
         await trio.sleep(1)

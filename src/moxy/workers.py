@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 
 from moxy import privileges, reload
-from moxy.config import Config, ConfigError
+from moxy.config import Config, ConfigError, ListenAddress
 from moxy.lookup.file import RoutesFileError
 from moxy.metrics_http import MasterEndpoint
 from moxy.tls import TlsContexts
@@ -35,23 +35,12 @@ _SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGUSR1, signa
 
 
 def bind(config: Config) -> list[socket.socket]:
-    """Listening sockets for every `[server] listen` address, as trio.open_tcp_listeners makes
-    them (SO_REUSEADDR; IPv6 sockets are IPv6-only, so `0.0.0.0` and `[::]` can both be used)."""
+    """Listening sockets for every `[server] listen` address."""
     sockets: list[socket.socket] = []
     try:
         for address in (*config.server.listen, *config.server.listen_proxy):
             try:
-                infos = socket.getaddrinfo(
-                    address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-                )
-                for family, kind, proto, _, sockaddr in dict.fromkeys(infos):
-                    sock = socket.socket(family, kind, proto)
-                    sockets.append(sock)
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                    if family == socket.AF_INET6:
-                        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                    sock.bind(sockaddr)
-                    sock.listen(BACKLOG)
+                sockets += listen_on(address)
             except OSError as exc:
                 raise OSError(exc.errno, f"cannot listen on {address}: {exc.strerror}") from None
     except OSError:
@@ -59,6 +48,43 @@ def bind(config: Config) -> list[socket.socket]:
             sock.close()
         raise
     return sockets
+
+
+def listen_on(address: ListenAddress) -> list[socket.socket]:
+    """Listening sockets for `address`, as trio.open_tcp_listeners makes them (SO_REUSEADDR;
+    IPv6 sockets are IPv6-only, so `0.0.0.0` and `[::]` can both be used)."""
+    sockets: list[socket.socket] = []
+    try:
+        infos = socket.getaddrinfo(
+            address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+        for family, kind, proto, _, sockaddr in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(sockaddr)
+            sock.listen(BACKLOG)
+    except OSError:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+def _metrics_endpoint(config: Config) -> MasterEndpoint | None:
+    """/metrics of every worker (`[metrics] listen`), or None."""
+    address = config.metrics.listen
+    if address is None:
+        return None
+    try:
+        sockets = listen_on(address)
+    except OSError as exc:
+        raise OSError(
+            exc.errno, f"cannot listen on metrics address {address}: {exc.strerror}"
+        ) from None
+    return MasterEndpoint.start(address, sockets)
 
 
 def supervise(
@@ -84,7 +110,7 @@ def supervise(
     try:
         # /metrics of every worker; started with the signals blocked (its threads inherit the
         # mask) and before the fork (the workers inherit the multiprocess setting).
-        metrics = MasterEndpoint.start(config.metrics.listen) if config.metrics.listen else None
+        metrics = _metrics_endpoint(config)
     except OSError as exc:
         print(f"moxy: {exc.strerror or exc}", file=sys.stderr)
         for sock in sockets:

@@ -6,16 +6,20 @@ import json
 import os
 import re
 import signal
+import smtplib
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+import pytest
 import trio
 
 from moxy.accounting.base import SinkStats
 from moxy.metrics import Prometheus
+from moxy.metrics_http import MAX_SCRAPES, REQUEST_LIMIT, REQUEST_TIMEOUT
 from peers.client import SmtpClient, smtplib_send
 from peers.moxy import MoxyProcess, Routes, RunningMoxy, StartMoxy
 from peers.recorder import Recorder
@@ -183,6 +187,26 @@ async def test_the_endpoint_answers_only_get_metrics(
     assert m.value("moxy_connections_total") == 0
 
 
+async def test_commands_the_protocol_core_refuses_are_not_counted(
+    moxy: StartMoxy, make_recorder: MakeRecorder
+) -> None:
+    # docs/metrics.md: RCPT and DATA refused by Moxy's own sequence and syntax checks are in
+    # no count (only their protocol errors are); a recipient refused by routing is.
+    server, port = await start(moxy, {"example.org": make_recorder()})
+    client = await open_session(server)
+    assert (await client.command("RCPT TO:<user@example.org>")).code == 503  # before MAIL
+    assert (await client.command(f"MAIL FROM:<{SENDER}>")).code == 250
+    assert (await client.command("RCPT TO:<bad address>")).code == 501
+    assert (await client.command("RCPT TO:<user@elsewhere.test>")).code == 550  # relay denied
+    assert (await client.command("DATA")).code == 554  # no valid recipients
+    assert (await client.command("QUIT")).code == 221
+    await client.aclose()
+    m = await fetch(port)
+    assert m.value("moxy_recipients_total", result="5xx") == 1
+    assert m.total("moxy_recipients_total") == 1
+    assert m.total("moxy_messages_total") == 0
+
+
 def test_sink_statistics(tmp_path: Path) -> None:
     metrics = Prometheus()
 
@@ -277,6 +301,101 @@ async def test_with_workers_the_master_serves_the_sum(
     assert m.value("moxy_connections_open") == 0
     assert moxy.stop() == 0
     assert not directory.exists()  # the master cleans up after itself
+
+
+def refuse_recipients(moxy: MoxyProcess, count: int) -> None:
+    """One session whose `count` recipients are all refused (no route): an event each."""
+    with smtplib.SMTP(moxy.host, moxy.port, timeout=10) as smtp:
+        smtp.ehlo()
+        smtp.mail(SENDER)
+        for n in range(count):
+            assert smtp.rcpt(f"user{n}@nowhere.test")[0] == 550
+
+
+def test_with_workers_the_accounting_sinks_are_reported(
+    moxy_process: StartProcess, make_recorder: MakeRecorder
+) -> None:
+    port = free_port()
+    moxy = moxy_process(
+        {"example.org": make_recorder()}, server={"workers": 2},
+        metrics={"listen": f"127.0.0.1:{port}"}, accounting={"sinks": ["redis"]},
+        # No Redis there: the sink holds what fits into its backlog and drops the rest.
+        **{"accounting.redis": {"url": f"redis://127.0.0.1:{free_port()}/0", "backlog": 20,
+                                "timeout": 0.2}},
+    )
+    refuse_recipients(moxy, 30)  # one session: one worker's sink overflows
+    deadline = time.monotonic() + 10
+    while (m := scrape("127.0.0.1", port)).value("moxy_accounting_dropped_total",
+                                                   sink="redis") == 0:
+        assert time.monotonic() < deadline, f"no drops reported:\n{m.text}"
+        time.sleep(0.1)
+    assert 0 < m.value("moxy_accounting_backlog", sink="redis") <= 2 * 20
+
+
+def ask(port: int, request: bytes) -> tuple[bytes, bytes]:
+    """Send `request` as it is; the response's head and body (up to the close)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+        conn.sendall(request)
+        response = b""
+        while data := conn.recv(65536):
+            response += data
+    head, _, body = response.partition(b"\r\n\r\n")
+    return head, body
+
+
+def closed(conn: socket.socket, timeout: float) -> bool:
+    """Whether the server closes `conn` within `timeout`, with no response."""
+    conn.settimeout(timeout)
+    try:
+        return conn.recv(100) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_endpoint_keeps_the_same_rules_with_workers(
+    moxy_process: StartProcess, make_recorder: MakeRecorder, workers: int
+) -> None:
+    # With workers the master serves /metrics; it answers as a single process does.
+    port = free_port()
+    moxy_process({"example.org": make_recorder()}, server={"workers": workers},
+                 metrics={"listen": f"127.0.0.1:{port}"})
+    head, body = ask(port, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200 OK\r\n") and b"moxy_connections_total" in body
+    length = f"Content-Length: {len(body)}".encode()
+    assert length in head.split(b"\r\n")
+    head, body = ask(port, b"HEAD /metrics?x HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200 OK\r\n") and body == b""
+    assert b"Content-Type: text/plain; version=0.0.4; charset=utf-8" in head.split(b"\r\n")
+    for path in (b"/", b"/not-metrics", b"/metrics/"):
+        head, _ = ask(port, b"GET " + path + b" HTTP/1.0\r\n\r\n")
+        assert head.startswith(b"HTTP/1.0 404 "), (path, head)
+    for method in (b"POST", b"OPTIONS", b"PUT"):
+        head, _ = ask(port, method + b" /metrics HTTP/1.0\r\n\r\n")
+        assert head.startswith(b"HTTP/1.0 405 "), (method, head)
+    too_long = b"GET /metrics HTTP/1.0\r\nX: ".ljust(REQUEST_LIMIT + 1, b"x")  # all of it read
+    head, _ = ask(port, too_long)
+    assert head.startswith(b"HTTP/1.0 431 ")
+    # At most MAX_SCRAPES at once: one more is closed at once; a request head not finished
+    # within REQUEST_TIMEOUT is closed then.
+    started = time.monotonic()
+    hanging = [socket.create_connection(("127.0.0.1", port)) for _ in range(MAX_SCRAPES)]
+    try:
+        for conn in hanging:
+            conn.sendall(b"GET /metrics HTTP/1.1\r\nX-Slow: ")
+        time.sleep(0.5)  # all of them taken in
+        with socket.create_connection(("127.0.0.1", port)) as extra:
+            extra.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+            assert closed(extra, 2)
+        for conn in hanging:
+            assert closed(conn, REQUEST_TIMEOUT + 3 - (time.monotonic() - started))
+        assert time.monotonic() - started > REQUEST_TIMEOUT - 0.5
+    finally:
+        for conn in hanging:
+            conn.close()
+    scrape("127.0.0.1", port)  # and it still serves
 
 
 def test_a_metrics_address_in_use_is_one_line_and_exit_1(tmp_path: Path) -> None:
