@@ -27,6 +27,7 @@ from moxy.clientlimits import ClientLimiter
 from moxy.config import Config
 from moxy.context import Drain, ServerContext
 from moxy.destinations import Destinations
+from moxy.logsetup import plural
 from moxy.lookup.base import Router
 from moxy.lookup.build import Routing
 from moxy.metrics import Metrics
@@ -115,7 +116,8 @@ async def serve(
     active = 0
     counting = metrics.registry is not None  # metrics off: no calls to hooks doing nothing
     drained = trio.Event()
-    refusals = _RefusalLog()
+    refusals = _RefusalLog("per-client limit")
+    over_limit = _RefusalLog("connection limit")
 
     async def handle(stream: trio.SocketStream | Stream, client_ip: str) -> None:
         """One connection: a trio SocketStream from a PROXY listener (the header comes
@@ -127,8 +129,7 @@ async def serve(
         if counting:
             metrics.connection_accepted()
         if active >= ctx.config.limits.connections:
-            logger.warning("connection limit %d reached; refusing %s",
-                           ctx.config.limits.connections, client_ip)
+            over_limit.note(client_ip, f"limits.connections = {ctx.config.limits.connections}")
             reply = Reply.make(421, "4.3.2", f"{hostname} Too many connections; try again later")
             _refused(ctx, client_ip, reply, acct.CONNECTION_LIMIT)
             await _refuse(stream, reply)
@@ -288,12 +289,13 @@ def _refused(ctx: ServerContext, client_ip: str, reply: Reply, reason: str) -> N
 
 
 class _RefusalLog:
-    """Connections refused by a per-client limit, logged at most every 10 s: a flood must not
-    flood the log too."""
+    """Connections refused by a limit (`what`), logged at most every 10 s: a flood must not
+    flood the log too (each refusal is still an event and a metric)."""
 
     INTERVAL = 10.0
 
-    def __init__(self) -> None:
+    def __init__(self, what: str) -> None:
+        self.what = what
         self.count = 0
         self.last = -math.inf
 
@@ -301,8 +303,8 @@ class _RefusalLog:
         self.count += 1
         now = time.monotonic()
         if now - self.last >= self.INTERVAL:
-            logger.warning("per-client limit: refused %d connections (latest from %s: %s)",
-                           self.count, client_ip, reason)
+            logger.warning("%s: refused %s (latest from %s: %s)", self.what,
+                           plural(self.count, "connection"), client_ip, reason)
             self.count = 0
             self.last = now
 

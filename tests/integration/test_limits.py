@@ -6,6 +6,7 @@ import functools
 import socket
 from collections.abc import Callable
 
+import pytest
 import trio
 
 from moxy.config import load_config
@@ -39,6 +40,21 @@ async def test_connections_over_the_limit_get_421_and_are_closed(
                     break
             await trio.sleep(0.05)
     await second.aclose()
+
+
+async def test_a_flood_over_the_connection_limit_is_not_a_log_line_each(
+    moxy: StartMoxy, make_recorder: MakeRecorder, caplog: pytest.LogCaptureFixture
+) -> None:
+    """500 refusals wrote 500 warnings; as for the per-client limits, one line per 10 s says
+    how many (each refusal stays an event and a metric)."""
+    server = await moxy({"example.org": make_recorder()}, limits={"connections": 1})
+    async with await open_session(server):
+        for _ in range(20):
+            async with await SmtpClient.connect(server.host, server.port) as refused:
+                assert (await refused.reply()).code == 421
+    lines = [r.getMessage() for r in caplog.records if "connection limit" in r.getMessage()]
+    assert lines == ["connection limit: refused 1 connection (latest from 127.0.0.1: "
+                     "limits.connections = 1)"], lines
 
 
 class ScriptedRouter:
