@@ -502,7 +502,10 @@ def test_lookup_of_a_malformed_value_is_status_4(tmp_path: Path, redis_server: R
     )
 
 
-@pytest.mark.parametrize("target", ["", ".example.org", "user @example.org"])
+@pytest.mark.parametrize(
+    "target", ["", ".example.org", "user @example.org", "x@", "@", "@example.org",
+               "x@@example.org"],
+)
 def test_lookup_refuses_what_is_no_address(
     tmp_path: Path, target: str, capsys: pytest.CaptureFixture[str]
 ) -> None:

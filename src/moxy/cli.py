@@ -266,7 +266,13 @@ def _lookup(args: argparse.Namespace) -> int:
 def _keys_of(target: str) -> list[str]:
     """The keys Moxy tries for an address, a domain (as for any address there), or a local
     part without domain, in order."""
-    if not target or target.startswith(".") or any(c.isspace() for c in target):
+    local, at, domain = target.rpartition("@")
+    # An "@" inside the local part only quoted ("a@b"@example.org), as in a RCPT.
+    bad_local = not local or ("@" in local and not local.startswith('"'))
+    if (
+        not target or target.startswith(".") or any(c.isspace() for c in target)
+        or (at and (bad_local or not domain))
+    ):
         raise ValueError(f"{target!r}: expected an address, a domain or a local part")
     if "@" in target or not ("." in target or target.startswith("[")):
         return list(dict.fromkeys(lookup_keys(target)))
