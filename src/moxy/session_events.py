@@ -49,6 +49,7 @@ class SessionEvents:
     ended_by: str | None
     hostname: str
     stream: Stream
+    output: list[bytes]
     received_bytes: int
 
     def log_delivery(self, results: list[LegResult], reply: Reply, size: int) -> None:
@@ -130,15 +131,16 @@ class SessionEvents:
         )
 
     def log_stopped(self) -> None:
-        """The server stopped this session mid-message (its shutdown grace over, or a second
-        signal): the client hears 421 if its socket takes it at once, and the message gets
-        its event. Once the end-of-data sequence is on its way, the verdict is lost: the
-        message may be delivered and its client will send it again."""
+        """The server stopped this session (its shutdown grace over, or a second signal),
+        perhaps waiting for a destination's answer to its command, perhaps mid-message: the
+        client hears the replies it is owed and 421, if its socket takes them at once, and a
+        message gets its event. Once the end-of-data sequence is on its way, the verdict is
+        lost: the message may be delivered and its client will send it again."""
+        reply = Reply.make(421, "4.3.2", f"{self.hostname} Service shutting down; try again later")
+        self.stream.say_now(b"".join([*self.output, reply.to_bytes()]))
         t = self.transaction
         if t is None or not t.streaming:
             return
-        reply = Reply.make(421, "4.3.2", f"{self.hostname} Service shutting down; try again later")
-        self.stream.say_now(reply.to_bytes())
         committed = [leg.destination for leg in t.streaming if leg.committing]
         if committed:
             logger.warning(

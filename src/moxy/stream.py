@@ -99,6 +99,7 @@ class Stream:
         self.fd = sock.fileno()
         self.ssl: trio.SSLStream[trio.SocketStream] | None = None
         self.interrupted = False  # see interrupt()
+        self.writing = False  # a write waits for room: its data is partly sent (say_now)
         self.reads = 0  # plain reads so far (see receive_within)
         self.deadline = 0.0  # see receive_within()
         self._scope: trio.CancelScope | None = None  # an interruptible wait in progress
@@ -203,13 +204,17 @@ class Stream:
             await self._send_rest(memoryview(data)[sent:], trio.current_time() + timeout)
 
     async def _send_rest(self, view: memoryview, deadline: float) -> None:
-        while view:
-            await self._wait(trio.lowlevel.wait_writable, deadline, False)
-            try:
-                sent = _send(self.fd, view)
-            except OSError as exc:
-                raise StreamBroken(_detail(exc)) from None
-            view = view[sent:]
+        self.writing = True
+        try:
+            while view:
+                await self._wait(trio.lowlevel.wait_writable, deadline, False)
+                try:
+                    sent = _send(self.fd, view)
+                except OSError as exc:
+                    raise StreamBroken(_detail(exc)) from None
+                view = view[sent:]
+        finally:
+            self.writing = False
 
     async def _send_tls(self, data: bytes, deadline: float) -> None:
         assert self.ssl is not None
@@ -317,8 +322,9 @@ class Stream:
 
     def say_now(self, data: bytes) -> None:
         """Best effort, never waiting: what the kernel takes of `data` at once, on a plain
-        connection (a session stopped by the server's shutdown says 421 this way)."""
-        if self.ssl is None:
+        connection with no write half done (a session stopped by the server's shutdown says
+        421 this way)."""
+        if self.ssl is None and not self.writing:
             with contextlib.suppress(OSError):
                 _send(self.fd, data)
 

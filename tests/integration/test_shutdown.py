@@ -122,6 +122,30 @@ async def test_a_verdict_not_heard_within_the_grace_time_is_logged_as_a_possible
     assert "duplicate possible" in caplog.text
 
 
+async def test_a_client_waiting_for_a_destinations_answer_at_the_end_of_the_grace_hears_421(
+    write_config: Callable[..., Path], make_recorder: MakeRecorder
+) -> None:
+    """Its RCPT still unanswered (the destination hangs): the connection was simply closed."""
+    upstream = make_recorder({"rcpt": HANG})
+    path = write_config({"example.org": upstream},
+                        timeouts={"shutdown_grace": 0.5, "upstream_rcpt": 30})
+    shutdown = trio.Event()
+    async with trio.open_nursery() as nursery:
+        [address, *_] = await nursery.start(functools.partial(serve, load_config(path),
+                                                              shutdown=shutdown))
+        client = await open_session(address)
+        # Pipelined: MAIL's reply waits to go with the RCPT's (RFC 2920), owed all the same.
+        await client.send(f"MAIL FROM:<{SENDER}>\r\nRCPT TO:<user@example.org>\r\n".encode())
+        with trio.fail_after(5):
+            while not upstream.connections or "RCPT" not in upstream.verbs(0):
+                await trio.sleep(0.01)
+        shutdown.set()
+        assert (await client.reply()).code == 250
+        goodbye = await client.reply()
+        assert (goodbye.code, goodbye.lines[0][:5]) == (421, "4.3.2")
+        assert await client.expect_closed() == b""
+
+
 async def test_a_starttls_handshake_that_stalls_does_not_hold_the_stop(
     write_config: Callable[..., Path], make_recorder: MakeRecorder, tls_files: TlsFiles
 ) -> None:
