@@ -8,6 +8,7 @@ a byte more, so the SMTP session starts on a clean stream) within a deadline.
 from __future__ import annotations
 
 import ipaddress
+import re
 
 import attrs
 import trio
@@ -48,6 +49,9 @@ def parse_header(data: bytes) -> ProxyHeader | None:
     raise ProxyProtocolError("no PROXY protocol header")
 
 
+_ADDRESS = re.compile(r"[0-9A-Fa-f:.]{2,45}")
+
+
 def _parse_v1(line: bytes) -> ProxyHeader:
     words = line.decode("ascii", "replace").split(" ")
     if len(words) >= 2 and words[1] == "UNKNOWN":
@@ -55,6 +59,11 @@ def _parse_v1(line: bytes) -> ProxyHeader:
     if len(words) != 6 or words[1] not in ("TCP4", "TCP6"):
         raise ProxyProtocolError(f"bad PROXY v1 line {line[:V1_MAX]!r}")
     _, family, source, destination, source_port, destination_port = words
+    # Digits, hex, ':' and '.' only: Python's ip_address takes an IPv6 zone id after '%',
+    # which may hold any byte (a bare LF, "\n.\n"), and the client address goes into the
+    # Received header of the message sent upstream, the log and XCLIENT.
+    if not (_ADDRESS.fullmatch(source) and _ADDRESS.fullmatch(destination)):
+        raise ProxyProtocolError(f"bad address in PROXY v1 line {line!r}")
     try:
         src, dst = ipaddress.ip_address(source), ipaddress.ip_address(destination)
     except ValueError:

@@ -310,11 +310,22 @@ class _RefusalLog:
 
 
 def _is_proxy_address(listener: trio.SocketListener, config: Config) -> bool:
+    """Is this socket, bound by a master of workers, one of `listen_proxy`'s? Compared with
+    what those addresses resolve to, as the master bound them (a wildcard matched every
+    address of both families: a plain `listen` on 127.0.0.1 with `listen_proxy` on `[::]` of
+    the same port expected a PROXY header from every client)."""
     host, port = listener.socket.getsockname()[:2]
-    return any(
-        a.port == port and (a.host == host or a.host in ("0.0.0.0", "::"))
-        for a in config.server.listen_proxy
-    )
+    for address in config.server.listen_proxy:
+        if address.port != port:
+            continue
+        try:
+            infos = socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM,
+                                       flags=socket.AI_PASSIVE)
+        except OSError:
+            continue
+        if any(info[4][0] == host for info in infos):
+            return True
+    return False
 
 
 async def _proxied_client(stream: trio.SocketStream, peer: str, config: Config) -> str:

@@ -7,7 +7,10 @@ from __future__ import annotations
 import ipaddress
 import ssl
 import struct
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import trio
@@ -16,10 +19,10 @@ from moxy.proxy_protocol import ProxyHeader, ProxyProtocolError, parse_header
 from peers.client import SmtpClient
 from peers.moxy import MoxyProcess, RunningMoxy, StartMoxy
 from peers.recorder import Recorder
-from peers.sink import free_port
+from peers.sink import free_port, wait_for_greeting
 from peers.tls import TlsFiles
 
-from .helpers import BODY, SENDER, split_received
+from .helpers import BODY, SENDER, send_one, split_received
 
 MakeRecorder = Callable[..., Recorder]
 SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
@@ -123,6 +126,10 @@ def test_parse_header(data: bytes, expected: ProxyHeader | None) -> None:
         b"GET / HTTP/1.1\r\n",
         SIGNATURE + b"\x31\x11\x00\x0c" + b"\x00" * 12,
         SIGNATURE + b"\x21\x11\x00\x02\x00\x00",
+        # An IPv6 zone id: any byte but space and CRLF, bare LF and "\n.\n" included, which
+        # went into the Received header sent upstream (and the log, and XCLIENT).
+        b"PROXY TCP6 fe80::1%a\n.\nX-Injected:yes\r.\r ::1 5555 25\r\n",
+        b"PROXY TCP6 fe80::1%eth0 ::1 5555 25\r\n",
     ],
 )
 def test_bad_headers_are_errors(data: bytes) -> None:
@@ -156,6 +163,32 @@ async def test_moxy_serve_with_workers_binds_listen_proxy_and_offers_starttls(
     first, second = (split_received(m.data or b"")[0] for m in upstream.delivered)
     assert b"([198.51.100.4])" in first and b" with ESMTP id " in first
     assert b"([127.0.0.1])\r\n\t(using TLSv1.3 " in second and b" with ESMTPS id " in second
+
+
+async def test_with_workers_a_plain_listener_beside_a_proxy_wildcard_of_the_other_family(
+    write_config: Callable[..., Path], make_recorder: MakeRecorder
+) -> None:
+    """`listen` on 127.0.0.1 and `listen_proxy` on `[::]`, one port: the plain listener was
+    taken for a PROXY one (a wildcard matched both families), and its clients were closed
+    without a greeting, with workers only."""
+    upstream = make_recorder()
+    port = free_port()
+    path = write_config({"example.org": upstream}, listen=[f"127.0.0.1:{port}"],
+                        server={"workers": 2, "listen_proxy": [f"[::]:{port}"],
+                                "proxy_protocol_from": ["::1/128"]})
+    with open(path.parent / "moxy.stderr", "wb") as stderr:
+        process = subprocess.Popen([sys.executable, "-m", "moxy", "serve", "-c", str(path)],
+                                   stdin=subprocess.DEVNULL, stdout=stderr,
+                                   stderr=subprocess.STDOUT, cwd=path.parent)
+    try:
+        await trio.to_thread.run_sync(wait_for_greeting, "127.0.0.1", port, 15, process)
+        for _ in range(4):  # whichever worker takes it
+            outcome = await send_one(("127.0.0.1", port), ["u@example.org"])
+            assert outcome.final is not None and outcome.final.code == 250, outcome.transcript
+    finally:
+        process.terminate()
+        assert process.wait(15) == 0
+    assert len(upstream.messages) == 4
 
 
 async def test_per_client_limits_count_the_address_the_header_carries(
