@@ -92,6 +92,23 @@ def test_limiter_rates_and_reconfigure() -> None:
     assert limiter.open_connections("192.0.2.1") == 3
 
 
+def test_a_reload_with_the_same_rates_gives_no_client_a_new_burst() -> None:
+    """Each SIGHUP made new, full buckets: a client over its rate had a new burst after every
+    reload (operations.md: the rates carry over)."""
+    clock = Clock()
+    limits = Limits(connections_per_ip_rate=2, messages_per_ip_rate=1)
+    limiter = ClientLimiter(limits, clock=clock)
+    assert [limiter.admit("192.0.2.1") for _ in range(3)] == [None, None, CONNECTION_RATE]
+    assert [limiter.allow_message("192.0.2.1") for _ in range(2)] == [True, False]
+    limiter.configure(limits)
+    assert limiter.admit("192.0.2.1") == CONNECTION_RATE
+    assert not limiter.allow_message("192.0.2.1")
+    limiter.configure(Limits(connections_per_ip_rate=4, messages_per_ip_rate=1))
+    assert limiter.admit("192.0.2.1") == CONNECTION_RATE  # a larger bucket, refilled in time
+    clock.now += 30  # half a minute: two connections' worth at 4 a minute
+    assert limiter.admit("192.0.2.1") is None
+
+
 @pytest.mark.parametrize(
     ("address", "routed"),
     [

@@ -79,12 +79,15 @@ class ClientLimiter:
         self._clock = clock
         self._open: dict[str, int] = {}  # key -> connections open now
         self.refused: collections.Counter[str] = collections.Counter()
-        self.configure(limits)
+        self.per_ip = limits.connections_per_ip
+        self.connection_rate = RateLimit(limits.connections_per_ip_rate, clock)
+        self.message_rate = RateLimit(limits.messages_per_ip_rate, clock)
 
     def configure(self, limits: Limits) -> None:
+        """New numbers (a reload); the buckets stay, so a reload gives no client a new burst."""
         self.per_ip = limits.connections_per_ip
-        self.connection_rate = RateLimit(limits.connections_per_ip_rate, self._clock)
-        self.message_rate = RateLimit(limits.messages_per_ip_rate, self._clock)
+        self.connection_rate.per_minute = limits.connections_per_ip_rate
+        self.message_rate.per_minute = limits.messages_per_ip_rate
 
     def admit(self, ip: str) -> str | None:
         """Count a new connection from `ip`; or say which limit refuses it (it is then not
