@@ -33,7 +33,12 @@ _CLASS_ORDER: Final = {2: 0, 3: 0, 4: 1, 5: 2}  # worse is larger
 
 
 def leg_error_reply(exc: LegError) -> Reply:
-    """What a client hears for a leg that could not carry on: always temporary."""
+    """What a client hears for a leg that could not carry on: temporary, but for 8-bit data
+    no destination of the leg can take (RFC 6152: not to be sent as it is, and retrying
+    cannot help)."""
+    if exc.stage == "8bitmime":
+        return Reply.make(554, "5.6.3", "Conversion required but not supported: 8-bit data "
+                          "for a destination without 8BITMIME")
     if exc.reply is not None and exc.reply.code == 421:
         return Reply.make(451, "4.4.2", f"Destination closing at {exc.stage}; try again later")
     if exc.stage == "busy":  # every alternative at its concurrency cap (destinations.py)
@@ -290,11 +295,16 @@ class Transaction:
     async def finish(self) -> list[LegResult]:
         """End of data from the client: commit on every leg at once (or report the failure)."""
         legs = self.streaming
+        tail = bytes(self.pending)
+        self.pending.clear()
         if self.body_failure is None:
             # Every leg still quiet, or none commits: a leg that spoke out of turn, closed or
-            # reset during the body fails the message for all, as during the body itself.
+            # reset during the body fails the message for all, as during the body itself; so
+            # does 8-bit data in what is left for a leg that takes 7-bit only.
             for leg in legs:
                 failure = leg.heard_unasked()
+                if failure is None and leg.seven_bit and not tail.isascii():
+                    failure = leg.not_7bit()
                 if failure is not None:
                     logger.warning("leg %s failed during data: %s", leg.group, failure)
                     self.body_failure = failure
@@ -302,8 +312,6 @@ class Transaction:
                     break
         if self.body_failure is not None:
             return [LegResult(leg, leg.destination, self.body_failure) for leg in legs]
-        tail = bytes(self.pending)
-        self.pending.clear()
         if len(legs) == 1:  # the usual case: no task, no partial
             leg = legs[0]
             destination = leg.destination  # before finish(), which may drop the connection

@@ -50,6 +50,7 @@ class Leg:
         self.needs_reset = False  # the upstream holds transaction state to clear with RSET
         self.failure: LegError | None = None  # this transaction can no longer use this leg
         self.in_data = False
+        self.seven_bit = False  # in DATA to a destination without 8BITMIME (data())
         self.committing = False  # the end-of-data sequence is on its way: a verdict is due
         self.sent = 0
 
@@ -241,15 +242,28 @@ class Leg:
             await self.drop()
             raise
         self.in_data = reply.code == 354
+        # RFC 6152: an 8BITMIME message may not go as it is to a destination without 8BITMIME,
+        # and Moxy does not convert: its body is checked to be 7-bit (the client's BODY= is a
+        # claim; many 8BITMIME messages are 7-bit all the same).
+        assert self.envelope is not None and self.conn is not None
+        self.seven_bit = self.envelope.body == "8BITMIME" and (
+            "8BITMIME" not in self.conn.extensions
+        )
         return reply
 
     async def send_body(self, data: bytes) -> None:
         assert self.conn is not None and self.in_data
         conn = self.conn
+        if self.seven_bit and not data.isascii():
+            raise self.not_7bit()
         await conn.send(data, "body", self.settings.timeouts.upstream_data_block)
         self.sent += len(data)
         if conn.timed:  # metrics on
             conn.stats.sent(len(data))
+
+    def not_7bit(self) -> LegError:
+        assert self.conn is not None
+        return self.conn.error("8bitmime", "8-bit data for a destination without 8BITMIME")
 
     def heard_unasked(self) -> LegError | None:
         """Before the commit: the destination must have said nothing since its 354. A reply

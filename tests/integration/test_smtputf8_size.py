@@ -7,6 +7,7 @@ from __future__ import annotations
 import smtplib
 from collections.abc import Callable
 
+import pytest
 import trio
 
 from peers.client import READ_TIMEOUT, SmtpClient
@@ -95,6 +96,35 @@ async def test_size_and_body_are_left_out_for_legs_without_the_extensions(
         assert (await client.reply()).code == 250
     [message] = bare.delivered
     assert message.mail_params == ""
+
+
+@pytest.mark.parametrize("where", ["body", "last line"])
+async def test_8bit_data_of_an_8bitmime_message_never_reaches_a_leg_without_8bitmime(
+    moxy: StartMoxy, make_recorder: MakeRecorder, where: str
+) -> None:
+    """RFC 6152: Moxy does not convert, so a message declared BODY=8BITMIME that does hold
+    8-bit octets is refused for every leg when one leg's destination lacks 8BITMIME (it went
+    as it was, and the client heard 250). A 7-bit body declared so still goes."""
+    bare = make_recorder(ehlo_keywords=("PIPELINING",), name="bare")
+    full = make_recorder(name="full")
+    server = await moxy({"example.org": [bare, full]})
+    big = b"".join(b"line %05d of plain text, longer than Moxy gathers\r\n" % i
+                   for i in range(500))
+    eight_bit = (b"Subject: x\r\n\r\n" + big + "Grüße\r\n".encode()) if where == "body" \
+        else (b"Subject: x\r\n\r\n" + "Grüße\r\n".encode())
+    for body, expected in ((BODY, (250, None)), (eight_bit, (554, "5.6.3"))):
+        async with await trio.open_tcp_stream(server.host, server.port) as stream:
+            client = SmtpClient(stream)
+            await client.greeting_and_ehlo()
+            assert (await client.command("MAIL FROM:<s@client.test> BODY=8BITMIME")).code == 250
+            assert (await client.command("RCPT TO:<a@example.org>")).code == 250
+            assert (await client.command("DATA")).code == 354
+            await client.send(body + b".\r\n")
+            final = await client.reply()
+            assert final.code == expected[0], client.dump()
+            if expected[1] is not None:
+                assert final.enhanced == expected[1], client.dump()
+    assert len(bare.delivered) == 1 and len(full.delivered) == 1  # the 7-bit one only
 
 
 async def test_an_internationalized_domain_is_routed_by_either_spelling(
