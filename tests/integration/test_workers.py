@@ -84,7 +84,9 @@ def test_sigterm_stops_the_master_and_every_worker(
 
 
 async def half_a_message(moxy: MoxyProcess, subject: str) -> SmtpClient:
-    """A session inside DATA, the first half of its body sent."""
+    """A session inside DATA, the first half of its body sent. (Its Moxy needs a
+    `client_data` longer than the test's signals take on a busy machine: at the suite's 10 s
+    the session once timed out first, 421 4.4.2.)"""
     client = await open_session((moxy.host, moxy.port))
     assert (await client.command(f"MAIL FROM:<{SENDER}>")).code == 250
     assert (await client.command("RCPT TO:<user@example.org>")).code == 250
@@ -101,7 +103,7 @@ async def test_a_stop_signal_to_the_whole_process_group_drains_the_workers_grace
     signal (which stops at once): a message in DATA still finishes."""
     upstream = make_recorder()
     moxy = moxy_process({"example.org": upstream}, server={"workers": 2},
-                        timeouts={"shutdown_grace": 10})
+                        timeouts={"shutdown_grace": 10, "client_data": 60})
     async with await half_a_message(moxy, "group") as client:
         for pid in (moxy.process.pid, *workers_of(moxy.process.pid)):  # as kill(-pgid) does
             os.kill(pid, signal.SIGTERM)
@@ -126,7 +128,7 @@ async def test_a_second_stop_signal_to_the_master_stops_the_workers_at_once(
     """The master passes both on: a message still in DATA is abandoned, never delivered."""
     upstream = make_recorder()
     moxy = moxy_process({"example.org": upstream}, server={"workers": 2},
-                        timeouts={"shutdown_grace": 30})
+                        timeouts={"shutdown_grace": 30, "client_data": 60})
     async with await half_a_message(moxy, "twice") as client:
         moxy.process.send_signal(signal.SIGTERM)
         await eventually(lambda: "draining workers" in moxy.stderr(), what="the first")
