@@ -116,6 +116,7 @@ async def serve(
     active = 0
     counting = metrics.registry is not None  # metrics off: no calls to hooks doing nothing
     drained = trio.Event()
+    header_waits: set[trio.CancelScope] = set()  # connections waiting for a PROXY header
     refusals = _RefusalLog("per-client limit")
     over_limit = _RefusalLog("connection limit")
 
@@ -139,7 +140,18 @@ async def serve(
         try:
             if not isinstance(stream, Stream):  # behind a load balancer (Stream: no ABC)
                 proxy_ip = client_ip
-                client_ip = await _proxied_client(stream, client_ip, ctx.config)
+                # A graceful stop cuts the wait for the header short (it held the stop for the
+                # whole grace), as it does a session's wait for a command.
+                with trio.CancelScope() as waiting:
+                    header_waits.add(waiting)
+                    if shared.drain.draining:
+                        waiting.cancel()
+                    try:
+                        client_ip = await _proxied_client(stream, client_ip, ctx.config)
+                    finally:
+                        header_waits.discard(waiting)
+                if waiting.cancelled_caught:
+                    client_ip = ""
                 if not client_ip:
                     await trio.aclose_forcefully(stream)
                     return
@@ -193,6 +205,8 @@ async def serve(
         for listener in listeners:
             await listener.aclose()
         shared.drain.start()
+        for waiting in list(header_waits):
+            waiting.cancel()
         if active == 0:
             drained.set()
         with trio.move_on_after(grace):

@@ -146,6 +146,27 @@ async def test_a_client_waiting_for_a_destinations_answer_at_the_end_of_the_grac
         assert await client.expect_closed() == b""
 
 
+async def test_a_connection_still_owing_its_proxy_header_does_not_hold_the_stop(
+    write_config: Callable[..., Path], make_recorder: MakeRecorder
+) -> None:
+    path = write_config(
+        {"example.org": make_recorder()}, timeouts={"shutdown_grace": 60, "client_command": 60},
+        server={"listen_proxy": ["127.0.0.1:0"], "proxy_protocol_from": ["127.0.0.0/8"]},
+    )
+    shutdown = trio.Event()
+    async with trio.open_nursery() as nursery:
+        bound = await nursery.start(functools.partial(serve, load_config(path),
+                                                      shutdown=shutdown))
+        async with await SmtpClient.connect(*bound[-1]) as balancer:
+            await balancer.send(b"PROXY TCP4 192.0.2.1")  # and the rest never comes
+            await trio.sleep(0.2)
+            shutdown.set()
+            with trio.fail_after(10):
+                while nursery.child_tasks:
+                    await trio.sleep(0.05)
+            assert await balancer.expect_closed() == b""
+
+
 async def test_a_starttls_handshake_that_stalls_does_not_hold_the_stop(
     write_config: Callable[..., Path], make_recorder: MakeRecorder, tls_files: TlsFiles
 ) -> None:
