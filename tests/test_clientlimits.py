@@ -92,6 +92,27 @@ def test_limiter_rates_and_reconfigure() -> None:
     assert limiter.open_connections("192.0.2.1") == 3
 
 
+def test_messages_over_the_rate_are_logged_once_per_10_s_with_their_count(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """security.md: at most one line every 10 seconds (it was a line per MAIL refused)."""
+    clock = Clock()
+    limiter = ClientLimiter(Limits(messages_per_ip_rate=1), clock=clock)
+    assert limiter.allow_message("192.0.2.1")
+    for _ in range(5):
+        assert not limiter.allow_message("192.0.2.1")
+    clock.now += 10
+    limiter.message_rate.per_minute = 1  # no refill to speak of: 10 s at 1 a minute
+    for _ in range(3):
+        assert not limiter.allow_message("192.0.2.1")
+    assert [r.getMessage() for r in caplog.records] == [
+        "per-client limit: closed 1 session over limits.messages_per_ip_rate (latest from "
+        "192.0.2.1)",
+        "per-client limit: closed 5 sessions over limits.messages_per_ip_rate (latest from "
+        "192.0.2.1)",
+    ]
+
+
 def test_a_reload_with_the_same_rates_gives_no_client_a_new_burst() -> None:
     """Each SIGHUP made new, full buckets: a client over its rate had a new burst after every
     reload (operations.md: the rates carry over)."""

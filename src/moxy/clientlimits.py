@@ -11,16 +11,22 @@ from __future__ import annotations
 import collections
 import functools
 import ipaddress
+import logging
+import math
 import time
 from collections.abc import Callable
 
 # `reason` of the "connection" events and keys of `ClientLimiter.refused`.
 from moxy.accounting.events import CONNECTION_RATE, CONNECTIONS_PER_IP, MESSAGE_RATE
 from moxy.config import Limits
+from moxy.logsetup import plural
 from moxy.relay import client_address
 
 IPV6_PREFIX = 64
 _PRUNE_EVERY = 4096  # new buckets between two sweeps of the idle ones
+_LOG_INTERVAL = 10.0  # seconds between two lines about refused messages
+
+logger = logging.getLogger("moxy.server")
 
 
 @functools.lru_cache(maxsize=4096)
@@ -80,6 +86,8 @@ class ClientLimiter:
         self._open: dict[str, int] = {}  # key -> connections open now
         self.refused: collections.Counter[str] = collections.Counter()
         self.per_ip = limits.connections_per_ip
+        self._message_refusals = 0
+        self._message_logged = -math.inf
         self.connection_rate = RateLimit(limits.connections_per_ip_rate, clock)
         self.message_rate = RateLimit(limits.messages_per_ip_rate, clock)
 
@@ -118,6 +126,15 @@ class ClientLimiter:
         if self.message_rate.per_minute <= 0 or self.message_rate.allow(client_key(ip)):
             return True
         self.refused[MESSAGE_RATE] += 1
+        # Logged at most every 10 s with the count, as the refused connections are: a client
+        # over its rate would otherwise write a line per MAIL.
+        self._message_refusals += 1
+        now = self._clock()
+        if now - self._message_logged >= _LOG_INTERVAL:
+            logger.warning("per-client limit: closed %s over limits.messages_per_ip_rate "
+                           "(latest from %s)", plural(self._message_refusals, "session"), ip)
+            self._message_refusals = 0
+            self._message_logged = now
         return False
 
     def open_connections(self, ip: str) -> int:

@@ -279,9 +279,7 @@ class Session(SessionEvents):
     async def mail(self, event: ev.MailFrom) -> None:
         await self.end_transaction()
         clients = self.ctx.clients
-        if clients is not None and not clients.allow_message(self.client_ip):
-            logger.warning("session %s: %s over limits.messages_per_ip_rate; closing",
-                           self.id, self.client_ip)
+        if clients is not None and not clients.allow_message(self.client_ip):  # logs it
             reply = Reply.make(
                 421, "4.7.0", f"{self.hostname} Too many messages from your address; "
                 "try again later"
