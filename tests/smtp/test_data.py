@@ -205,6 +205,33 @@ def test_size_is_counted_across_chunks() -> None:
     assert refusal(others) == (552, "5.3.4") and reader.size > 5000 and len(body) <= 5000
 
 
+@given(
+    lines=st.lists(st.sampled_from([b"", b".", b"..", b".x", b"x.", b"x", b"x\t."]),
+                   max_size=30),
+    cuts=st.lists(st.integers(min_value=0, max_value=200), max_size=6),
+)
+def test_size_is_that_of_the_message_without_the_dots_of_dot_stuffing(
+    lines: list[bytes], cuts: list[int]
+) -> None:
+    """RFC 1870 counts the message, not its transmission: a line beginning with a dot is sent
+    with one more (a 1,800-octet message declared SIZE=1800 was refused under a 2,000 limit
+    for its dot lines), however the wire form is cut into reads."""
+    message = b"".join(line + b"\r\n" for line in lines)
+    wire = b"".join((b"." + line if line.startswith(b".") else line) + b"\r\n" for line in lines)
+    body, others, reader = read(*split_at(wire + b".\r\n", *cuts))
+    assert others == [BodyEnd()] and body == wire
+    assert reader.size == len(message)
+
+
+def test_a_message_of_the_maximum_size_with_dot_lines_is_accepted() -> None:
+    message = b".x\r\n" * 4  # 16 octets; 20 on the wire
+    wire = message.replace(b".x", b"..x")
+    _, others, _ = read(wire + b".\r\n", max_size=16)
+    assert others == [BodyEnd()]
+    _, others, _ = read(wire + b".\r\n", max_size=15)
+    assert refusal(others) == (552, "5.3.4")
+
+
 @pytest.mark.parametrize(("length", "refused"), [(999, False), (1000, False), (1001, True)])
 def test_text_line_limit_counts_bytes_without_crlf(length: int, refused: bool) -> None:
     _, others, _ = read(b"a\r\n" + b"x" * length + b"\r\nb\r\n.\r\n", max_line=1000)

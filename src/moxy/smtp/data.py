@@ -101,7 +101,9 @@ class BodyReader:
         self._held = _VIRTUAL_CRLF  # bytes not yet examined, carried to the next feed
         self._skip = len(_VIRTUAL_CRLF)  # leading bytes of _held that are not body
         self._run = 0  # non-LF bytes since the last LF: the line length carried across feeds
-        self.size = 0  # body bytes handed on so far (wire form)
+        # The body's size so far as RFC 1870 counts it (SIZE, limits.message_size): the bytes
+        # handed on less the dots of dot-stuffing, one for each line that begins with a dot.
+        self.size = 0
         self.refused: Reply | None = None
         self.done = False
         self.leftover = b""
@@ -148,7 +150,10 @@ class BodyReader:
         if self._max_line and not self._lines_fit(region):
             return self._refuse(LINE_TOO_LONG)
         chunk = region[skip:]
-        self.size += len(chunk)
+        # A region starts at the body's start (a virtual CRLF) or where the last one ended,
+        # and a CRLF that may precede a dot is held back: each stuffed dot's LF is in its
+        # region, and counted once.
+        self.size += len(chunk) - region.count(b"\n.")
         if self._max_size and self.size > self._max_size:
             return self._refuse(TOO_BIG)
         return BodyChunk(chunk) if chunk else None
