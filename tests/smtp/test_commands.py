@@ -286,6 +286,16 @@ def test_the_cache_tells_apart_what_else_decides_the_answer() -> None:
     assert refusal(parse_verb("RCPT", rcpt, False, 0, False)) == (553, "5.6.7")
 
 
+def test_with_smtputf8_a_quoted_local_part_may_hold_utf8() -> None:
+    """RFC 6531 §3.3 extends qtextSMTP with UTF-8 as it does atext (was 501 5.1.3)."""
+    rcpt = '"\xc3\xbc x"@b.example'  # UTF-8, as split_command decodes it (latin-1)
+    event = parse_verb("RCPT", f"TO:<{rcpt}>", True, 0, True)
+    assert isinstance(event, RcptTo) and event.address == '"ü x"@b.example'
+    assert refusal(parse_verb("RCPT", f"TO:<{rcpt}>", True, 0, False)) == (553, "5.6.7")
+    # Controls stay out, quoted or not.
+    assert refusal(parse_verb("RCPT", 'TO:<"\xc2\x85"@b.example>', True, 0, True))[0] == 501
+
+
 def test_the_cache_is_bounded_and_keeps_no_long_argument() -> None:
     for n in range(3 * commands._SEEN_MAX):
         assert isinstance(parse_verb("RCPT", f"TO:<user{n}@b.example>", True, 0, False), RcptTo)

@@ -79,8 +79,10 @@ _U: Final = "\u00a0-\U0010ffff"
 _UTF8_ATEXT: Final = rf"[A-Za-z0-9!#$%&'*+/=?^_`{{|}}~{_U}-]"
 _UTF8_LABEL: Final = rf"[A-Za-z0-9{_U}](?:[A-Za-z0-9{_U}-]*[A-Za-z0-9{_U}])?"
 _UTF8_DOMAIN: Final = rf"{_UTF8_LABEL}(?:\.{_UTF8_LABEL})*\.?"
+# qtextSMTP takes UTF-8 too (RFC 6531 §3.3: `"ü x"@example.org`).
+_UTF8_QUOTED: Final = rf'"(?:[\x20\x21\x23-\x5b\x5d-\x7e{_U}]|\\[\x20-\x7e])*"'
 _UTF8_MAILBOX: Final = (
-    rf"(?:(?:{_UTF8_ATEXT}|\.)+|{_QUOTED})@(?:{_UTF8_DOMAIN}|{_LITERAL})"
+    rf"(?:(?:{_UTF8_ATEXT}|\.)+|{_UTF8_QUOTED})@(?:{_UTF8_DOMAIN}|{_LITERAL})"
 )
 _UTF8_PATH_AND_PARAMS: Final = re.compile(
     rf"<(?:{_SOURCE_ROUTE})?(?P<mailbox>{_UTF8_MAILBOX})>(?: +(?P<params>[\x20-\x7e]*))?"
