@@ -128,7 +128,8 @@ def run(config: Config) -> int:
     routing = Routing.build(config)
     # Read now, as root if started so: a key only root may read (Let's Encrypt's) works.
     tls = TlsContexts.read(config)
-    check_sinks(config)  # a sink that cannot be made, or an unwritable log, stops the start
+    # A sink that cannot be made, or a log its writer cannot write, stops the start.
+    check_sinks(config, None if switch is None else (switch.user, switch.uid, switch.gid))
     if config.server.workers > 1:
         # Checked once here so that a broken routes file stops the start; every worker then
         # builds its own sources after the fork (no connection is shared between processes).

@@ -162,6 +162,43 @@ def test_a_user_other_than_the_current_one_needs_root(shared_dir: Path) -> None:
     ]
 
 
+@pytest.mark.parametrize("log", ["absent", "root's"])
+async def test_the_message_log_is_one_the_user_can_write(
+    shared_dir: Path, make_recorder: MakeRecorder, log: str
+) -> None:
+    """The start's check created a missing message log as root (0640): the accounting
+    process, running as the user, could not open it, and every event of a first start was
+    lost. Created now, it is the user's; one the user cannot write stops the start."""
+    upstream = make_recorder()
+    port = free_privileged_port()
+    config = write(shared_dir, f'listen = ["127.0.0.1:{port}"]\nuser = "nobody"',
+                   f"example.org {upstream.address}\n")
+    path = shared_dir / "moxy.log"
+    path.unlink()  # write() made it the user's
+    if log == "root's":
+        path.touch(mode=0o640)
+    run = [sys.executable, "-m", "moxy", "serve", "-c", str(config)]
+    if log == "root's":
+        done = subprocess.run(run, capture_output=True, text=True, timeout=30)
+        assert done.returncode == 2, done.stderr
+        assert done.stderr == (f"moxy: {config}: log.file: {path} is not writable by user "
+                               "nobody, who writes it once Moxy has given root up\n")
+        return
+    output = shared_dir / "stderr"
+    with open(output, "wb") as stderr:
+        process = subprocess.Popen(run, stdin=subprocess.DEVNULL, stdout=stderr,
+                                   stderr=subprocess.STDOUT)
+    try:
+        await trio.to_thread.run_sync(wait_for_greeting, "127.0.0.1", port, 15, process)
+        outcome = await send_one(("127.0.0.1", port), ["user@example.org"])
+        assert outcome.final is not None and outcome.final.code == 250, outcome.transcript
+    finally:
+        process.terminate()
+        assert process.wait(15) == 0, output.read_text()
+    assert path.stat().st_uid == NOBODY.pw_uid
+    assert " message " in path.read_text(), output.read_text()
+
+
 def _starttls_verifies(port: int, ca: Path) -> bool:
     with smtplib.SMTP("127.0.0.1", port, "privileges.test", timeout=10) as smtp:
         smtp.starttls(context=ssl.create_default_context(cafile=str(ca)))

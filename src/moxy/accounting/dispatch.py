@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import stat
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
@@ -378,9 +379,12 @@ def _lazy_class(name: str, config: Config) -> Callable[[Any], Sink]:
     return cast(Callable[[Any], Sink], getattr(module, class_name))
 
 
-def check_sinks(config: Config) -> None:
+def check_sinks(config: Config, user: tuple[str, int, int] | None = None) -> None:
     """What `moxy serve` checks before it listens: every sink can be made, and the message log
     can be opened (a typo in its path is a configuration error, not a silent loss of events).
+    With `user` (name, uid, gid: the `[server] user` root will become), the log must be
+    writable by that user, who writes it: one this check creates is given to the user (made
+    by root, it was written by nobody: every event of a first start lost).
 
     The GDBM and Redis sinks are only loaded, not made: they open their backends when made,
     and each worker process makes its own. Raises ConfigError naming the key."""
@@ -392,9 +396,31 @@ def check_sinks(config: Config) -> None:
         key = "log.file"
         if config.accounting.file is not None and config.accounting.file.path is not None:
             key = "accounting.file.path"
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
         try:
-            os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640))
+            try:
+                fd, created = os.open(path, flags | os.O_EXCL, 0o640), True
+            except FileExistsError:
+                fd, created = os.open(path, flags, 0o640), False
+            try:
+                if user is not None and created:
+                    os.fchown(fd, user[1], user[2])
+                elif user is not None and not _writable_by(os.fstat(fd), user[1], user[2]):
+                    raise ConfigError([f"{key}: {path} is not writable by user {user[0]}, who "
+                                       "writes it once Moxy has given root up"], config.path)
+            finally:
+                os.close(fd)
         except OSError as exc:
             raise ConfigError(
                 [f"{key}: cannot open {path} for appending: {exc.strerror or exc}"], config.path
             ) from None
+
+
+def _writable_by(st: os.stat_result, uid: int, gid: int) -> bool:
+    """Can that user (with that one group, as Moxy becomes it) write the file?"""
+    mode = st.st_mode
+    if st.st_uid == uid:
+        return bool(mode & stat.S_IWUSR)
+    if st.st_gid == gid:
+        return bool(mode & stat.S_IWGRP)
+    return bool(mode & stat.S_IWOTH)
