@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 
 from integration.helpers import BODY, SENDER, open_session, send_one
@@ -177,37 +178,31 @@ async def test_sessions_moxy_ends_are_connection_events(
     assert timeout["session"] != errors["session"]
 
 
-async def test_a_session_over_tls_that_moxy_ends_says_so_in_its_connection_event(
-    moxy: StartMoxy, make_recorder: MakeRecorder, tls_files: TlsFiles
+@pytest.mark.parametrize("after", ["handshake", "starttls"])
+async def test_a_tls_session_moxy_ends_is_a_connection_event_that_says_so(
+    moxy: StartMoxy, make_recorder: MakeRecorder, tls_files: TlsFiles, after: str
 ) -> None:
+    """After the handshake, a client that says nothing: its event had `tls=-`. After STARTTLS,
+    a client that never starts the handshake: no event at all."""
     server = await moxy(
         {"example.org": make_recorder()}, timeouts={"client_command": 0.5},
         tls={"cert": str(tls_files.cert), "key": str(tls_files.key)},
     )
     async with await open_session(server) as client:
         assert (await client.command("STARTTLS")).code == 220
-        await client.start_tls(ssl.create_default_context(cafile=str(tls_files.ca)))
-        assert (await client.command("EHLO over-tls.test")).code == 250
-        assert (await client.reply(timeout=10)).code == 421  # then says nothing
+        if after == "handshake":
+            await client.start_tls(ssl.create_default_context(cafile=str(tls_files.ca)))
+            assert (await client.command("EHLO over-tls.test")).code == 250
+            assert (await client.reply(timeout=10)).code == 421  # then says nothing
+        else:
+            assert await client.expect_closed() == b""  # no ClientHello
     await eventually(lambda: kinds(text_records(server.log_file), "connection"), what="event")
     [event] = kinds(text_records(server.log_file), "connection")
-    assert (event["reason"], event["helo"]) == ("timeout", "over-tls.test")
-    assert event["tls"].startswith("TLSv1.3:TLS_"), event  # it said "-"
-
-
-async def test_a_starttls_handshake_that_never_comes_is_a_timeout_event(
-    moxy: StartMoxy, make_recorder: MakeRecorder, tls_files: TlsFiles
-) -> None:
-    server = await moxy(
-        {"example.org": make_recorder()}, timeouts={"client_command": 0.5},
-        tls={"cert": str(tls_files.cert), "key": str(tls_files.key)},
-    )
-    async with await open_session(server) as client:
-        assert (await client.command("STARTTLS")).code == 220  # then no ClientHello
-        assert await client.expect_closed() == b""
-    await eventually(lambda: kinds(text_records(server.log_file), "connection"), what="event")
-    [event] = kinds(text_records(server.log_file), "connection")
-    assert (event["reason"], event["stage"], event["code"]) == ("timeout", "tls", 0)
+    if after == "handshake":
+        assert (event["reason"], event["helo"]) == ("timeout", "over-tls.test")
+        assert event["tls"].startswith("TLSv1.3:TLS_"), event
+    else:
+        assert (event["reason"], event["stage"], event["code"]) == ("timeout", "tls", 0)
 
 
 def test_text_line_parser_reads_routes_with_spaces() -> None:

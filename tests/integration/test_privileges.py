@@ -65,6 +65,22 @@ def write(directory: Path, server: str, routes: str) -> Path:
     return config
 
 
+async def serve_as_root(config: Path, port: int, output: Path) -> subprocess.Popen[bytes]:
+    """`moxy serve` started (as root, as the suite runs), its output to `output`, greeting."""
+    with open(output, "wb") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "moxy", "serve", "-c", str(config)],
+            stdin=subprocess.DEVNULL, stdout=stderr, stderr=subprocess.STDOUT,
+        )
+    try:
+        await trio.to_thread.run_sync(wait_for_greeting, "127.0.0.1", port, 15, process)
+    except BaseException:
+        process.kill()
+        process.wait()
+        raise
+    return process
+
+
 def ids(pid: int) -> tuple[list[int], list[int]]:
     status = Path(f"/proc/{pid}/status").read_text().splitlines()
     fields = {line.split(":")[0]: line.split()[1:] for line in status}
@@ -100,13 +116,8 @@ async def test_root_binds_the_port_then_serves_as_the_user(
         f"example.org {upstream.address}\n",
     )
     output = shared_dir / "stderr"
-    with open(output, "wb") as stderr:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "moxy", "serve", "-c", str(config)],
-            stdin=subprocess.DEVNULL, stdout=stderr, stderr=subprocess.STDOUT,
-        )
+    process = await serve_as_root(config, port, output)
     try:
-        await trio.to_thread.run_sync(wait_for_greeting, "127.0.0.1", port, 15, process)
         pids = [process.pid]
         if workers > 1:
             children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text()
@@ -177,19 +188,16 @@ async def test_the_message_log_is_one_the_user_can_write(
     path.unlink()  # write() made it the user's
     if log == "root's":
         path.touch(mode=0o640)
-    run = [sys.executable, "-m", "moxy", "serve", "-c", str(config)]
     if log == "root's":
-        done = subprocess.run(run, capture_output=True, text=True, timeout=30)
+        done = subprocess.run([sys.executable, "-m", "moxy", "serve", "-c", str(config)],
+                              capture_output=True, text=True, timeout=30)
         assert done.returncode == 2, done.stderr
         assert done.stderr == (f"moxy: {config}: log.file: {path} is not writable by user "
                                "nobody, who writes it once Moxy has given root up\n")
         return
     output = shared_dir / "stderr"
-    with open(output, "wb") as stderr:
-        process = subprocess.Popen(run, stdin=subprocess.DEVNULL, stdout=stderr,
-                                   stderr=subprocess.STDOUT)
+    process = await serve_as_root(config, port, output)
     try:
-        await trio.to_thread.run_sync(wait_for_greeting, "127.0.0.1", port, 15, process)
         outcome = await send_one(("127.0.0.1", port), ["user@example.org"])
         assert outcome.final is not None and outcome.final.code == 250, outcome.transcript
     finally:
@@ -222,13 +230,8 @@ async def test_a_key_only_root_may_read_is_read_before_root_is_given_up(
         "example.org 127.0.0.1:9\n",
     )
     output = shared_dir / "stderr"
-    with open(output, "wb") as stderr:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "moxy", "serve", "-c", str(config)],
-            stdin=subprocess.DEVNULL, stdout=stderr, stderr=subprocess.STDOUT,
-        )
+    process = await serve_as_root(config, port, output)
     try:
-        await trio.to_thread.run_sync(wait_for_greeting, "127.0.0.1", port, 15, process)
         assert await trio.to_thread.run_sync(_starttls_verifies, port, tls.ca)
         if workers > 1:
             children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text()

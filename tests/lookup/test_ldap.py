@@ -8,8 +8,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import trio
@@ -18,7 +19,6 @@ import moxy.lookup.ldap
 from moxy.lookup.base import (
     MAX_VALUE,
     BadRouteData,
-    DestinationGroup,
     LookupFailed,
     SourceRouter,
     parse_destinations,
@@ -80,21 +80,13 @@ async def test_values_larger_than_a_redis_value_may_be_are_bad_data(slapd: Slapd
 
 
 async def test_values_are_parsed_in_the_worker_thread(
-    slapd: Slapd, monkeypatch: pytest.MonkeyPatch
+    slapd: Slapd, parse_threads: Callable[[ModuleType], list[int]]
 ) -> None:
-    # A large value takes a while to parse; not on the event loop, which every session shares.
-    loop_thread = threading.get_ident()
-    parsed_in: list[int] = []
-
-    def parse(text: str) -> tuple[DestinationGroup, ...]:
-        parsed_in.append(threading.get_ident())
-        return parse_destinations(text)
-
-    monkeypatch.setattr(moxy.lookup.ldap, "parse_destinations", parse)
+    threads = parse_threads(moxy.lookup.ldap)
     assert await source(slapd).lookup("example.org") == parse_destinations(
         "10.0.0.5:2525 mx2.example.org"
     )
-    assert parsed_in and loop_thread not in parsed_in
+    assert threads and threading.get_ident() not in threads
 
 
 # --- filter escaping ---------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import logging
 import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import redis
@@ -14,7 +15,7 @@ import trio
 import trio.testing
 
 import moxy.lookup.redis
-from moxy.lookup.base import BadRouteData, DestinationGroup, LookupFailed, parse_destinations
+from moxy.lookup.base import BadRouteData, LookupFailed, parse_destinations
 from moxy.lookup.cache import CachedRouter, CacheSettings
 from moxy.lookup.file import RoutesFileError
 from moxy.lookup.redis import (
@@ -88,23 +89,15 @@ async def test_a_huge_value_is_bad_data_not_parsed(redis_server: RedisServer) ->
 
 
 async def test_values_are_parsed_in_the_worker_thread(
-    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+    redis_server: RedisServer, parse_threads: Callable[[ModuleType], list[int]]
 ) -> None:
-    # A value up to MAX_VALUE takes milliseconds to parse: not on the event loop.
-    loop_thread = threading.get_ident()
-    parsed_in: list[int] = []
-
-    def parse(text: str) -> tuple[DestinationGroup, ...]:
-        parsed_in.append(threading.get_ident())
-        return parse_destinations(text)
-
-    monkeypatch.setattr(moxy.lookup.redis, "parse_destinations", parse)
+    threads = parse_threads(moxy.lookup.redis)
     redis_server.client().set("moxy:route:example.org", "10.0.0.5:2525 mx2.example.org")
     source = RedisSource(settings_for(redis_server))
     assert await source.lookup("example.org") == parse_destinations(
         "10.0.0.5:2525 mx2.example.org"
     )
-    assert parsed_in and loop_thread not in parsed_in
+    assert threads and threading.get_ident() not in threads
 
 
 async def test_a_key_of_the_wrong_type_is_bad_data(redis_server: RedisServer) -> None:
