@@ -266,3 +266,32 @@ async def test_a_local_shortage_of_descriptors_marks_no_destination_down() -> No
     assert (leg_error_reply(caught.value).code, leg_error_reply(caught.value).enhanced) == (
         451, "4.3.0")
     assert destinations.down() == []
+
+
+async def test_a_control_socket_a_server_answers_on_is_not_taken_over(tmp_path: Path) -> None:
+    """A second `moxy serve` of the same configuration replaced the running server's socket
+    file (and, failing to bind its port, removed it): `moxy destinations` then found no one.
+    A stale file, with nobody listening, is replaced as before."""
+    path = tmp_path / "ctl"
+    running = control.bind(path)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(control.serve_control, running, Destinations(DestinationSettings()))
+        with pytest.raises(OSError, match="a running Moxy answers on it"):
+            await trio.to_thread.run_sync(control.bind, path)
+        assert path.exists()
+        # Many asking at once, more than the server's queue held (16): each gets its answer.
+        async def ask(results: list[object]) -> None:
+            results.append(await trio.to_thread.run_sync(control.ask, path, "list",
+                                                         abandon_on_cancel=True))
+
+        results: list[object] = []
+        async with trio.open_nursery() as askers:
+            for _ in range(60):
+                askers.start_soon(ask, results)
+        assert results == [[]] * 60
+        nursery.cancel_scope.cancel()
+    control.unbind(running, path)
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(path))
+    stale.close()  # the file stays, nobody listens
+    control.unbind(control.bind(path), path)

@@ -9,6 +9,7 @@ with `.N` appended (N = 0 … workers-1).
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -27,6 +28,7 @@ from moxy.lookup.base import parse_destination
 logger = logging.getLogger("moxy.control")
 
 MAX_REQUEST = 1024
+BACKLOG = 128  # connections waiting to be accepted (moxy destinations, scripts)
 TIMEOUT = 5.0
 
 
@@ -60,20 +62,37 @@ def answer(destinations: Destinations, request: str) -> list[dict[str, object]]:
 
 
 def bind(path: Path) -> socket.socket:
-    """A listening unix socket at `path` (a stale socket file there is replaced)."""
+    """A listening unix socket at `path`. A stale socket file there (left by a server that did
+    not stop cleanly) is replaced; one a running server answers on is not: a second `moxy
+    serve` of the same configuration, failing, removed the running one's socket."""
     with contextlib.suppress(FileNotFoundError):
         if stat.S_ISSOCK(path.lstat().st_mode):
-            path.unlink()  # left by a server that did not stop cleanly
+            if _answers(path):
+                raise OSError(errno.EADDRINUSE, f"cannot listen on control socket {path}: a "
+                              "running Moxy answers on it")
+            path.unlink()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.bind(str(path))
         os.chmod(path, 0o600)  # before listen(): nobody else can connect in between
-        sock.listen(16)
+        sock.listen(BACKLOG)
     except OSError as exc:
         sock.close()
         raise OSError(exc.errno, f"cannot listen on control socket {path}: "
                       f"{exc.strerror or exc}") from None
     return sock
+
+
+def _answers(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(str(path))
+        except (ConnectionRefusedError, FileNotFoundError):
+            return False  # nobody listens: stale
+        except OSError:
+            return True  # there, but busy (EAGAIN: its queue is full) or not ours to judge
+    return True
 
 
 def unbind(sock: socket.socket, path: Path) -> None:
@@ -122,12 +141,27 @@ async def _handle(stream: trio.SocketStream, destinations: Destinations) -> None
 # -- the client side (`moxy destinations`) ---------------------------------------------------
 
 
+def _connect(sock: socket.socket, path: Path) -> None:
+    """Connect, waiting up to TIMEOUT for room in the server's queue: a unix socket with a
+    timeout fails at once when the queue is full (EAGAIN), and many clients asking at once
+    failed (453 of 800)."""
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        try:
+            sock.connect(str(path))
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.01)
+
+
 def ask(path: Path, request: str) -> list[dict[str, object]]:
     """Send one request to the server listening on `path`; raises ControlError."""
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(TIMEOUT)
-            sock.connect(str(path))
+            _connect(sock, path)
             sock.sendall(request.encode() + b"\n")
             data = b"".join(_receive(sock))
     except OSError as exc:
