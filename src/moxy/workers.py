@@ -31,6 +31,8 @@ logger = logging.getLogger("moxy.master")
 
 BACKLOG = 1024
 RESTART_DELAY = 1.0  # a worker that dies at once must not make the master spin
+RESTART_DELAY_MAX = 30.0  # the delay doubles while a worker keeps dying young, up to this
+STABLE = 10.0  # seconds a worker must have served for its end to count as a fresh failure
 _SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGUSR1, signal.SIGHUP}
 
 
@@ -136,14 +138,23 @@ def supervise(
                 logging.shutdown()
                 os._exit(status)
         children[pid] = number
+        started[number] = time.monotonic()
 
+    # Restarts wait in `due` (slot -> when), not in a sleep: the signals a sleep would merge
+    # (two SIGTERMs in it were one, so "again to stop at once" went unheard) are taken
+    # meanwhile. A worker that keeps dying young waits twice as long each time.
+    started: dict[int, float] = {}
+    delays: dict[int, float] = {}
+    due: dict[int, float] = {}
     for slot in range(config.server.workers):
         spawn(slot)
     logger.info("master %d: %d workers listening on %s", os.getpid(), len(children), names)
     stopping = False
     try:
-        while children:
-            info = signal.sigtimedwait(_SIGNALS, 1.0)
+        while children or (due and not stopping):
+            now = time.monotonic()
+            wait = min([1.0, *(max(when - now, 0.0) for when in due.values())])
+            info = signal.sigtimedwait(_SIGNALS, wait)
             if info is not None and info.si_signo == signal.SIGUSR1:
                 logger.info("received SIGUSR1, passing it on to the workers")
                 for pid in children:
@@ -167,10 +178,20 @@ def supervise(
                     children.pop(pid, None)
                     continue
                 slot = children.pop(pid)
-                logger.error("worker %d (pid %d) ended (%s); starting it again",
-                             slot, pid, _describe(status))
-                time.sleep(RESTART_DELAY)
-                spawn(slot)
+                if time.monotonic() - started.get(slot, 0.0) < STABLE:  # died young again
+                    delay = min(delays.get(slot, RESTART_DELAY / 2) * 2, RESTART_DELAY_MAX)
+                    delays[slot] = delay
+                else:
+                    delay = RESTART_DELAY
+                    delays[slot] = RESTART_DELAY / 2
+                due[slot] = time.monotonic() + delay
+                logger.error("worker %d (pid %d) ended (%s); starting it again in %gs",
+                             slot, pid, _describe(status), delay)
+            if not stopping:
+                now = time.monotonic()
+                for slot in [s for s, when in due.items() if when <= now]:
+                    del due[slot]
+                    spawn(slot)
     finally:
         for sock in sockets:
             sock.close()

@@ -73,6 +73,25 @@ async def test_a_worker_that_dies_is_replaced_and_mail_keeps_flowing(
     assert "ended (killed by SIGKILL); starting it again" in moxy.stderr()
 
 
+async def test_a_worker_that_cannot_start_waits_longer_each_time_and_a_stop_is_heard(
+    moxy_process: StartProcess, make_recorder: MakeRecorder
+) -> None:
+    """The routes file broken since the start: the running workers keep their routes, but one
+    killed cannot start again. It was restarted every second forever, and the master, asleep
+    in that second with its signals blocked, merged two SIGTERMs into one (no stop at once)."""
+    moxy = moxy_process({"example.org": make_recorder()}, server={"workers": 2})
+    (moxy.config_path.parent / "routes").write_text("example.org mx..bad\n")
+    os.kill(min(workers_of(moxy.process.pid)), signal.SIGKILL)
+    await eventually(lambda: "starting it again in 4s" in moxy.stderr(), timeout=20,
+                     what="the third restart's longer wait")
+    assert "starting it again in 1s" in moxy.stderr()
+    assert "starting it again in 2s" in moxy.stderr()
+    moxy.process.send_signal(signal.SIGTERM)
+    moxy.process.send_signal(signal.SIGTERM)
+    moxy.stopped_by_test = True
+    assert await trio.to_thread.run_sync(moxy.process.wait, 5) == 0
+
+
 def test_sigterm_stops_the_master_and_every_worker(
     moxy_process: StartProcess, make_recorder: MakeRecorder
 ) -> None:
