@@ -3,18 +3,23 @@ in another process while Moxy writes, two writers sharing a file, a file that ca
 
 from __future__ import annotations
 
+import contextlib
 import dbm.gnu
 import json
 import logging
+import resource
+import signal
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import trio
 
 from moxy.accounting import gdbm
+from moxy.accounting.base import SinkStats
 from moxy.accounting.gdbm import GdbmLogError, GdbmSink, Totals, read_log
 from moxy.accounting.settings import GdbmSinkSettings
 
@@ -172,3 +177,72 @@ def test_read_log_reports_a_missing_or_foreign_file(tmp_path: Path) -> None:
     (tmp_path / "text.db").write_text("not a database\n")
     with pytest.raises(GdbmLogError, match="cannot read GDBM log"):
         read_log(tmp_path / "text.db", tries=2, wait=0.01)
+
+
+@contextlib.contextmanager
+def file_size_limit(size: int) -> Iterator[None]:
+    """Writes past `size` bytes fail with EFBIG, as a full disk fails them with ENOSPC."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old)
+
+
+async def test_a_flush_failing_part_way_adds_nothing_twice(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The file cannot grow in the middle of a flush (a full disk): the keys stored before
+    the failure are not held for the next flush, which adds only the others."""
+    caplog.set_level(logging.INFO, "moxy.accounting")
+    path = tmp_path / "acct.db"
+    sink = sink_at(path)
+    await sink.write([leg("mx.example:25", ("a@example.org",), 10)])
+    await sink.tick()
+    await sink.write([leg("mx.example:25", (f"r{i}@example.org",), 10) for i in range(2000)])
+    with file_size_limit(path.stat().st_size):
+        await sink.tick()
+    assert 0 < sink.stats().backlog < 2001  # the destination and some recipients were stored
+    await sink.tick()
+    assert sink.stats() == SinkStats(backlog=0, dropped=0)
+    totals = read_log(path)
+    assert len(totals) == 2002
+    dest = totals["dest:mx.example:25"]
+    assert (dest.messages, dest.size) == (2001, 20010)  # not 4001: none added twice
+    assert {t.messages for k, t in totals.items() if k.startswith("rcpt:")} == {1}
+    messages = [r.getMessage() for r in caplog.records]
+    assert len([m for m in messages if "cannot write GDBM log" in m]) == 1, messages
+    assert [m for m in messages if "writable again" in m] == [
+        f"accounting: GDBM log {path} writable again, 0 events dropped meanwhile"]
+
+
+async def test_a_damaged_file_is_logged_once_and_its_events_counted_as_dropped(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """GDBM finds the file malformed: retrying cannot help, so the sums are dropped and
+    counted (not held, and re-added to what the file still takes, flush after flush)."""
+    caplog.set_level(logging.INFO, "moxy.accounting")
+    path = tmp_path / "acct.db"
+    with dbm.gnu.open(str(path), "c") as db:
+        for i in range(50):
+            db[f"rcpt:{i}@example.org".encode()] = b"1 10 1764600000 1764600000"
+    with path.open("r+b") as f:  # overwrite its hash directory
+        f.seek(4096)
+        f.write(b"\xff" * 512)
+    sink = sink_at(path)
+    for n in (3, 2):
+        await sink.write([leg("mx.example:25", ("b@example.org",), 10)] * n)
+        await sink.tick()
+    assert sink.stats() == SinkStats(backlog=0, dropped=5)
+    messages = [r.getMessage() for r in caplog.records]
+    damaged = [m for m in messages if "is damaged" in m]
+    assert len(damaged) == 1 and str(path) in damaged[0], messages
+    path.rename(tmp_path / "acct.db.broken")  # the operator moves it away: a new file starts
+    await sink.write([leg("mx.example:25", ("b@example.org",), 10)])
+    await sink.tick()
+    assert read_log(path)["dest:mx.example:25"].messages == 1
+    assert caplog.records[-1].getMessage() == (
+        f"accounting: GDBM log {path} writable again, 5 events dropped meanwhile")

@@ -4,6 +4,8 @@ nodes adding up, expiry of buckets, and an outage of Redis in the middle of a ru
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -14,6 +16,7 @@ import redis
 import trio
 
 from moxy.accounting.counters import DIMENSIONS, day_period, minute_period
+from moxy.accounting.dispatch import _Lane
 from moxy.accounting.events import LOOKUP_FAILED, RELAY_DENIED
 from moxy.accounting.redis import RedisSink
 from moxy.accounting.settings import RedisSinkSettings
@@ -346,3 +349,47 @@ async def test_password_and_sentinel_forms_of_the_url(
     finally:
         sentinel.stop()
     assert table(server.client(), "dest") == {"mx.example:25": (2, 15, 0)}
+
+
+async def test_a_backlog_no_larger_than_batch_size_flushes_instead_of_dropping(
+    redis_server: RedisServer,
+) -> None:
+    """`backlog` bounds what is kept while Redis is down: with Redis up, a backlog that
+    fills is written, not a reason to drop events."""
+    sink = sink_for(redis_server, flush_interval=3600.0, backlog=100, batch_size=1000)
+    await sink.tick()
+    now = time.time()
+    await sink.write([leg("mx.example:25", (f"r{i}@example.org",), 10, when=now)
+                      for i in range(50)])
+    await sink.aclose()
+    assert sink.stats().dropped == 0
+    client = redis_server.client()
+    assert table(client, "dest") == {"mx.example:25": (50, 500, 0)}
+    assert len(table(client, "rcpt")) == 50
+
+
+async def test_the_outage_summary_counts_the_dispatchers_drops_too(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A hung Redis holds the sink's task while its queue overflows: those events are
+    dropped during the outage as much as the backlog's would be."""
+    caplog.set_level(logging.INFO, "moxy.accounting")
+    sink = sink_for(redis_server, timeout=0.3)
+    now = time.time()
+    await sink.write([leg("mx.example:25", ("a@example.org",), 10, when=now)])
+    await flushed(sink)
+    assert redis_server.process is not None
+    pid = redis_server.process.pid
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        lane = _Lane(sink, 4, 0.5)
+        lane.add([leg("mx.example:25", ("a@example.org",), 10, when=now)] * 10)  # 6 dropped
+        await sink.write(lane.take())
+        await sink.tick()  # hung: a timeout, then down
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    await flushed(sink)
+    assert table(redis_server.client(), "dest") == {"mx.example:25": (5, 50, 0)}
+    back = [r.getMessage() for r in caplog.records if "reachable again" in r.getMessage()]
+    assert len(back) == 1 and "6 events dropped during the outage" in back[0], back
+    await sink.aclose()

@@ -263,8 +263,27 @@ def test_sessions_events_beyond_half_a_queue_are_counted_as_lost(
     remote, _ = _config(write_config, queue=20)  # no accounting process takes them
     _emit(remote, _events(15))
     assert remote.stats()["file"] == remote.stats()["file"].__class__(backlog=10, dropped=5)
-    assert "accounting: 5 events lost before reaching any sink" not in caplog.text
-    assert "accounting: 1 event lost before reaching any sink" in caplog.text  # once
+    errors = [r.getMessage() for r in caplog.records if "lost before" in r.getMessage()]
+    assert errors == ["accounting: events lost before reaching any sink (the event loop is "
+                      "far behind, or accounting has stopped), until they flow again"]  # once
+
+
+def test_each_episode_of_lost_events_is_logged_at_once_and_summed_when_it_is_over(
+    write_config: WriteConfig, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Not at multiples of 10,000 of a running total: the first loss at once, and the
+    episode's count at the clock's first look without a loss."""
+    remote, _ = _config(write_config, queue=20)  # no accounting process takes them
+    for emitted, episode in ((15, 5), (3, 3)):  # 10 are held, no more: the rest are lost
+        caplog.clear()
+        _emit(remote, _events(emitted))
+        assert len([r for r in caplog.records if "lost before" in r.getMessage()]) == 1
+        remote._losses_over()  # a look after losses: the episode goes on
+        assert not [r for r in caplog.records if "sinks again" in r.getMessage()]
+        remote._losses_over()  # a look without a loss since the last: over
+        summary = [r.getMessage() for r in caplog.records if "sinks again" in r.getMessage()]
+        assert summary == [f"accounting: events reach the sinks again; {episode} events "
+                           "lost before reaching any sink"]
 
 
 def test_the_accounting_process_finds_the_same_moxy(monkeypatch: pytest.MonkeyPatch) -> None:

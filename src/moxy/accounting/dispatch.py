@@ -91,13 +91,24 @@ class _Lane:
             return
         if room > 0:
             queue += events[:room]
-        self.dropped += len(events) - max(room, 0)
+        self.lose(len(events) - max(room, 0))
         if not self.overflowing:
             self.overflowing = True
             logger.error(
                 "accounting sink %s is not keeping up (%s queued): dropping events "
                 "until it catches up", self.sink.name, plural(self.size, "event"),
             )
+
+    def lose(self, count: int) -> None:
+        """Count `count` events dropped for this sink, and tell a sink that reports its
+        outages' drops (its optional `lost`)."""
+        self.dropped += count
+        lost = getattr(self.sink, "lost", None)
+        if lost is not None:
+            try:
+                lost(count)
+            except Exception:
+                logger.exception("accounting sink %s: lost failed", self.sink.name)
 
     def queued(self) -> int:
         return len(self.queue)
@@ -127,6 +138,9 @@ class Intake:
         # counts are halved.
         self._wake_at = max(1, min(BATCH, queue // 2) // 2) if wake_at is None else wake_at
         self._lost = 0  # events the intake itself refused (the loop is far behind, or stopped)
+        self._losing = False  # refusing since the clock's last look without a loss
+        self._lost_before = 0  # self._lost when this episode of losses began
+        self._lost_at_look = 0  # self._lost at the clock's last look
         self._clock_task: trio.lowlevel.Task | None = None  # the clock, while it waits
         self._stopped = False
 
@@ -136,9 +150,20 @@ class Intake:
         their drop."""
         lost = self._lost
         self._lost += 2 if event[0] == LEG_AND_MESSAGE else 1
-        if lost == 0 or self._lost // 10_000 != lost // 10_000:
-            logger.error("accounting: %s lost before reaching any sink (the event loop "
-                         "is far behind, or accounting has stopped)", plural(self._lost, "event"))
+        if not self._losing:  # the first of an episode: at once; its count when it is over
+            self._losing = True
+            self._lost_before = lost
+            logger.error("accounting: events lost before reaching any sink (the event loop "
+                         "is far behind, or accounting has stopped), until they flow again")
+
+    def _losses_over(self) -> None:
+        """At each look of the clock: a loss episode with no loss since the look before is
+        over (events flow again), and its count is logged."""
+        if self._losing and self._lost == self._lost_at_look and not self._stopped:
+            self._losing = False
+            logger.warning("accounting: events reach the sinks again; %s lost before "
+                           "reaching any sink", plural(self._lost - self._lost_before, "event"))
+        self._lost_at_look = self._lost
 
     def _wake_clock(self) -> None:
         """A plain reschedule: cancelling the clock's wait instead raised Cancelled through it,
@@ -154,6 +179,7 @@ class Intake:
 
     async def _look(self) -> None:
         """Wait for the clock's next look: an interval, or a wake-up."""
+        self._losses_over()
         with trio.CancelScope(deadline=trio.current_time() + self.window):
             self._clock_task = trio.lowlevel.current_task()
             await trio.lowlevel.wait_task_rescheduled(self._clock_aborted)
@@ -312,7 +338,7 @@ class Accounting(Intake):
         if await self._call(lane, lambda: lane.sink.write(batch), "write"):
             lane.failing = False
         else:
-            lane.dropped += len(batch)
+            lane.lose(len(batch))
         if lane.overflowing and lane.queued() <= lane.size // 2:
             lane.overflowing = False
             logger.warning("accounting sink %s caught up; %s dropped so far",

@@ -83,6 +83,9 @@ class GdbmSink:
         self._keys: dict[tuple[str, tuple[str, ...]], list[bytes]] = {}
         self._dropped = 0
         self._failing = False
+        self._unwritable = False  # a write failed (logged once), the sums are kept
+        self._damaged = False  # GDBM said the file is malformed (logged once), sums dropped
+        self._dropped_before = 0  # self._dropped when the failure began
         self._next_flush: float | None = None
 
     async def write(self, batch: Sequence[DeliveryEvent]) -> None:
@@ -148,28 +151,48 @@ class GdbmSink:
         self._next_flush = trio.current_time() + self.settings.flush_interval
         pending, self._pending = self._pending, {}
         try:
+            # _merge removes each key from `pending` once stored: what is left was not written.
             await trio.to_thread.run_sync(self._merge, pending, limiter=self._limiter)
         except (OSError, dbm.gnu.error) as exc:
-            for key, entry in pending.items():  # written nothing: keep them all for next time
+            if not self._failing:
+                self._failing = True
+                self._dropped_before = self._dropped
+            if _damaged(exc):
+                # Retrying cannot help, and holding the sums would only hide it: drop them,
+                # counted; later flushes try again (the file may be repaired or moved away).
+                lost = _events_in(pending)
+                self._dropped += lost
+                if not self._damaged:
+                    self._damaged = True
+                    log.error("accounting: GDBM log %s is damaged (%s): totals are dropped "
+                              "until it is repaired or moved away (%d now, of %s)",
+                              self.settings.path, exc, len(pending), plural(lost, "event"))
+                return
+            for key, entry in pending.items():  # not written: keep them for next time
                 old = self._pending.get(key)
                 if old is not None:
                     entry = [entry[0] + old[0], entry[1] + old[1], min(entry[2], old[2]),
                              max(entry[3], old[3])]
                 self._pending[key] = entry
-            if not self._failing:
-                self._failing = True
+            if not self._unwritable:
+                self._unwritable = True
                 log.error("accounting: cannot write GDBM log %s, keeping %d totals: %s",
                           self.settings.path, len(self._pending), exc)
             return
         if self._failing:
-            self._failing = False
-            log.warning("accounting: GDBM log %s writable again", self.settings.path)
+            self._failing = self._damaged = self._unwritable = False
+            log.warning("accounting: GDBM log %s writable again, %s dropped meanwhile",
+                        self.settings.path, plural(self._dropped - self._dropped_before, "event"))
 
     def _merge(self, pending: dict[bytes, list[int]]) -> None:
-        """In the worker thread: add `pending` to the file in one open-update-close."""
+        """In the worker thread: add `pending` to the file in one open-update-close, removing
+        each key from `pending` once stored, so that a flush failing part-way (a full disk)
+        leaves only what was not written, and nothing is added twice. A key whose store
+        succeeded counts as written even if the sync after it fails: a total may then fall
+        short, never grow beyond what was delivered."""
         db = _open_for_writing(self.settings.path)
         try:
-            for key, entry in pending.items():
+            for key, entry in list(pending.items()):
                 totals = Totals(*entry)
                 raw = db.get(key)
                 if raw is not None:
@@ -179,9 +202,23 @@ class GdbmSink:
                         log.error("accounting: GDBM log %s: %s replaced: %s",
                                   self.settings.path, key.decode("utf-8", "replace"), exc)
                 db[key] = totals.encode()
+                del pending[key]
             db.sync()
         finally:
             db.close()
+
+
+def _damaged(exc: BaseException) -> bool:
+    """A GDBM error of its own (a malformed file, a foreign one), not a system call's (no
+    space, permissions, the lock): GDBM's errors about the file carry no errno."""
+    return isinstance(exc, dbm.gnu.error) and not exc.errno
+
+
+def _events_in(pending: dict[bytes, list[int]]) -> int:
+    """How many events the sums are of: each has one `dest:` key (when only recipients'
+    sums are left, the events of the largest)."""
+    dests = sum(entry[0] for key, entry in pending.items() if key.startswith(b"dest:"))
+    return dests or max((entry[0] for entry in pending.values()), default=0)
 
 
 def _open_for_writing(path: Path) -> Any:  # dbm.gnu's handle type is private

@@ -111,10 +111,12 @@ class RedisSink:
         self._pending: dict[str, dict[str, int]] = {}
         self._count = 0
         self._expiry: dict[str, int | None] = {}
-        self._dropped = 0
+        self._dropped = 0  # events this sink dropped (no room in `backlog`)
+        self._upstream = 0  # events the dispatcher dropped for it (its queue full)
         self._down = False
         self._failures = 0
-        self._dropped_at_outage = 0
+        self._dropped_reported = 0  # self._dropped when the last drops were logged
+        self._reported = 0  # self._dropped + self._upstream at the last good flush
         self._next_flush: float | None = None
         # Per minute of event time: the buckets' keys and expiries (see _periods).
         self._buckets: dict[int, list[tuple[_Keys, dict[str, int | None], int | None]]] = {}
@@ -142,7 +144,11 @@ class RedisSink:
                 entry[0] += 1
                 entry[1] += event.size
                 continue
-            entry = self._new_sum(key)
+            entry = self._new_sum(key, drop=self._down)
+            if entry is None and not self._down:
+                # `backlog` is full while Redis is up: write what is held, not drop the event.
+                await self._flush()
+                entry = self._new_sum(key, drop=True)
             if entry is None:
                 continue
             entry[0] += 1
@@ -178,9 +184,15 @@ class RedisSink:
 
     # --- summing --------------------------------------------------------------------------
 
-    def _new_sum(self, key: _Key) -> _Entry | None:
+    def lost(self, count: int) -> None:
+        """The dispatcher dropped `count` events for this sink (its queue was full while a
+        flush waited on a hung Redis): reported with the outage's own drops."""
+        self._upstream += count
+
+    def _new_sum(self, key: _Key, *, drop: bool = True) -> _Entry | None:
         """A new entry of `_sums`, or None when its counters do not fit into `backlog`: the
-        event is dropped (whole, so the dimensions stay consistent with each other)."""
+        event is dropped (whole, so the dimensions stay consistent with each other) and
+        counted, unless not `drop` (the caller flushes and asks again)."""
         minute, *what = key
         triples = counted(cast(Tally, tuple(what)))
         if self._held_at_most() + 3 * len(triples) > self.settings.backlog:
@@ -188,12 +200,21 @@ class RedisSink:
             now = time.time()
             extra = [(minute, dimension, member, metric) for dimension, member, metric in triples]
             if self._held(now, extra) > self.settings.backlog:
+                if not drop:
+                    return None
                 self._dropped += 1
-                if self._dropped == self._dropped_at_outage + 1:
-                    log.error(
-                        "accounting: redis backlog full (%s), dropping events until "
-                        "%s is back", plural(self._held(now), "counter"), self._where,
-                    )
+                if self._dropped == self._dropped_reported + 1:
+                    if self._down:
+                        log.error(
+                            "accounting: redis backlog full (%s), dropping events until "
+                            "%s is back", plural(self._held(now), "counter"), self._where,
+                        )
+                    else:  # an event with more counters than `backlog` holds
+                        log.error(
+                            "accounting: redis backlog full (%s, at most %d), dropping "
+                            "events: %s", plural(self._held(now), "counter"),
+                            self.settings.backlog, self._where,
+                        )
                 return None
         entry = self._sums[key] = [0, 0, triples]
         self._summed.update([(minute, dimension, member, metric)
@@ -297,20 +318,26 @@ class RedisSink:
             self._next_flush = trio.current_time() + backoff
             if not self._down:
                 self._down = True
-                self._dropped_at_outage = self._dropped
                 log.error(
                     "accounting: redis unreachable, keeping %s (at most %d): %s: %s",
                     plural(self._count, "counter"), self.settings.backlog, self._where, error,
                 )
             return
         self._failures = 0
+        # Every event dropped since the last good flush, whatever the reason: no room in
+        # `backlog`, or the dispatcher's queue full while a flush waited on a hung Redis.
+        total = self._dropped + self._upstream
         if self._down:
             self._down = False
-            lost = self._dropped - self._dropped_at_outage
             log.warning(
                 "accounting: redis reachable again, %s written, %s dropped during the "
-                "outage: %s", plural(held, "counter"), plural(lost, "event"), self._where,
+                "outage: %s", plural(held, "counter"), plural(total - self._reported, "event"),
+                self._where,
             )
+        elif self._dropped > self._dropped_reported:
+            log.warning("accounting: redis backlog has room again, %s dropped: %s",
+                        plural(self._dropped - self._dropped_reported, "event"), self._where)
+        self._reported, self._dropped_reported = total, self._dropped
         self._expiry = {key: self._expiry[key] for key in self._pending}
 
     def _forget_expired(self, now: float) -> None:

@@ -387,3 +387,7 @@ def _live(read: Reader, title: Callable[[], str], args: argparse.Namespace) -> N
             except Unavailable as exc:
                 caption = f"{exc} (showing the last rows read)"
             live.update(_rich_table(reading.rows, title(), args.by, caption), refresh=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
