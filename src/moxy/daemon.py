@@ -19,8 +19,8 @@ from typing import Final
 import trio
 
 from moxy import control, privileges, workers
-from moxy.accounting.dispatch import check_sinks
 from moxy.accounting.remote import accounting_for
+from moxy.accounting.sinks import check_sinks
 from moxy.config import Config
 from moxy.gil import set_switch_interval
 from moxy.logsetup import configure_logging

@@ -13,9 +13,10 @@ import pytest
 import trio
 
 from integration.helpers import send_one
-from moxy.accounting.dispatch import WINDOW, Accounting, build_sink
+from moxy.accounting.dispatch import WINDOW, Accounting
 from moxy.accounting.events import DeliveryEvent, discard
 from moxy.accounting.filesink import FileSink
+from moxy.accounting.sinks import build_sink
 from moxy.accounting.syslog import SyslogSink
 from moxy.config import ConfigError, load_config
 from moxy.server import serve
