@@ -62,6 +62,25 @@ def test_check_config_ok_is_one_line(tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.parametrize("where", ["missing directory", "a directory", "to be made"])
+def test_check_config_checks_the_message_log_as_serve_does(tmp_path: Path, where: str) -> None:
+    """serve refused a log in a missing directory, or one that is a directory, which
+    check-config passed (systemd's ExecStartPre then let a start fail every 2 s). A log not
+    made yet is fine, and check-config does not make it."""
+    log = {"missing directory": tmp_path / "nowhere" / "moxy.log", "a directory": tmp_path,
+           "to be made": tmp_path / "moxy.log"}[where]
+    path = write_config(tmp_path, f'[log]\nfile = "{log}"\n')
+    result = moxy("check-config", "-c", str(path))
+    if where == "to be made":
+        assert result.returncode == 0, result.stderr
+        assert not log.exists()
+        return
+    reason = "No such file or directory" if where == "missing directory" else "Is a directory"
+    assert (result.returncode, result.stderr) == (
+        2, f"moxy: {path}: log.file: cannot open {log} for appending: {reason}\n"
+    )
+
+
 def test_check_config_accepts_short_option(tmp_path: Path) -> None:
     path = write_config(tmp_path)
     assert moxy("check-config", "-c", str(path)).returncode == 0

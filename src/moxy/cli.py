@@ -170,10 +170,12 @@ def _load(path: Path) -> Config | None:
     config = _read_config(path)
     if config is None or _build(config) is None:
         return None
+    from moxy.accounting.sinks import check_sinks
     from moxy.tls import TlsContexts
 
     try:  # the certificate, key and CA files are read now, not at the first STARTTLS
         TlsContexts.read(config)
+        check_sinks(config, create=False)  # the sinks and the message log, as serve does
     except ConfigError as exc:
         _report(_config_errors(exc))
         return None

@@ -54,15 +54,18 @@ def _lazy_class(name: str, config: Config) -> Callable[[Any], Sink]:
     return cast(Callable[[Any], Sink], getattr(module, class_name))
 
 
-def check_sinks(config: Config, user: tuple[str, int, int] | None = None) -> None:
+def check_sinks(
+    config: Config, user: tuple[str, int, int] | None = None, *, create: bool = True
+) -> None:
     """What `moxy serve` checks before it listens: every sink can be made, and the message log
     can be opened (a typo in its path is a configuration error, not a silent loss of events).
     With `user` (name, uid, gid: the `[server] user` root will become), the log must be
     writable by that user, who writes it: one this check creates is given to the user (made
     by root, it was written by nobody: every event of a first start lost).
 
-    The GDBM and Redis sinks are only loaded, not made: they open their backends when made,
-    and each worker process makes its own. Raises ConfigError naming the key."""
+    Without `create` (`moxy check-config`), a missing log is not made: its directory must be
+    there. The GDBM and Redis sinks are only loaded, not made: they open their backends when
+    made, and each worker process makes its own. Raises ConfigError naming the key."""
     for name in config.accounting.sinks:
         if name in _LAZY:
             _lazy_class(name, config)
@@ -72,6 +75,11 @@ def check_sinks(config: Config, user: tuple[str, int, int] | None = None) -> Non
         if config.accounting.file is not None and config.accounting.file.path is not None:
             key = "accounting.file.path"
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+        if not create and not os.path.lexists(path):
+            if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+                raise ConfigError([f"{key}: cannot open {path} for appending: No such file or "
+                                   "directory"], config.path)
+            return
         try:
             try:
                 fd, created = os.open(path, flags | os.O_EXCL, 0o640), True
