@@ -3,8 +3,12 @@ written by its own thread: `aclose` waits for them)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import resource
+import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -33,6 +37,47 @@ async def test_a_full_disk_drops_events_counts_them_and_logs_once(
     errors = [r.getMessage() for r in caplog.records if "cannot write" in r.getMessage()]
     assert errors == ["cannot write the message log /dev/full: No space left on device; "
                       "dropping events until it works again"]
+
+
+async def test_a_disk_that_fills_mid_batch_leaves_no_merged_line_and_counts_what_it_lost(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The disk fills in the middle of a batch: what went out counts as written (the whole
+    batch was counted as dropped), the line cut short is ended before the next one (the next
+    line ran into it, and moxylogalyze lost both), and the recovery line gives this outage's
+    drops (it gave every drop since the start)."""
+    path = tmp_path / "moxy.log"
+    sink = FileSink(FileSinkSettings(path))
+    await sink.write([EVENT])
+    await sink.aclose()  # the line is written, the file is this long:
+    line = path.stat().st_size
+    sink = FileSink(FileSinkSettings(path))
+    sink._dropped = sink._dropped_before = 7  # drops of an earlier outage, long over
+    with file_size_limit(line * 3 + line // 2):  # room for 2.5 more lines
+        await sink.write([EVENT] * 5)
+        await eventually(lambda: sink.stats().dropped > 7, what="the failed write")
+    assert sink.stats().dropped == 7 + 3  # the half line and the two that found no room
+    await sink.write([EVENT] * 2)  # room again
+    await sink.aclose()
+    lines = path.read_bytes().split(b"\n")
+    assert len(lines[3]) < len(lines[0]) and lines[3] == lines[0][: len(lines[3])]
+    assert lines[:3] + lines[4:] == [lines[0]] * 5 + [b""], lines  # whole, none merged
+    recovered = [r.getMessage() for r in caplog.records if "written again" in r.getMessage()]
+    assert recovered == [f"message log {path} is written again; 3 events dropped meanwhile"]
+
+
+@contextlib.contextmanager
+def file_size_limit(size: int) -> Iterator[None]:
+    """Writes past `size` bytes fail with EFBIG, as on a full disk with ENOSPC (what fits of
+    a write goes out first)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old)
 
 
 async def test_reopen_follows_a_moved_file(tmp_path: Path) -> None:

@@ -81,6 +81,8 @@ class FileSink:
         self._failing = False  # in a write outage (disk full, ...): logged once
         self._open_failing = False
         self._dropped = 0
+        self._dropped_before = 0  # self._dropped when the outage began
+        self._torn = False  # a failed write left a line without its end: ended at the next
 
     # --- the Sink interface (event loop) ----------------------------------------------------
 
@@ -166,21 +168,33 @@ class FileSink:
             and time.monotonic() - self._last_open >= OPEN_RETRY
         ):
             self._open()
+        torn = self._torn
+        if torn:  # end the line a failed write cut short: the next does not run into it
+            data.insert(0, b"\n")
         try:
             if self.path is not None and self._fd is None:
-                raise OSError("the file could not be opened")
+                raise _Unwritten(0, OSError("the file could not be opened"))
             _write(self._fd, data)
-        except OSError as exc:
-            self._dropped += count
+        except _Unwritten as failed:
+            # What went out counts as written, line by line (one event a line); a line cut
+            # short is ended by the next write.
+            out = b"".join(data)[: failed.written]
+            lines = out.count(b"\n") - (1 if torn and out else 0)
+            self._torn = (not out.endswith(b"\n")) if out else torn
             if not self._failing:
                 self._failing = True
+                self._dropped_before = self._dropped
+                error = failed.error
                 logger.error("cannot write the message log %s: %s; dropping events until "
-                             "it works again", self.path or "(stderr)", exc.strerror or exc)
+                             "it works again", self.path or "(stderr)", error.strerror or error)
+            self._dropped += max(count - lines, 0)
             return
+        self._torn = False
         if self._failing:
             self._failing = False
             logger.warning("message log %s is written again; %s dropped meanwhile",
-                           self.path or "(stderr)", plural(self._dropped, "event"))
+                           self.path or "(stderr)",
+                           plural(self._dropped - self._dropped_before, "event"))
 
     def _lines(self, batch: Sequence[DeliveryEvent]) -> bytes:
         data = None if self.json else _encode_lines(batch)
@@ -213,15 +227,32 @@ def _open_append(path: Path) -> int:
     return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
 
 
+class _Unwritten(Exception):
+    """A write failed (`error`) after `written` bytes had gone out."""
+
+    def __init__(self, written: int, error: OSError) -> None:
+        super().__init__(written, error)
+        self.written = written
+        self.error = error
+
+
 def _write(fd: int | None, data: list[bytes]) -> None:
-    """One writev() per job (looping only on a short write)."""
+    """One writev() per job (looping only on a short write); _Unwritten if one fails."""
     if fd is None:
-        sys.stderr.write(b"".join(data).decode("utf-8", "replace"))
-        sys.stderr.flush()
+        try:
+            sys.stderr.write(b"".join(data).decode("utf-8", "replace"))
+            sys.stderr.flush()
+        except OSError as exc:
+            raise _Unwritten(0, exc) from None
         return
     parts = [memoryview(part) for part in data if part]
+    total = 0
     while parts:
-        written = os.writev(fd, parts[:_IOV_MAX])
+        try:
+            written = os.writev(fd, parts[:_IOV_MAX])
+        except OSError as exc:
+            raise _Unwritten(total, exc) from None
+        total += written
         while parts and written >= len(parts[0]):
             written -= len(parts.pop(0))
         if written:
