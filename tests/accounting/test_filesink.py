@@ -3,12 +3,8 @@ written by its own thread: `aclose` waits for them)."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import resource
-import signal
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,6 +14,8 @@ from moxy.accounting.events import DeliveryEvent
 from moxy.accounting.filesink import HAND_EVENTS, IN_FLIGHT, FileSink
 from moxy.accounting.settings import FileSinkSettings
 from peers.waiting import eventually
+
+from .helpers import file_size_limit
 
 EVENT = DeliveryEvent(
     kind="message", session_id="S1", message_id="S1.1", client_ip="192.0.2.7", helo="c.test",
@@ -64,20 +62,6 @@ async def test_a_disk_that_fills_mid_batch_leaves_no_merged_line_and_counts_what
     assert lines[:3] + lines[4:] == [lines[0]] * 5 + [b""], lines  # whole, none merged
     recovered = [r.getMessage() for r in caplog.records if "written again" in r.getMessage()]
     assert recovered == [f"message log {path} is written again; 3 events dropped meanwhile"]
-
-
-@contextlib.contextmanager
-def file_size_limit(size: int) -> Iterator[None]:
-    """Writes past `size` bytes fail with EFBIG, as on a full disk with ENOSPC (what fits of
-    a write goes out first)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    old = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (size, hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-        signal.signal(signal.SIGXFSZ, old)
 
 
 async def test_reopen_follows_a_moved_file(tmp_path: Path) -> None:

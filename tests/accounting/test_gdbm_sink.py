@@ -3,16 +3,12 @@ in another process while Moxy writes, two writers sharing a file, a file that ca
 
 from __future__ import annotations
 
-import contextlib
 import dbm.gnu
 import json
 import logging
-import resource
-import signal
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,6 +20,7 @@ from moxy.accounting.gdbm import GdbmLogError, GdbmSink, Totals, read_log
 from moxy.accounting.settings import GdbmSinkSettings
 
 from .events import leg, refused
+from .helpers import file_size_limit
 
 
 def sink_at(path: Path) -> GdbmSink:
@@ -177,19 +174,6 @@ def test_read_log_reports_a_missing_or_foreign_file(tmp_path: Path) -> None:
     (tmp_path / "text.db").write_text("not a database\n")
     with pytest.raises(GdbmLogError, match="cannot read GDBM log"):
         read_log(tmp_path / "text.db", tries=2, wait=0.01)
-
-
-@contextlib.contextmanager
-def file_size_limit(size: int) -> Iterator[None]:
-    """Writes past `size` bytes fail with EFBIG, as a full disk fails them with ENOSPC."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    old = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (size, hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-        signal.signal(signal.SIGXFSZ, old)
 
 
 async def test_a_flush_failing_part_way_adds_nothing_twice(
