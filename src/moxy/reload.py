@@ -9,7 +9,6 @@ configuration that does not load leaves the running one in place.
 
 from __future__ import annotations
 
-import functools
 import logging
 import operator
 from pathlib import Path
@@ -195,17 +194,16 @@ async def next_generation(current: Generation, shared: Shared) -> Generation | N
         return None
     changed = restart_only_changes(current.config, config)
     config = keep_restart_only(current.config, config)
+    router = None
     if current.routing is None:  # a router given by the caller (tests) stays
         await routing.aclose()
-        build = functools.partial(Generation.build, config, shared, router=current.ctx.router,
-                                  number=current.number + 1, tls=tls)
-    else:
-        build = functools.partial(Generation.build, config, shared, routing=routing,
-                                  number=current.number + 1, tls=tls)
-    if current.routing is not None and operator.eq(config.routes, current.config.routes):
+        router = current.ctx.router
+    elif operator.eq(config.routes, current.config.routes):
         routing.router.inherit(current.routing.router)
     try:
-        generation = build()
+        generation = Generation.build(config, shared,
+                                      routing=None if router is not None else routing,
+                                      router=router, number=current.number + 1, tls=tls)
     except Exception as exc:  # the files are read already (check): a bug, never a crash
         logger.error("reload failed, still serving the previous configuration: %r", exc)
         await routing.aclose()
