@@ -239,13 +239,20 @@ def fmt_rate(cell: Cell | None) -> str:
     return "–" if cell is None else f"{cell.rate:,.0f}"
 
 
-def fmt_cpu(cell: Cell | None, reference: Cell | None) -> str:
+def fmt_cpu(cell: Cell | None, reference: Cell | None, floor: Cell | None = None) -> str:
+    """CPU per message, × nginx's (`reference`) and, for Moxy, × the trio floor's (`floor`)."""
     if cell is None or cell.cpu_us is None:
         return "–"
-    text = f"{cell.cpu_us:,.0f} µs"
-    if reference is not None and reference.cpu_us:
-        text += f" (×{cell.cpu_us / reference.cpu_us:.2f})"
-    return text
+    ratios = [f"×{cell.cpu_us / ref.cpu_us:.2f}{what}" for ref, what in
+              ((reference, ""), (floor, " floor")) if ref is not None and ref.cpu_us]
+    return f"{cell.cpu_us:,.0f} µs" + (f" ({'; '.join(ratios)})" if ratios else "")
+
+
+def floor_of(name: str) -> str | None:
+    """The trio floor row a Moxy row is compared with: the same upstream pool, or none."""
+    if not name.startswith("moxy"):
+        return None
+    return "trio floor no pool" if name.endswith("no pool") else "trio floor"
 
 
 def fmt_body(cell: Cell | None, size: int) -> str:
@@ -286,7 +293,7 @@ def main() -> None:
     rows: dict[str, dict[tuple[int, bool], Cell]] = {}
     fanout: dict[str, dict[str, Cell]] = {}
     lat: dict[str, tuple[float, float]] = {}
-    total_cells = (6 if haraka_missing is None else 5) * len(sizes) * 2
+    total_cells = (8 if haraka_missing is None else 7) * len(sizes) * 2
     done = 0
 
     def run_cells(name: str, proxy: Proxy | None, port: int) -> None:
@@ -299,7 +306,7 @@ def main() -> None:
                 cell = measure(proxy, port, args.messages, send)
                 rows[name][size, reuse] = cell
                 done += 1
-                print(f"[{done:>2}/{total_cells}] {name:<14} {size_name(size):>6} "
+                print(f"[{done:>2}/{total_cells}] {name:<18} {size_name(size):>6} "
                       f"{'reuse' if reuse else 'new':<5} {cell.rate:>8,.0f} msg/s"
                       + (f" {cell.cpu_us:>7,.0f} µs/msg" if cell.cpu_us else ""), flush=True)
 
@@ -331,6 +338,9 @@ def main() -> None:
                                     "ten": measure(moxy, moxy.port, n, ten)}
                     print(f"      {name}: fan-out done", flush=True)
                     lat[name] = latency(moxy.port, args.probes)
+            for name, idle in (("trio floor no pool", 0), ("trio floor", 20)):
+                with proxies.floor(sink_port, idle) as floor:
+                    run_cells(name, floor, floor.port)
             with workdir(root, "nginx") as wd, proxies.nginx(wd, sink_port) as ngx:
                 run_cells("nginx", ngx, ngx.port)
                 lat["nginx"] = latency(ngx.port, args.probes)
@@ -371,7 +381,9 @@ def render(rows: dict[str, dict[tuple[int, bool], Cell]], fanout: dict[str, dict
         f"Run {when} on {machine()}.",
         "; ".join(versions) + ".",
         f"{args.messages} messages per cell from `smtp-source -s 20` to `smtp-sink`; CPU is "
-        "the proxy's whole process tree (user + system) per message; × is the ratio to nginx; "
+        "the proxy's whole process tree (user + system) per message; × is the ratio to nginx, "
+        "× floor Moxy's to the trio floor relay with the same upstream pool (its pool 20 or "
+        "none; benchmarks/floor_relay.py); "
         "body MB per CPU second is the message size over that CPU time (10 KB and up).",
         "",
         "| path | size | conn | msgs/s | CPU per message | body MB per CPU second |",
@@ -382,8 +394,10 @@ def render(rows: dict[str, dict[tuple[int, bool], Cell]], fanout: dict[str, dict
             for reuse in (False, True):
                 cell = cells.get((size, reuse))
                 ref = None if name == "nginx" else rows.get("nginx", {}).get((size, reuse))
+                base = rows.get(floor_of(name) or "", {}).get((size, reuse))
                 out.append(f"| {name} | {size_name(size)} | {'reuse' if reuse else 'new'} | "
-                           f"{fmt_rate(cell)} | {fmt_cpu(cell, ref)} | {fmt_body(cell, size)} |")
+                           f"{fmt_rate(cell)} | {fmt_cpu(cell, ref, base)} | "
+                           f"{fmt_body(cell, size)} |")
     out += ["", f"Fan-out ({size_name(sizes[0])}, connections reused):", "",
             "| path | one route, two destinations (2 copies) | ten domains → one destination |",
             "|---|---|---|"]

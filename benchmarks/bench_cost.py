@@ -34,6 +34,10 @@ not tell from accounting's cost).
 a `git worktree` of an older commit, with its own native build): both run at once, pinned to
 the last CPU like `--accounting`'s pair, loaded in turn `--pairs` times; the figure is the
 median of the pairs' ratios of CPU time per message (from /proc/<pid>/schedstat).
+
+`--floor` compares Moxy (default configuration) with the trio floor relay the same way
+(benchmarks/floor_relay.py: a minimal correct relay on trio, with the upstream pool of the
+mode): what Moxy's own work costs above what any trio relay pays on this machine.
 """
 
 from __future__ import annotations
@@ -176,18 +180,23 @@ def main() -> None:
                         help="with --accounting or --against: alternate this many times")
     parser.add_argument("--against", metavar="SRC",
                         help="compare with the Moxy whose src directory this is")
+    parser.add_argument("--floor", action="store_true",
+                        help="compare with the trio floor relay (benchmarks/floor_relay.py)")
     parser.add_argument("--modes", default=",".join(MODES),
                         help=f"comma-separated, of {', '.join(MODES)}")
     args = parser.parse_args()
     modes = args.modes.split(",")
     if unknown := set(modes) - set(MODES):
         parser.error(f"unknown modes: {', '.join(sorted(unknown))}")
-    if args.against is not None and (args.accounting or args.callgrind):
-        parser.error("--against goes with neither --accounting nor --callgrind")
+    if (args.against is not None or args.floor) and (args.accounting or args.callgrind):
+        parser.error("--against and --floor go with neither --accounting nor --callgrind")
+    if args.against is not None and args.floor:
+        parser.error("--against or --floor, not both")
     if args.against is not None and not (Path(args.against) / "moxy").is_dir():
         parser.error(f"--against: no moxy package in {args.against}")
     sink_port = free_port()
-    pin = (args.accounting or args.against) and not (args.callgrind or args.unpinned)
+    pin = (args.accounting or args.against or args.floor) and not (args.callgrind or
+                                                                     args.unpinned)
     cpus = _cpus() if pin else None
     if cpus is not None:
         os.sched_setaffinity(0, cpus[1])  # inherited by the load, the sink and Redis
@@ -198,6 +207,11 @@ def main() -> None:
             for name in modes:
                 interleaved(args, name, sink_port, {"other": "", "this": ""}, cpus,
                             {"other": str(Path(args.against).resolve()), "this": this})
+            return
+        if args.floor:
+            for name in modes:
+                interleaved(args, name, sink_port, {"floor": "", "moxy": ""}, cpus,
+                            floor=True)
             return
         if not args.accounting:
             for name in modes:
@@ -256,15 +270,19 @@ def _children_runtime(pid: int) -> float:
 
 def interleaved(args: argparse.Namespace, name: str, sink_port: int, configs: dict[str, str],
                 cpus: tuple[set[int], set[int]] | None,
-                sources: dict[str, str] | None = None) -> None:
+                sources: dict[str, str] | None = None, floor: bool = False) -> None:
     """Both Moxys up at once, loaded in turn: `--pairs` bursts of `--messages` each, the order
     alternating, so that the machine's drift falls on both alike. A pair's two bursts are
     seconds apart; the median of the pairs' ratios is the figure. `sources`: per config, the
-    `src` directory its Moxy runs from (PYTHONPATH), for `--against`."""
+    `src` directory its Moxy runs from (PYTHONPATH), for `--against`. `floor`: the first
+    config is the trio floor relay instead of a Moxy (`--floor`)."""
     reuse, pool = MODES[name]
     with contextlib.ExitStack() as stack:
-        moxies = {}
+        moxies: dict[str, proxies.Proxy] = {}
         for config, extra in configs.items():
+            if floor and not moxies:
+                moxies[config] = stack.enter_context(proxies.floor(sink_port, pool))
+                continue
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory()))
             stack.enter_context(_moxy_log_on_error(workdir))
             source = (sources or {}).get(config)
@@ -288,7 +306,7 @@ def interleaved(args: argparse.Namespace, name: str, sink_port: int, configs: di
                 before, before_aside = _runtime(moxy.pid), _children_runtime(moxy.pid)
                 took = smtp_source(moxy.port, args.messages, args.size, reuse, f"u@{ROUTE}")
                 # The accounting process writes a burst's events within about a second.
-                time.sleep(1.2 if sources is None else 0)
+                time.sleep(1.2 if sources is None and not floor else 0)
                 costs[config].append((_runtime(moxy.pid) - before) * 1e6 / args.messages)
                 aside[config].append(
                     (_children_runtime(moxy.pid) - before_aside) * 1e6 / args.messages)
@@ -301,6 +319,7 @@ def interleaved(args: argparse.Namespace, name: str, sink_port: int, configs: di
     cost = sorted(b / a for a, b in zip(costs[without], costs[with_], strict=True))
     rate = sorted(b / a for a, b in zip(rates[without], rates[with_], strict=True))
     what = (f"this tree against {sources[without]}:" if sources
+            else "Moxy against the trio floor relay:" if floor
             else "accounting (file+redis against sinks []) costs")
     print(f"{name}: {what} {100 * (_median(cost) - 1):+.1f} % CPU per message and "
           f"{100 * (_median(rate) - 1):+.1f} % throughput (medians of {args.pairs} pairs of "

@@ -124,6 +124,19 @@ def moxy(
 
 
 @contextlib.contextmanager
+def floor(sink_port: int, pool: int) -> Iterator[Proxy]:
+    """The trio floor relay (benchmarks/floor_relay.py): what a minimal correct relay on trio
+    costs, the yardstick for Moxy's own bookkeeping."""
+    port = free_port()
+    script = ROOT / "benchmarks" / "floor_relay.py"
+    args = [sys.executable, str(script), "--listen", f"127.0.0.1:{port}", "--to",
+            f"127.0.0.1:{sink_port}", "--pool", str(pool)]
+    with _process(args) as pid:
+        wait_greeting(port)
+        yield Proxy("trio floor", port, pid)
+
+
+@contextlib.contextmanager
 def redis_server(workdir: Path) -> Iterator[str]:
     """A throwaway redis-server on a free loopback port (nothing saved); yields its URL."""
     binary = need("redis-server", "redis-server")
