@@ -138,6 +138,33 @@ async def test_unknown_domain_is_refused_as_relaying_denied(
     assert upstream.connections == []
 
 
+async def test_a_client_guessing_addresses_is_cut_off_after_the_error_limit(
+    moxy: StartMoxy, make_recorder: MakeRecorder
+) -> None:
+    # Recipients refused by the destination (no such user) and by Moxy (relay denied) count
+    # towards `limits.errors`, as in Postfix; a delivered message starts the count again.
+    upstream = make_recorder(rcpt_script={f"guess{i}@example.org": "550 5.1.1 No such user"
+                                          for i in range(10)})
+    server = await moxy({"example.org": upstream}, limits={"errors": 3})
+    client = await open_session(server)
+    await client.command(f"MAIL FROM:<{SENDER}>")
+    for address in ["guess0@example.org", "guess1@example.org", "x@unknown.example"]:
+        assert (await client.command(f"RCPT TO:<{address}>")).code == 550
+    assert (await client.command("RCPT TO:<user@example.org>")).code == 250
+    assert (await client.command("DATA")).code == 354
+    await client.send(b"Subject: ok\r\n\r\nreal mail\r\n.\r\n")
+    assert (await client.reply()).code == 250
+    await client.command(f"MAIL FROM:<{SENDER}>")
+    for i in range(2, 6):  # four errors: over the limit of 3
+        assert (await client.command(f"RCPT TO:<guess{i}@example.org>")).code == 550
+    reply = await client.command("RCPT TO:<guess6@example.org>")
+    assert (reply.code, reply.enhanced) == (421, "4.7.0"), client.dump()
+    await client.expect_closed()
+    assert "guess6@example.org" not in " ".join(upstream.commands())
+    await eventually(lambda: any(" reason=protocol-errors " in line
+                                 for line in server.log_lines()))
+
+
 async def test_the_routes_lookup_order_reaches_parent_and_wildcard_routes(
     moxy: StartMoxy, make_recorder: MakeRecorder
 ) -> None:

@@ -231,13 +231,20 @@ class ServerConnection:
                 self.state = new
             elif new is not None:
                 if new is _READY:
-                    if kind is Hello:
+                    if kind is BodyEnd and code < 300:
+                        self.errors = 0  # mail delivered: the count starts again (Postfix)
+                    elif kind is Hello:
                         self.hello, self.hello_domain = answered.verb, answered.domain  # type: ignore[union-attr]
                     elif self.hello is None:
                         new = _GREETED  # RSET before any HELO/EHLO
                 elif new is _MAIL:  # only an accepted MailFrom leads here
                     self.smtputf8 = answered.smtputf8  # type: ignore[union-attr]
                 self._enter(new)
+            elif kind is RcptTo and code >= 500:
+                # A refused recipient (relay denied, no route, the destination's 5xx) is an
+                # error, as in Postfix: a client guessing addresses is cut off at the next
+                # command once over max_errors.
+                self.errors += 1
         return reply.to_bytes()
 
     def _enter(self, new: State) -> None:
@@ -305,6 +312,8 @@ class ServerConnection:
         return self._invalid(LINE_TOO_LONG)
 
     def _command(self, line: bytes) -> Event:
+        if self.max_errors and self.errors > self.max_errors:  # refused recipients did it
+            return self._emit(Invalid(self._too_many_errors()))
         verb, arg = split_command(line)
         if verb in _ORDERED:
             order_error = self._order_error(verb)
@@ -354,6 +363,9 @@ class ServerConnection:
         if reply.code not in _NOT_COUNTED:
             self.errors += 1
             if self.max_errors and self.errors > self.max_errors:
-                host = f"{self.hostname} " if self.hostname else ""
-                reply = Reply.make(421, "4.7.0", f"{host}Error: too many errors")
+                reply = self._too_many_errors()
         return self._emit(Invalid(reply, recipient))
+
+    def _too_many_errors(self) -> Reply:
+        host = f"{self.hostname} " if self.hostname else ""
+        return Reply.make(421, "4.7.0", f"{host}Error: too many errors")
