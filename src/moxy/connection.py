@@ -181,7 +181,7 @@ class Connection:
             # to a command not yet sent (an early "250" after the 354 as the verdict on the
             # message). The dialogue is out of step; it cannot go on.
             raise self.error(stage, f"out of step: {len(parser.unread)} octets after the "
-                                    f"reply ({reply}) answer no command")
+                                    f"reply ({reply}) answer no command", reply)
         if (reply.klass == 3 or stage == "data") and reply.klass < 4 and (
             reply.code != 354 or stage != "data"
         ):

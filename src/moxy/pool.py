@@ -18,9 +18,9 @@ class ConnectionPool:
     the next session's leg to that destination skips connect, greeting and EHLO.
 
     Only connections in a clean state (no transaction open upstream) come back here. One the
-    destination spoke on, closed or reset while it was idle is not taken again (`_spoke`); one
-    that goes away later is noticed at its first command, and the leg then connects afresh
-    (the transaction is replayed, nothing is lost)."""
+    destination spoke on, closed or reset while it was idle is not taken again
+    (`spoke_while_idle`); one that goes away later is noticed at its first command, and the
+    leg then connects afresh (the transaction is replayed, nothing is lost)."""
 
     def __init__(self, per_destination: int, idle_time: float) -> None:
         self.per_destination = per_destination
@@ -34,7 +34,7 @@ class ConnectionPool:
         now = trio.current_time()
         while idle:
             since, conn = idle.pop()  # the most recently used first: the likeliest alive
-            if now - since < self.idle_time and not _spoke(conn):
+            if now - since < self.idle_time and not spoke_while_idle(conn):
                 return conn
             self._expire(conn)
             self._wake_reaper()  # its QUIT goes now, not at the reaper's next round
@@ -104,7 +104,7 @@ class ConnectionPool:
                 self._expired.clear()
 
 
-def _spoke(conn: Connection) -> bool:
+def spoke_while_idle(conn: Connection) -> bool:
     """Did the destination say anything while `conn` was idle? A "421" before closing, a
     close, or a reply out of step (a second verdict): each would be taken for the answer to
     the next command sent on it (a late "550" as the next sender's MAIL reply). One read that

@@ -364,13 +364,14 @@ class Session(SessionEvents):
             results = await transaction.finish()
             reply = decide_final([r.outcome for r in results], self.message_id)
             self.log_delivery(results, reply, self.received_bytes)
-            if reply.klass != 2 and any(
-                isinstance(r.outcome, Reply) and r.outcome.klass == 2 for r in results
-            ):
-                logger.warning(
-                    "message %s: some destinations accepted, client told %s: duplicate possible",
-                    self.message_id, reply.code,
-                )
+            if reply.klass != 2:
+                unsure = [r.destination for r in results if r.may_have_it()]
+                if unsure:
+                    logger.warning(
+                        "message %s: %s accepted it or gave no clear verdict after the end of "
+                        "data, client told %s: duplicate possible",
+                        self.message_id, ", ".join(unsure), reply.code,
+                    )
         await self.end_transaction()
         self.reply(reply)
 

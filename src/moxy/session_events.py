@@ -92,8 +92,11 @@ class SessionEvents:
             outcome, leg = result.outcome, result.leg
             if isinstance(outcome, Reply):
                 code, text, stage = outcome.code, str(outcome), "end-of-data"
-            else:
-                code, text, stage = 0, str(outcome), getattr(outcome, "stage", "?")
+            else:  # a LegError: with the destination's reply when it gave one (a 421, or a
+                # 2xx followed by words out of step), else code 0
+                failed_reply = getattr(outcome, "reply", None)
+                code = failed_reply.code if failed_reply is not None else 0
+                text, stage = str(outcome), getattr(outcome, "stage", "?")
             # A leg that carried every recipient shares the message's tuple (and its "to=").
             accepted = leg.accepted
             route = leg.group.text

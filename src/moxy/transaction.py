@@ -171,6 +171,15 @@ class LegResult(Value):  # one per leg and message: a Value, see moxy.smtp.value
         self.destination: Final = destination
         self.outcome: Final = outcome
 
+    def may_have_it(self) -> bool:
+        """The destination accepted the message, or may have: its end-of-data sequence went
+        out and no refusal came back (no verdict in time, the connection lost, or a 2xx
+        followed by words out of step). The client, told otherwise, will send it again."""
+        outcome = self.outcome
+        if isinstance(outcome, Reply):
+            return outcome.klass == 2
+        return self.leg.committing and (outcome.reply is None or outcome.reply.klass == 2)
+
 
 class Transaction:
     """MAIL … RCPT … DATA of one client message, over the session's pool of legs."""
@@ -191,6 +200,10 @@ class Transaction:
         self.destination_set: frozenset[DestinationGroup] | None = None
         self.refusal: Refusal | None = None  # why the last refused recipient was refused
         self.body_failure: LegError | None = None
+        # Per streaming leg, its destination and what became of it once the body failed (the
+        # failing leg's error; the others were abandoned with the message), taken before
+        # abort() dropped their connections.
+        self.body_outcomes: list[tuple[str, LegError]] = []
         self.streaming: list[Leg] = []
         # Body bytes not yet written: small pieces are coalesced so that a small message goes to
         # a leg as one write (header, body and end-of-data sequence together).
@@ -288,8 +301,7 @@ class Transaction:
                 await leg.send_body(data)
             except LegError as exc:
                 logger.warning("leg %s failed during data: %s", leg.group, exc)
-                self.body_failure = exc
-                await self.abort()
+                await self._body_failed(leg, exc)
                 return
 
     async def finish(self) -> list[LegResult]:
@@ -307,11 +319,11 @@ class Transaction:
                     failure = leg.not_7bit()
                 if failure is not None:
                     logger.warning("leg %s failed during data: %s", leg.group, failure)
-                    self.body_failure = failure
-                    await self.abort()
+                    await self._body_failed(leg, failure)
                     break
         if self.body_failure is not None:
-            return [LegResult(leg, leg.destination, self.body_failure) for leg in legs]
+            return [LegResult(leg, destination, outcome)
+                    for leg, (destination, outcome) in zip(legs, self.body_outcomes, strict=True)]
         if len(legs) == 1:  # the usual case: no task, no partial
             leg = legs[0]
             destination = leg.destination  # before finish(), which may drop the connection
@@ -327,6 +339,17 @@ class Transaction:
             LegResult(leg, dest, outcome)
             for leg, dest, outcome in zip(legs, destinations, outcomes, strict=True)
         ]
+
+    async def _body_failed(self, failed: Leg, failure: LegError) -> None:
+        """`failed` failed during the body: the message fails for every leg, none of which
+        gets the end-of-data sequence."""
+        self.body_failure = failure
+        self.body_outcomes = [
+            (leg.destination, failure if leg is failed else LegError(
+                failure.stage, leg.destination, f"abandoned: {failure.where} failed"))
+            for leg in self.streaming
+        ]
+        await self.abort()
 
     async def abort(self) -> None:
         """Drop every leg that is inside DATA: a partial message is never delivered."""

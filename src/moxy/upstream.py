@@ -25,7 +25,7 @@ from moxy.connection import (
     connect,
 )
 from moxy.lookup.base import Destination, DestinationGroup
-from moxy.pool import ConnectionPool
+from moxy.pool import ConnectionPool, spoke_while_idle
 from moxy.smtp.replies import Reply
 from moxy.stream import StreamBroken
 
@@ -135,7 +135,14 @@ class Leg:
         Returns the reply for `recipient` (or the MAIL reply when MAIL was refused).
         """
         assert self.envelope is not None
-        conn = self.conn or await self._open()
+        conn = self.conn
+        if conn is not None and self.reused and not self.synced and spoke_while_idle(conn):
+            # Kept from the session's earlier transaction, and the destination spoke since (a
+            # late second verdict, a 421 before closing): its words would answer this MAIL.
+            # Not used again, as the pool would not take it.
+            await self.drop()
+            conn = None
+        conn = conn or await self._open()
         t = self.settings.timeouts
         commands: list[tuple[bytes, str, float]] = []
         replay = not self.synced

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import pytest
 import trio
 
-from peers.moxy import StartMoxy
+from peers.moxy import RunningMoxy, StartMoxy
 from peers.recorder import DISCONNECT, HANG, Recorder, Step, delay, reply_421
 from peers.sink import SmtpSink, free_port
 from peers.waiting import eventually
@@ -118,17 +118,27 @@ async def test_upstream_failing_at_data_is_a_4xx_at_data_and_nothing_is_delivere
     assert failing.messages == [] and healthy.messages == []
 
 
-@pytest.mark.parametrize("action", list(ACTIONS))
+AFTER_END_OF_DATA: dict[str, Step] = {
+    **ACTIONS, "250 out of step": "250 2.0.0 Ok: queued as A1\r\n250 2.0.0 Ok again",
+}
+
+
+@pytest.mark.parametrize("action", list(AFTER_END_OF_DATA))
 async def test_upstream_failing_after_end_of_data_is_451(
-    moxy: StartMoxy, make_recorder: MakeRecorder, action: str
+    moxy: StartMoxy, make_recorder: MakeRecorder, action: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """The destination may have the message (a duplicate is possible), but it never said so:
-    the sender must keep it and retry (no loss)."""
-    upstream = make_recorder({"end_of_data": ACTIONS[action]})
+    """The destination may have the message (a duplicate is possible), but it never said so
+    clearly: the sender must keep it and retry (no loss), and the duplicate is not silent.
+    A 421 is a refusal: nothing to warn of."""
+    upstream = make_recorder({"end_of_data": AFTER_END_OF_DATA[action]})
     server = await moxy({"example.org": upstream}, timeouts=FAST_TIMEOUTS)
     outcome = await send_one(server, ["user@example.org"])
     assert outcome.final is not None and outcome.final.code == 451, outcome.transcript
     assert len(upstream.messages) == 1  # it got the whole message, it just never said 250
+    assert ("duplicate possible" in caplog.text) == (action != "421"), caplog.text
+    if action == "250 out of step":  # the destination has it: its leg counts as delivered
+        await eventually(lambda: any(line.split(" ")[1] == "leg" and " code=250 " in line
+                                     for line in server.log_lines()))
 
 
 async def test_upstream_disconnecting_mid_body_is_451_and_no_other_leg_delivers(
@@ -150,6 +160,21 @@ async def test_upstream_disconnecting_mid_body_is_451_and_no_other_leg_delivers(
         assert final.code == 451, client.dump()
     assert failing.messages == []
     assert healthy.messages == [], "a leg got the end-of-data sequence after another leg failed"
+    # Each leg's event names its own destination; the healthy one was abandoned with the
+    # message, for the failing one's failure.
+    await eventually(lambda: len(legs(server)) == 2)
+    by_dest = {field(line, "dest"): line for line in legs(server)}
+    assert set(by_dest) == {failing.address, healthy.address}
+    assert f"abandoned: {failing.address} failed" in by_dest[healthy.address]
+    assert "connection" in by_dest[failing.address].split(" reply=", 1)[1]
+
+
+def legs(server: RunningMoxy) -> list[str]:
+    return [line for line in server.log_lines() if line.split(" ")[1:2] == ["leg"]]
+
+
+def field(line: str, name: str) -> str:
+    return line.split(f" {name}=", 1)[1].split(" ", 1)[0]
 
 
 @pytest.mark.parametrize("legs", [1, 2])

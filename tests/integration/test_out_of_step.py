@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import trio
 
 from peers.client import SmtpClient
 from peers.moxy import RunningMoxy, StartMoxy
-from peers.recorder import DISCONNECT, Late, Recorder, Step
+from peers.recorder import DISCONNECT, Late, Recorder, Step, delay
 from peers.tls import TlsFiles
 from peers.waiting import eventually
 
@@ -123,6 +124,31 @@ async def test_a_pooled_connection_the_destination_spoke_on_while_idle_is_not_re
     assert second.final is not None and second.final.code == 250, second.transcript
     assert len(late.messages) == 2
     assert len(late.connections) == 2  # the one that spoke was not taken again
+
+
+@pytest.mark.parametrize("destination", ["no pipelining", "pipelining, slow RCPT"])
+async def test_a_kept_connection_the_destination_spoke_on_is_not_used_again(
+    moxy: StartMoxy, make_recorder: MakeRecorder, destination: str
+) -> None:
+    """The same late verdict on the connection a session keeps for its next message: it
+    answered that message's MAIL, and the client heard a 550 for a good recipient."""
+    options: dict[str, Any] = (
+        {"ehlo_keywords": ("8BITMIME", "ENHANCEDSTATUSCODES")} if destination == "no pipelining"
+        else {}
+    )
+    script: dict[str, Any] = {"end_of_data": [Late("250 2.0.0 Ok", "550 5.7.1 late"),
+                                              "250 2.0.0 Ok"]}
+    if destination != "no pipelining":
+        script["rcpt"] = delay(0.1, "250 2.1.5 Ok")
+    late = make_recorder(script, name="late", **options)
+    server = await moxy({"example.org": late}, timeouts=FAST_TIMEOUTS)
+    client = await open_session(server)
+    for _ in range(2):
+        _, final = await client.send_message(SENDER, ["user@example.org"], b"x\r\n")
+        assert final is not None and final.code == 250, client.dump()
+        await trio.sleep(0.5)  # the late "550" (0.2 s after the verdict) is at Moxy by now
+    assert len(late.delivered) == 2
+    assert len(late.connections) == 2  # the one that spoke was not used again
 
 
 async def test_a_quiet_destination_still_gets_a_large_message(
