@@ -22,7 +22,7 @@ from moxy.config import Config, ConfigError, load_config
 from moxy.context import Drain, ServerContext
 from moxy.destinations import Destinations
 from moxy.lookup.base import Router
-from moxy.lookup.build import Routing
+from moxy.lookup.build import NoRouteSource, Routing
 from moxy.lookup.file import RoutesFileError
 from moxy.metrics import Metrics
 from moxy.tls import TlsContexts
@@ -90,7 +90,7 @@ class Generation:
             )
         if router is None:
             routing = routing or Routing.build(config)
-            router = routing.router
+            router = routing.router if routing.router is not None else NoRouteSource()
         shared.metrics.observe_router(router)
         ctx = ServerContext.build(
             config, router=router, emit=shared.emit, drain=shared.drain, clients=shared.clients,
@@ -198,7 +198,10 @@ async def next_generation(current: Generation, shared: Shared) -> Generation | N
     if current.routing is None:  # a router given by the caller (tests) stays
         await routing.aclose()
         router = current.ctx.router
-    elif operator.eq(config.routes, current.config.routes):
+    elif (
+        routing.router is not None and current.routing.router is not None
+        and operator.eq(config.routes, current.config.routes)
+    ):
         routing.router.inherit(current.routing.router)
     try:
         generation = Generation.build(config, shared,

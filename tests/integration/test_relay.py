@@ -3,10 +3,17 @@ forms, from trusted and untrusted client addresses on loopback (127.0.0.2, 127.0
 
 from __future__ import annotations
 
+import functools
+import logging
+import re
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
+import pytest
 import trio
 
+from moxy.config import load_config
+from moxy.server import serve
 from peers.client import ServerReply, SmtpClient
 from peers.moxy import RunningMoxy, StartMoxy
 from peers.recorder import Recorder
@@ -79,6 +86,34 @@ async def test_trusted_clients_relay_through_the_smarthost_others_are_denied(
     assert [m.rcpts for m in routed.messages] == [
         ["user@example.org"], ["user@example.org", PROBES[0]]
     ]
+
+
+async def test_accounting_only_without_routes_serves_and_reloads(
+    write_config: Callable[..., Path], make_recorder: MakeRecorder,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """`[routes]` may be left out in accounting-only mode (docs/configuration.md): serving
+    and a reload refused that ("CachedRouter needs at least one route source")."""
+    caplog.set_level(logging.INFO, logger="moxy")
+    mta = make_recorder()
+    path = write_config({}, relay={"accounting_only": mta.address})
+    path.write_text(re.sub(r"\[routes\]\n[^[]*", "", path.read_text()))
+    assert "routes" not in path.read_text()
+    send_reload, reloads = trio.open_memory_channel[None](1)
+    async with trio.open_nursery() as nursery:
+        [address, *_] = await nursery.start(
+            functools.partial(serve, load_config(path), reloads=reloads)
+        )
+        await send_reload.send(None)
+        await eventually(lambda: "reloaded" in caplog.text, what="the reload")
+        assert "reload failed" not in caplog.text
+        async with await SmtpClient.connect(*address) as client:
+            assert (await client.greeting_and_ehlo()).code == 250
+            assert (await rcpts(client, ["a@any.test"]))["a@any.test"].code == 250
+            assert (await deliver(client)).code == 250
+        nursery.cancel_scope.cancel()
+    [message] = mta.messages
+    assert message.rcpts == ["a@any.test"]
 
 
 async def test_accounting_only_sends_every_domain_to_one_destination(

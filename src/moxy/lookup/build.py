@@ -17,10 +17,10 @@ from typing import NoReturn, TypeVar
 import trio
 
 from moxy.config import Config, ConfigError
-from moxy.lookup.base import RouteSource
+from moxy.lookup.base import LookupFailed, Route, RouteSource
 from moxy.lookup.cache import CachedRouter
 from moxy.lookup.file import FileSource
-from moxy.lookup.gdbm import DamagedFile, GdbmSource, check_db
+from moxy.lookup.gdbm import DamagedFile, GdbmSource, check_db, reason
 from moxy.lookup.settings import RedisSettings
 
 log = logging.getLogger("moxy.lookup")
@@ -34,11 +34,18 @@ T = TypeVar("T")
 
 class Routing:
     """The sources of `[routes] chain`, in order, and the cache in front of them (`router`);
-    `changes` is the Redis whose route change announcements the cache follows, if any."""
+    `changes` is the Redis whose route change announcements the cache follows, if any.
 
-    def __init__(self, router: CachedRouter, changes: RedisSettings | None = None) -> None:
+    `router` is None for a configuration without route sources: accounting-only mode
+    (`[relay] accounting_only`) with no `[routes]`, where the session never asks a router."""
+
+    def __init__(self, router: CachedRouter | None, changes: RedisSettings | None = None) -> None:
         self.router = router
         self.changes = changes
+
+    @property
+    def sources(self) -> tuple[RouteSource, ...]:
+        return self.router.sources if self.router is not None else ()
 
     @classmethod
     def build(cls, config: Config) -> Routing:
@@ -50,6 +57,8 @@ class Routing:
         for a bad routes file, `ConfigError` naming the key for an unusable GDBM or CA file.
         """
         sources = [_make_source(name, config) for name in config.routes.sources]
+        if not sources:  # accounting-only mode without [routes] (load_config allows no other)
+            return cls(None)
         routes = config.routes
         router = CachedRouter(sources, routes.cache,
                               max_size=(routes.max_groups, routes.max_alternatives))
@@ -68,12 +77,13 @@ class Routing:
         """
         try:
             async with trio.open_nursery() as nursery:
-                for source in self.router.sources:
+                for source in self.sources:
                     if isinstance(source, FileSource | GdbmSource):
                         nursery.start_soon(_watch, source)
                 if self.changes is not None:
                     from moxy.lookup.redis import listen_for_changes
 
+                    assert self.router is not None  # a chain with Redis in it
                     await nursery.start(
                         functools.partial(
                             listen_for_changes,
@@ -90,7 +100,7 @@ class Routing:
         """Close the backends' connections and file handles; bounded, and safe when cancelled."""
         with trio.move_on_after(_CLOSE_TIMEOUT) as scope:
             scope.shield = True
-            for source in self.router.sources:
+            for source in self.sources:
                 aclose = getattr(source, "aclose", None)
                 if aclose is None:
                     continue
@@ -98,6 +108,15 @@ class Routing:
                     await aclose()
                 except Exception:
                     log.exception("closing route source %s failed", source.name)
+
+
+class NoRouteSource:
+    """The router of a configuration without route sources (accounting-only mode without
+    `[routes]`): the session sends every recipient to `relay.accounting_only` and never asks
+    it; asked all the same, it cannot answer (451 4.4.3), it never refuses mail."""
+
+    async def route(self, recipient: str) -> Route | None:
+        raise LookupFailed("no route source: [routes] is not configured")
 
 
 def _make_source(name: str, config: Config) -> RouteSource:
@@ -132,9 +151,9 @@ def _check_gdbm(path: Path, config: Config) -> None:
     try:
         check_db(path)
     except (dbm.gnu.error, OSError, DamagedFile) as exc:
-        reason = (exc.strerror if isinstance(exc, OSError) else exc.args[-1]) if exc.args else exc
         raise ConfigError(
-            [f"routes.gdbm.path: cannot open {path}: {reason} (build it with `moxy makedb`)"],
+            [f"routes.gdbm.path: cannot open {path}: {reason(exc)} (build it with `moxy "
+             "makedb`)"],
             config.path,
         ) from None
 
