@@ -548,6 +548,17 @@ def test_the_cache_table_alone_tunes_the_flat_file_setup(tmp_path: Path) -> None
              "'socket_timeout' in connection URL."],
         ),
         (
+            '[routes]\nchain = ["redis"]\n[routes.redis]\nurl = "redis://h:6380/l"\n',
+            ["routes.redis.url: 'redis://h:6380/l': the path '/l' is not a database number "
+             "(/0, /1, ...)"],
+        ),
+        (
+            '[routes]\nfile = "r"\n[accounting]\nsinks = ["redis"]\n[accounting.redis]\n'
+            'url = "rediss://h/db1"\n',
+            ["accounting.redis.url: 'rediss://h/db1': the path '/db1' is not a database number "
+             "(/0, /1, ...)"],
+        ),
+        (
             '[routes]\nchain = ["redis"]\n[routes.redis]\nurl = "redis://host:port/0"\n',
             [
                 "routes.redis.url: 'redis://host:port/0': Port could not be cast to integer "

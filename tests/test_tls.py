@@ -51,7 +51,20 @@ def test_a_key_that_does_not_match_is_an_error(tmp_path: Path, tls_files: TlsFil
                     "ec_paramgen_curve:prime256v1", "-out", str(other)],
                    check=True, capture_output=True)
     config = config_with(tmp_path, f'cert = "{tls_files.cert}"\nkey = "{other}"\n')
-    assert tls_error(config).startswith(f"tls.cert: cannot use {tls_files.cert} with {other}:")
+    assert tls_error(config) == f"tls.key: {other} does not match tls.cert {tls_files.cert}"
+
+
+@pytest.mark.parametrize("wrong", ["key", "cert"])
+def test_a_file_of_the_wrong_kind_is_named(
+    tmp_path: Path, tls_files: TlsFiles, wrong: str
+) -> None:
+    """OpenSSL's `[SSL] PEM lib (_ssl.c:3895)`, under tls.cert, for a key file that holds a
+    certificate."""
+    cert, key = (tls_files.cert, tls_files.cert) if wrong == "key" else (
+        tls_files.key, tls_files.key)
+    config = config_with(tmp_path, f'cert = "{cert}"\nkey = "{key}"\n')
+    assert tls_error(config) == {"key": f"tls.key: {key}: not a PEM private key",
+                                 "cert": f"tls.cert: {cert}: not a PEM certificate"}[wrong]
 
 
 def test_a_cipher_list_that_selects_nothing_is_an_error(

@@ -7,7 +7,9 @@ call it again; both raise `ConfigError` naming the key when a file cannot be use
 
 from __future__ import annotations
 
+import re
 import ssl
+from pathlib import Path
 
 import attrs
 
@@ -48,9 +50,30 @@ def server_context(config: Config) -> ssl.SSLContext | None:
     try:
         context.load_cert_chain(tls.cert, tls.key)
     except OSError as exc:  # ssl.SSLError is an OSError: wrong format, key does not match
-        reason = getattr(exc, "reason", None) or exc.strerror or str(exc)
-        raise _error(config, "cert", f"cannot use {tls.cert} with {tls.key}: {reason}") from None
+        raise _cert_chain_error(config, tls.cert, tls.key, exc) from None
     return context
+
+
+def _cert_chain_error(config: Config, cert: Path, key: Path, exc: OSError) -> ConfigError:
+    """Which file of the pair is wrong, in words: OpenSSL says `[SSL] PEM lib (_ssl.c:3895)`
+    for a key file that holds no key as for a certificate file that holds no certificate."""
+    if getattr(exc, "reason", None) == "KEY_VALUES_MISMATCH":
+        return _error(config, "key", f"{key} does not match tls.cert {cert}")
+    for name, path in (("cert", cert), ("key", key)):
+        try:
+            path.read_bytes()
+        except OSError as error:
+            return _error(config, name, f"cannot read {path}: {error.strerror or error}")
+    if isinstance(exc, ssl.SSLError):
+        try:  # a certificate file holds at least one certificate
+            ssl.create_default_context().load_verify_locations(cadata=cert.read_text("ascii"))
+        except (ssl.SSLError, ValueError):  # ValueError: not ASCII
+            return _error(config, "cert", f"{cert}: not a PEM certificate")
+        if getattr(exc, "library", None) == "SSL" and exc.reason is None:  # "PEM lib"
+            return _error(config, "key", f"{key}: not a PEM private key")
+    reason = getattr(exc, "reason", None) or exc.strerror or str(exc)
+    reason = re.sub(r" \(_ssl\.c:\d+\)$", "", reason)
+    return _error(config, "cert", f"cannot use {cert} with {key}: {reason}")
 
 
 @attrs.frozen

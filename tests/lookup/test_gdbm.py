@@ -125,6 +125,22 @@ async def test_a_missing_file_fails_lookups_until_it_appears(
     assert await source.lookup("example.com") == parse_destinations("mail.example.com:2525")
 
 
+@pytest.mark.parametrize("kind", ["text", "directory"])
+async def test_a_file_that_cannot_be_opened_says_why_in_words(tmp_path: Path, kind: str) -> None:
+    """One line with the reason only: not `None` (dbm.gnu.error has no strerror), nor
+    `[Errno 21] Is a directory: '...'`."""
+    db_path = tmp_path / "routes.db"
+    if kind == "text":
+        db_path.write_text("example.org 127.0.0.1\n")
+    else:
+        db_path.mkdir()
+    source = GdbmSource(db_path)
+    with pytest.raises(LookupFailed) as caught:
+        await source.lookup("example.org")
+    why = "Unexpected end of file" if kind == "text" else "Is a directory"
+    assert str(caught.value) == f"cannot open {db_path}: {why}"
+
+
 async def test_a_broken_replacement_keeps_the_open_file_serving(
     routes_file: Path,
     tmp_path: Path,

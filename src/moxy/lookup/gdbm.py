@@ -88,6 +88,14 @@ def _check_count(db: Any) -> None:
         raise DamagedFile(f"damaged: {max(found - 1, 0)} of its {expected} routes readable")
 
 
+def reason(exc: BaseException) -> str:
+    """Why opening a GDBM file failed, for a message: an OSError's strerror; dbm.gnu.error is
+    an OSError whose strerror is None and whose message is its argument ('Unexpected end of
+    file' for a file that is not GDBM)."""
+    strerror = getattr(exc, "strerror", None)
+    return str(strerror or (exc.args[-1] if exc.args else exc))
+
+
 def check_db(path: str | os.PathLike[str]) -> None:
     """Open and check the GDBM file at `path`, as a running Moxy does before it uses one:
     dbm.gnu.error or OSError (not GDBM, unreadable), DamagedFile (truncated, or fewer routes
@@ -226,7 +234,7 @@ class GdbmSource:
             before = _identity(os.stat(self.path))
         except OSError as exc:
             if self._db is None:
-                raise LookupFailed(f"cannot open {self.path}: {exc.strerror}") from None
+                raise LookupFailed(f"cannot open {self.path}: {reason(exc)}") from None
             return False  # keep what is open: the file is being replaced, or removed by mistake
         if before == self._identity or before == self._rejected:
             if self._db is None:
@@ -241,8 +249,9 @@ class GdbmSource:
         except (dbm.gnu.error, OSError, DamagedFile) as exc:
             self._rejected = before
             if self._db is None:
-                raise LookupFailed(f"cannot open {self.path}: {exc}") from None
-            log.error("cannot open replaced %s, still using the previous file: %s", self.path, exc)
+                raise LookupFailed(f"cannot open {self.path}: {reason(exc)}") from None
+            log.error("cannot open replaced %s, still using the previous file: %s", self.path,
+                      reason(exc))
             return False
         old, self._db, self._identity = self._db, db, before
         # A file replaced again between the stat and the open shows up as changed next time.

@@ -121,9 +121,9 @@ class LdapSource:
         self.settings = settings
         self._limiter = limiter if limiter is not None else trio.CapacityLimiter(connections)
         tls = None
+        if settings.ca_file:  # checked even when unused: a typo found now, not when TLS is on
+            check_ca_file(settings.ca_file)
         if settings.starttls or any(u.lower().startswith("ldaps:") for u in settings.uri):
-            if settings.ca_file:
-                check_ca_file(settings.ca_file)
             try:
                 tls = ldap3.Tls(
                     validate=ssl.CERT_REQUIRED,

@@ -7,6 +7,7 @@ redis-py, which would cost every `moxy` command most of a second before it start
 
 from __future__ import annotations
 
+import re
 import urllib.parse
 from collections.abc import Iterable
 from pathlib import Path
@@ -89,7 +90,11 @@ def _check_url(instance: RedisSettings, attribute: object, value: str) -> None:
     if not value.startswith(("redis://", "rediss://", "unix://")):
         raise ValueError(f"url: {value!r} must start with redis://, rediss:// or unix://")
     try:
-        urllib.parse.urlsplit(value).port  # noqa: B018 (parsing it is the check)
+        parts = urllib.parse.urlsplit(value)
+        parts.port  # noqa: B018 (parsing it is the check)
+        # redis-py ignores a path that is no number (`/l` for `/1`): db 0, another cluster's.
+        if parts.scheme != "unix" and not re.fullmatch(r"/?|/[0-9]+", parts.path):
+            raise ValueError(f"the path {parts.path!r} is not a database number (/0, /1, ...)")
         # What redis-py will make of it, query options included (`?db=abc`, `?socket_timeout=x`
         # raise ValueError there): found by check-config, not by the first connection.
         parse_url(value)  # type: ignore[no-untyped-call]
