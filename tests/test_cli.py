@@ -5,7 +5,9 @@ from __future__ import annotations
 import dbm.gnu
 import json
 import os
+import pwd
 import re
+import shutil
 import socket
 import stat
 import subprocess
@@ -22,6 +24,7 @@ from moxy.lookup.gdbm import make_db
 from moxy.lookup.redis import RedisSettings, route_import, route_set
 from peers.example_routes import ROUTES
 from peers.redis_server import RedisServer
+from peers.sink import free_port, wait_for_greeting
 from peers.slapd import ROUTES_BASE, Slapd
 
 REPO = Path(__file__).resolve().parent.parent
@@ -75,10 +78,95 @@ def test_check_config_checks_the_message_log_as_serve_does(tmp_path: Path, where
         assert result.returncode == 0, result.stderr
         assert not log.exists()
         return
-    reason = "No such file or directory" if where == "missing directory" else "Is a directory"
-    assert (result.returncode, result.stderr) == (
-        2, f"moxy: {path}: log.file: cannot open {log} for appending: {reason}\n"
-    )
+    message = (f"directory {log.parent} does not exist" if where == "missing directory"
+               else f"cannot open {log} for appending: Is a directory")
+    assert (result.returncode, result.stderr) == (2, f"moxy: {path}: log.file: {message}\n")
+
+
+def test_accounting_only_without_routes(tmp_path: Path) -> None:
+    """`[routes]` may be left out in accounting-only mode: check-config and serve gave a
+    traceback ("CachedRouter needs at least one route source"); lookup says in one line that
+    there is no route source."""
+    port = free_port()
+    path = tmp_path / "moxy.toml"
+    path.write_text(f'[server]\nlisten = ["127.0.0.1:{port}"]\n'
+                    '[relay]\naccounting_only = "127.0.0.1:10025"\n')
+    result = moxy("check-config", "-c", str(path))
+    assert (result.returncode, result.stderr) == (0, "")
+    result = moxy("lookup", "-c", str(path), "a@example.org")
+    assert (result.returncode, result.stdout, result.stderr) == (2, "", (
+        f"moxy: {path}: no route source: [routes] is not configured (relay.accounting_only "
+        "sends every recipient to 127.0.0.1:10025)\n"
+    ))
+    with open(tmp_path / "serve.out", "wb") as out:
+        process = subprocess.Popen([sys.executable, "-m", "moxy", "serve", "-c", str(path)],
+                                   stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_for_greeting("127.0.0.1", port, 15, process)
+    finally:
+        process.terminate()
+        status = process.wait(10)
+    output = (tmp_path / "serve.out").read_text()
+    assert status == 0, output
+    assert "Traceback" not in output
+
+
+NOBODY = pwd.getpwnam("nobody")
+
+
+@pytest.mark.parametrize("case", ["root on port 25", "another user", "socket directory missing",
+                                  "socket path too long", "socket directory read-only",
+                                  "log directory read-only"])
+def test_check_config_refuses_what_serve_refuses(case: str) -> None:
+    """check-config said OK for each of these, and serve then refused to start."""
+    directory = Path(tempfile.mkdtemp(prefix="moxy-cc-"))  # nobody can reach it
+    directory.chmod(0o755)
+    try:
+        (directory / "routes").write_text("example.test 127.0.0.1:2526\n")
+        server = {"root on port 25": 'listen = ["127.0.0.1:25"]',
+                  "another user": 'listen = ["127.0.0.1:2525"]\nuser = "daemon"'}.get(
+                      case, 'listen = ["127.0.0.1:2525"]')
+        socket_path = {"socket directory missing": directory / "run" / "control",
+                       "socket path too long": directory / ("c" * 120)}.get(
+                           case, directory / "control")
+        log = directory / "moxy.log"
+        config = directory / "moxy.toml"
+        config.write_text(f'[server]\n{server}\n[routes]\nfile = "routes"\n'
+                          f'[destinations]\ncontrol_socket = "{socket_path}"\n'
+                          f'[log]\nfile = "{log}"\n')
+        if case in ("root on port 25",):
+            as_user = {}
+        else:  # the others as an unprivileged user
+            as_user = {"user": NOBODY.pw_uid, "group": NOBODY.pw_gid, "extra_groups": []}
+            if case not in ("socket directory read-only", "log directory read-only"):
+                os.chown(directory, NOBODY.pw_uid, NOBODY.pw_gid)
+            if case == "socket directory read-only":
+                log.touch()
+                os.chown(log, NOBODY.pw_uid, NOBODY.pw_gid)
+            if case == "log directory read-only":
+                (directory / "run").mkdir()
+                os.chown(directory / "run", NOBODY.pw_uid, NOBODY.pw_gid)
+                config.write_text(config.read_text().replace(str(socket_path),
+                                                             str(directory / "run" / "c")))
+        result = subprocess.run([sys.executable, "-m", "moxy", "check-config", "-c", str(config)],
+                                capture_output=True, text=True, timeout=60, **as_user)
+    finally:
+        shutil.rmtree(directory)
+    expected = {
+        "root on port 25": "refusing to serve as root on port 25: set [server] user (and group) "
+        "to serve as that user once the port is bound, or run Moxy as a user with "
+        "CAP_NET_BIND_SERVICE (deploy/systemd/moxy.service)",
+        "another user": "server.user: cannot become 'daemon': Moxy was not started as root",
+        "socket directory missing": f"{config}: destinations.control_socket: directory "
+        f"{directory / 'run'} does not exist",
+        "socket path too long": f"{config}: destinations.control_socket: {socket_path} is "
+        "longer than the 107 bytes of a unix socket path",
+        "socket directory read-only": f"{config}: destinations.control_socket: directory "
+        f"{directory} is not writable by user nobody, who binds the socket",
+        "log directory read-only": f"{config}: log.file: directory {directory} is not writable "
+        "by user nobody, who creates moxy.log",
+    }[case]
+    assert (result.returncode, result.stdout, result.stderr) == (2, "", f"moxy: {expected}\n")
 
 
 def test_check_config_accepts_short_option(tmp_path: Path) -> None:
@@ -212,6 +300,18 @@ def test_check_config_opens_the_gdbm_file(tmp_path: Path) -> None:
     assert moxy("check-config", "-c", str(path)).returncode == 0
 
 
+def test_check_config_says_why_a_gdbm_file_cannot_be_used(tmp_path: Path) -> None:
+    """dbm.gnu.error has no strerror: the message said `None`."""
+    path = write_config(tmp_path, '[routes.gdbm]\npath = "routes"\n')  # the text file
+    path.write_text(path.read_text().replace("[routes]\n", '[routes]\nchain = ["gdbm", "file"]\n'))
+    result = moxy("check-config", "-c", str(path))
+    assert (result.returncode, result.stderr) == (
+        2,
+        f"moxy: {path}: routes.gdbm.path: cannot open {tmp_path / 'routes'}: Unexpected end of "
+        "file (build it with `moxy makedb`)\n",
+    )
+
+
 def test_serve_refuses_a_chain_naming_a_source_without_its_table(tmp_path: Path) -> None:
     path = write_config(tmp_path)
     path.write_text('[routes]\nchain = ["ldap", "file"]\nfile = "routes"\n')
@@ -227,6 +327,23 @@ def test_a_missing_ldap_ca_file_is_a_config_error(tmp_path: Path) -> None:
     path.write_text(
         '[routes]\nchain = ["ldap"]\n[routes.ldap]\nuri = "ldap://127.0.0.1"\nbase = "o=x"\n'
         'starttls = true\nca_file = "ca.pem"\n'
+    )
+    result = moxy("check-config", "-c", str(path))
+    assert result.returncode == 2
+    prefix = re.escape(f"moxy: {path}: routes.ldap.ca_file: ")
+    assert re.fullmatch(rf"{prefix}.*\n", result.stderr)
+
+
+@pytest.mark.parametrize("ca", ["missing", "not a certificate"])
+def test_an_ldap_ca_file_is_checked_without_tls_too(tmp_path: Path, ca: str) -> None:
+    """configuration.md: check-config refuses a missing CA file or one holding no certificate;
+    it did only with StartTLS or ldaps://."""
+    path = write_config(tmp_path)
+    if ca == "not a certificate":
+        (tmp_path / "ca.pem").write_text("not a certificate\n")
+    path.write_text(
+        '[routes]\nchain = ["ldap"]\n[routes.ldap]\nuri = "ldap://127.0.0.1:1"\nbase = "o=x"\n'
+        'ca_file = "ca.pem"\n'
     )
     result = moxy("check-config", "-c", str(path))
     assert result.returncode == 2

@@ -170,14 +170,24 @@ def _load(path: Path) -> Config | None:
     config = _read_config(path)
     if config is None or _build(config) is None:
         return None
+    from moxy import control, privileges
     from moxy.accounting.sinks import check_sinks
     from moxy.tls import TlsContexts
 
+    try:  # as serve: root on port 25 without [server] user, a user it cannot become
+        switch = privileges.plan(config)
+    except privileges.PrivilegeError as exc:
+        _report([str(exc)])
+        return None
+    user = None if switch is None else (switch.user, switch.uid, switch.gid)
     try:  # the certificate, key and CA files are read now, not at the first STARTTLS
         TlsContexts.read(config)
-        check_sinks(config, create=False)  # the sinks and the message log, as serve does
+        check_sinks(config, user, create=False)  # the sinks and the message log, as serve does
     except ConfigError as exc:
         _report(_config_errors(exc))
+        return None
+    if errors := control.check_paths(config):
+        _report([f"{config.path}: {error}" for error in errors])
         return None
     return config
 
@@ -247,6 +257,12 @@ def _lookup(args: argparse.Namespace) -> int:
     routing = _build(config) if config is not None else None
     if routing is None:
         return EXIT_USAGE
+    if routing.router is None:
+        assert config is not None
+        _report([f"{args.config}: no route source: [routes] is not configured (relay."
+                 "accounting_only sends every recipient to "
+                 f"{config.relay.accounting_only})"])
+        return EXIT_USAGE
     try:
         route = trio.run(_route_by_keys, routing, keys)
     except LookupFailed as exc:
@@ -282,6 +298,7 @@ def _keys_of(target: str) -> list[str]:
 
 
 async def _route_by_keys(routing: Routing, keys: list[str]) -> Route | None:
+    assert routing.router is not None
     try:
         return await routing.router.route_keys(keys)
     finally:

@@ -13,6 +13,7 @@ import errno
 import json
 import logging
 import os
+import pwd
 import socket
 import stat
 import time
@@ -29,6 +30,7 @@ logger = logging.getLogger("moxy.control")
 
 MAX_REQUEST = 1024
 BACKLOG = 128  # connections waiting to be accepted (moxy destinations, scripts)
+MAX_PATH = 107  # bytes of a unix socket path: Linux's sun_path holds 108, the last one a NUL
 TIMEOUT = 5.0
 
 
@@ -46,6 +48,31 @@ def socket_paths(config: Config) -> list[Path]:
     return [path.with_name(f"{path.name}.{n}") for n in range(config.server.workers)]
 
 
+def check_paths(config: Config) -> list[str]:
+    """What would stop `bind` at the start, one line each, without binding (`moxy
+    check-config`): a directory that is missing or that this process cannot create the socket
+    in (serve binds it as the user that starts it, root before a switch), a path too long."""
+    paths = socket_paths(config)
+    errors: list[str] = []
+    if paths and len(os.fsencode(paths[-1])) > MAX_PATH:  # the last is the longest
+        errors.append(f"destinations.control_socket: {paths[-1]} is longer than the "
+                      f"{MAX_PATH} bytes of a unix socket path")
+    directory = paths[0].parent if paths else None  # every worker's socket is in one directory
+    if directory is not None and not directory.is_dir():
+        errors.append(f"destinations.control_socket: directory {directory} does not exist")
+    elif directory is not None and not os.access(directory, os.W_OK | os.X_OK):
+        errors.append(f"destinations.control_socket: directory {directory} is not writable by "
+                      f"user {_user_name()}, who binds the socket")
+    return errors
+
+
+def _user_name() -> str:
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return str(os.geteuid())
+
+
 def answer(destinations: Destinations, request: str) -> list[dict[str, object]]:
     """The JSON objects that answer one request line."""
     verb, _, argument = request.strip().partition(" ")
@@ -61,10 +88,11 @@ def answer(destinations: Destinations, request: str) -> list[dict[str, object]]:
     return [{"error": f"unknown request {request.strip()[:60]!r} (list, clear [ADDRESS])"}]
 
 
-def bind(path: Path) -> socket.socket:
-    """A listening unix socket at `path`. A stale socket file there (left by a server that did
-    not stop cleanly) is replaced; one a running server answers on is not: a second `moxy
-    serve` of the same configuration, failing, removed the running one's socket."""
+def bind(path: Path, owner: tuple[int, int] | None = None) -> socket.socket:
+    """A listening unix socket at `path`, mode 0600, given to `owner` (uid, gid: the user
+    root switches to, who runs `moxy destinations`). A stale socket file there (left by a
+    server that did not stop cleanly) is replaced; one a running server answers on is not: a
+    second `moxy serve` of the same configuration, failing, removed the running one's socket."""
     with contextlib.suppress(FileNotFoundError):
         if stat.S_ISSOCK(path.lstat().st_mode):
             if _answers(path):
@@ -75,6 +103,8 @@ def bind(path: Path) -> socket.socket:
     try:
         sock.bind(str(path))
         os.chmod(path, 0o600)  # before listen(): nobody else can connect in between
+        if owner is not None:
+            os.chown(path, *owner)
         sock.listen(BACKLOG)
     except OSError as exc:
         sock.close()
@@ -97,8 +127,12 @@ def _answers(path: Path) -> bool:
 
 def unbind(sock: socket.socket, path: Path) -> None:
     sock.close()
-    with contextlib.suppress(OSError):
+    try:
         path.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:  # e.g. a directory only root may write, after the switch of user
+        logger.warning("cannot remove the control socket %s: %s", path, exc.strerror or exc)
 
 
 async def serve_control(
@@ -165,8 +199,11 @@ def ask(path: Path, request: str) -> list[dict[str, object]]:
             sock.sendall(request.encode() + b"\n")
             data = b"".join(_receive(sock))
     except OSError as exc:
+        # No socket file, or nobody listening on it: a server stopped (or not started yet).
+        hint = (" (is Moxy running?)"
+                if isinstance(exc, FileNotFoundError | ConnectionRefusedError) else "")
         raise ControlError(f"cannot ask the server at {path}: "
-                           f"{exc.strerror or exc}") from None
+                           f"{exc.strerror or exc}{hint}") from None
     try:
         objects = [json.loads(line) for line in data.splitlines() if line.strip()]
     except (ValueError, RecursionError):  # RecursionError: nested deeper than json can read

@@ -18,7 +18,7 @@ from typing import Final
 
 import trio
 
-from moxy import control, privileges, workers
+from moxy import __version__, control, privileges, workers
 from moxy.accounting.remote import accounting_for
 from moxy.accounting.sinks import check_sinks
 from moxy.config import Config
@@ -136,17 +136,18 @@ def run(config: Config) -> int:
         del routing
         # The master binds the workers' control sockets too: a bad path stops the start, and a
         # restarted worker answers on the same socket.
-        controls = _bind_controls(config)
+        controls = _bind_controls(config, switch)
         if controls is None:
             return 1
         try:
-            return workers.supervise(config, tls, functools.partial(_worker, controls), switch)
+            status = workers.supervise(config, tls, functools.partial(_worker, controls), switch)
         finally:
             _unbind_controls(config, controls)
+        return _stopped(status)
     if switch is None:
-        return _serve_here(config, tls, routing)
+        return _stopped(_serve_here(config, tls, routing))
     # Root binds what needs binding (port 25, the control socket), then Moxy gives root up.
-    controls = _bind_controls(config)
+    controls = _bind_controls(config, switch)
     if controls is None:
         return 1
     try:
@@ -156,19 +157,30 @@ def run(config: Config) -> int:
         except OSError as exc:
             print(f"moxy: {exc.strerror or exc}", file=sys.stderr)
             return 1
-        return _serve_here(config, tls, routing, sockets, controls[0] if controls else None)
+        status = _serve_here(config, tls, routing, sockets, controls[0] if controls else None)
     finally:
         _unbind_controls(config, controls)
+    return _stopped(status)
 
 
-def _bind_controls(config: Config) -> list[socket.socket] | None:
-    """The control sockets (one, or one per worker); None after one line when one cannot be
-    bound."""
+def _stopped(status: int) -> int:
+    """The last line of a Moxy that served and stopped as asked (the master's, with workers)."""
+    if status == 0:
+        logger.info("moxy %s stopped", __version__)
+    return status
+
+
+def _bind_controls(
+    config: Config, switch: privileges.Switch | None = None
+) -> list[socket.socket] | None:
+    """The control sockets (one, or one per worker), given to `switch`'s user; None after one
+    line when one cannot be bound."""
     paths = control.socket_paths(config)
+    owner = None if switch is None else (switch.uid, switch.gid)
     controls: list[socket.socket] = []
     try:
         for path in paths:
-            controls.append(control.bind(path))
+            controls.append(control.bind(path, owner))
     except OSError as exc:
         for sock, path in zip(controls, paths, strict=False):
             control.unbind(sock, path)

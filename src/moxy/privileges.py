@@ -13,6 +13,7 @@ import grp
 import logging
 import os
 import pwd
+from collections.abc import Callable
 
 import attrs
 
@@ -69,10 +70,19 @@ def plan(config: Config) -> Switch | None:
 
 def drop(switch: Switch) -> None:
     """Become `switch`'s user and group for good (real, effective and saved ids), with no
-    supplementary groups but that group. Raises OSError when the system refuses."""
-    os.setgroups([switch.gid])
-    os.setgid(switch.gid)
-    os.setuid(switch.uid)
+    supplementary groups but that group. Raises OSError, naming the call and the user, when
+    the system refuses (e.g. a capability bounding set without CAP_SETUID/CAP_SETGID)."""
+    steps: tuple[tuple[str, Callable[[], None]], ...] = (
+        ("setgroups", lambda: os.setgroups([switch.gid])),
+        ("setgid", lambda: os.setgid(switch.gid)),
+        ("setuid", lambda: os.setuid(switch.uid)),
+    )
+    for call, step in steps:
+        try:
+            step()
+        except OSError as exc:
+            raise OSError(exc.errno, f"server.user: cannot become user {switch.user!r}: "
+                          f"{call} failed: {exc.strerror or exc}") from None
     try:
         os.setuid(0)
     except PermissionError:

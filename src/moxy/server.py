@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import trio
 
-from moxy import control, metrics_http, native
+from moxy import __version__, control, metrics_http, native, workers
 from moxy.accept import SessionTasks, accept_loop
 from moxy.accounting import events as acct
 from moxy.accounting.dispatch import Accounting
@@ -92,7 +92,9 @@ async def serve(
     addresses += [(a, True) for a in config.server.listen_proxy]
     for address, behind_proxy in addresses if sockets is None else ():
         try:
-            new = await trio.open_tcp_listeners(address.port, host=address.host)
+            # The backlog of the workers' sockets (workers.listen_on), for one process too.
+            new = await trio.open_tcp_listeners(address.port, host=address.host,
+                                                backlog=workers.BACKLOG)
         except OSError as exc:
             for listener in listeners:
                 await listener.aclose()
@@ -261,8 +263,9 @@ async def serve(
                     nursery.start_soon(drain, shutdown, nursery)
                 if reloads is not None:
                     nursery.start_soon(reload, reloads, nursery)
-                logger.info("moxy listening on %s (%s)", ", ".join(_fmt(b) for b in bound),
-                            native.describe())
+                logger.info("moxy %s listening on %s (%s; configuration %s)", __version__,
+                            ", ".join(_fmt(b) for b in bound), native.describe(),
+                            config.path)
                 if stale := native.stale():
                     logger.warning("compiled modules older than their source, running the old "
                                    "code: %s (make native rebuilds them)", ", ".join(stale))

@@ -21,7 +21,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from moxy import privileges, reload
+from moxy import __version__, privileges, reload
 from moxy.config import Config, ConfigError, ListenAddress
 from moxy.lookup.file import RoutesFileError
 from moxy.metrics_http import MasterEndpoint
@@ -148,7 +148,8 @@ def supervise(
     due: dict[int, float] = {}
     for slot in range(config.server.workers):
         spawn(slot)
-    logger.info("master %d: %d workers listening on %s", os.getpid(), len(children), names)
+    logger.info("moxy %s master %d: %d workers listening on %s (configuration %s)",
+                __version__, os.getpid(), len(children), names, config.path)
     stopping = False
     try:
         while children or (due and not stopping):

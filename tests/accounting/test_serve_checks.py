@@ -33,5 +33,5 @@ def test_a_message_log_that_cannot_be_opened_stops_the_start(
     result = serve(config)
     assert result.returncode == 2, result.stderr
     [line] = [ln for ln in result.stderr.splitlines() if key in ln]
-    assert line.endswith("for appending: No such file or directory"), line
+    assert line.endswith(f"{key}: directory {config.parent / 'no/such/dir'} does not exist"), line
     assert "Traceback" not in result.stderr

@@ -50,6 +50,8 @@ def shared_dir() -> Iterator[Path]:
     assert os.geteuid() == 0, "these tests start moxy serve as root: run the suite as root"
     directory = Path(tempfile.mkdtemp(prefix="moxy-privileges-"))
     directory.chmod(0o755)
+    # The message log's directory: Moxy, as the user, creates the log afresh after a rotation.
+    os.chown(directory, NOBODY.pw_uid, NOBODY.pw_gid)
     yield directory
     shutil.rmtree(directory)
 
@@ -254,3 +256,90 @@ async def test_a_key_only_root_may_read_is_read_before_root_is_given_up(
         process.terminate()
         assert process.wait(15) == 0, output.read_text()
     assert "Traceback" not in output.read_text()
+
+
+def test_a_log_directory_the_user_cannot_write_stops_the_start(shared_dir: Path) -> None:
+    """After logrotate's rename Moxy, as the user by then, creates the log afresh: in a
+    directory only root may write it could not, and kept writing into the renamed file."""
+    logs = shared_dir / "logs"
+    logs.mkdir(mode=0o755)  # root's
+    config = write(shared_dir, f'listen = ["127.0.0.1:{free_privileged_port()}"]\n'
+                   'user = "nobody"', "")
+    config.write_text(config.read_text().replace('"moxy.log"', f'"{logs}/moxy.log"'))
+    line = (f"moxy: {config}: log.file: directory {logs} is not writable by user nobody: Moxy "
+            "could not create moxy.log afresh after a log rotation\n")
+    for command in ("check-config", "serve"):
+        done = subprocess.run([sys.executable, "-m", "moxy", command, "-c", str(config)],
+                              capture_output=True, text=True, timeout=30)
+        assert (done.returncode, done.stderr) == (2, line), command
+    os.chown(logs, NOBODY.pw_uid, NOBODY.pw_gid)
+    done = subprocess.run([sys.executable, "-m", "moxy", "check-config", "-c", str(config)],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+
+
+def test_a_log_the_check_cannot_give_to_the_user_is_removed(
+    shared_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under a capability bounding set without CAP_CHOWN, fchown fails: the file the check
+    made was left behind as root's (stopping every later start), with a message about
+    opening it."""
+    from moxy.accounting.sinks import check_sinks
+    from moxy.config import ConfigError, load_config
+
+    config = write(shared_dir, 'user = "nobody"', "")
+    (shared_dir / "moxy.log").unlink()
+
+    def refuse(fd: int, uid: int, gid: int) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "fchown", refuse)
+    with pytest.raises(ConfigError) as caught:
+        check_sinks(load_config(config), ("nobody", NOBODY.pw_uid, NOBODY.pw_gid))
+    assert caught.value.errors == [
+        f"log.file: cannot give {shared_dir / 'moxy.log'} to user nobody: Operation not permitted"
+    ]
+    assert not (shared_dir / "moxy.log").exists()
+
+
+def test_a_refused_switch_names_the_call_and_the_user(monkeypatch: pytest.MonkeyPatch) -> None:
+    """It said only "Operation not permitted"."""
+    from moxy import privileges
+
+    def refuse(gid: int) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "setgroups", lambda groups: None)
+    monkeypatch.setattr(os, "setgid", refuse)
+    monkeypatch.setattr(os, "setuid", refuse)
+    with pytest.raises(OSError) as caught:
+        privileges.drop(privileges.Switch("nobody", NOBODY.pw_uid, NOBODY.pw_gid))
+    assert caught.value.strerror == (
+        "server.user: cannot become user 'nobody': setgid failed: Operation not permitted"
+    )
+
+
+async def test_the_control_socket_is_the_users(shared_dir: Path) -> None:
+    """Bound by root before the switch, the socket was root's (mode 0600): `moxy
+    destinations` as Moxy's user was refused. Moxy, as the user by then, cannot remove it
+    from a directory only root may write: it says so at the stop."""
+    run = shared_dir / "run"
+    run.mkdir(mode=0o755)  # root's
+    port = free_privileged_port()
+    config = write(shared_dir, f'listen = ["127.0.0.1:{port}"]\nuser = "nobody"',
+                   "example.org 127.0.0.1:9\n")
+    config.write_text(config.read_text() + f'[destinations]\ncontrol_socket = "{run}/c"\n')
+    output = shared_dir / "stderr"
+    process = await serve_as_root(config, port, output)
+    try:
+        assert (run / "c").stat().st_uid == NOBODY.pw_uid
+        done = subprocess.run(
+            [sys.executable, "-m", "moxy", "destinations", "list", "-c", str(config)],
+            capture_output=True, text=True, timeout=30,
+            user=NOBODY.pw_uid, group=NOBODY.pw_gid, extra_groups=[],
+        )
+        assert (done.returncode, done.stderr) == (0, "")
+    finally:
+        process.terminate()
+        assert process.wait(15) == 0, output.read_text()
+    assert f"cannot remove the control socket {run}/c: Permission denied" in output.read_text()

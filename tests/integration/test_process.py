@@ -7,6 +7,9 @@ import subprocess
 import sys
 from collections.abc import Callable
 
+import pytest
+
+from moxy import __version__
 from peers.client import smtplib_send
 from peers.moxy import MoxyProcess, StartMoxy
 from peers.recorder import Recorder
@@ -83,6 +86,11 @@ def test_moxy_serve_stops_cleanly_on_sigterm(
 ) -> None:
     moxy = moxy_process({"example.org": make_recorder()})
     assert moxy.stop(signal.SIGTERM) == 0, moxy.stderr()
+    # The first line names the version and the configuration, the last says stopped.
+    lines = moxy.stderr().splitlines()
+    assert any(f"moxy {__version__} listening on 127.0.0.1:{moxy.port} " in line
+               and line.endswith(f"; configuration {moxy.config_path})") for line in lines)
+    assert lines[-1].endswith(f"moxy {__version__} stopped"), lines[-3:]
 
 
 def test_check_config_accepts_the_suite_config(
@@ -100,6 +108,28 @@ def test_check_config_accepts_the_suite_config(
 
 
 # --- listeners -------------------------------------------------------------------------------
+
+
+async def test_one_process_listens_with_the_workers_backlog(
+    moxy: StartMoxy, make_recorder: MakeRecorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """docs/configuration.md: a backlog of 1024 (workers.BACKLOG); one process used trio's
+    default, the kernel's maximum, so the backlog depended on how Moxy was started."""
+    import trio
+
+    from moxy import workers
+
+    backlogs: list[int | None] = []
+    listen = trio.open_tcp_listeners
+
+    async def spy(port: int, *, host: str | None = None,
+                  backlog: int | None = None) -> list[trio.SocketListener]:
+        backlogs.append(backlog)
+        return await listen(port, host=host, backlog=backlog)
+
+    monkeypatch.setattr(trio, "open_tcp_listeners", spy)
+    await moxy({"example.org": make_recorder()})
+    assert backlogs == [workers.BACKLOG] == [1024]
 
 
 async def test_ipv6_listen_on_loopback(moxy: StartMoxy, make_recorder: MakeRecorder) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import trio
 
+from moxy import __version__
 from peers.client import SmtpClient, smtplib_send
 from peers.moxy import MoxyProcess
 from peers.recorder import Recorder
@@ -100,6 +101,11 @@ def test_sigterm_stops_the_master_and_every_worker(
     assert len(workers) == 3
     assert moxy.stop(signal.SIGTERM) == 0
     assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
+    # The master's first line names the version and the configuration, its last says stopped.
+    lines = moxy.stderr().splitlines()
+    assert any(f"moxy {__version__} master {moxy.process.pid}: 3 workers listening on " in line
+               and line.endswith(f"(configuration {moxy.config_path})") for line in lines)
+    assert lines[-1].endswith(f"moxy {__version__} stopped"), lines[-3:]
 
 
 async def half_a_message(moxy: MoxyProcess, subject: str) -> SmtpClient:

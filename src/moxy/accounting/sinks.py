@@ -4,10 +4,13 @@ message log can be written by whoever writes it)."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
+import pwd
 import stat
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, cast
 
 from moxy.accounting.base import Sink
@@ -64,8 +67,11 @@ def check_sinks(
     by root, it was written by nobody: every event of a first start lost).
 
     Without `create` (`moxy check-config`), a missing log is not made: its directory must be
-    there. The GDBM and Redis sinks are only loaded, not made: they open their backends when
-    made, and each worker process makes its own. Raises ConfigError naming the key."""
+    there, and writable by whoever writes it. With `user`, that user must also be able to
+    create files in the directory: after logrotate's rename, Moxy (as that user by then)
+    creates the log afresh. The GDBM and Redis sinks are only loaded, not made: they open their
+    backends when made, and each worker process makes its own. Raises ConfigError naming the
+    key."""
     for name in config.accounting.sinks:
         if name in _LAZY:
             _lazy_class(name, config)
@@ -74,36 +80,85 @@ def check_sinks(
         key = "log.file"
         if config.accounting.file is not None and config.accounting.file.path is not None:
             key = "accounting.file.path"
-        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
-        if not create and not os.path.lexists(path):
-            if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-                raise ConfigError([f"{key}: cannot open {path} for appending: No such file or "
-                                   "directory"], config.path)
-            return
+        directory = os.path.dirname(os.path.abspath(path))
+        if not os.path.lexists(directory):
+            raise ConfigError([f"{key}: directory {directory} does not exist"], config.path)
+        if create or os.path.lexists(path):
+            _check_log_file(config, key, path, user)
+        _check_log_directory(config, key, path, user)
+
+
+def _check_log_file(
+    config: Config, key: str, path: Path, user: tuple[str, int, int] | None
+) -> None:
+    """The log can be opened for appending (made if missing), and written by `user`."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+    try:
         try:
-            try:
-                fd, created = os.open(path, flags | os.O_EXCL, 0o640), True
-            except FileExistsError:
-                fd, created = os.open(path, flags, 0o640), False
-            try:
-                if user is not None and created:
-                    os.fchown(fd, user[1], user[2])
-                elif user is not None and not _writable_by(os.fstat(fd), user[1], user[2]):
-                    raise ConfigError([f"{key}: {path} is not writable by user {user[0]}, who "
-                                       "writes it once Moxy has given root up"], config.path)
-            finally:
-                os.close(fd)
-        except OSError as exc:
-            raise ConfigError(
-                [f"{key}: cannot open {path} for appending: {exc.strerror or exc}"], config.path
-            ) from None
+            fd, created = os.open(path, flags | os.O_EXCL, 0o640), True
+        except FileExistsError:
+            fd, created = os.open(path, flags, 0o640), False
+        try:
+            if user is not None and created:
+                _give(config, key, path, fd, user)
+            elif user is not None and not _writable_by(os.fstat(fd), user[1], user[2]):
+                raise ConfigError([f"{key}: {path} is not writable by user {user[0]}, who "
+                                   "writes it once Moxy has given root up"], config.path)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise ConfigError(
+            [f"{key}: cannot open {path} for appending: {exc.strerror or exc}"], config.path
+        ) from None
 
 
-def _writable_by(st: os.stat_result, uid: int, gid: int) -> bool:
-    """Can that user (with that one group, as Moxy becomes it) write the file?"""
+def _check_log_directory(
+    config: Config, key: str, path: Path, user: tuple[str, int, int] | None
+) -> None:
+    """Whoever writes the log can create it in its directory: `user` (reopening after a
+    rotation creates it afresh), or without one this process if the log is not there yet."""
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        st = os.stat(directory)
+    except OSError:
+        return  # opening the log said why already
+    if user is not None:
+        if not _writable_by(st, user[1], user[2], directory=True):
+            raise ConfigError([f"{key}: directory {directory} is not writable by user {user[0]}: "
+                               f"Moxy could not create {os.path.basename(path)} afresh after a "
+                               "log rotation"], config.path)
+    elif not os.path.lexists(path) and not os.access(directory, os.W_OK | os.X_OK):
+        raise ConfigError([f"{key}: directory {directory} is not writable by user "
+                           f"{_user_name()}, who creates {os.path.basename(path)}"], config.path)
+
+
+def _give(config: Config, key: str, path: Path, fd: int, user: tuple[str, int, int]) -> None:
+    """Give the log just created to `user`; if that fails, remove it again (left as root's, it
+    would stop the next start)."""
+    try:
+        os.fchown(fd, user[1], user[2])
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise ConfigError([f"{key}: cannot give {path} to user {user[0]}: "
+                           f"{exc.strerror or exc}"], config.path) from None
+
+
+def _user_name() -> str:
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return str(os.geteuid())
+
+
+def _writable_by(st: os.stat_result, uid: int, gid: int, *, directory: bool = False) -> bool:
+    """Can that user (with that one group, as Moxy becomes it) write the file, or create files
+    in the directory?"""
     mode = st.st_mode
     if st.st_uid == uid:
-        return bool(mode & stat.S_IWUSR)
-    if st.st_gid == gid:
-        return bool(mode & stat.S_IWGRP)
-    return bool(mode & stat.S_IWOTH)
+        bits = stat.S_IWUSR | (stat.S_IXUSR if directory else 0)
+    elif st.st_gid == gid:
+        bits = stat.S_IWGRP | (stat.S_IXGRP if directory else 0)
+    else:
+        bits = stat.S_IWOTH | (stat.S_IXOTH if directory else 0)
+    return mode & bits == bits

@@ -157,7 +157,8 @@ class ServerSettings:
     workers: int = attrs.field(default=1, metadata=_COUNT)
     # sys.setswitchinterval of the serving and accounting processes (moxy/gil.py).
     gil_switch_interval: float = attrs.field(default=1e-4, metadata=_SECONDS)
-    # Which Moxy of a cluster saw an event (accounting); the short host name by default.
+    # Which Moxy of a cluster saw an event (accounting); by default the host name as `hostname`
+    # prints it (socket.gethostname(), fully qualified on a host whose name is set so).
     node: str = attrs.field(factory=socket.gethostname, metadata=_key(_node))
     # Started as root: bind the listeners, then serve as this user and group (privileges.py).
     user: str = attrs.field(default="", metadata=_key(_user))
