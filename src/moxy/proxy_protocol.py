@@ -74,7 +74,7 @@ def _parse_v1(line: bytes) -> ProxyHeader:
     if not all(p.isascii() and p.isdigit() and int(p) <= 65535 and p == str(int(p))
                for p in ports):
         raise ProxyProtocolError(f"bad port in PROXY v1 line {line!r}")
-    return ProxyHeader(1, str(src), int(source_port))
+    return ProxyHeader(1, _plain(src), int(source_port))
 
 
 def _parse_v2(data: bytes) -> ProxyHeader:
@@ -98,7 +98,15 @@ def _parse_v2(data: bytes) -> ProxyHeader:
         raise ProxyProtocolError("PROXY v2 address block too short")
     source = ipaddress.ip_address(payload[:size])
     port = int.from_bytes(payload[2 * size : 2 * size + 2], "big")
-    return ProxyHeader(2, str(source), port)
+    return ProxyHeader(2, _plain(source), port)
+
+
+def _plain(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    """An IPv4-mapped IPv6 address as the IPv4 address it is (Python 3.11 writes
+    ::ffff:192.0.2.7 as "::ffff:c000:207"), as for clients of a dual-stack listener."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(address)
 
 
 async def read_header(stream: trio.abc.ReceiveStream, timeout: float) -> ProxyHeader:

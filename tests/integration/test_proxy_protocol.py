@@ -109,6 +109,9 @@ async def test_proxy_listener_refuses_other_networks_and_missing_headers(
         (b"PROXY TCP4 192.0.2.1", None),
         (SIGNATURE[:7], None),
         (v2_header("192.0.2.9", 7), ProxyHeader(2, "192.0.2.9", 7)),
+        # A dual-stack load balancer's IPv4 client: its IPv4 address, as for any other.
+        (b"PROXY TCP6 ::ffff:192.0.2.7 ::1 5 25\r\n", ProxyHeader(1, "192.0.2.7", 5)),
+        (v2_header("::ffff:192.0.2.8", 9), ProxyHeader(2, "192.0.2.8", 9)),
     ],
 )
 def test_parse_header(data: bytes, expected: ProxyHeader | None) -> None:
