@@ -32,6 +32,9 @@ class Sink(Protocol):
     # Optional attribute `gather`: seconds the dispatcher lets events gather before it calls
     # `write` (absent: dispatch.GATHER, a fifth of a second; 0: at once, one wake-up of the
     # sink's task per event); sinks that write on a schedule anyway gather longer.
+    # Optional method `lost(count)`: the dispatcher dropped `count` events meant for this sink
+    # (its queue was full). The dispatcher counts them either way; a sink that reports its
+    # drops once per outage (redis) is told, to report them with its own.
 
     async def write(self, batch: Sequence[DeliveryEvent]) -> None:
         """Record a batch of events. An outage is not an error: the sink keeps what it can
