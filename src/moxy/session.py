@@ -313,8 +313,7 @@ class Session(SessionEvents):
         assert self.transaction is not None
         relay = self.ctx.relay
         if not self.trusted and sender_routed(address):
-            reply = Reply.make(550, "5.7.1", f"<{address}>: Relaying denied")
-            return self.log_refused(address, reply, acct.RELAY_DENIED)
+            return self.relay_denied(address)
         try:
             route = relay.fixed_route() or await self.ctx.router.route(address)
         except BadRouteData as exc:
@@ -330,14 +329,20 @@ class Session(SessionEvents):
         else:
             route = route or relay.fallback(self.trusted)
             if route is None:
-                reply = Reply.make(550, "5.7.1", f"<{address}>: Relaying denied")
-                return self.log_refused(address, reply, acct.RELAY_DENIED)
+                return self.relay_denied(address)
             reply = await self.transaction.add_recipient(address, route)
             refusal = self.transaction.refusal
             if reply.klass != 2 and refusal is not None:
+                if refusal.of_recipient and reply.klass == 5 and reply.code != 552:
+                    self.smtp.refused_recipient()
                 self.log_refused(address, reply, refusal.reason, refusal.destination, str(route))
             return reply
         return self.log_refused(address, failed, acct.LOOKUP_FAILED)
+
+    def relay_denied(self, address: str) -> Reply:
+        self.smtp.refused_recipient()  # an error of the client's (limits.errors)
+        reply = Reply.make(550, "5.7.1", f"<{address}>: Relaying denied")
+        return self.log_refused(address, reply, acct.RELAY_DENIED)
 
     async def data(self) -> None:
         assert self.transaction is not None

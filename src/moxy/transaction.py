@@ -150,6 +150,10 @@ class Refusal:
 
     reason: str
     destination: str = "-"
+    # The destination refused this recipient itself (not the sender: a MAIL refused there, or
+    # an envelope it cannot take, is passed on as the answer to every RCPT): an error of the
+    # client's towards `limits.errors` when it is a 5xx.
+    of_recipient: bool = False
 
 
 def _refusal_of(reply: Reply, legs: Sequence[Leg], outcomes: Sequence[Outcome]) -> Refusal:
@@ -157,8 +161,11 @@ def _refusal_of(reply: Reply, legs: Sequence[Leg], outcomes: Sequence[Outcome]) 
     for leg, outcome in zip(legs, outcomes, strict=True):
         # operator.eq: compiled (setup.py), `==` between Replies would compare identities.
         if operator.eq(_as_reply(outcome, "2.1.5"), reply):
-            kind = DESTINATION_UNAVAILABLE if isinstance(outcome, LegError) else DESTINATION_REFUSED
-            return Refusal(kind, leg.destination)
+            if isinstance(outcome, LegError):
+                return Refusal(DESTINATION_UNAVAILABLE, leg.destination)
+            mail = leg.mail_reply
+            return Refusal(DESTINATION_REFUSED, leg.destination,
+                           mail is not None and mail.klass == 2)
     return Refusal(DESTINATION_REFUSED)
 
 

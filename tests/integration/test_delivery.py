@@ -142,27 +142,56 @@ async def test_a_client_guessing_addresses_is_cut_off_after_the_error_limit(
     moxy: StartMoxy, make_recorder: MakeRecorder
 ) -> None:
     # Recipients refused by the destination (no such user) and by Moxy (relay denied) count
-    # towards `limits.errors`, as in Postfix; a delivered message starts the count again.
+    # towards `limits.errors`, as in Postfix; a delivered message starts the count again. The
+    # cut comes at the next transaction, or within one past `limits.recipients` refusals.
     upstream = make_recorder(rcpt_script={f"guess{i}@example.org": "550 5.1.1 No such user"
-                                          for i in range(10)})
-    server = await moxy({"example.org": upstream}, limits={"errors": 3})
+                                          for i in range(20)})
+    server = await moxy({"example.org": upstream}, limits={"errors": 3, "recipients": 5})
     client = await open_session(server)
     await client.command(f"MAIL FROM:<{SENDER}>")
-    for address in ["guess0@example.org", "guess1@example.org", "x@unknown.example"]:
+    for address in ["guess0@example.org", "guess1@example.org", "x@unknown.example",
+                    "guess2@example.org"]:
         assert (await client.command(f"RCPT TO:<{address}>")).code == 550
     assert (await client.command("RCPT TO:<user@example.org>")).code == 250
     assert (await client.command("DATA")).code == 354
     await client.send(b"Subject: ok\r\n\r\nreal mail\r\n.\r\n")
-    assert (await client.reply()).code == 250
+    assert (await client.reply()).code == 250  # delivered: the count starts again
     await client.command(f"MAIL FROM:<{SENDER}>")
-    for i in range(2, 6):  # four errors: over the limit of 3
+    for i in range(3, 7):  # four errors: over the limit of 3, not cut within the transaction
         assert (await client.command(f"RCPT TO:<guess{i}@example.org>")).code == 550
-    reply = await client.command("RCPT TO:<guess6@example.org>")
+    assert (await client.command("RSET")).code == 250
+    reply = await client.command(f"MAIL FROM:<{SENDER}>")
     assert (reply.code, reply.enhanced) == (421, "4.7.0"), client.dump()
     await client.expect_closed()
-    assert "guess6@example.org" not in " ".join(upstream.commands())
+    # Within one transaction: past `recipients` (5) refusals.
+    client = await open_session(server)
+    await client.command(f"MAIL FROM:<{SENDER}>")
+    for i in range(7, 13):
+        assert (await client.command(f"RCPT TO:<guess{i}@example.org>")).code == 550
+    assert (await client.command("RCPT TO:<guess13@example.org>")).code == 421, client.dump()
+    assert "guess13@example.org" not in " ".join(upstream.commands())
     await eventually(lambda: any(" reason=protocol-errors " in line
                                  for line in server.log_lines()))
+
+
+async def test_refusals_of_the_sender_or_for_too_many_recipients_are_no_client_errors(
+    moxy: StartMoxy, make_recorder: MakeRecorder
+) -> None:
+    """A destination that refuses the sender answers every RCPT with that refusal, and a 552
+    says "too many recipients" (RFC 5321 §4.5.3.1.10): not the client's errors, never a 421."""
+    refuses_sender = make_recorder({"mail": "550 5.7.1 Sender blocked"}, name="sender")
+    full = make_recorder({"rcpt": ["250 2.1.5 Ok"] * 3 + ["552 5.5.3 Too many recipients"]},
+                         name="full")
+    server = await moxy({"a.example": refuses_sender, "b.example": full},
+                        limits={"errors": 2})
+    for domain, codes in (("a.example", [550] * 6), ("b.example", [250] * 3 + [552] * 3)):
+        client = await open_session(server)
+        await client.command(f"MAIL FROM:<{SENDER}>")
+        got = [(await client.command(f"RCPT TO:<u{i}@{domain}>")).code for i in range(6)]
+        assert got == codes, client.dump()
+        assert (await client.command("RSET")).code == 250
+        assert (await client.command(f"MAIL FROM:<{SENDER}>")).code == 250, client.dump()
+        await client.aclose()
 
 
 async def test_the_routes_lookup_order_reaches_parent_and_wildcard_routes(

@@ -461,36 +461,55 @@ def test_pipelining_outcomes_do_not_count_as_errors() -> None:
     assert conn.errors == 0
 
 
-def test_refused_recipients_count_and_the_next_command_gets_421() -> None:
+def refuse(conn: ServerConnection, line: str) -> Event | Sentinel:
+    """A RCPT the session refuses for the recipient itself (it tells the core so)."""
+    conn.receive_data(line.encode() + b"\r\n")
+    event = conn.next_event()
+    if isinstance(event, RcptTo):
+        conn.refused_recipient()
+        conn.send(REFUSED)
+    elif isinstance(event, Invalid):
+        conn.send(event.reply)
+    return event
+
+
+def test_refused_recipients_count_and_the_next_transaction_gets_421() -> None:
     conn = in_transaction(recipients=0, max_errors=3)
-    for i in range(4):  # the destination's or Moxy's own 5xx: each passes, and counts
-        assert isinstance(command(conn, f"RCPT TO:<x{i}@d.example>", REFUSED), RcptTo)
-    assert conn.errors == 4
-    event = command(conn, "RCPT TO:<y@d.example>", Reply.make(421, "4.7.0"))
+    for i in range(5):  # within the transaction: each refused, none cut off yet
+        assert isinstance(refuse(conn, f"RCPT TO:<x{i}@d.example>"), RcptTo)
+    assert conn.errors == 5
+    assert isinstance(command(conn, "RSET"), Reset)
+    assert isinstance(command(conn, "NOOP"), Noop)
+    event = command(conn, "MAIL FROM:<a@example.org>", Reply.make(421, "4.7.0"))
     assert isinstance(event, Invalid) and code(event) == (421, "4.7.0")
     assert conn.state is State.CLOSED
 
 
-def test_temporary_recipient_refusals_do_not_count() -> None:
+def test_within_a_transaction_the_cut_comes_past_the_recipient_limit() -> None:
+    conn = in_transaction(recipients=0, max_errors=2, max_recipients=4)
+    for i in range(5):
+        assert isinstance(refuse(conn, f"RCPT TO:<x{i}@d.example>"), RcptTo)
+    event = refuse(conn, "RCPT TO:<y@d.example>")
+    assert isinstance(event, Invalid) and code(event) == (421, "4.7.0")
+
+
+def test_quit_over_the_error_limit_is_still_a_quit() -> None:
     conn = in_transaction(recipients=0, max_errors=1)
-    for i in range(5):  # a lookup outage, greylisting: not the client's mistake
-        command(conn, f"RCPT TO:<x{i}@d.example>", Reply.make(451, "4.4.3", "Try later"))
-    assert conn.errors == 0 and isinstance(command(conn, "NOOP"), Noop)
+    for i in range(3):
+        refuse(conn, f"RCPT TO:<x{i}@d.example>")
+    assert isinstance(command(conn, "QUIT", BYE), Quit)
 
 
 def test_a_delivered_message_resets_the_error_count() -> None:
     conn = in_transaction(recipients=1, max_errors=2)
-    for i in range(2):
-        command(conn, f"RCPT TO:<x{i}@d.example>", REFUSED)
+    for i in range(3):
+        refuse(conn, f"RCPT TO:<x{i}@d.example>")
     assert isinstance(command(conn, "DATA", GO_AHEAD), Data)
     conn.receive_data(b"body\r\n.\r\n")
     assert [type(e) for e in drain(conn)] == [BodyChunk, BodyEnd, Sentinel]
     conn.send(OK)
     assert conn.errors == 0
-    command(conn, "MAIL FROM:<a@example.org>")
-    for i in range(3):
-        command(conn, f"RCPT TO:<z{i}@d.example>", REFUSED)
-    assert code(command(conn, "RSET"))[0] == 421  # over the limit again: cut off
+    assert isinstance(command(conn, "MAIL FROM:<a@example.org>"), MailFrom)
 
 
 def test_421_names_the_host_when_known() -> None:

@@ -135,6 +135,7 @@ class ServerConnection:
         self.hello_domain: str | None = None
         self.accepted_recipients = 0
         self.errors = 0
+        self.refused_here = 0  # recipients refused_recipient() counted in this transaction
         self.body: BodyReader | None = None  # the current message's reader, in state DATA
         self._buf = bytearray()
         self._body_in = b""  # body bytes received in state DATA, not yet fed to the reader
@@ -240,16 +241,13 @@ class ServerConnection:
                 elif new is _MAIL:  # only an accepted MailFrom leads here
                     self.smtputf8 = answered.smtputf8  # type: ignore[union-attr]
                 self._enter(new)
-            elif kind is RcptTo and code >= 500:
-                # A refused recipient (relay denied, no route, the destination's 5xx) is an
-                # error, as in Postfix: a client guessing addresses is cut off at the next
-                # command once over max_errors.
-                self.errors += 1
+
         return reply.to_bytes()
 
     def _enter(self, new: State) -> None:
         if new is _READY or new is _GREETED or new is _MAIL:
             self.accepted_recipients = 0  # a new or no transaction
+            self.refused_here = 0
             self.body = None
             if new is not _MAIL:
                 self.smtputf8 = False
@@ -311,10 +309,23 @@ class ServerConnection:
         del buf[: lf + 1]  # what CUT_LINE left: a line of max_command_line or more
         return self._invalid(LINE_TOO_LONG)
 
+    def refused_recipient(self) -> None:
+        """The RCPT just answered was refused with a 5xx for the recipient itself (relay
+        denied, no such user): an error, as in Postfix, so that a client guessing addresses
+        is cut off. The session says which refusals are (not one passed on for the sender,
+        nor 552 "too many recipients")."""
+        self.errors += 1
+        self.refused_here += 1
+
     def _command(self, line: bytes) -> Event:
-        if self.max_errors and self.errors > self.max_errors:  # refused recipients did it
-            return self._emit(Invalid(self._too_many_errors()))
         verb, arg = split_command(line)
+        if self.max_errors and self.errors > self.max_errors and (
+            verb == "MAIL" or self.refused_here > (self.max_recipients or 100)
+        ):
+            # Over the limit through refused recipients: cut off at the next transaction, or
+            # within this one once it has more refused recipients than a message may have
+            # recipients (a message with some stale addresses among many still goes out).
+            return self._emit(Invalid(self._too_many_errors()))
         if verb in _ORDERED:
             order_error = self._order_error(verb)
             if order_error is not None:
