@@ -65,6 +65,7 @@ class Session(SessionEvents):
         self.events_on = ctx.emit is not acct.discard
         self.node = cfg.server.node
         self.data_chunk = cfg.limits.data_chunk
+        self.session_legs = cfg.limits.session_legs
         self.hostname = cfg.server.hostname
         self.id = new_session_id()
         self.trusted = ctx.relay.trusts(client_ip)  # [relay] trusted_networks
@@ -396,6 +397,9 @@ class Session(SessionEvents):
             await self.transaction.abort()
             self.transaction.close()
             self.transaction = None
+        if len(self.legs) > self.session_legs:  # no hoarding: pooled, or QUIT
+            await close_legs(list(self.legs.values()))
+            self.legs.clear()
 
     async def close(self) -> None:
         # Most sessions end with each leg clean (pooled now) or gone: then nothing waits.

@@ -226,6 +226,32 @@ async def test_second_transaction_in_a_session_reuses_the_upstream_connection(
     assert {m.connection for m in upstream.delivered} == {0}
 
 
+async def test_a_session_keeps_at_most_session_legs_between_transactions(
+    moxy: StartMoxy, make_recorder: MakeRecorder
+) -> None:
+    """A client that names many destinations and then idles must not hold their connections
+    (and their places under each destination's `concurrency`) for the whole session."""
+    upstreams = [make_recorder(name=f"d{i}") for i in range(4)]
+    server = await moxy({f"d{i}.example": u for i, u in enumerate(upstreams)},
+                        limits={"session_legs": 2})
+    async with await open_session(server) as client:
+        await client.command(f"MAIL FROM:<{SENDER}>")
+        for i in range(4):
+            assert (await client.command(f"RCPT TO:<u@d{i}.example>")).code == 250
+        assert (await client.command("RSET")).code == 250
+        # Four legs, each with a transaction to reset: given up at once, while the client idles.
+        await eventually(lambda: all(u.connections[0].closed.is_set() for u in upstreams),
+                         what="the legs closed")
+        assert all(u.connections[0].quit for u in upstreams)
+        _, final = await client.send_message(SENDER, ["v@d0.example"], BODY)
+        assert final is not None and final.code == 250, client.dump()
+        assert len(upstreams[0].connections) == 2
+        # Under the bound, the session keeps its leg for its next message.
+        _, final = await client.send_message(SENDER, ["w@d0.example"], BODY)
+        assert final is not None and final.code == 250, client.dump()
+        assert len(upstreams[0].connections) == 2
+
+
 async def test_client_quit_sends_quit_to_every_leg_without_the_pool(
     moxy: StartMoxy, make_recorder: MakeRecorder
 ) -> None:

@@ -79,6 +79,8 @@ class Limits:
     idle_upstreams: int = attrs.field(
         default=20, metadata=_key(_integer(0, zero_means="no reuse across client sessions"))
     )
+    # Destination connections one client session keeps between its transactions.
+    session_legs: int = attrs.field(default=10, metadata=_COUNT)
     # Per client address (IPv6: per /64); see src/moxy/clientlimits.py.
     connections_per_ip: int = attrs.field(
         default=50, metadata=_key(_integer(1, zero_means="no limit"))
