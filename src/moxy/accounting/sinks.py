@@ -5,6 +5,7 @@ message log can be written by whoever writes it)."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import importlib
 import os
 import pwd
@@ -91,13 +92,20 @@ def check_sinks(
 def _check_log_file(
     config: Config, key: str, path: Path, user: tuple[str, int, int] | None
 ) -> None:
-    """The log can be opened for appending (made if missing), and written by `user`."""
-    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+    """The log can be opened for appending (made if missing), and written by `user`. Opened
+    without waiting: a FIFO with no reader yet (ENXIO) would otherwise block the start for
+    good; the sink itself copes with one."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK
     try:
         try:
             fd, created = os.open(path, flags | os.O_EXCL, 0o640), True
         except FileExistsError:
-            fd, created = os.open(path, flags, 0o640), False
+            try:
+                fd, created = os.open(path, flags, 0o640), False
+            except OSError as exc:
+                if exc.errno == errno.ENXIO and stat.S_ISFIFO(os.stat(path).st_mode):
+                    return  # a FIFO whose reader is not there yet
+                raise
         try:
             if user is not None and created:
                 _give(config, key, path, fd, user)
