@@ -306,7 +306,7 @@ def interleaved(args: argparse.Namespace, name: str, sink_port: int, configs: di
                 before, before_aside = _runtime(moxy.pid), _children_runtime(moxy.pid)
                 took = smtp_source(moxy.port, args.messages, args.size, reuse, f"u@{ROUTE}")
                 # The accounting process writes a burst's events within about a second.
-                time.sleep(1.2 if sources is None and not floor else 0)
+                time.sleep(1.2 if sources is None else 0)
                 costs[config].append((_runtime(moxy.pid) - before) * 1e6 / args.messages)
                 aside[config].append(
                     (_children_runtime(moxy.pid) - before_aside) * 1e6 / args.messages)

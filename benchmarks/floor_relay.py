@@ -4,8 +4,9 @@ against on the same machine (issue 13's "what trio can do").
 
 One destination, no routing, no limits, no log, no accounting: the greeting, EHLO, MAIL
 answered at once and sent upstream with the first RCPT (pipelined), each RCPT's and DATA's
-answer the destination's, the body streamed chunk by chunk to the end-of-data sequence
-(CRLF.CRLF, found across chunk boundaries too) and the destination's verdict passed back. It
+answer the destination's (a refused MAIL answers every RCPT), a `Received:` header (RFC 5321
+§4.4) and the body streamed chunk by chunk to the end-of-data sequence (CRLF.CRLF, found
+across chunk boundaries too) and the destination's verdict passed back. It
 uses what issue 13 lists as trio's cheapest ways: plain non-blocking sockets read and written
 directly (`trio.lowlevel.wait_readable` only when the kernel has nothing), a read that yields
 once before it tries the socket, one cancel scope per session whose deadline is re-armed only
@@ -15,7 +16,8 @@ RCPT when a transaction was abandoned), and QUIT sent upstream without waiting f
 It is correct for what the benchmark and its test send: dot-stuffed bodies pass unchanged,
 pipelined commands, RSET, refused recipients and DATA, a client gone mid-body (its upstream
 connection is closed, never pooled: the destination gets no message). It is no mail server:
-it does not check bare CR or LF, sizes or addresses (Moxy does; tests/test_floor_relay.py).
+it does not check bare CR or LF, sizes or addresses (Moxy does; tests/test_floor_relay.py),
+and an unreachable destination closes the client's connection instead of a 4xx.
 
     .venv/bin/python benchmarks/floor_relay.py --listen 127.0.0.1:2525 --to 127.0.0.1:2526 \
         [--pool 20] [--timeout 300]
@@ -25,8 +27,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import email.utils
 import errno
 import socket
+import time
 
 import trio
 
@@ -38,6 +42,13 @@ END = b"\r\n.\r\n"
 
 class Gone(Exception):
     """The peer closed, reset, sent a line too long, or the deadline passed."""
+
+
+class Refused(Exception):
+    """The destination refused MAIL: its reply answers every RCPT of the transaction."""
+
+    def __init__(self, reply: bytes) -> None:
+        self.reply = reply
 
 
 class Conn:
@@ -138,24 +149,27 @@ class Relay:
             raise
         return up
 
-    async def begin(self, scope: trio.CancelScope, mail: bytes, rcpt: bytes) -> tuple[Conn, bytes]:
-        """An upstream connection with MAIL and the first RCPT sent in one write: (it, the
-        reply to pass back to the client). A pooled connection that fails is replaced once."""
+    async def begin(self, scope: trio.CancelScope, mail: bytes, rcpt: bytes,
+                    held: list[Conn]) -> tuple[Conn, bytes]:
+        """An upstream connection (put in `held`) with MAIL and the first RCPT sent in one
+        write: (it, the reply to pass back to the client). A pooled connection that fails is
+        replaced once."""
         while self.idle:
             up = self.idle.pop()
             up.scope = scope
+            held.append(up)
             try:
                 return up, await self._mail_rcpt(up, mail, rcpt)
             except Gone:
+                held.pop()
                 up.close()
         up = await self.connect(scope)
-        try:
-            return up, await self._mail_rcpt(up, mail, rcpt)
-        except Gone:
-            up.close()
-            raise
+        held.append(up)
+        return up, await self._mail_rcpt(up, mail, rcpt)
 
     async def _mail_rcpt(self, up: Conn, mail: bytes, rcpt: bytes) -> bytes:
+        """The reply for the client's RCPT: the destination's, or its refusal of MAIL
+        (raised as Refused, for every later RCPT of the transaction too)."""
         reset = up.dirty
         await up.send(b"RSET\r\n" + mail + rcpt if reset else mail + rcpt)
         if reset:
@@ -163,7 +177,10 @@ class Relay:
             up.dirty = False
         mail_reply = await up.reply()
         rcpt_reply = await up.reply()
-        return rcpt_reply if mail_reply.startswith(b"2") else mail_reply
+        if not mail_reply.startswith(b"2"):
+            up.dirty = True
+            raise Refused(mail_reply)
+        return rcpt_reply
 
     def release(self, up: Conn) -> None:
         """The session is over: back to the pool, or QUIT without waiting for its reply."""
@@ -174,13 +191,13 @@ class Relay:
             up.sock.send(b"QUIT\r\n")
         up.close()
 
-    async def session(self, sock: socket.socket) -> None:
+    async def session(self, sock: socket.socket, ip: str) -> None:
         held: list[Conn] = []  # the session's upstream connection, once it has one
         clean = False
         with trio.CancelScope() as scope:
             client = Conn(sock, scope, self.timeout)
             try:
-                clean = await self._serve(client, scope, held)
+                clean = await self._serve(client, scope, held, ip)
             except Gone:
                 pass
             finally:
@@ -191,7 +208,8 @@ class Relay:
             else:
                 held[0].close()
 
-    async def _serve(self, client: Conn, scope: trio.CancelScope, held: list[Conn]) -> bool:
+    async def _serve(self, client: Conn, scope: trio.CancelScope, held: list[Conn],
+                     ip: str) -> bool:
         """The session's dialogue, until QUIT or Gone (a client gone, or an upstream
         connection that failed: the client's connection is closed then). True when the
         upstream connection in `held` sits between transactions."""
@@ -199,6 +217,8 @@ class Relay:
         mail = b""
         accepted = 0
         asked = False  # MAIL went upstream in this transaction
+        refused = b""  # the destination's refusal of this transaction's MAIL
+        helo = b"unknown"
         await client.send(b"220 floor ESMTP\r\n")
         try:
             while True:
@@ -214,14 +234,19 @@ class Relay:
                     if not mail:
                         await client.send(b"503 5.5.1 MAIL first\r\n")
                         continue
-                    if up is None:
-                        up, answer = await self.begin(scope, mail, line)
-                        held.append(up)
-                    elif not asked:  # the first RCPT of a later transaction
-                        answer = await self._mail_rcpt(up, mail, line)
-                    else:
-                        await up.send(line)
-                        answer = await up.reply()
+                    try:
+                        if refused:
+                            raise Refused(refused)
+                        if up is None:
+                            up, answer = await self.begin(scope, mail, line, held)
+                        elif not asked:  # the first RCPT of a later transaction
+                            answer = await self._mail_rcpt(up, mail, line)
+                        else:
+                            await up.send(line)
+                            answer = await up.reply()
+                    except Refused as exc:
+                        answer = refused = exc.reply
+                    up = held[0] if held else None
                     asked = True
                     accepted += answer.startswith(b"2")
                     await client.send(answer)
@@ -233,16 +258,16 @@ class Relay:
                     answer = await up.reply()
                     if answer.startswith(b"354"):
                         await client.send(answer)
-                        await self._body(client, up)
+                        await self._body(client, up, received(helo, ip))
                         answer = await up.reply()
                     else:
                         up.dirty = True
-                    mail, accepted, asked = b"", 0, False
+                    mail, accepted, asked, refused = b"", 0, False, b""
                     await client.send(answer)
                 elif verb == b"RSET":
                     if mail and up is not None:
                         up.dirty = True
-                    mail, accepted, asked = b"", 0, False
+                    mail, accepted, asked, refused = b"", 0, False, b""
                     await client.send(b"250 2.0.0 Ok\r\n")
                 elif verb == b"QUIT":
                     await client.send(b"221 2.0.0 Bye\r\n")
@@ -250,7 +275,8 @@ class Relay:
                 elif verb in (b"EHLO", b"HELO"):
                     if mail and up is not None:
                         up.dirty = True
-                    mail, accepted, asked = b"", 0, False
+                    mail, accepted, asked, refused = b"", 0, False, b""
+                    helo = line[5:].strip() or helo
                     await client.send(EHLO if verb == b"EHLO" else b"250 floor\r\n")
                 elif verb == b"NOOP":
                     await client.send(b"250 2.0.0 Ok\r\n")
@@ -262,10 +288,11 @@ class Relay:
             up.dirty = True
         return True
 
-    async def _body(self, client: Conn, up: Conn) -> None:
-        """From after the 354 to the end-of-data sequence included, chunk by chunk; what the
-        client pipelined after it stays in its buffer."""
+    async def _body(self, client: Conn, up: Conn, header: bytes) -> None:
+        """`header`, then from after the 354 to the end-of-data sequence included, chunk by
+        chunk; what the client pipelined after it stays in its buffer."""
         tail = b"\r\n"  # the DATA line's end: "." on the first line ends an empty message
+        first = header
         while True:
             if client.buf:
                 data = bytes(client.buf)
@@ -281,9 +308,10 @@ class Relay:
                     end += len(END)
             if end >= 0:
                 client.buf += data[end:]
-                await up.send(data[:end])
+                await up.send(first + data[:end] if first else data[:end])
                 return
-            await up.send(data)
+            await up.send(first + data if first else data)
+            first = b""
             tail = (tail + data)[-4:] if len(data) < 4 else data[-4:]
 
 
@@ -299,12 +327,24 @@ async def serve(listen: tuple[str, int], relay: Relay, *, task_status: trio.Task
     async with trio.open_nursery() as nursery:
         while True:
             try:
-                sock, _ = listener.accept()
+                sock, address = listener.accept()
             except BlockingIOError:
                 await trio.lowlevel.wait_readable(listener)
                 continue
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            nursery.start_soon(relay.session, sock)
+            nursery.start_soon(relay.session, sock, address[0])
+
+
+_date: list[object] = [0, b""]  # the second, and its RFC 5322 date
+
+
+def received(helo: bytes, ip: str) -> bytes:
+    """The trace header RFC 5321 §4.4 asks a relay to add (Moxy's has more in it)."""
+    now = int(time.time())
+    if _date[0] != now:
+        _date[0], _date[1] = now, email.utils.formatdate(now).encode()
+    return (b"Received: from %s ([%s])\r\n\tby floor with ESMTP; %s\r\n"
+            % (helo, ip.encode(), _date[1]))
 
 
 def _address(text: str) -> tuple[str, int]:

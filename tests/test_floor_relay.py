@@ -4,7 +4,6 @@ skipping work a relay has to do."""
 
 from __future__ import annotations
 
-import hashlib
 import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -40,6 +39,12 @@ async def _client(port: int) -> SmtpClient:
     return client
 
 
+def _body(data: bytes | None) -> bytes:
+    """What the client sent, after the floor's Received header (two lines)."""
+    assert data is not None and data.startswith(b"Received: from "), data
+    return data.split(b"\r\n", 2)[2]
+
+
 async def _eventually(condition: Callable[[], object]) -> None:
     with trio.fail_after(5):
         while not condition():
@@ -61,7 +66,7 @@ async def test_pipelined_dot_stuffed_message_arrives_unchanged(
     assert [r.code for r in await client.replies(2)] == [250, 250]
     await client.aclose()
     [message] = recorder.delivered
-    assert message.data == body
+    assert _body(message.data) == body
     assert message.rcpts == ["b@example.test"]
 
 
@@ -83,7 +88,7 @@ async def test_end_of_data_split_across_reads(
         await trio.sleep(0.02)  # each its own read
     assert (await client.reply()).code == 250
     [message] = recorder.delivered
-    assert message.data == b"line\r\n"
+    assert _body(message.data) == b"line\r\n"
 
 
 async def test_empty_message_and_rset(relay_and_recorder: tuple[int, Recorder]) -> None:
@@ -96,8 +101,8 @@ async def test_empty_message_and_rset(relay_and_recorder: tuple[int, Recorder]) 
     _, final = await client.send_message("c@example.test", ["d@example.test"], b"")
     assert final is not None and final.code == 250
     [message] = recorder.delivered
-    assert (message.mail_from, message.rcpts, message.data) == ("c@example.test",
-                                                                ["d@example.test"], b"")
+    assert (message.mail_from, message.rcpts, _body(message.data)) == ("c@example.test",
+                                                                       ["d@example.test"], b"")
     assert recorder.verbs(0).count("RSET") == 1  # before the second MAIL, in its write
 
 
@@ -143,7 +148,7 @@ async def test_pooled_connection_reused_and_replaced_when_gone(
         await client.command("QUIT")
         await client.aclose()
         await trio.sleep(0.05)  # the session ends and hands its connection back
-    assert [m.data for m in recorder.delivered] == [b"0\r\n", b"1\r\n", b"2\r\n"]
+    assert [_body(m.data) for m in recorder.delivered] == [b"0\r\n", b"1\r\n", b"2\r\n"]
     # The first (pooled, then dropped), the replacement (pooled, then reused).
     assert len(recorder.connections) == 2
     nursery.cancel_scope.cancel()
@@ -158,7 +163,9 @@ async def test_large_message_streams_intact(
     _, final = await client.send_message("a@example.test", ["b@example.test"], body)
     assert final is not None and final.code == 250
     [message] = recorder.delivered
-    assert (message.size, message.sha256) == (len(body), hashlib.sha256(body).hexdigest())
+    header = floor_relay.received(b"client.test", "127.0.0.1")
+    assert message.head.startswith(header[:60])
+    assert message.size == len(header) + len(body)
     nursery.cancel_scope.cancel()
 
 
@@ -169,7 +176,25 @@ async def test_messages_on_one_client_connection(relay_and_recorder: tuple[int, 
         _, final = await client.send_message(f"s{n}@example.test", [f"r{n}@example.test"],
                                              b"%d\r\n" % n)
         assert final is not None and final.code == 250
-    assert [(m.mail_from, m.rcpts, m.data) for m in recorder.delivered] == [
+    assert [(m.mail_from, m.rcpts, _body(m.data)) for m in recorder.delivered] == [
         (f"s{n}@example.test", [f"r{n}@example.test"], b"%d\r\n" % n) for n in range(3)
     ]
     assert recorder.verbs(0).count("RSET") == 0  # a finished transaction needs none
+
+
+async def test_a_refused_sender_answers_every_rcpt(
+    make_recorder: Callable[..., Recorder], nursery: trio.Nursery
+) -> None:
+    recorder = make_recorder({"mail": ["550 5.7.1 Not you", "250 2.1.0 Ok"]})
+    client = await _client(await _relay(nursery, recorder))
+    await client.command("MAIL FROM:<a@example.test>")
+    replies = [await client.command(f"RCPT TO:<r{n}@example.test>") for n in range(3)]
+    assert [r.code for r in replies] == [550, 550, 550]
+    assert recorder.verbs(0).count("RCPT") == 1  # only the one pipelined with MAIL
+    assert (await client.command("DATA")).code == 554
+    assert (await client.command("RSET")).code == 250
+    # The next transaction resets the destination's state first and goes through.
+    _, final = await client.send_message("b@example.test", ["c@example.test"], b"x\r\n")
+    assert final is not None and final.code == 250
+    assert recorder.verbs(0)[-4:-2] == ["RSET", "MAIL"]
+    nursery.cancel_scope.cancel()
