@@ -67,6 +67,18 @@ def test_a_file_of_the_wrong_kind_is_named(
                                  "cert": f"tls.cert: {cert}: not a PEM certificate"}[wrong]
 
 
+def test_an_encrypted_key_is_named_and_never_asks_for_a_passphrase(
+    tmp_path: Path, tls_files: TlsFiles
+) -> None:
+    """OpenSSL asked for the passphrase on the terminal: check-config and serve hung there
+    (and without a terminal the error blamed tls.cert)."""
+    encrypted = tmp_path / "encrypted.key"
+    subprocess.run(["openssl", "pkey", "-in", str(tls_files.key), "-aes256", "-passout",
+                    "pass:secret", "-out", str(encrypted)], check=True, capture_output=True)
+    config = config_with(tmp_path, f'cert = "{tls_files.cert}"\nkey = "{encrypted}"\n')
+    assert tls_error(config).startswith(f"tls.key: {encrypted} is encrypted: ")
+
+
 def test_a_cipher_list_that_selects_nothing_is_an_error(
     tmp_path: Path, tls_files: TlsFiles
 ) -> None:

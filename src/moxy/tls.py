@@ -48,7 +48,9 @@ def server_context(config: Config) -> ssl.SSLContext | None:
         if not path.is_file():
             raise _error(config, key, f"{path}: no such file")
     try:
-        context.load_cert_chain(tls.cert, tls.key)
+        # No passphrase: OpenSSL would otherwise ask for one on the terminal (a start that
+        # hangs); an encrypted key fails instead, and is named below.
+        context.load_cert_chain(tls.cert, tls.key, password=b"")
     except OSError as exc:  # ssl.SSLError is an OSError: wrong format, key does not match
         raise _cert_chain_error(config, tls.cert, tls.key, exc) from None
     return context
@@ -59,6 +61,13 @@ def _cert_chain_error(config: Config, cert: Path, key: Path, exc: OSError) -> Co
     for a key file that holds no key as for a certificate file that holds no certificate."""
     if getattr(exc, "reason", None) == "KEY_VALUES_MISMATCH":
         return _error(config, "key", f"{key} does not match tls.cert {cert}")
+    try:
+        encrypted = b"ENCRYPTED" in key.read_bytes()
+    except OSError:
+        encrypted = False
+    if encrypted:
+        return _error(config, "key", f"{key} is encrypted: Moxy needs the key without a "
+                                     "passphrase (e.g. `openssl pkey -in KEY -out KEY.plain`)")
     for name, path in (("cert", cert), ("key", key)):
         try:
             path.read_bytes()
