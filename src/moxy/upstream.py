@@ -305,9 +305,9 @@ class Leg:
             if conn.timed:  # metrics on
                 conn.stats.sent(len(tail))
             reply = await conn.read_reply("end-of-data", t.upstream_data_end)
-        except LegError:
-            if conn.timed:
-                conn.stats.finished(0)
+        except LegError as exc:
+            if conn.timed:  # the destination's reply when it gave one (a 2xx out of step)
+                conn.stats.finished(exc.reply.code if exc.reply is not None else 0)
             await self.drop()
             raise
         if conn.timed:

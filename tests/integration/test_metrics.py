@@ -105,6 +105,20 @@ async def test_counters_follow_the_traffic(moxy: StartMoxy, make_recorder: MakeR
     assert "127.0.0.1" not in "".join(v for ls in m.samples for _, v in ls[1])
 
 
+async def test_a_verdict_out_of_step_counts_by_its_code(
+    moxy: StartMoxy, make_recorder: MakeRecorder
+) -> None:
+    """A 250 at the end of data followed by more than asked: the destination has the copy
+    (the message log keeps its 250); the metric counted it as failed (no final reply)."""
+    chatty = make_recorder({"end_of_data": "250 2.0.0 Ok: queued\r\n250 2.0.0 Ok again"})
+    server, port = await start(moxy, {"example.org": chatty})
+    outcome = await send_one(server, ["user@example.org"])
+    assert outcome.final is not None and outcome.final.code == 451, outcome.transcript
+    m = await fetch(port)
+    assert m.value("moxy_upstream_messages_total", result="2xx") == 1
+    assert m.value("moxy_upstream_messages_total", result="failed") == 0
+
+
 async def test_per_destination_labels(moxy: StartMoxy, make_recorder: MakeRecorder) -> None:
     first, second = make_recorder(), make_recorder()
     server, port = await start(
