@@ -25,8 +25,21 @@ async def run_blocking(
     A call that times out is abandoned, not killed: its thread finishes on its own (each client
     has its own socket timeout), and holds its limiter token until then.
     """
+    started = False
+
+    def started_call() -> T:
+        nonlocal started
+        started = True
+        return call()
+
     try:
         with trio.fail_after(timeout):
-            return await trio.to_thread.run_sync(call, limiter=limiter, abandon_on_cancel=True)
+            return await trio.to_thread.run_sync(started_call, limiter=limiter,
+                                                 abandon_on_cancel=True)
     except trio.TooSlowError:
+        if not started:  # the source was never asked: every lookup thread was busy
+            raise LookupFailed(
+                f"{what}: not asked within {timeout:g}s: all {limiter.total_tokens:g} lookups "
+                "at once were busy (the source answers too slowly for this load; see "
+                "`lookups`)") from None
         raise LookupFailed(f"{what}: no answer within {timeout:g}s") from None

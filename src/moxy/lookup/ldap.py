@@ -102,11 +102,12 @@ class LdapSource:
     matched by several entries is ambiguous data (`BadRouteData`), as is a value that does not
     parse. Unreachable servers, refused binds and searches that fail raise `LookupFailed`.
 
-    Up to `connections` searches run at once, each on its own connection in a worker thread. A
-    connection that breaks (e.g. the server restarted) is reopened, on the next server of the
-    list, and the search retried once on it. Each connection has its own `ldap3.Server` objects
-    (ldap3 keeps per-server state while it connects), so threads connect at the same time
-    without sharing anything but the round-robin turn.
+    Up to `connections` (by default the settings' `lookups`) searches run at once, each on its
+    own connection in a worker thread. A connection that breaks (e.g. the server restarted) is
+    reopened, on the next server of the list, and the search retried once on it. Each
+    connection has its own `ldap3.Server` objects (ldap3 keeps per-server state while it
+    connects), so threads connect at the same time without sharing anything but the
+    round-robin turn.
     """
 
     def __init__(
@@ -114,12 +115,13 @@ class LdapSource:
         settings: LdapSettings,
         *,
         name: str = "ldap",
-        connections: int = 4,
+        connections: int | None = None,
         limiter: trio.CapacityLimiter | None = None,
     ) -> None:
         self.name = name
         self.settings = settings
-        self._limiter = limiter if limiter is not None else trio.CapacityLimiter(connections)
+        self._limiter = limiter if limiter is not None else trio.CapacityLimiter(
+            connections if connections is not None else settings.lookups)
         tls = None
         if settings.ca_file:  # checked even when unused: a typo found now, not when TLS is on
             check_ca_file(settings.ca_file)

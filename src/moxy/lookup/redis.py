@@ -94,7 +94,7 @@ class RedisSource:
         self.name = name
         self.settings = settings
         self.client = client if client is not None else connect(settings)
-        self._limiter = limiter if limiter is not None else trio.CapacityLimiter(8)
+        self._limiter = limiter if limiter is not None else trio.CapacityLimiter(settings.lookups)
         self._where = where(settings)
 
     async def lookup(self, key: str) -> tuple[DestinationGroup, ...] | None:

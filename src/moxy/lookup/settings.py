@@ -52,6 +52,11 @@ def _check_scope(instance: LdapSettings, attribute: object, value: str) -> None:
         raise ValueError(f"scope: {value!r} is not one of base, one, sub")
 
 
+def _check_lookups(instance: object, attribute: object, value: int) -> None:
+    if value < 1:
+        raise ValueError(f"lookups: {value} must be at least 1")
+
+
 def _check_filter(instance: LdapSettings, attribute: object, value: str) -> None:
     # Only a configuration with LDAP in it gets here, and it needs ldap3 anyway.
     from moxy.lookup.ldap import check_filter
@@ -81,6 +86,8 @@ class LdapSettings:
     starttls: bool = False
     ca_file: Path | None = attrs.field(default=None, converter=attrs.converters.optional(Path))
     timeout: float = 5.0
+    # Searches at once per serving process, each on its own connection in a worker thread.
+    lookups: int = attrs.field(default=4, validator=_check_lookups)
 
 
 # --- Redis -----------------------------------------------------------------------------------
@@ -131,6 +138,8 @@ class RedisSettings:
     key_prefix: str = "moxy:"
     channel: str = "moxy:routes"
     timeout: float = 2.0
+    # Lookups at once per serving process, each in a worker thread; more wait their turn.
+    lookups: int = attrs.field(default=8, validator=_check_lookups)
     sentinel_master: str | None = None
     sentinels: tuple[str, ...] = attrs.field(
         default=(), converter=_strings, validator=_check_sentinels
