@@ -305,19 +305,26 @@ async def test_a_server_that_drops_syns_is_skipped_within_the_timeout(slapd: Sla
         assert time.monotonic() - started < 4.0
 
 
-class _SlowToCount(list):  # type: ignore[type-arg]
-    """A list that takes a while to say how long it is: a thread switch at the worst moment."""
+class _SlowToTake(list):  # type: ignore[type-arg]
+    """A list that takes a while after giving an item away: a thread switch at the worst
+    moment (the other lookup's thread then finds the list empty, or used to find the link
+    still there when the code asked for the length first)."""
 
     def __len__(self) -> int:
         length = super().__len__()
         time.sleep(0.2)
         return length
 
+    def pop(self, *index: int) -> object:
+        item = super().pop(*index)
+        time.sleep(0.2)
+        return item
+
 
 async def test_two_lookups_never_take_the_same_idle_connection(slapd: Slapd) -> None:
     ldap = source(slapd)
     assert await ldap.lookup("example.com") is not None  # one idle connection
-    ldap._idle = _SlowToCount(ldap._idle)  # both threads see it before either takes it
+    ldap._idle = _SlowToTake(ldap._idle)  # both lookups run while the first takes it
     found: list[object] = []
 
     async def one() -> None:
