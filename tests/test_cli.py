@@ -332,20 +332,9 @@ def test_serve_refuses_a_chain_naming_a_source_without_its_table(tmp_path: Path)
     )
 
 
-def test_a_missing_ldap_ca_file_is_a_config_error(tmp_path: Path) -> None:
-    path = write_config(tmp_path)
-    path.write_text(
-        '[routes]\nchain = ["ldap"]\n[routes.ldap]\nuri = "ldap://127.0.0.1"\nbase = "o=x"\n'
-        'starttls = true\nca_file = "ca.pem"\n'
-    )
-    result = moxy("check-config", "-c", str(path))
-    assert result.returncode == 2
-    prefix = re.escape(f"moxy: {path}: routes.ldap.ca_file: ")
-    assert re.fullmatch(rf"{prefix}.*\n", result.stderr)
-
-
-@pytest.mark.parametrize("ca", ["missing", "not a certificate"])
-def test_an_ldap_ca_file_is_checked_without_tls_too(tmp_path: Path, ca: str) -> None:
+@pytest.mark.parametrize(("ca", "tls"), [("missing", "starttls = true\n"), ("missing", ""),
+                                       ("not a certificate", "")])
+def test_an_ldap_ca_file_is_checked_with_or_without_tls(tmp_path: Path, ca: str, tls: str) -> None:
     """configuration.md: check-config refuses a missing CA file or one holding no certificate;
     it did only with StartTLS or ldaps://."""
     path = write_config(tmp_path)
@@ -353,7 +342,7 @@ def test_an_ldap_ca_file_is_checked_without_tls_too(tmp_path: Path, ca: str) -> 
         (tmp_path / "ca.pem").write_text("not a certificate\n")
     path.write_text(
         '[routes]\nchain = ["ldap"]\n[routes.ldap]\nuri = "ldap://127.0.0.1:1"\nbase = "o=x"\n'
-        'ca_file = "ca.pem"\n'
+        f'{tls}ca_file = "ca.pem"\n'
     )
     result = moxy("check-config", "-c", str(path))
     assert result.returncode == 2
