@@ -13,7 +13,6 @@ import errno
 import json
 import logging
 import os
-import pwd
 import socket
 import stat
 import time
@@ -25,6 +24,7 @@ import trio
 from moxy.config import Config
 from moxy.destinations import Destinations
 from moxy.lookup.base import parse_destination
+from moxy.privileges import current_user
 
 logger = logging.getLogger("moxy.control")
 
@@ -62,15 +62,8 @@ def check_paths(config: Config) -> list[str]:
         errors.append(f"destinations.control_socket: directory {directory} does not exist")
     elif directory is not None and not os.access(directory, os.W_OK | os.X_OK):
         errors.append(f"destinations.control_socket: directory {directory} is not writable by "
-                      f"user {_user_name()}, who binds the socket")
+                      f"user {current_user()}, who binds the socket")
     return errors
-
-
-def _user_name() -> str:
-    try:
-        return pwd.getpwuid(os.geteuid()).pw_name
-    except KeyError:
-        return str(os.geteuid())
 
 
 def answer(destinations: Destinations, request: str) -> list[dict[str, object]]:

@@ -89,3 +89,11 @@ def drop(switch: Switch) -> None:
         logger.info("serving as user %s (uid %d, gid %d)", switch.user, switch.uid, switch.gid)
         return
     raise OSError(0, f"could not give up root privileges for user {switch.user!r}")
+
+
+def current_user() -> str:
+    """The name of the user this process runs as (its uid when it has no name), for messages."""
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return str(os.geteuid())

@@ -8,7 +8,6 @@ import contextlib
 import errno
 import importlib
 import os
-import pwd
 import stat
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +18,7 @@ from moxy.accounting.filesink import FileSink
 from moxy.accounting.settings import RedisSinkSettings, SyslogSinkSettings
 from moxy.accounting.syslog import SyslogSink
 from moxy.config import Config, ConfigError
+from moxy.privileges import current_user
 
 # Sinks whose modules import client libraries: loaded only when configured.
 _LAZY = {"gdbm": ("moxy.accounting.gdbm", "GdbmSink"), "redis": ("moxy.accounting.redis",
@@ -137,7 +137,7 @@ def _check_log_directory(
                                "log rotation"], config.path)
     elif not os.path.lexists(path) and not os.access(directory, os.W_OK | os.X_OK):
         raise ConfigError([f"{key}: directory {directory} is not writable by user "
-                           f"{_user_name()}, who creates {os.path.basename(path)}"], config.path)
+                           f"{current_user()}, who creates {os.path.basename(path)}"], config.path)
 
 
 def _give(config: Config, key: str, path: Path, fd: int, user: tuple[str, int, int]) -> None:
@@ -150,13 +150,6 @@ def _give(config: Config, key: str, path: Path, fd: int, user: tuple[str, int, i
             os.unlink(path)
         raise ConfigError([f"{key}: cannot give {path} to user {user[0]}: "
                            f"{exc.strerror or exc}"], config.path) from None
-
-
-def _user_name() -> str:
-    try:
-        return pwd.getpwuid(os.geteuid()).pw_name
-    except KeyError:
-        return str(os.geteuid())
 
 
 def _writable_by(st: os.stat_result, uid: int, gid: int, *, directory: bool = False) -> bool:
