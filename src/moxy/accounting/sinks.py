@@ -1,6 +1,6 @@
 """The accounting sinks by name: `build_sink` makes the one `[accounting] sinks` names, and
 `check_sinks` is what `moxy serve` checks of them before it listens (each can be made, the
-message log can be written by whoever writes it)."""
+message log and the GDBM log can be written by whoever writes them)."""
 
 from __future__ import annotations
 
@@ -71,11 +71,14 @@ def check_sinks(
     there, and writable by whoever writes it. With `user`, that user must also be able to
     create files in the directory: after logrotate's rename, Moxy (as that user by then)
     creates the log afresh. The GDBM and Redis sinks are only loaded, not made: they open their
-    backends when made, and each worker process makes its own. Raises ConfigError naming the
-    key."""
+    backends when made, and each worker process makes its own; the GDBM log's file is checked
+    as the message log's is (`_check_gdbm_log`). Raises ConfigError naming the key."""
     for name in config.accounting.sinks:
         if name in _LAZY:
             _lazy_class(name, config)
+    gdbm = config.accounting.gdbm
+    if "gdbm" in config.accounting.sinks and gdbm is not None:
+        _check_gdbm_log(config, gdbm.path, user)
     path = config.file_sink.path
     if "file" in config.accounting.sinks and path is not None:
         key = "log.file"
@@ -138,6 +141,40 @@ def _check_log_directory(
     elif not os.path.lexists(path) and not os.access(directory, os.W_OK | os.X_OK):
         raise ConfigError([f"{key}: directory {directory} is not writable by user "
                            f"{current_user()}, who creates {os.path.basename(path)}"], config.path)
+
+
+def _check_gdbm_log(config: Config, path: Path, user: tuple[str, int, int] | None) -> None:
+    """The GDBM log's file, if there, is GDBM and writable by whoever writes it (`user`, else
+    this process); if not there yet, that one can create it in its directory. Not created
+    here: the sink makes it at its first flush, as the user who then writes it."""
+    import dbm.gnu
+
+    from moxy.lookup.gdbm import reason
+
+    key = "accounting.gdbm.path"
+    directory = os.path.dirname(os.path.abspath(path))
+    who = current_user() if user is None else user[0]
+    if not os.path.isdir(directory):
+        raise ConfigError([f"{key}: directory {directory} does not exist"], config.path)
+    if not os.path.lexists(path):
+        st = os.stat(directory)
+        if not (os.access(directory, os.W_OK | os.X_OK) if user is None
+                else _writable_by(st, user[1], user[2], directory=True)):
+            raise ConfigError([f"{key}: directory {directory} is not writable by user {who}, "
+                               f"who creates {os.path.basename(path)}"], config.path)
+        return
+    if not os.path.isfile(path):
+        raise ConfigError([f"{key}: {path} is not a file"], config.path)
+    try:
+        with dbm.gnu.open(str(path), "ru"):  # no lock: a running Moxy may be writing it
+            pass
+    except (dbm.gnu.error, OSError) as exc:
+        raise ConfigError([f"{key}: {path} is not a GDBM file Moxy can read: {reason(exc)}"],
+                          config.path) from None
+    if not (os.access(path, os.W_OK) if user is None
+            else _writable_by(os.stat(path), user[1], user[2])):
+        raise ConfigError([f"{key}: {path} is not writable by user {who}, who writes it"],
+                          config.path)
 
 
 def _give(config: Config, key: str, path: Path, fd: int, user: tuple[str, int, int]) -> None:
