@@ -190,3 +190,28 @@ async def test_a_waiting_session_task_keeps_nothing_of_its_last_connection() -> 
         gc.collect()
         assert gone() is None
         nursery.cancel_scope.cancel()
+
+
+async def test_accept_pauses_for_want_of_descriptors_are_said_once_per_ten_seconds(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each pause lasts 100 ms: a line per pause was ten ERROR lines a second while a flood
+    lasted. The next line says how many pauses came since."""
+    import errno
+
+    from moxy import accept
+
+    caplog.set_level(logging.ERROR, logger="moxy")
+    monkeypatch.setattr(accept._PAUSES, "quiet_until", -1.0)
+    monkeypatch.setattr(accept._PAUSES, "pauses", 0)
+    emfile = OSError(errno.EMFILE, "Too many open files")
+    for _ in range(3):
+        await accept._accept_failed(emfile)
+    assert [r.getMessage() for r in caplog.records] == [
+        "accept: Too many open files; pausing 100 ms (1 pause(s) since this was last said)"
+    ]
+    accept._PAUSES.quiet_until = -1.0  # ten seconds on
+    await accept._accept_failed(emfile)
+    assert caplog.records[-1].getMessage() == (
+        "accept: Too many open files; pausing 100 ms (3 pause(s) since this was last said)"
+    )

@@ -11,9 +11,11 @@ import contextlib
 import errno
 import functools
 import logging
+import math
 import socket
+import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Final
 
 import trio
 from outcome import Value
@@ -158,6 +160,20 @@ async def _accept_plain(
             await trio.lowlevel.checkpoint()
 
 
+PAUSE_LOG_EVERY: Final = 10.0  # seconds between the lines saying accept pauses
+
+
+class _Pauses:
+    """Accept's pauses for want of resources, said at most every PAUSE_LOG_EVERY seconds."""
+
+    def __init__(self) -> None:
+        self.pauses = 0
+        self.quiet_until = -math.inf
+
+
+_PAUSES: Final = _Pauses()
+
+
 async def _accept_failed(exc: OSError) -> None:
     """An accept error: ignored when it concerns that one connection, a 100 ms pause when out
     of resources (file descriptors, memory), raised otherwise."""
@@ -168,8 +184,15 @@ async def _accept_failed(exc: OSError) -> None:
         raise trio.ClosedResourceError from None
     if exc.errno not in _RESOURCE_ERRORS:
         raise exc
-    logger.error("accept: %s; pausing 100 ms", exc.strerror)
+    _PAUSES.pauses += 1
+    now = time.monotonic()
+    if now >= _PAUSES.quiet_until:  # a line per pause was 10 a second
+        _PAUSES.quiet_until = now + PAUSE_LOG_EVERY
+        logger.error("accept: %s; pausing 100 ms (%d pause(s) since this was last said)",
+                     exc.strerror, _PAUSES.pauses)
+        _PAUSES.pauses = 0
     await trio.sleep(0.1)
+
 
 
 async def _accept_trio(
