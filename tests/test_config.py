@@ -141,6 +141,8 @@ def test_config_remembers_its_absolute_path(
         ("[limits]\nreply_line = 512", "limits.reply_line", 512),
         ("[limits]\ndata_chunk = 4096", "limits.data_chunk", 4096),
         ("[limits]\nconnections = 10", "limits.connections", 10),
+        ("[limits]\nupstream_connections = 5000", "limits.upstream_connections", 5000),
+        ("", "limits.upstream_connections", 0),
         ("[timeouts]\nclient_command = 60", "timeouts.client_command", 60.0),
         ("[timeouts]\nclient_data = 0.5", "timeouts.client_data", 0.5),
         ("[timeouts]\nupstream_connect = 10", "timeouts.upstream_connect", 10.0),
@@ -197,6 +199,11 @@ def test_listen_address_keeps_host_without_brackets() -> None:
             "limits.recipients: expected a positive integer, got 'ten'",
         ),
         ("[limits]\nrecipients = 0", "limits.recipients: expected a positive integer, got 0"),
+        (
+            "[limits]\nupstream_connections = -1",
+            "limits.upstream_connections: expected 0 (from the open-file limit) or a positive "
+            "integer, got -1",
+        ),
         (
             "[server]\ngil_switch_interval = 0",
             "server.gil_switch_interval: expected a positive number of seconds, got 0",

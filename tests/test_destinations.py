@@ -295,3 +295,22 @@ async def test_a_control_socket_a_server_answers_on_is_not_taken_over(tmp_path: 
     stale.bind(str(path))
     stale.close()  # the file stays, nobody listens
     control.unbind(control.bind(path), path)
+
+
+def test_the_upstream_connection_cap_is_the_setting_or_what_the_open_file_limit_leaves(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import resource
+
+    from moxy import destinations
+
+    limit = [65536]
+    monkeypatch.setattr(destinations.resource, "getrlimit",
+                        lambda which: (limit[0], resource.RLIM_INFINITY))
+    assert destinations.connection_cap(500, 1000) == 500  # set: as set
+    # 0: the limit less the client connections and the reserve for listeners, logs, clients
+    assert destinations.connection_cap(0, 1000) == 65536 - 1000 - destinations.FD_RESERVE
+    limit[0] = 1024  # a shell's default: the clients' share would leave nothing
+    assert destinations.connection_cap(0, 1000) == 512
+    limit[0] = resource.RLIM_INFINITY
+    assert destinations.connection_cap(0, 1000) == 0  # no limit, no cap

@@ -43,3 +43,32 @@ async def test_an_expired_idle_connection_frees_its_place_at_once_and_gets_quit(
         assert recorder.verbs(0)[-1] == "QUIT"
         await second.close()
         nursery.cancel_scope.cancel()
+
+
+async def test_oldest_gives_an_expired_connection_first_then_the_one_idle_longest(
+    make_recorder: MakeRecorder, mock_clock: trio.testing.MockClock
+) -> None:
+    """What the process closes when it is at `limits.upstream_connections`."""
+    recorders = [make_recorder() for _ in range(3)]
+    places = [Destination(r.host, r.port) for r in recorders]
+    pool = ConnectionPool(per_destination=4, idle_time=10.0)
+    settings = UpstreamSettings("moxy.test", Timeouts(), pool=pool)
+    conns = []
+    for place in places:
+        conn = await connect(place, settings)
+        conns.append(conn)
+        assert pool.give(conn)
+        mock_clock.jump(1.0)
+    assert settings.destinations.connections == 3
+    assert pool.take(places[2]) is conns[2]  # in use again: not the pool's to give
+    assert pool.give(conns[2])
+    mock_clock.jump(8.5)  # the first one idle 10.5 s now: expired at the next take
+    assert pool.take(places[0]) is None
+    assert pool.oldest() is conns[0]  # expired, awaiting its QUIT
+    assert pool.oldest() is conns[1]  # then the one idle longest, of any destination
+    assert pool.oldest() is conns[2]
+    assert pool.oldest() is None
+    for conn in conns:
+        await conn.close()
+        await conn.close()  # twice: counted back once
+    assert settings.destinations.connections == 0

@@ -129,6 +129,8 @@ class Connection:
         self.slot: Slot | None = None  # its place under the address's concurrency cap
         self.tls = ""  # "TLSv1.3 with cipher ..." once STARTTLS succeeded
         self.xclient = False  # XCLIENT told it one client's identity: never pooled
+        # Counted among the process's upstream connections (by _connect_address) until closed.
+        self._counted: Destinations | None = settings.destinations
 
     @property
     def pipelining(self) -> bool:
@@ -228,6 +230,9 @@ class Connection:
     async def close(self) -> None:
         if self.slot is not None:
             self.slot.release()
+        counted, self._counted = self._counted, None
+        if counted is not None:
+            counted.connections -= 1
         await self.stream.aclose()
 
     async def send_quit(self, timeout: float) -> None:
@@ -250,6 +255,8 @@ async def _open_stream(address: Destination, timeout: float) -> Stream:
     return await Stream.connect(family, (address.host, address.port), timeout)
 
 
+# The detail of a leg refused because the process has `limits.upstream_connections` open.
+AT_LIMIT: Final = "upstream connection limit reached (limits.upstream_connections)"
 # Failures at these stages mark an address down (src/moxy/destinations.py); a greeting heard
 # marks it up, whatever follows.
 _HEALTH_STAGES: Final = ("connect", "greeting")
@@ -315,9 +322,22 @@ async def _connect_address(
     destination: Destination, address: Destination, settings: UpstreamSettings
 ) -> Connection:
     t = settings.timeouts
+    budget = settings.destinations
+    while budget.connection_cap and budget.connections >= budget.connection_cap:
+        idle = settings.pool.oldest() if settings.pool is not None else None
+        if idle is None:
+            budget.at_connection_cap()
+            raise LegError("local", _where(destination, address),
+                           f"{AT_LIMIT} ({budget.connections} open)")
+        await idle.quit(1.0)  # its descriptor, and its place under the cap, are free now
+    budget.connections += 1  # this attempt's descriptor: the Connection gives it back at close
     started = time.monotonic()
     try:
-        stream = await _open_stream(address, t.upstream_connect)
+        try:
+            stream = await _open_stream(address, t.upstream_connect)
+        except BaseException:
+            budget.connections -= 1
+            raise
     except StreamTimeout:
         raise LegError("connect", _where(destination, address),
                        f"no connection within {t.upstream_connect:g}s") from None

@@ -11,7 +11,7 @@ import attrs
 from moxy.accounting.events import Emit
 from moxy.clientlimits import ClientLimiter
 from moxy.config import Config
-from moxy.destinations import Destinations
+from moxy.destinations import Destinations, connection_cap
 from moxy.lookup.base import Router
 from moxy.metrics import Metrics
 from moxy.pool import ConnectionPool
@@ -76,6 +76,12 @@ class ServerContext:
         pool = None
         if config.limits.idle_upstreams:
             pool = ConnectionPool(config.limits.idle_upstreams, config.timeouts.upstream_idle)
+        destinations = destinations or Destinations(config.destinations)
+        # Shared across reloads (it counts the connections of every context): the cap follows
+        # the configuration in force.
+        destinations.connection_cap = connection_cap(
+            config.limits.upstream_connections, config.limits.connections
+        )
         return cls(
             config=config,
             router=router,
@@ -86,7 +92,7 @@ class ServerContext:
                 reply_line=config.limits.reply_line,
                 pool=pool,
                 metrics=metrics or Metrics(),
-                destinations=destinations or Destinations(config.destinations),
+                destinations=destinations,
                 tls=tls.upstream,
             ),
             drain=drain,

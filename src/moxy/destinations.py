@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import logging
+import resource
 import socket
 import time
 
@@ -95,6 +96,25 @@ class Slot:
             self.owner.forget_idle(self.address, semaphore)
 
 
+CAP_LOG_EVERY = 10.0  # seconds between the lines saying legs were refused at the cap
+# Descriptors left to everything but client and upstream connections (listeners, the message
+# log, the routes' and sinks' clients, the control socket) when `limits.upstream_connections`
+# is derived from the open-file limit.
+FD_RESERVE = 128
+
+
+def connection_cap(configured: int, clients: int) -> int:
+    """Upstream connections one process may have open: `limits.upstream_connections`, or (0)
+    what the open-file limit leaves once `clients` client connections and FD_RESERVE have
+    theirs, and at least half the limit; 0 (no cap) when the limit is infinite."""
+    if configured:
+        return configured
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        return 0
+    return max(soft - clients - FD_RESERVE, soft // 2)
+
+
 class Destinations:
     def __init__(
         self, settings: DestinationSettings | None = None, metrics: Metrics | None = None
@@ -105,6 +125,27 @@ class Destinations:
         self._slots: dict[Destination, trio.Semaphore] = {}
         self._waiting: dict[Destination, int] = {}  # legs waiting for a place, per address
         self._caps = {o.destination: o.concurrency for o in self.settings.override}
+        # Upstream connections open in this process (moxy.connection.Connection counts its
+        # own), and how many `limits.upstream_connections` allows (set by ServerContext.build).
+        self.connections = 0
+        self.connection_cap = 0  # 0: no cap
+        self._refused_at_cap = 0  # legs refused since the last line that said so
+        self._cap_said_at = -CAP_LOG_EVERY
+
+    def at_connection_cap(self) -> None:
+        """A leg found the process at `limits.upstream_connections` with nothing idle to close
+        (it gets 451 4.3.0): counted, and said at most every CAP_LOG_EVERY seconds."""
+        self.metrics.destination_skipped("limit")
+        self._refused_at_cap += 1
+        now = time.monotonic()
+        if now - self._cap_said_at >= CAP_LOG_EVERY:
+            self._cap_said_at = now
+            logger.warning(
+                "upstream connections: %d open, as many as limits.upstream_connections allows, "
+                "none idle: %d leg(s) refused with 451 4.3.0 since this was last said",
+                self.connections, self._refused_at_cap,
+            )
+            self._refused_at_cap = 0
 
     # -- admission --------------------------------------------------------------------------
 

@@ -147,7 +147,8 @@ class Metrics:
         """An address failed to connect or greet, and is skipped for a while."""
 
     def destination_skipped(self, stage: str) -> None:
-        """A leg did not try an address: "down" (dead set) or "busy" (at its cap)."""
+        """A leg did not try an address: "down" (dead set), "busy" (at its cap) or "limit"
+        (the process at `limits.upstream_connections`)."""
 
     # -- the route cache (lookup/cache.py: a CacheObserver) -------------------------------
 
@@ -278,7 +279,7 @@ class Prometheus(Metrics):
         self._messages = {k: self.messages.labels(v) for k, v in RESULTS.items()}
         self._recipients = {k: self.recipients.labels(v) for k, v in RESULTS.items()}
         self._rcpt_refused = {x: self.recipients_refused.labels(x) for x in RECIPIENT_REASONS}
-        self._skipped = {x: self.skipped.labels(x) for x in ("down", "busy")}
+        self._skipped = {x: self.skipped.labels(x) for x in ("down", "busy", "limit")}
         self._upstreams: dict[str, UpstreamStats] = {}
         self._all_upstreams = _Upstream(self, ()) if not per_destination else None
         self._sinks: dict[str, _Sink] = {}

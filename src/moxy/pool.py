@@ -73,6 +73,24 @@ class ConnectionPool:
         idle.append((trio.current_time(), conn))
         return True
 
+    def oldest(self) -> Connection | None:
+        """Take the connection to close first when the process is at
+        `limits.upstream_connections`: one already expired (awaiting its QUIT), else the one
+        idle longest, of any destination. None when nothing is idle."""
+        if self._expired:
+            return self._expired.pop()
+        first: deque[tuple[float, Connection]] | None = None
+        key: Destination | None = None
+        for destination, idle in self._idle.items():
+            if idle and (first is None or idle[0][0] < first[0][0]):
+                first, key = idle, destination
+        if first is None or key is None:
+            return None
+        conn = first.popleft()[1]
+        if not first:
+            del self._idle[key]
+        return conn
+
     def __len__(self) -> int:
         return sum(len(idle) for idle in self._idle.values())
 

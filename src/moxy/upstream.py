@@ -16,6 +16,7 @@ import logging
 import trio
 
 from moxy.connection import (
+    AT_LIMIT,
     RECEIVE_SIZE,
     TRACE_ALLOWANCE,
     Connection,
@@ -112,7 +113,9 @@ class Leg:
             except LegError as exc:
                 # Skipped while marked down ("down", "busy"): the marking is logged once, a
                 # line per recipient would be a flood (200,000 in 20 minutes, seen).
-                level = logging.DEBUG if exc.stage in ("down", "busy") else logging.INFO
+                # So is the process's upstream connection limit (Destinations says so).
+                level = (logging.DEBUG if exc.stage in ("down", "busy")
+                         or exc.detail.startswith(AT_LIMIT) else logging.INFO)
                 logger.log(level, "upstream %s unavailable: %s", destination, exc)
                 errors.append(exc)
                 continue

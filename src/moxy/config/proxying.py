@@ -81,6 +81,10 @@ class Limits:
     )
     # Destination connections one client session keeps between its transactions.
     session_legs: int = attrs.field(default=10, metadata=_COUNT)
+    # All upstream connections of a process, pooled and in use (moxy.destinations).
+    upstream_connections: int = attrs.field(
+        default=0, metadata=_key(_integer(1, zero_means="from the open-file limit"))
+    )
     # Per client address (IPv6: per /64); see src/moxy/clientlimits.py.
     connections_per_ip: int = attrs.field(
         default=50, metadata=_key(_integer(1, zero_means="no limit"))
