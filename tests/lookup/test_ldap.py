@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import socket
 import subprocess
@@ -29,6 +30,7 @@ from peers.dark import black_hole
 from peers.example_routes import assert_answers_like_the_routes_file
 from peers.sink import free_port, require_binary
 from peers.slapd import DEPLOY, ROOT_DN, ROOT_PASSWORD, ROUTES_BASE, Slapd
+from peers.tls import TlsFiles
 
 
 def source(slapd: Slapd, **settings: object) -> LdapSource:
@@ -218,6 +220,33 @@ def test_a_missing_ca_file_is_refused() -> None:
     )
     with pytest.raises(ValueError, match="ca_file"):
         LdapSource(settings)
+
+
+@pytest.mark.parametrize(
+    ("uri", "starttls", "password", "said"),
+    [
+        ("ldap://ldap.example", False, None, "in clear text"),
+        ("ldap://ldap.example", False, "secret", "in clear text, the bind password too"),
+        ("ldap://ldap.example", True, "secret", None),
+        ("ldaps://ldap.example", False, "secret", None),
+    ],
+)
+def test_a_ca_file_that_no_tls_uses_is_a_warning(
+    tls_files: TlsFiles, caplog: pytest.LogCaptureFixture, uri: str, starttls: bool,
+    password: str | None, said: str | None,
+) -> None:
+    """A CA file says the operator meant TLS; without starttls or ldaps:// the lookups (and the
+    bind) go in clear text, which nothing else would tell."""
+    caplog.set_level(logging.WARNING, "moxy")
+    LdapSource(LdapSettings(uri=(uri,), base=ROUTES_BASE, starttls=starttls,
+                            bind_dn="cn=moxy" if password else None, password=password,
+                            ca_file=tls_files.ca))
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    if said is None:
+        assert warnings == []
+    else:
+        assert warnings == ["routes.ldap: ca_file is set, but without starttls or an ldaps:// "
+                            f"URI it is not used: the directory is asked {said}"]
 
 
 @pytest.mark.parametrize("content", ["", "not a certificate\n", "-----BEGIN CERTIFICATE-----\n"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import math
 import re
 import ssl
@@ -32,6 +33,8 @@ from moxy.lookup.base import (
 )
 from moxy.lookup.blocking import run_blocking
 from moxy.lookup.settings import LdapSettings as LdapSettings  # re-exported with its source
+
+log = logging.getLogger("moxy.lookup")
 
 SCOPES: dict[str, Literal["BASE", "LEVEL", "SUBTREE"]] = {
     "base": ldap3.BASE,
@@ -133,6 +136,12 @@ class LdapSource:
                 )
             except LDAPException as exc:  # e.g. a CA file that does not exist
                 raise ValueError(f"ca_file: {exc}") from None
+        elif settings.ca_file:  # a CA to check the directory by, and then no TLS to check it
+            log.warning(
+                "routes.%s: ca_file is set, but without starttls or an ldaps:// URI it is not "
+                "used: the directory is asked in clear text%s", name,
+                ", the bind password too" if settings.password else "",
+            )
         self._tls = tls
         self._connect_timeout = connect_timeout(settings)
         self._make_servers()  # a URI that ldap3 cannot use is a configuration error, found now
