@@ -7,6 +7,7 @@ re-reads the file off the event loop when its stat changed, keeping the old tabl
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -78,40 +79,68 @@ def parse_key(text: str) -> str:
 def parse_routes(text: str, filename: str) -> dict[str, tuple[DestinationGroup, ...]]:
     """Parse a whole routes file; raises `RoutesFileError` naming every bad line."""
     table: dict[str, tuple[DestinationGroup, ...]] = {}
-    first_line: dict[str, int] = {}
+    # Where each key was first seen, made only if a key comes twice: a dict of a million line
+    # numbers, made and freed with every load, held the GIL (and so, while a reload parsed in
+    # a thread, the event loop) for as long as freeing it took.
+    first_line: dict[str, int] | None = None
     errors: list[str] = []
+    # Destinations as written, parsed once: the many keys routed alike (an ISP's domains on a
+    # few mail hosts) share one tuple. A million such lines took 840 MB and ten seconds to
+    # load, and freeing the table a reload replaced held the event loop for 1.5 s.
+    parsed: dict[str, tuple[DestinationGroup, ...]] = {}
     # split("\n"), not splitlines(): form feeds and the like must not shift line numbers.
-    for lineno, line in enumerate(text.split("\n"), start=1):
+    lines = text.split("\n")
+    for lineno, line in enumerate(lines, start=1):
         words = line.partition("#")[0].split()
         if not words:
             continue
         try:
-            key, groups = _parse_route(words)
+            key, groups = _parse_route(words, parsed)
         except ValueError as exc:
             errors.append(f"{filename}:{lineno}: {exc}")
             continue
-        if key in first_line:
+        if key in table:
+            if first_line is None:  # made once, for the first duplicate
+                first_line = _first_lines(lines[: lineno - 1])
             errors.append(
                 f"{filename}:{lineno}: duplicate key {key!r} (first at line {first_line[key]})"
             )
             continue
-        first_line[key] = lineno
         table[key] = groups
     if errors:
         raise RoutesFileError(errors)
     return table
 
 
-def _parse_route(words: list[str]) -> tuple[str, tuple[DestinationGroup, ...]]:
+def _first_lines(lines: list[str]) -> dict[str, int]:
+    """The line number of each key's first good line among `lines` (the file's first ones)."""
+    first: dict[str, int] = {}
+    parsed: dict[str, tuple[DestinationGroup, ...]] = {}
+    for lineno, line in enumerate(lines, start=1):
+        words = line.partition("#")[0].split()
+        if words:
+            with contextlib.suppress(ValueError):
+                first.setdefault(_parse_route(words, parsed)[0], lineno)
+    return first
+
+
+def _parse_route(
+    words: list[str], parsed: dict[str, tuple[DestinationGroup, ...]]
+) -> tuple[str, tuple[DestinationGroup, ...]]:
     key = parse_key(words[0])
     if len(words) == 1:
         raise ValueError(f"key {key!r} has no destinations")
+    written = " ".join(words[1:])
+    groups = parsed.get(written)
+    if groups is not None:
+        return key, groups
     groups = tuple(parse_group(word) for word in words[1:])
     seen: set[DestinationGroup] = set()
     for group in groups:
         if group in seen:
             raise ValueError(f"destination {str(group)!r} listed twice")
         seen.add(group)
+    parsed[written] = groups
     return key, groups
 
 
@@ -136,8 +165,14 @@ class _Signature:
 class _Snapshot:
     """One successfully parsed version of the file."""
 
-    table: RouteTable
+    table: RouteTable  # read-only, over `routes`
     signature: _Signature
+    routes: dict[str, tuple[DestinationGroup, ...]] = attrs.field(repr=False, eq=False)
+
+    @classmethod
+    def of(cls, routes: dict[str, tuple[DestinationGroup, ...]], signature: _Signature
+           ) -> _Snapshot:
+        return cls(MappingProxyType(routes), signature, routes)
 
 
 class _Unsettled(Exception):
@@ -159,7 +194,19 @@ def _read(path: Path) -> _Snapshot:
     except UnicodeDecodeError as exc:
         lineno = data.count(b"\n", 0, exc.start) + 1
         raise RoutesFileError([f"{path}:{lineno}: not UTF-8 text"]) from None
-    return _Snapshot(MappingProxyType(parse_routes(text, str(path))), signature)
+    return _Snapshot.of(parse_routes(text, str(path)), signature)
+
+
+RELEASE_SLICE = 20_000  # routes of a replaced table freed between two checkpoints
+
+
+async def _release(routes: dict[str, tuple[DestinationGroup, ...]]) -> None:
+    """Empty `routes` (the table of a version of the routes file that a reload replaced)
+    RELEASE_SLICE routes at a time, with a checkpoint in between."""
+    while routes:
+        for _ in range(min(RELEASE_SLICE, len(routes))):
+            routes.popitem()
+        await trio.sleep(0)
 
 
 def _stat(path: Path) -> _Signature | None:
@@ -250,7 +297,11 @@ class FileSource:
             log.warning("routes file %s is empty; keeping the %d routes loaded before",
                         self.path, len(self.routes))
             return
-        self._snapshot = snapshot
+        old, self._snapshot = self._snapshot, snapshot
+        # Freed at once, the table replaced held the event loop for as long as freeing a
+        # million routes takes; a system task frees it a slice at a time instead.
+        trio.lowlevel.spawn_system_task(_release, old.routes, name="routes file: old table")
+        del old
         log.info("routes file %s reloaded: %d routes", self.path, len(snapshot.table))
         if self.on_change is not None:
             self.on_change()
