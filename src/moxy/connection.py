@@ -129,8 +129,9 @@ class Connection:
         self.slot: Slot | None = None  # its place under the address's concurrency cap
         self.tls = ""  # "TLSv1.3 with cipher ..." once STARTTLS succeeded
         self.xclient = False  # XCLIENT told it one client's identity: never pooled
-        # Counted among the process's upstream connections (by _connect_address) until closed.
-        self._counted: Destinations | None = settings.destinations
+        # Where _connect_address counted it among the process's upstream connections (each
+        # attempt is counted from before its connect): uncounted when closed.
+        self._counted: Destinations | None = None
 
     @property
     def pipelining(self) -> bool:
@@ -347,6 +348,7 @@ async def _connect_address(
         stage = "local" if exc.errno in _LOCAL_ERRORS else "connect"
         raise LegError(stage, _where(destination, address), exc.strerror or str(exc)) from None
     conn = Connection(stream, destination, settings)
+    conn._counted = budget
     if conn.timed:
         conn.stats.connected(time.monotonic() - started)
     try:
