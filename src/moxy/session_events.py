@@ -10,9 +10,8 @@ arguments, and nothing is made when accounting has no sinks.
 from __future__ import annotations
 
 import logging
-from time import monotonic
-from time import time as wall_time
-from typing import Any
+import time
+from typing import Any, Final
 
 from moxy.accounting import events as acct
 from moxy.accounting.events import LEG_AND_MESSAGE, Emit
@@ -23,6 +22,9 @@ from moxy.transaction import LegResult, Transaction
 from moxy.upstream import Leg
 
 logger = logging.getLogger("moxy.session")
+# The clocks as compiled statics: a module-level name is a dict lookup per call.
+wall_time: Final = time.time
+monotonic: Final = time.monotonic
 
 
 def _leg_tls(leg: Leg) -> str:
@@ -83,15 +85,15 @@ class SessionEvents:
                 # The commonest message: its two events as one entry (acct.LEG_AND_MESSAGE).
                 emit(
                     LEG_AND_MESSAGE, sid, mid, ip, helo, mail_from, recipients,
-                    result.destination, leg.group.text, leg.sent, outcome.code,
-                    str(outcome), "end-of-data", duration, node, "", tls, now,
-                    size, reply.code, str(reply), _leg_tls(leg),
+                    result.destination, leg.route, leg.sent, outcome.code,
+                    outcome.line(), "end-of-data", duration, node, "", tls, now,
+                    size, reply.code, reply.line(), _leg_tls(leg),
                 )
                 return
         for result in results:
             outcome, leg = result.outcome, result.leg
             if isinstance(outcome, Reply):
-                code, text, stage = outcome.code, str(outcome), "end-of-data"
+                code, text, stage = outcome.code, outcome.line(), "end-of-data"
             else:  # a LegError: with the destination's reply when it gave one (a 421, or a
                 # 2xx followed by words out of step), else code 0
                 failed_reply = getattr(outcome, "reply", None)
@@ -99,7 +101,7 @@ class SessionEvents:
                 text, stage = str(outcome), getattr(outcome, "stage", "?")
             # A leg that carried every recipient shares the message's tuple (and its "to=").
             accepted = leg.accepted
-            route = leg.group.text
+            route = leg.route
             emit(
                 "leg", sid, mid, ip, helo, mail_from,
                 recipients if accepted == everyone else tuple(accepted), result.destination,
@@ -109,7 +111,7 @@ class SessionEvents:
             route = " ".join([group.text for group in t.legs])
         emit(
             "message", sid, mid, ip, helo, mail_from, recipients, "-", route, size,
-            reply.code, str(reply), "end-of-data", duration, node, "", tls, now,
+            reply.code, reply.line(), "end-of-data", duration, node, "", tls, now,
         )
 
     def log_message(self, reply: Reply, stage: str, size: int, reason: str = "") -> None:
@@ -128,7 +130,7 @@ class SessionEvents:
             mail_from, recipients, route = "", (), ""
         emit(
             "message", self.id, self.message_id, self.client_ip, self.helo, mail_from,
-            recipients, "-", route, size, reply.code, str(reply), stage,
+            recipients, "-", route, size, reply.code, reply.line(), stage,
             monotonic() - self.data_started, self.node, reason,
             acct.tls_field(self.tls) if self.tls else "", wall_time(),
         )
@@ -168,7 +170,7 @@ class SessionEvents:
             emit(
                 "refused", self.id, self.message_id, self.client_ip, self.helo,
                 t.envelope.mail_from if t is not None else "", (address,), destination, route,
-                0, reply.code, str(reply), "rcpt", 0.0, self.node, reason,
+                0, reply.code, reply.line(), "rcpt", 0.0, self.node, reason,
                 acct.tls_field(self.tls) if self.tls else "", wall_time(),
             )
         return reply

@@ -40,6 +40,7 @@ class Leg:
 
     def __init__(self, group: DestinationGroup, settings: UpstreamSettings) -> None:
         self.group = group
+        self.route = group.text  # as events name it, read once (a Python attribute)
         self.settings = settings
         self.conn: Connection | None = None
         self.reused = False  # the connection served an earlier transaction

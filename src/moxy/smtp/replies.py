@@ -149,6 +149,11 @@ class Reply(Value):
         return wire
 
     def __str__(self) -> str:
+        return self.line()
+
+    def line(self) -> str:
+        """The reply on one line, as logs and events show it: "250 2.0.0 Ok", lines joined by
+        " / ". Made once. (Compiled code calls this directly; `str()` is a slot call.)"""
         text = self._str
         if text is None:
             lines = self.lines
