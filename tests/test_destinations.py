@@ -314,3 +314,35 @@ def test_the_upstream_connection_cap_is_the_setting_or_what_the_open_file_limit_
     assert destinations.connection_cap(0, 1000) == 512
     limit[0] = resource.RLIM_INFINITY
     assert destinations.connection_cap(0, 1000) == 0  # no limit, no cap
+
+
+@pytest.mark.parametrize(
+    ("soft", "hard", "configured", "raised", "warns"),
+    [
+        (1024, 1_048_576, 0, True, False),  # a shell's soft limit under a large hard one
+        (1024, 1024, 0, False, True),  # no higher to go: say how far to raise it
+        (1024, 1024, 300, False, False),  # the cap set by hand: the operator chose
+        (65536, 65536, 0, False, False),  # the systemd unit's LimitNOFILE
+    ],
+)
+def test_serve_raises_the_open_file_limit_to_the_hard_one_and_warns_when_it_stays_low(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+    soft: int, hard: int, configured: int, raised: bool, warns: bool,
+) -> None:
+    import logging
+
+    from moxy import destinations
+
+    limits = [(soft, hard)]
+    monkeypatch.setattr(destinations.resource, "getrlimit", lambda which: limits[-1])
+    monkeypatch.setattr(destinations.resource, "setrlimit", lambda which, v: limits.append(v))
+    caplog.set_level(logging.WARNING, "moxy")
+    destinations.raise_open_file_limit(configured, 1000)
+    assert limits[1:] == ([(hard, hard)] if raised else [])
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert said == ([
+        "the open-file limit (1024) is low for limits.connections = 1000: each client "
+        "connection may need an upstream one too; upstream connections are capped at 512, and "
+        "clients may be refused for want of descriptors (raise LimitNOFILE or ulimit -n to "
+        "about 2128, or set limits.upstream_connections)"
+    ] if warns else [])

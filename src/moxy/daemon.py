@@ -22,6 +22,7 @@ from moxy import __version__, control, privileges, workers
 from moxy.accounting.remote import accounting_for
 from moxy.accounting.sinks import check_sinks
 from moxy.config import Config
+from moxy.destinations import raise_open_file_limit
 from moxy.gil import set_switch_interval
 from moxy.logsetup import configure_logging
 from moxy.lookup.build import Routing
@@ -112,6 +113,7 @@ def run(config: Config) -> int:
     `[server] user` (src/moxy/privileges.py)."""
     configure_logging(config.log.level)
     set_switch_interval(config.server.gil_switch_interval)  # workers inherit it
+    raise_open_file_limit(config.limits.upstream_connections, config.limits.connections)
     # Until the event loop takes SIGHUP over, a reload request must neither kill the process
     # nor be lost: blocked, it stays pending (in a worker too, which inherits the mask) until
     # _main's receiver unblocks it. Ignored once that receiver is gone (the very end).

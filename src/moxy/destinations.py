@@ -115,6 +115,30 @@ def connection_cap(configured: int, clients: int) -> int:
     return max(soft - clients - FD_RESERVE, soft // 2)
 
 
+def raise_open_file_limit(configured: int, clients: int) -> None:
+    """At `moxy serve`'s start (workers inherit it): the open-file limit raised to its hard
+    limit, as nginx's `worker_rlimit_nofile` and Go's runtime do (a shell's soft 1024 under a
+    hard limit of a million left clients refused for want of descriptors); a warning when even
+    that leaves client connections and their upstream ones too little room."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (OSError, ValueError):  # a hard limit the kernel's nr_open caps: keep the soft
+            pass
+    if configured or soft == resource.RLIM_INFINITY:
+        return
+    if soft - clients - FD_RESERVE < soft // 2:
+        logger.warning(
+            "the open-file limit (%d) is low for limits.connections = %d: each client "
+            "connection may need an upstream one too; upstream connections are capped at %d, "
+            "and clients may be refused for want of descriptors (raise LimitNOFILE or "
+            "ulimit -n to about %d, or set limits.upstream_connections)",
+            soft, clients, soft // 2, 2 * clients + FD_RESERVE,
+        )
+
+
 class Destinations:
     def __init__(
         self, settings: DestinationSettings | None = None, metrics: Metrics | None = None

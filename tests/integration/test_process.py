@@ -93,6 +93,27 @@ def test_moxy_serve_stops_cleanly_on_sigterm(
     assert lines[-1].endswith(f"moxy {__version__} stopped"), lines[-3:]
 
 
+def test_moxy_serve_raises_its_open_file_limit_to_the_hard_one(
+    moxy_process: StartProcess, make_recorder: MakeRecorder
+) -> None:
+    """A shell's soft limit of 1024 under a hard one of a million left clients refused for
+    want of descriptors; `moxy serve` takes what the hard limit allows, as nginx and Go do."""
+    import resource
+    from pathlib import Path
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    assert hard > 1024, f"RLIMIT_NOFILE hard limit {hard}: raise it (ulimit -Hn)"
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))  # what the child inherits
+    try:
+        moxy = moxy_process({"example.org": make_recorder()})
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    limits = Path(f"/proc/{moxy.process.pid}/limits").read_text().splitlines()
+    [line] = [ln for ln in limits if ln.startswith("Max open files")]
+    assert line.split()[3:5] == [str(hard), str(hard)], line
+    assert "open-file limit" not in moxy.stderr()
+
+
 def test_check_config_accepts_the_suite_config(
     write_config: Callable[..., object], make_recorder: MakeRecorder
 ) -> None:
