@@ -149,8 +149,9 @@ class Destinations:
         self._slots: dict[Destination, trio.Semaphore] = {}
         self._waiting: dict[Destination, int] = {}  # legs waiting for a place, per address
         self._caps = {o.destination: o.concurrency for o in self.settings.override}
-        # Upstream connections open in this process (moxy.connection.Connection counts its
-        # own), and how many `limits.upstream_connections` allows (set by ServerContext.build).
+        # Upstream connections open in this process (counted by moxy.connection's
+        # _connect_address from before each connect until the connection closes), and how
+        # many `limits.upstream_connections` allows (set by ServerContext.build).
         self.connections = 0
         self.connection_cap = 0  # 0: no cap
         self._refused_at_cap = 0  # legs refused since the last line that said so
