@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import os
 import re
 import resource
@@ -202,15 +203,15 @@ async def test_accept_pauses_for_want_of_descriptors_are_said_once_per_ten_secon
     from moxy import accept
 
     caplog.set_level(logging.ERROR, logger="moxy")
-    monkeypatch.setattr(accept._PAUSES, "quiet_until", -1.0)
-    monkeypatch.setattr(accept._PAUSES, "pauses", 0)
+    monkeypatch.setattr(accept._PAUSES, "last", -math.inf)
+    monkeypatch.setattr(accept._PAUSES, "count", 0)
     emfile = OSError(errno.EMFILE, "Too many open files")
     for _ in range(3):
         await accept._accept_failed(emfile)
     assert [r.getMessage() for r in caplog.records] == [
         "accept: Too many open files; pausing 100 ms (1 pause(s) since this was last said)"
     ]
-    accept._PAUSES.quiet_until = -1.0  # ten seconds on
+    accept._PAUSES.last = -math.inf  # ten seconds on
     await accept._accept_failed(emfile)
     assert caplog.records[-1].getMessage() == (
         "accept: Too many open files; pausing 100 ms (3 pause(s) since this was last said)"

@@ -11,15 +11,14 @@ import contextlib
 import errno
 import functools
 import logging
-import math
 import socket
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 import trio
 from outcome import Value
 
+from moxy.logsetup import Throttle
 from moxy.stream import Stream
 
 logger = logging.getLogger("moxy")
@@ -160,18 +159,7 @@ async def _accept_plain(
             await trio.lowlevel.checkpoint()
 
 
-PAUSE_LOG_EVERY: Final = 10.0  # seconds between the lines saying accept pauses
-
-
-class _Pauses:
-    """Accept's pauses for want of resources, said at most every PAUSE_LOG_EVERY seconds."""
-
-    def __init__(self) -> None:
-        self.pauses = 0
-        self.quiet_until = -math.inf
-
-
-_PAUSES: Final = _Pauses()
+_PAUSES: Final = Throttle()  # accept's pauses for want of resources, said every 10 s
 
 
 async def _accept_failed(exc: OSError) -> None:
@@ -184,13 +172,9 @@ async def _accept_failed(exc: OSError) -> None:
         raise trio.ClosedResourceError from None
     if exc.errno not in _RESOURCE_ERRORS:
         raise exc
-    _PAUSES.pauses += 1
-    now = time.monotonic()
-    if now >= _PAUSES.quiet_until:  # a line per pause was 10 a second
-        _PAUSES.quiet_until = now + PAUSE_LOG_EVERY
+    if pauses := _PAUSES.due():  # a line per pause was 10 a second
         logger.error("accept: %s; pausing 100 ms (%d pause(s) since this was last said)",
-                     exc.strerror, _PAUSES.pauses)
-        _PAUSES.pauses = 0
+                     exc.strerror, pauses)
     await trio.sleep(0.1)
 
 

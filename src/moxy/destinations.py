@@ -21,6 +21,7 @@ import attrs
 import trio
 
 from moxy.config import DestinationSettings
+from moxy.logsetup import Throttle
 from moxy.lookup.base import Destination
 from moxy.metrics import Metrics
 
@@ -96,7 +97,6 @@ class Slot:
             self.owner.forget_idle(self.address, semaphore)
 
 
-CAP_LOG_EVERY = 10.0  # seconds between the lines saying legs were refused at the cap
 # Descriptors left to everything but client and upstream connections (listeners, the message
 # log, the routes' and sinks' clients, the control socket) when `limits.upstream_connections`
 # is derived from the open-file limit.
@@ -154,23 +154,18 @@ class Destinations:
         # many `limits.upstream_connections` allows (set by ServerContext.build).
         self.connections = 0
         self.connection_cap = 0  # 0: no cap
-        self._refused_at_cap = 0  # legs refused since the last line that said so
-        self._cap_said_at = -CAP_LOG_EVERY
+        self._at_cap = Throttle()  # legs refused at the cap, said every 10 s
 
     def at_connection_cap(self) -> None:
         """A leg found the process at `limits.upstream_connections` with nothing idle to close
-        (it gets 451 4.3.0): counted, and said at most every CAP_LOG_EVERY seconds."""
+        (it gets 451 4.3.0): counted, and said at most every 10 seconds."""
         self.metrics.destination_skipped("limit")
-        self._refused_at_cap += 1
-        now = time.monotonic()
-        if now - self._cap_said_at >= CAP_LOG_EVERY:
-            self._cap_said_at = now
+        if refused := self._at_cap.due():
             logger.warning(
                 "upstream connections: %d open, as many as limits.upstream_connections allows, "
                 "none idle: %d leg(s) refused with 451 4.3.0 since this was last said",
-                self.connections, self._refused_at_cap,
+                self.connections, refused,
             )
-            self._refused_at_cap = 0
 
     # -- admission --------------------------------------------------------------------------
 

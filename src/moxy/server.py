@@ -11,9 +11,7 @@ import contextlib
 import gc
 import ipaddress
 import logging
-import math
 import socket
-import time
 from collections.abc import Sequence
 
 import trio
@@ -27,7 +25,7 @@ from moxy.clientlimits import ClientLimiter
 from moxy.config import Config
 from moxy.context import Drain, ServerContext
 from moxy.destinations import Destinations
-from moxy.logsetup import plural
+from moxy.logsetup import Throttle, plural
 from moxy.lookup.base import Router
 from moxy.lookup.build import Routing
 from moxy.metrics import Metrics
@@ -309,21 +307,14 @@ class _RefusalLog:
     """Connections refused by a limit (`what`), logged at most every 10 s: a flood must not
     flood the log too (each refusal is still an event and a metric)."""
 
-    INTERVAL = 10.0
-
     def __init__(self, what: str) -> None:
         self.what = what
-        self.count = 0
-        self.last = -math.inf
+        self.throttle = Throttle()
 
     def note(self, client_ip: str, reason: str) -> None:
-        self.count += 1
-        now = time.monotonic()
-        if now - self.last >= self.INTERVAL:
+        if count := self.throttle.due():
             logger.warning("%s: refused %s (latest from %s: %s)", self.what,
-                           plural(self.count, "connection"), client_ip, reason)
-            self.count = 0
-            self.last = now
+                           plural(count, "connection"), client_ip, reason)
 
 
 def _is_proxy_address(listener: trio.SocketListener, config: Config) -> bool:
