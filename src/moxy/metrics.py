@@ -150,6 +150,10 @@ class Metrics:
         """A leg did not try an address: "down" (dead set), "busy" (at its cap) or "limit"
         (the process at `limits.upstream_connections`)."""
 
+    def upstream_connections(self, open_: int, idle: int) -> None:
+        """About once a second: upstream connections open in this process (pooled ones
+        included) and, of those, idle in the pool."""
+
     # -- the route cache (lookup/cache.py: a CacheObserver) -------------------------------
 
     def observe_router(self, router: object) -> None:
@@ -259,6 +263,14 @@ class Prometheus(Metrics):
             "moxy_destinations_down", "Destination addresses in the dead set",
             registry=r, multiprocess_mode="livesum",
         )
+        self.upstream_open = Gauge(
+            "moxy_upstream_connections", "Upstream connections open (in use, connecting, or "
+            "idle in the pool)", registry=r, multiprocess_mode="livesum",
+        )
+        self.upstream_idle = Gauge(
+            "moxy_upstream_connections_idle", "Upstream connections idle in the pool",
+            registry=r, multiprocess_mode="livesum",
+        )
         self.marked_down = Counter(
             "moxy_destination_marked_down", "Destination addresses marked down (failed to "
             "connect or greet)", registry=r,
@@ -322,6 +334,10 @@ class Prometheus(Metrics):
 
     def destination_marked_down(self) -> None:
         self.marked_down.inc()
+
+    def upstream_connections(self, open_: int, idle: int) -> None:
+        self.upstream_open.set(open_)
+        self.upstream_idle.set(idle)
 
     def destination_skipped(self, stage: str) -> None:
         self._skipped[stage].inc()

@@ -12,7 +12,7 @@ import gc
 import ipaddress
 import logging
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import trio
 
@@ -30,6 +30,7 @@ from moxy.lookup.base import Router
 from moxy.lookup.build import Routing
 from moxy.metrics import Metrics
 from moxy.metrics import for_config as metrics_for_config
+from moxy.pool import ConnectionPool
 from moxy.proxy_protocol import ProxyProtocolError, read_header
 from moxy.reload import Generation, Shared, next_generation
 from moxy.session import Session
@@ -249,7 +250,8 @@ async def serve(
                 if metrics.registry is not None:
                     # Also in a worker, which serves no /metrics: its master sums what the
                     # workers count, the sinks' backlog and drops included.
-                    nursery.start_soon(_observe_sinks, accounting, metrics)
+                    nursery.start_soon(_observe, accounting, metrics, shared.destinations,
+                                       lambda: current.ctx.upstream.pool)
                     if scrapes:
                         nursery.start_soon(metrics_http.serve, scrapes, metrics.registry)
                 await nursery.start(current.run)
@@ -275,10 +277,14 @@ async def serve(
                 control.unbind(control_socket, control_path)
 
 
-async def _observe_sinks(accounting: Accounting | RemoteAccounting, metrics: Metrics) -> None:
-    """The accounting sinks' backlog and drops, for the metrics, once a second."""
+async def _observe(accounting: Accounting | RemoteAccounting, metrics: Metrics,
+                   destinations: Destinations, pool: Callable[[], ConnectionPool | None]) -> None:
+    """For the metrics, once a second: the accounting sinks' backlog and drops, and the
+    upstream connections open and idle (in the pool of the configuration in force)."""
     while True:
         metrics.observe_sinks(accounting.stats())
+        idle = pool()
+        metrics.upstream_connections(destinations.connections, 0 if idle is None else len(idle))
         await trio.sleep(1)
 
 

@@ -492,3 +492,34 @@ async def test_the_dead_set_is_counted(moxy: StartMoxy) -> None:
     assert m.value("moxy_destination_skipped_total", reason="down") == 2  # not tried again
     assert m.value("moxy_destination_skipped_total", reason="busy") == 0
     assert m.value("moxy_destinations_down") == 1
+
+
+async def test_upstream_connections_open_and_idle(
+    moxy: StartMoxy, make_recorder: MakeRecorder
+) -> None:
+    """The gauges follow the upstream connections about once a second: one in use while a
+    client's transaction holds it, then idle in the pool once its session has ended."""
+    server, port = await start(moxy, {"example.org": make_recorder(),
+                                      "example.net": make_recorder()})
+
+    async def gauges(expected: tuple[float, float]) -> None:
+        with trio.fail_after(10):
+            while True:
+                m = await fetch(port, settled=False)
+                now = (m.value("moxy_upstream_connections"),
+                       m.value("moxy_upstream_connections_idle"))
+                if now == expected:
+                    return
+                await trio.sleep(0.1)
+
+    await gauges((0, 0))
+    async with await open_session(server) as client:
+        await client.command(f"MAIL FROM:<{SENDER}>")
+        assert (await client.command("RCPT TO:<a@example.org>")).code == 250
+        assert (await client.command("RCPT TO:<b@example.net>")).code == 250
+        await gauges((2, 0))  # two destinations, a connection each, both in use
+        assert (await client.command("DATA")).code == 354
+        await client.send(BODY + b".\r\n")
+        assert (await client.reply()).code == 250
+        await client.command("QUIT")
+    await gauges((2, 2))  # back in the pool when the session ends
