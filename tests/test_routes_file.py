@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import itertools
 import logging
 import os
@@ -393,6 +394,32 @@ async def test_a_version_that_is_not_loaded_calls_no_on_change(watched: Watched)
     write(watched.path, "")  # truncated by an editor
     await watched.source.check()
     assert changes == []
+
+
+async def test_the_table_is_kept_as_text_and_parsed_when_looked_up(
+    routes_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A million customers each on a server of their own: held parsed, the table took 725 MB,
+    and while a reload parsed the next one in a thread the collector walked it for up to 2 s
+    at a time, holding the event loop. As text the collector never looks at it, and only
+    PARSED_KEPT parsed routes are remembered."""
+    monkeypatch.setattr(moxy.lookup.file, "PARSED_KEPT", 10)
+    write(routes_path, "".join(f"d{i}.example  mx{i}:{2500 + i}|backup{i}\n" for i in range(50)))
+    source = FileSource.open(routes_path, reload_interval=3600.0)
+    assert not gc.is_tracked(source._snapshot.routes)
+    for i in range(50):
+        route = await source.lookup(f"D{i}.example")
+        assert route == parse_destinations(f"mx{i}:{2500 + i}|backup{i}")
+    assert len(source._parsed._known) <= 10
+    assert source.routes["d7.example"] == parse_destinations("mx7:2507|backup7")
+    assert len(source.routes) == 50 and "d49.example" in source.routes
+
+
+def test_a_line_that_is_not_utf8_is_named_among_good_ones(routes_path: Path) -> None:
+    routes_path.write_bytes(b"a.example mx\n\nb.example mx\xff\nc.example mx\n")
+    with pytest.raises(RoutesFileError) as caught:
+        FileSource.open(routes_path)
+    assert caught.value.errors == [f"{routes_path}:3: not UTF-8 text"]
 
 
 async def test_a_reload_frees_the_table_it_replaced_a_slice_at_a_time(

@@ -8,13 +8,13 @@ re-reads the file off the event loop when its stat changed, keeping the old tabl
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import math
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from types import MappingProxyType
 
 import attrs
 import trio
@@ -77,71 +77,127 @@ def parse_key(text: str) -> str:
 
 
 def parse_routes(text: str, filename: str) -> dict[str, tuple[DestinationGroup, ...]]:
-    """Parse a whole routes file; raises `RoutesFileError` naming every bad line."""
-    table: dict[str, tuple[DestinationGroup, ...]] = {}
-    # Where each key was first seen, made only if a key comes twice: a dict of a million line
-    # numbers, made and freed with every load, held the GIL (and so, while a reload parsed in
-    # a thread, the event loop) for as long as freeing it took.
-    first_line: dict[str, int] | None = None
-    errors: list[str] = []
-    # Destinations as written, parsed once: the many keys routed alike (an ISP's domains on a
-    # few mail hosts) share one tuple. A million such lines took 840 MB and ten seconds to
-    # load, and freeing the table a reload replaced held the event loop for 1.5 s.
-    parsed: dict[str, tuple[DestinationGroup, ...]] = {}
+    """Parse a whole routes file; raises `RoutesFileError` naming every bad line. Keys whose
+    destinations are written alike share one parsed tuple."""
+    parsed = ParsedRoutes()
     # split("\n"), not splitlines(): form feeds and the like must not shift line numbers.
-    lines = text.split("\n")
-    for lineno, line in enumerate(lines, start=1):
+    written = _written_routes(lambda: iter(text.split("\n")), filename)
+    return {key: parsed(destinations) for key, destinations in written.items()}
+
+
+def _written_routes(lines: Callable[[], Iterator[str]], filename: str) -> dict[str, str]:
+    """Each key's destinations as written (one space between groups), every one checked to
+    parse, from the file's `lines()`; raises `RoutesFileError` naming every bad line.
+
+    The table `FileSource` keeps: text, parsed when a lookup asks (`ParsedRoutes`). A table
+    of parsed routes, a million customers each on a server of their own, took 725 MB, and the
+    collector walked it while a reload built the next one in a thread, holding the GIL (and
+    the event loop) for up to 2 s at a time; strings are no work for the collector, and what
+    a line's check parses is freed at once. The lines come one at a time for the same reason:
+    splitting a million lines at once is one call that holds the GIL throughout. Only if a key
+    comes twice are they read again (`lines()` once more), for the line each was first on."""
+    table: dict[str, str] = {}
+    errors: list[tuple[int, str]] = []
+    duplicates: dict[int, str] = {}  # line number: key
+    # Destinations as written, checked once: the many keys routed alike (an ISP's domains on a
+    # few mail hosts) share the one string.
+    checked: dict[str, str] = {}
+    for lineno, line in enumerate(lines(), start=1):
         words = line.partition("#")[0].split()
         if not words:
             continue
         try:
-            key, groups = _parse_route(words, parsed)
+            key, written = _parse_route(words, checked)
         except ValueError as exc:
-            errors.append(f"{filename}:{lineno}: {exc}")
+            errors.append((lineno, str(exc)))
             continue
         if key in table:
-            if first_line is None:  # made once, for the first duplicate
-                first_line = _first_lines(lines[: lineno - 1])
-            errors.append(
-                f"{filename}:{lineno}: duplicate key {key!r} (first at line {first_line[key]})"
-            )
-            continue
-        table[key] = groups
+            duplicates[lineno] = key
+        else:
+            table[key] = written
+    if duplicates:
+        first = _first_lines(lines(), set(duplicates.values()))
+        errors += [(lineno, f"duplicate key {key!r} (first at line {first[key]})")
+                   for lineno, key in duplicates.items()]
+        errors.sort()
     if errors:
-        raise RoutesFileError(errors)
+        raise RoutesFileError([f"{filename}:{lineno}: {message}" for lineno, message in errors])
     return table
 
 
-def _first_lines(lines: list[str]) -> dict[str, int]:
-    """The line number of each key's first good line among `lines` (the file's first ones)."""
+def _first_lines(lines: Iterator[str], keys: set[str]) -> dict[str, int]:
+    """The line number of the first good line of each of `keys`."""
     first: dict[str, int] = {}
-    parsed: dict[str, tuple[DestinationGroup, ...]] = {}
+    checked: dict[str, str] = {}
     for lineno, line in enumerate(lines, start=1):
         words = line.partition("#")[0].split()
         if words:
             with contextlib.suppress(ValueError):
-                first.setdefault(_parse_route(words, parsed)[0], lineno)
+                key = _parse_route(words, checked)[0]
+                if key in keys and key not in first:
+                    first[key] = lineno
+                    if len(first) == len(keys):
+                        break
     return first
 
 
-def _parse_route(
-    words: list[str], parsed: dict[str, tuple[DestinationGroup, ...]]
-) -> tuple[str, tuple[DestinationGroup, ...]]:
+def _parse_route(words: list[str], checked: dict[str, str]) -> tuple[str, str]:
+    """The key and its destinations as written, the same string for destinations written
+    alike (`checked`: those parsed before)."""
     key = parse_key(words[0])
     if len(words) == 1:
         raise ValueError(f"key {key!r} has no destinations")
     written = " ".join(words[1:])
-    groups = parsed.get(written)
-    if groups is not None:
-        return key, groups
-    groups = tuple(parse_group(word) for word in words[1:])
+    known = checked.get(written)
+    if known is not None:
+        return key, known
+    groups = _groups(written)
     seen: set[DestinationGroup] = set()
     for group in groups:
         if group in seen:
             raise ValueError(f"destination {str(group)!r} listed twice")
         seen.add(group)
-    parsed[written] = groups
-    return key, groups
+    checked[written] = written
+    return key, written
+
+
+def _groups(written: str) -> tuple[DestinationGroup, ...]:
+    return tuple(parse_group(word) for word in written.split(" "))
+
+
+class ParsedRoutes:
+    """Destinations as written → parsed, remembered: keys routed alike share one tuple, and a
+    route looked up again is not parsed again. At most `limit` are kept (all forgotten at
+    once beyond), so that a million distinct routes are never all held parsed."""
+
+    def __init__(self, limit: int = 1 << 62) -> None:
+        self.limit = limit
+        self._known: dict[str, tuple[DestinationGroup, ...]] = {}
+
+    def __call__(self, written: str) -> tuple[DestinationGroup, ...]:
+        groups = self._known.get(written)
+        if groups is None:
+            if len(self._known) >= self.limit:
+                self._known.clear()
+            groups = self._known[written] = _groups(written)
+        return groups
+
+
+class _ParsedView(Mapping[str, tuple[DestinationGroup, ...]]):
+    """A table of written routes, read as parsed ones (`FileSource.routes`)."""
+
+    def __init__(self, written: Mapping[str, str], parsed: ParsedRoutes) -> None:
+        self._written = written
+        self._parsed = parsed
+
+    def __getitem__(self, key: str) -> tuple[DestinationGroup, ...]:
+        return self._parsed(self._written[key])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._written)
+
+    def __len__(self) -> int:
+        return len(self._written)
 
 
 # --- the source ---------------------------------------------------------------------------
@@ -163,16 +219,10 @@ class _Signature:
 
 @attrs.frozen
 class _Snapshot:
-    """One successfully parsed version of the file."""
+    """One successfully parsed version of the file: each key's destinations as written."""
 
-    table: RouteTable  # read-only, over `routes`
+    routes: dict[str, str] = attrs.field(repr=False, eq=False)
     signature: _Signature
-    routes: dict[str, tuple[DestinationGroup, ...]] = attrs.field(repr=False, eq=False)
-
-    @classmethod
-    def of(cls, routes: dict[str, tuple[DestinationGroup, ...]], signature: _Signature
-           ) -> _Snapshot:
-        return cls(MappingProxyType(routes), signature, routes)
 
 
 class _Unsettled(Exception):
@@ -189,18 +239,26 @@ def _read(path: Path) -> _Snapshot:
             raise _Unsettled
     except OSError as exc:
         raise RoutesFileError([f"{path}: cannot read: {exc.strerror or exc}"]) from None
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        lineno = data.count(b"\n", 0, exc.start) + 1
-        raise RoutesFileError([f"{path}:{lineno}: not UTF-8 text"]) from None
-    return _Snapshot.of(parse_routes(text, str(path)), signature)
+    return _Snapshot(_written_routes(lambda: _lines(data, path), str(path)), signature)
 
 
+def _lines(data: bytes, path: Path) -> Iterator[str]:
+    """The lines of `data` (split at LF only), decoded one at a time."""
+    for lineno, line in enumerate(io.BytesIO(data), start=1):
+        try:
+            yield line.decode("utf-8")
+        except UnicodeDecodeError:
+            raise RoutesFileError([f"{path}:{lineno}: not UTF-8 text"]) from None
+
+
+# Parsed routes a FileSource keeps (ParsedRoutes): far more than the distinct destinations of
+# a table routed to a few hosts; a table of customers each on a server of their own is parsed
+# per lookup (the route cache keeps what lookups found).
+PARSED_KEPT = 10_000
 RELEASE_SLICE = 20_000  # routes of a replaced table freed between two checkpoints
 
 
-async def _release(routes: dict[str, tuple[DestinationGroup, ...]]) -> None:
+async def _release(routes: dict[str, str]) -> None:
     """Empty `routes` (the table of a version of the routes file that a reload replaced)
     RELEASE_SLICE routes at a time, with a checkpoint in between."""
     while routes:
@@ -232,6 +290,7 @@ class FileSource:
         self.path = path
         self.reload_interval = reload_interval
         self._snapshot = snapshot
+        self._parsed = ParsedRoutes(PARSED_KEPT)
         self._seen: _Signature | None = snapshot.signature  # last version looked at
         self._next_check = -math.inf
         self._checking = False
@@ -250,12 +309,13 @@ class FileSource:
 
     @property
     def routes(self) -> RouteTable:
-        """The table currently served (read-only)."""
-        return self._snapshot.table
+        """The table currently served (read-only; each route parsed when read)."""
+        return _ParsedView(self._snapshot.routes, self._parsed)
 
     async def lookup(self, key: str) -> tuple[DestinationGroup, ...] | None:
         await self._maybe_reload()
-        return self._snapshot.table.get(key.lower())
+        written = self._snapshot.routes.get(key.lower())
+        return None if written is None else self._parsed(written)
 
     async def _maybe_reload(self) -> None:
         if trio.current_time() >= self._next_check:
@@ -292,7 +352,7 @@ class FileSource:
                       self.path, len(self.routes), "; ".join(exc.errors))
             return
         self._seen = snapshot.signature
-        if not snapshot.table and self.routes and snapshot.signature.size == 0:
+        if not snapshot.routes and self.routes and snapshot.signature.size == 0:
             # An editor or `>` truncates before writing; serving that instant would refuse all mail.
             log.warning("routes file %s is empty; keeping the %d routes loaded before",
                         self.path, len(self.routes))
@@ -302,6 +362,6 @@ class FileSource:
         # million routes takes; a system task frees it a slice at a time instead.
         trio.lowlevel.spawn_system_task(_release, old.routes, name="routes file: old table")
         del old
-        log.info("routes file %s reloaded: %d routes", self.path, len(snapshot.table))
+        log.info("routes file %s reloaded: %d routes", self.path, len(snapshot.routes))
         if self.on_change is not None:
             self.on_change()
