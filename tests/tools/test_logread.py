@@ -3,12 +3,14 @@ writes reads back as the same event (time to the millisecond, duration to 3 deci
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from moxy.accounting.events import KINDS, DeliveryEvent, log_line, log_lines
-from moxy.tools.logread import BadLine, parse_line
+from moxy.tools.logread import _KEYS, BadLine, _careful_fields, _text_fields, parse_line
 
 token = st.text("ABCDEF0123456789.", min_size=1, max_size=16)
 host = st.from_regex(r"[a-z0-9]([a-z0-9.-]{0,20}[a-z0-9])?", fullmatch=True)
@@ -126,3 +128,42 @@ LINE = (
 def test_broken_lines_are_bad_lines(broken: str) -> None:
     with pytest.raises(BadLine):
         parse_line(broken)
+
+
+# Field values without spaces, made of what confuses a reader that looks for ` key=`: equals
+# signs, brackets, commas and the keys' own names.
+bare = st.lists(st.sampled_from([*"ab=<>,-.", "to", "dest", "from", "node", "reply"]),
+                max_size=6).map("".join)
+
+
+def fields_or_error(read: Callable[[str], dict[str, str]], rest: str) -> object:
+    try:
+        return read(rest)
+    except BadLine as exc:
+        return str(exc)
+
+
+# In a field's place: the field as written (`key=value`), its key alone, or other text.
+piece = st.tuples(st.sampled_from(["field"] * 6 + ["key", "other"]), bare)
+
+
+def written(key: str, form: str, value: str) -> str:
+    return {"field": f"{key}={value}", "key": key, "other": value}[form]
+
+
+@given(st.lists(piece, min_size=len(_KEYS), max_size=len(_KEYS)))
+def test_the_quick_split_reads_fields_as_the_careful_reader_does(
+    pieces: list[tuple[str, str]]
+) -> None:
+    """A line of as many pieces as there are fields, none with a space: split at its spaces
+    when every piece is its field, else read carefully; the same fields (or the same error)
+    as `_careful_fields` gives, whatever the values look like."""
+    rest = "".join(" " + written(key, form, value)
+                   for key, (form, value) in zip(_KEYS, pieces, strict=True))
+    assert fields_or_error(_text_fields, rest) == fields_or_error(_careful_fields, rest)
+
+
+@given(events)
+def test_lines_the_server_writes_read_alike_either_way(event: DeliveryEvent) -> None:
+    rest = " " + log_line(event).rpartition(' reply="')[0].split(" ", 2)[2]
+    assert _text_fields(rest) == _careful_fields(rest)
