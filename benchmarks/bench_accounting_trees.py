@@ -21,8 +21,13 @@ count), and for each Moxy with accounting the message log's line count against w
 (nothing may be lost).
 
     .venv/bin/python benchmarks/bench_accounting_trees.py [SRC] [--bystander] [--inline]
-                                                          [--mode reuse]
+                                                          [--mode reuse] [--pinned]
                                                           [--rounds 12]
+
+--pinned runs each Moxy's serving process on a CPU of its own and everything else (the load
+generator, the sink, Redis, the accounting processes) on the other CPUs, as bench_cost.py
+does when it measures CPU: as when the load comes from the network, not from processes
+sharing Moxy's CPU. Without it, everything shares every CPU, as under `make bench`.
 
 SRC is a copy of an older `src` (e.g. from `git worktree`, with its own native build, or this
 tree's compiled modules copied in when they did not change).
@@ -46,7 +51,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import proxies
 from bench_compare import smtp_source
-from bench_cost import MODES, ROUTE, _children_runtime, _runtime
+from bench_cost import MODES, ROUTE, _children_runtime, _cpus, _pin, _runtime
 from proxies import free_port
 
 SETTLE = 1.2  # seconds after a burst for the accounting process to write its last events
@@ -98,6 +103,10 @@ def main() -> None:
                         help="also this tree with the sinks in the serving process")
     parser.add_argument("--mode", choices=sorted(MODES), default="reuse")
     parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--pinned", action="store_true",
+                        help="each Moxy's serving process on a CPU of its own, everything else "
+                             "(load, sink, Redis, accounting processes) on the others, as "
+                             "bench_cost.py measures CPU")
     parser.add_argument("--messages", type=int, default=10_000)
     args = parser.parse_args()
     if args.src is not None and not (Path(args.src) / "moxy").is_dir():
@@ -107,6 +116,11 @@ def main() -> None:
     counted = ["this"] if args.src is None else ["other", "this"]
     if args.inline:
         counted.append("inline")
+    cpus = _cpus() if args.pinned else None
+    if args.pinned and cpus is None:
+        parser.error("--pinned needs two CPUs or more")
+    if cpus is not None:
+        os.sched_setaffinity(0, cpus[1])  # inherited by the load, the sink, Redis and Moxy
     with contextlib.ExitStack() as stack:
         sink = free_port()
         stack.enter_context(proxies.smtp_sink(sink))
@@ -125,6 +139,8 @@ def main() -> None:
             finally:
                 os.environ.pop("PYTHONPATH", None)
             logs[name] = workdir / "moxy.log"
+            if cpus is not None:  # its accounting process, started already, stays with the others
+                _pin(moxies[name].pid, cpus[0])
         warm = min(1000, args.messages)
         for moxy in moxies.values():
             smtp_source(moxy.port, warm, 100, reuse, to)
