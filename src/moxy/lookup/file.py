@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import re
+import sys
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
@@ -170,7 +171,7 @@ class ParsedRoutes:
     route looked up again is not parsed again. At most `limit` are kept (all forgotten at
     once beyond), so that a million distinct routes are never all held parsed."""
 
-    def __init__(self, limit: int = 1 << 62) -> None:
+    def __init__(self, limit: int = sys.maxsize) -> None:
         self.limit = limit
         self._known: dict[str, tuple[DestinationGroup, ...]] = {}
 
@@ -192,6 +193,9 @@ class _ParsedView(Mapping[str, tuple[DestinationGroup, ...]]):
 
     def __getitem__(self, key: str) -> tuple[DestinationGroup, ...]:
         return self._parsed(self._written[key])
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._written  # not parsed to be found
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._written)
