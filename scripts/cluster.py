@@ -16,11 +16,9 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
-import re
 import shutil
 import signal
 import socket
-import socketserver
 import subprocess
 import sys
 import tempfile
@@ -29,11 +27,14 @@ import time
 from pathlib import Path
 from types import FrameType
 
+from cluster_servers import DarkServer, Sink, say
+
 ROOT = Path(__file__).resolve().parent.parent
 SLAPD_INIT = ROOT / "deploy" / "ldap" / "slapd-init"
 EXAMPLE_LDIF = ROOT / "deploy" / "ldap" / "example.ldif"
 REDIS_SERVER = "/usr/bin/redis-server"
 SLAPD = "/usr/sbin/slapd"
+OPENSSL = "/usr/bin/openssl"
 ROUTES_BASE = "ou=routes,dc=example,dc=net"
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 10.0  # per process group, before SIGKILL
@@ -64,85 +65,6 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-# --- the two recording SMTP servers ---------------------------------------------------------
-
-_print_lock = threading.Lock()
-
-
-def say(text: str) -> None:
-    with _print_lock:
-        print(text, flush=True)
-
-
-class Sink(socketserver.ThreadingTCPServer):
-    """Accepts every message, stores it as <directory>/<n>.eml and prints one line about it."""
-
-    daemon_threads = True
-    allow_reuse_address = True
-
-    def __init__(self, name: str, directory: Path) -> None:
-        super().__init__(("127.0.0.1", 0), _SinkHandler)
-        self.name = name
-        self.directory = directory
-        self.count = 0
-        self.lock = threading.Lock()
-        self.serving = False
-        directory.mkdir()
-
-    @property
-    def port(self) -> int:
-        return int(self.server_address[1])
-
-    def record(self, sender: str, recipients: list[str], data: bytes) -> None:
-        with self.lock:
-            self.count += 1
-            (self.directory / f"{self.count}.eml").write_bytes(data)
-        text = data.decode("utf-8", "replace")
-        via = re.search(r"\bby (\S+) \(Moxy\)", text)
-        subject = re.search(r"^Subject: *(.*?)\r?$", text, re.MULTILINE | re.IGNORECASE)
-        say(
-            f"{self.name} server 127.0.0.1:{self.port} <- {via.group(1) if via else '?'}: "
-            f"from {sender} to {', '.join(recipients)}, "
-            f"Subject: {subject.group(1) if subject else ''}"
-        )
-
-
-class _SinkHandler(socketserver.StreamRequestHandler):
-    server: Sink
-
-    def reply(self, line: str) -> None:
-        self.wfile.write(line.encode() + b"\r\n")
-        self.wfile.flush()
-
-    def handle(self) -> None:
-        self.reply(f"220 {self.server.name}.customer.test ESMTP recording sink")
-        sender, recipients = "", []
-        while line := self.rfile.readline(4096):
-            verb = line[:4].upper()
-            argument = line[5:].decode("utf-8", "replace").strip()
-            if verb in (b"EHLO", b"HELO"):
-                self.reply(f"250 {self.server.name}.customer.test")
-            elif verb == b"MAIL":
-                sender, recipients = argument.removeprefix("FROM:").split(" ")[0], []
-                self.reply("250 2.1.0 Ok")
-            elif verb == b"RCPT":
-                recipients.append(argument.removeprefix("TO:").split(" ")[0])
-                self.reply("250 2.1.5 Ok")
-            elif verb == b"DATA":
-                self.reply("354 End data with <CR><LF>.<CR><LF>")
-                lines = []
-                while (data := self.rfile.readline(1 << 20)) not in (b".\r\n", b""):
-                    lines.append(data[1:] if data.startswith(b"..") else data)
-                self.server.record(sender, recipients, b"".join(lines))
-                self.reply(f"250 2.0.0 Ok: stored by the {self.server.name} server")
-            elif verb == b"QUIT":
-                self.reply("221 2.0.0 Bye")
-                return
-            else:  # RSET, NOOP
-                sender, recipients = "", []
-                self.reply("250 2.0.0 Ok")
-
-
 # --- child processes -------------------------------------------------------------------------
 
 
@@ -161,6 +83,7 @@ class Cluster:
         self.directory = Path(tempfile.mkdtemp(prefix="moxy-cluster-"))
         self.children: list[tuple[str, subprocess.Popen[bytes], Path]] = []
         self.sinks: list[Sink] = []
+        self.dark: DarkServer | None = None
 
     def tail(self, name: str) -> str:
         """The end of a child's output and log, for the message that it failed (the directory
@@ -227,6 +150,8 @@ class Cluster:
             if sink.serving:
                 sink.shutdown()  # waits for serve_forever to return: only if it runs
             sink.server_close()
+        if self.dark is not None:
+            self.dark.close()
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
@@ -238,28 +163,42 @@ def _signal_group(pgid: int, signum: int) -> None:
 # --- the cluster ---------------------------------------------------------------------------
 
 
-def _node_toml(name: str, port: int, redis_port: int, ldap_port: int) -> str:
+def _node_toml(name: str, ports: dict[str, int], directory: Path) -> str:
     return f"""\
-# Moxy {name} of `make cluster` (scripts/cluster.py); the other node differs only in name and port.
+# Moxy {name} of `make cluster` (scripts/cluster.py); the other node differs only in name and ports.
 [server]
-listen = ["127.0.0.1:{port}"]
+listen = ["127.0.0.1:{ports[name]}"]
 hostname = "{name}.cluster.test"
 node = "{name}"
+banner = "ESMTP Moxy"
+
+[tls]  # a throwaway certificate the cluster made for both nodes
+cert = "{directory}/cluster.crt"
+key = "{directory}/cluster.key"
+
+[timeouts]
+upstream_greeting = 5  # a dark destination costs its first sender 5 s here (300 by default)
+
+[destinations]
+control_socket = "{directory}/{name}.control"  # `moxy destinations list` asks it
+
+[metrics]
+listen = "127.0.0.1:{ports[f"metrics-{name}"]}"
 
 [routes]
 chain = ["redis", "ldap", "file"]
 file = "routes"
 
 [routes.redis]
-url = "redis://127.0.0.1:{redis_port}/0"
+url = "redis://127.0.0.1:{ports["redis"]}/0"
 
 [routes.ldap]
-uri = ["ldap://127.0.0.1:{ldap_port}"]
+uri = ["ldap://127.0.0.1:{ports["ldap"]}"]
 base = "{ROUTES_BASE}"
 
 [log]
 file = "{name}.log"
-{ACCOUNTING_TOML.format(redis_port=redis_port, name=name)}"""
+{ACCOUNTING_TOML.format(redis_port=ports["redis"], name=name)}"""
 
 
 def _ldap_route_ldif(old: int, new: int) -> str:
@@ -281,14 +220,25 @@ def _shown(path: Path) -> str:
 
 def start(cluster: Cluster) -> dict[str, int]:
     moxy = Path(sys.executable).parent / "moxy"
-    for binary, hint in [(moxy, "make cluster"), (REDIS_SERVER, "make test"), (SLAPD, "make test")]:
+    for binary, hint in [(moxy, "make cluster"), (REDIS_SERVER, "make test"), (SLAPD, "make test"),
+                         (OPENSSL, "make test")]:
         if not Path(binary).exists():
             raise ClusterError(f"{binary} is missing: run `{hint}` first")
     d = cluster.directory
     for name in ("old", "new"):  # bound now, served once every child is started
         cluster.sinks.append(Sink(name, d / f"{name}-server"))
-    ports = {"old": cluster.sinks[0].port, "new": cluster.sinks[1].port}
-    ports |= {name: free_port() for name in ("redis", "ldap", "node-a", "node-b")}
+    cluster.dark = DarkServer()
+    ports = {"old": cluster.sinks[0].port, "new": cluster.sinks[1].port, "dark": cluster.dark.port}
+    ports |= {name: free_port() for name in ("redis", "ldap", "node-a", "node-b",
+                                             "metrics-node-a", "metrics-node-b")}
+    certificate = subprocess.run(
+        [OPENSSL, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+         "-subj", "/CN=cluster.test", "-keyout", str(d / "cluster.key"),
+         "-out", str(d / "cluster.crt")],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if certificate.returncode:
+        raise ClusterError(f"openssl req failed: {' '.join(certificate.stderr.split())}")
 
     (d / "redis").mkdir()
     redis = cluster.spawn("redis-server", [
@@ -310,13 +260,15 @@ def start(cluster: Cluster) -> dict[str, int]:
     (d / "routes").write_text(
         "# make cluster: the customer's domain starts on its old server.\n"
         f"example.test  127.0.0.1:{ports['old']}\n"
+        "# A customer's server gone dark: it takes connections and never greets.\n"
+        f"dark.test  127.0.0.1:{ports['dark']}\n"
     )
     cluster.wait_ready("redis-server", redis, ports["redis"], smtp=False)
     cluster.wait_ready("slapd", slapd, ports["ldap"], smtp=False)
     nodes = []
     for name in ("node-a", "node-b"):
         config = d / f"{name}.toml"
-        config.write_text(_node_toml(name, ports[name], ports["redis"], ports["ldap"]))
+        config.write_text(_node_toml(name, ports, d))
         nodes.append((name, cluster.spawn(name, [str(moxy), "serve", "--config", str(config)])))
     for sink in cluster.sinks:
         sink.serving = True  # set before the thread runs: stop() then waits for it to end
@@ -326,9 +278,10 @@ def start(cluster: Cluster) -> dict[str, int]:
     return ports
 
 
-def instructions(directory: Path, ports: dict[str, int]) -> str:
+def instructions(directory: Path, ports: dict[str, int], pids: dict[str, int]) -> str:
     moxy = _shown(Path(sys.executable).parent / "moxy")
-    config = directory / "node-a.toml"
+    python = _shown(Path(sys.executable))
+    config, config_b = directory / "node-a.toml", directory / "node-b.toml"
 
     def swaks(node: str, to: str, subject: str) -> str:
         return (
@@ -370,6 +323,43 @@ def instructions(directory: Path, ports: dict[str, int]) -> str:
         steps.append(
             ("Counters of both nodes, from Redis", [f"{moxystats} --config {config} --once"])
         )
+    metrics = (f"{python} -c \"import urllib.request as r; print(r.urlopen('http://127.0.0.1:"
+               f"{ports['metrics-node-b']}/metrics').read().decode(), end='')\" | grep -E "
+               "'^moxy_(messages_total|destination_skipped_total|destinations_down|"
+               "upstream_connections)'")
+    banner = "sed -i 's/^banner = .*/banner = \"ESMTP Moxy, reloaded\"/'"
+    steps += [
+        (
+            "Node A offers STARTTLS, with a throwaway certificate (swaks does not check it)",
+            [swaks("node-a", "alice@example.test", "step 8 via A, TLS") + " --tls"],
+        ),
+        (
+            "dark.test's server takes connections and never greets: node B gives up after 5 s "
+            "(upstream_greeting)",
+            [swaks("node-b", "bob@dark.test", "step 9 via B")],
+        ),
+        (
+            "The address is down now: its senders hear 451 at once, other mail flows, node B "
+            "lists its dead set",
+            [
+                swaks("node-b", "bob@dark.test", "step 10 via B"),
+                swaks("node-b", "alice@example.test", "step 10 via B"),
+                f"{moxy} destinations list --config {config_b}",
+            ],
+        ),
+        (
+            "Node B's metrics (the Grafana dashboard in deploy/grafana shows them)",
+            [metrics],
+        ),
+        (
+            "Reload node A without a restart (SIGHUP, as systemctl reload sends): its greeting "
+            "changes",
+            [
+                f"{banner} {config} && kill -HUP {pids['node-a']}",
+                f"swaks --server 127.0.0.1:{ports['node-a']} --quit-after CONNECT",
+            ],
+        ),
+    ]
     lines = [
         f"Moxy cluster on loopback; everything lives in {directory}",
         f"  node A        smtp 127.0.0.1:{ports['node-a']}   config {directory}/node-a.toml",
@@ -378,6 +368,10 @@ def instructions(directory: Path, ports: dict[str, int]) -> str:
         f"  slapd         ldap://127.0.0.1:{ports['ldap']}   base {ROUTES_BASE}",
         f"  old server    127.0.0.1:{ports['old']}   the routes file sends example.test here",
         f"  new server    127.0.0.1:{ports['new']}",
+        f"  dark server   127.0.0.1:{ports['dark']}   takes connections, never greets "
+        "(the routes file sends dark.test here)",
+        f"  metrics       http://127.0.0.1:{ports['metrics-node-a']}/metrics (node A), "
+        f"http://127.0.0.1:{ports['metrics-node-b']}/metrics (node B)",
         '  chain = ["redis", "ldap", "file"]; node logs: node-a.log, node-b.log in that directory',
         "",
         "Try, in another terminal:",
@@ -398,7 +392,8 @@ def main() -> int:
     status = 0
     try:
         ports = start(cluster)
-        say(instructions(cluster.directory, ports))
+        pids = {name: child.pid for name, child, _log in cluster.children}
+        say(instructions(cluster.directory, ports, pids))
         while True:
             cluster.check_children()
             time.sleep(0.5)

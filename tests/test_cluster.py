@@ -156,12 +156,13 @@ def test_walk_through_as_printed_then_ctrl_c_leaves_nothing(
     )
     assert directory.is_dir()
     commands = [line[3:] for line in output.lines if re.match(r"^   \S", line)]
-    assert len(commands) == 8, output.lines
+    assert len(commands) == 16, output.lines
     printed = "\n".join(output.lines)
     servers = {
         name: re.search(rf"{name} server +(127\.0\.0\.1:\d+)", printed).group(1)  # type: ignore[union-attr]
         for name in ("old", "new")
     }
+    dark_server = re.search(r"dark server +(127\.0\.0\.1:\d+)", printed).group(1)  # type: ignore[union-attr]
     children = _descendants(process.pid)
     assert sorted(map(_kind, children.values())) == [
         "accounting", "accounting", "moxy", "moxy", "redis", "slapd"
@@ -169,11 +170,11 @@ def test_walk_through_as_printed_then_ctrl_c_leaves_nothing(
 
     arrivals: list[tuple[str, str, str, str]] = []
 
-    def run(command: str) -> str:
+    def run(command: str, status: int = 0) -> str:
         done = subprocess.run(
             command, shell=True, cwd=ROOT, capture_output=True, text=True, timeout=30
         )
-        assert done.returncode == 0, f"{command}\n{done.stdout}\n{done.stderr}"
+        assert done.returncode == status, f"{command}\n{done.stdout}\n{done.stderr}"
         return done.stdout
 
     def lands(command: str, *servers: str) -> None:
@@ -183,7 +184,8 @@ def test_walk_through_as_printed_then_ctrl_c_leaves_nothing(
             assert match is not None
             arrivals.append(match.groups())  # type: ignore[arg-type]
 
-    send_a, route_set, send_b, send_a_again, lookup, send_ldap, route_del, stats = commands
+    send_a, route_set, send_b, send_a_again, lookup, send_ldap, route_del, stats = commands[:8]
+    tls, dark, dark_again, send_b_again, dead_set, metrics, reload, greeting = commands[8:]
     lands(send_a, "old")
     assert arrivals[-1] == ("old", "node-a", "alice@example.test", "step 1 via A")
     assert re.fullmatch(r"moxy: example\.test -> 127\.0\.0\.1:\d+\n", run(route_set))
@@ -220,6 +222,36 @@ def test_walk_through_as_printed_then_ctrl_c_leaves_nothing(
     assert sorted(line.split()[:2] for line in table[2:]) == sorted(
         [[servers["old"], "3"], [servers["new"], "3"]]
     )
+
+    # Step 8: STARTTLS with the cluster's throwaway certificate.
+    assert tls.endswith(" --tls")
+    arrived = len(arrivals)
+    lands(tls, "old")
+    assert arrivals[arrived:] == [("old", "node-a", "alice@example.test", "step 8 via A, TLS")]
+    # Steps 9 and 10: a dark destination costs its first sender one greeting timeout (5 s in
+    # the cluster), the next one nothing, and other domains nothing.
+    started = time.monotonic()
+    assert re.search(r"<\*\* +451 4\.4\.1 ", run(dark, status=24)), dark
+    assert time.monotonic() - started >= 4.5
+    started = time.monotonic()
+    assert re.search(r"<\*\* +451 4\.4\.1 ", run(dark_again, status=24))
+    assert time.monotonic() - started < 3
+    lands(send_b_again, "old")
+    assert arrivals[-1] == ("old", "node-b", "alice@example.test", "step 10 via B")
+    assert re.match(rf"{re.escape(dark_server)}  down since .*greeting: no reply within 5s",
+                    run(dead_set))
+    # Step 11: node B's metrics.
+    scraped = run(metrics).splitlines()
+    assert 'moxy_messages_total{result="2xx"} 3.0' in scraped  # steps 3, 5 and 10
+    assert "moxy_destinations_down 1.0" in scraped
+    assert 'moxy_destination_skipped_total{reason="down"} 1.0' in scraped  # step 10's
+    # Step 12: SIGHUP reloads node A's configuration; the greeting shows it.
+    assert "kill -HUP " in reload
+    run(reload)
+    deadline = time.monotonic() + 10
+    while "ESMTP Moxy, reloaded" not in (said := run(greeting)):
+        assert time.monotonic() < deadline, said
+        time.sleep(0.2)
 
     # Ctrl-C: the terminal signals the whole foreground process group.
     os.killpg(process.pid, signal.SIGINT)
