@@ -2,8 +2,12 @@
 
 Two Moxy nodes share one Redis (routes and their change announcements) and one slapd (Moxy's
 schema, the shipped example tree and one route of its own), with chain ["redis", "ldap", "file"];
-two recording SMTP servers stand in for a customer's old and new mail server. The script prints
-copy-paste commands with the real ports, then one line per message those servers receive.
+two recording SMTP servers stand in for a customer's old and new mail server, and a dark one
+(scripts/cluster_servers.py) for a customer's server that takes connections and never greets.
+The nodes offer STARTTLS (a throwaway certificate made with openssl), serve their metrics and
+a control socket. The script prints copy-paste commands with the real ports (routes in Redis
+and LDAP, moxystats, STARTTLS, the dead set, metrics, a SIGHUP reload), then one line per
+message the recording servers receive.
 Everything lives in one temporary directory; Ctrl-C (SIGINT), SIGTERM or SIGHUP stop every
 process it started (each in its own process group) and remove the directory.
 
